@@ -1,0 +1,1 @@
+"""Polars metrics and tables, matplotlib figures and the Markdown report."""

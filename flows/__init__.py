@@ -1,0 +1,1 @@
+"""Prefect flows (simulate -> train -> evaluate), deployments and the `muontrack` CLI."""

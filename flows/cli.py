@@ -1,0 +1,145 @@
+"""The ``muontrack`` command line.
+
+Each command is a thin shell around one library function; heavy imports (JAX, Prefect) happen inside the
+command so ``muontrack --help`` and ``muontrack inspect`` start fast. Every :class:`MuontrackError` becomes a
+one-line ``error: ...`` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.errors import MuontrackError
+
+app = typer.Typer(
+    name="muontrack",
+    help="Toy muon detector simulation, end-to-end differentiable tracking and its evaluation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class ModelName(str, Enum):
+    baseline = "baseline"
+    e2e = "e2e"
+    assignment = "assignment"
+
+
+class Preset(str, Enum):
+    test = "test"
+    cpu = "cpu"
+    paper = "paper"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def simulate(
+    events: Annotated[int, typer.Option("--events", help="Number of events to simulate.")],
+    out: Annotated[Path, typer.Option("--out", help="Dataset folder to write (resumed if incomplete).")],
+    seed: Annotated[int, typer.Option("--seed", help="Dataset seed; same config + seed => same rows.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Parallel shard writers.")] = 1,
+    config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file overriding defaults.")] = None,
+) -> None:
+    """Simulate muon events and write them as a Parquet dataset."""
+    from pipeline.config import SimConfig
+    from simulation.dataset import simulate_dataset
+
+    sim_config = SimConfig.from_file(config) if config is not None else SimConfig()
+    manifest = simulate_dataset(out, n_events=events, seed=seed, config=sim_config, workers=workers, progress=True)
+    typer.echo(f"wrote {manifest['n_events']} events, {manifest['n_hits']} hits to {out}")
+
+
+@app.command()
+def inspect(dataset: Annotated[Path, typer.Argument(help="Dataset folder.")]) -> None:
+    """Print a Polars summary of a dataset."""
+    from pipeline.inspect import summarize_dataset
+
+    typer.echo(summarize_dataset(dataset))
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder.")],
+    model: Annotated[ModelName, typer.Option("--model", help="Which model to train.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    preset: Annotated[Preset, typer.Option("--preset", help="Model/training size.")] = Preset.cpu,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Override the preset's epochs.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+) -> None:
+    """Train a tracker on a dataset."""
+    from model.train import train_run
+
+    summary = train_run(
+        data, model=model.value, out=out, preset=preset.value, epochs=epochs, seed=seed, resume=resume, progress=True
+    )
+    typer.echo(f"trained {model.value} -> {out} ({summary})")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder (its test split is evaluated).")],
+    run: Annotated[list[Path], typer.Option("--run", help="Run folder; repeat for several models.")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder to write.")],
+) -> None:
+    """Evaluate trained runs against the truth reference and write the report."""
+    from flows.steps import evaluate_runs
+
+    report = evaluate_runs(data, run, out, progress=True)
+    typer.echo(f"report: {report}")
+
+
+@app.command(name="run")
+def run_all(
+    preset: Annotated[Preset, typer.Option("--preset", help="Size of the whole job.")] = Preset.cpu,
+    out: Annotated[Path, typer.Option("--out", help="Folder for dataset, runs and report.")] = Path("muontrack-out"),
+) -> None:
+    """The whole flow: simulate -> train baseline and e2e -> evaluate -> report."""
+    from flows.end_to_end import run_end_to_end
+
+    run_end_to_end(preset=preset.value, out=out)
+
+
+@app.command()
+def serve() -> None:
+    """Serve the flows as Prefect deployments with schedules (needs a running Prefect server)."""
+    from flows.deployments import serve_deployments
+
+    serve_deployments()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except MuontrackError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors and the like
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

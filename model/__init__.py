@@ -1,0 +1,1 @@
+"""Flax graph attention network, differentiable clustering and circle fit, losses, training, inference."""

@@ -1,0 +1,91 @@
+"""Arrow schemas of every Parquet table the project writes (the file contract of DESIGN.md).
+
+Readers check files against these schemas; writers cast to them, so a dataset is readable by pyarrow,
+Polars and DuckDB with the documented column names and types.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: one row per fired strip
+HITS_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.int64(), nullable=False),
+        pa.field("hit_id", pa.int32(), nullable=False),  # index within the event
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("strip", pa.int32(), nullable=False),
+        pa.field("x", pa.float32(), nullable=False),  # strip centre [mm]
+        pa.field("y", pa.float32(), nullable=False),  # layer plane [mm]
+        pa.field("charge", pa.float32(), nullable=False),
+        pa.field("is_signal", pa.bool_(), nullable=False),  # the muon gave most of the strip's charge
+        pa.field("particle_id", pa.int32(), nullable=False),  # 0 muon, -1 noise, k > 0 extra track k
+    ]
+)
+
+#: one row per event (truth)
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.int64(), nullable=False),
+        pa.field("pt", pa.float32(), nullable=False),  # [GeV]
+        pa.field("q", pa.int8(), nullable=False),  # +1 / -1
+        pa.field("x0", pa.float32(), nullable=False),  # muon x at the first layer [mm]
+        pa.field("theta0", pa.float32(), nullable=False),  # muon angle to the y axis at the first layer [rad]
+        pa.field("n_hits", pa.int32(), nullable=False),
+        # the muon's crossing x on each layer [mm]; NaN where it left the active width
+        pa.field("x_true", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+#: REPORT/predictions/hits.parquet
+PRED_HITS_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.int64()),
+        pa.field("hit_id", pa.int32()),
+        pa.field("model", pa.string()),
+        pa.field("score", pa.float32()),
+    ]
+)
+
+#: REPORT/predictions/tracks.parquet
+PRED_TRACKS_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.int64()),
+        pa.field("model", pa.string()),
+        pa.field("pt_pred", pa.float32()),
+        pa.field("q_pred", pa.int8()),
+        pa.field("q_over_pt_pred", pa.float32()),
+        pa.field("radius", pa.float32()),  # fitted radius [mm]
+        pa.field("fit_status", pa.int8()),  # 0 ok, >0 a failed or degenerate fit
+    ]
+)
+
+#: REPORT/predictions/clusters.parquet
+PRED_CLUSTERS_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.int64()),
+        pa.field("layer", pa.int16()),
+        pa.field("model", pa.string()),
+        pa.field("x_reco", pa.float32()),
+        pa.field("sigma", pa.float32()),
+        pa.field("weight", pa.float32()),
+        pa.field("x_true", pa.float32()),
+    ]
+)
+
+#: RUN/metrics.parquet
+TRAIN_METRICS_SCHEMA = pa.schema(
+    [
+        pa.field("epoch", pa.int32()),
+        pa.field("step", pa.int64()),
+        pa.field("split", pa.string()),  # "train" or "val"
+        pa.field("loss", pa.float32()),
+        pa.field("bce", pa.float32()),
+        pa.field("pt_loss", pa.float32()),
+        pa.field("lambda", pa.float32()),
+        pa.field("seconds", pa.float32()),
+    ]
+)
+
+#: the `model` column's values in REPORT/predictions
+MODEL_NAMES = ("truth", "truth_charge", "baseline", "e2e", "assignment")
