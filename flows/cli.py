@@ -49,13 +49,22 @@ def simulate(
     seed: Annotated[int, typer.Option("--seed", help="Dataset seed; same config + seed => same rows.")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Parallel shard writers.")] = 1,
     config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file overriding defaults.")] = None,
+    dask_address: Annotated[
+        str | None, typer.Option("--dask-address", help="Run the shards on this Dask cluster (tcp://HOST:PORT).")
+    ] = None,
 ) -> None:
     """Simulate muon events and write them as a Parquet dataset."""
     from pipeline.config import SimConfig
-    from simulation.dataset import simulate_dataset
 
     sim_config = SimConfig.from_file(config) if config is not None else SimConfig()
-    manifest = simulate_dataset(out, n_events=events, seed=seed, config=sim_config, workers=workers, progress=True)
+    if dask_address:
+        from flows.end_to_end import simulate_on_dask
+
+        manifest = simulate_on_dask(str(out), events, seed, sim_config.to_json(), workers, dask_address)
+    else:
+        from simulation.dataset import simulate_dataset
+
+        manifest = simulate_dataset(out, n_events=events, seed=seed, config=sim_config, workers=workers, progress=True)
     typer.echo(f"wrote {manifest['n_events']} events, {manifest['n_hits']} hits to {out}")
 
 

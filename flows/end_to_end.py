@@ -1,0 +1,146 @@
+"""Prefect flows: ``simulate``, ``train``, ``evaluate`` and ``end_to_end`` (simulate -> train -> evaluate).
+
+Flows are thin: they decide what runs where and pass paths between tasks; the work is in the tasks'
+library functions. Simulation shards run on the flow's task runner: threads by default, or Dask through
+``prefect-dask`` (a local cluster of ``workers`` processes, or an existing cluster at ``dask_address``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows import steps, tasks
+from pipeline.config import SimConfig
+
+
+def _dataset_complete(path: Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def _run_complete(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "metrics.parquet").is_file()
+
+
+def shared_prefect_api() -> str:
+    """Make sure process-based Dask workers talk to ONE Prefect API instead of each starting its own.
+
+    Without ``PREFECT_API_URL`` every worker process would start an ephemeral server (10-20 s each, and
+    SQLite contention). We export the URL of the API this process uses, starting a local server if there is
+    none, so the workers inherit it through the environment.
+    """
+    import prefect.settings
+
+    url = prefect.settings.PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def dask_task_runner(workers: int, dask_address: str | None):
+    """A DaskTaskRunner on an existing cluster (``dask_address``) or a local one with ``workers`` processes."""
+    from prefect_dask import DaskTaskRunner
+
+    shared_prefect_api()
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+@flow(name="simulate", log_prints=True)
+def simulate_flow(out: str, events: int, seed: int = 0, config_json: str | None = None, workers: int = 1) -> dict:
+    """Simulate ``events`` events into the dataset folder ``out``, one task per shard."""
+    from simulation.dataset import plan_shards, prepare_dataset
+
+    config = SimConfig.from_dict(json.loads(config_json)) if config_json else SimConfig()
+    config_json = config.to_json()
+    refresh = not _dataset_complete(Path(out))
+    prepare_dataset(Path(out), events, seed, config)
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    futures = [
+        tasks.simulate_shard.with_options(refresh_cache=refresh).submit(
+            out, config_json, seed, index, first, n, numba_threads=threads
+        )
+        for index, first, n in plan_shards(events, config)
+    ]
+    entries = [future.result() for future in futures]
+    return tasks.finalize_dataset.with_options(refresh_cache=refresh)(out, config_json, seed, entries)
+
+
+def simulate_on_dask(
+    out: str, events: int, seed: int = 0, config_json: str | None = None, workers: int = 2, dask_address: str | None = None
+) -> dict:
+    """The ``simulate`` flow with its shards on Dask (a local cluster, or the cluster at ``dask_address``)."""
+    runner = dask_task_runner(workers, dask_address)
+    return simulate_flow.with_options(task_runner=runner)(out, events, seed, config_json, workers)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(data: str, model: str, out: str, preset: str = "cpu", seed: int = 0) -> str:
+    """Train one model on a dataset."""
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(Path(data))
+    dataset_hash = f"{dataset.manifest['config_hash']}-{dataset.seed}-{dataset.n_events}"
+    refresh = not _run_complete(Path(out))
+    return tasks.train_model.with_options(refresh_cache=refresh)(data, model, out, preset, seed, dataset_hash)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(data: str, runs: list[str], out: str) -> dict:
+    """Predict with every run on the test split, then build the report and publish it as artifacts."""
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(Path(data))
+    dataset_hash = f"{dataset.manifest['config_hash']}-{dataset.seed}-{dataset.n_events}"
+    run_keys = [(Path(r) / "config.json").read_text() if (Path(r) / "config.json").is_file() else "" for r in runs]
+    refresh = not (Path(out) / "predictions" / "tracks.parquet").is_file()
+    tasks.predict.with_options(refresh_cache=refresh)(data, runs, out, dataset_hash, run_keys)
+    summary = tasks.write_report(data, runs, out)
+    tasks.publish_artifacts(summary, out)
+    return summary
+
+
+@flow(name="end-to-end", log_prints=True)
+def end_to_end(out: str, preset: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """simulate -> train baseline and e2e -> evaluate -> report, all under ``out``."""
+    job = steps.job_preset(preset)
+    config = SimConfig(shard_events=job.shard_events)
+    root = Path(out)
+    # Folder names carry what their content depends on, so a changed config or seed writes beside the
+    # old results (and recomputes only what depends on the change) instead of clashing with them.
+    data_key = f"{config.config_hash()}-n{job.events}-s{seed}"
+    data = str(root / "data" / data_key)
+    simulate_flow(data, job.events, seed, config.to_json())
+    runs = [
+        train_flow(data, model, str(root / "runs" / f"{model}-{job.train_preset}-{data_key}"), job.train_preset, seed)
+        for model in job.models
+    ]
+    report = root / "reports" / f"{job.train_preset}-{data_key}"
+    summary = evaluate_flow(data, runs, str(report))
+    return {"report": str(report / "report.md"), "summary": summary}
+
+
+def run_end_to_end(preset: str, out: Path) -> dict[str, Any]:
+    """The ``muontrack run`` entry point: run the flow and print where the report is and its summary."""
+    from analysis.report import format_summary_table
+
+    steps.job_preset(preset)  # a one-line error for an unknown preset, before Prefect starts
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        from pipeline.errors import MuontrackError
+
+        raise MuontrackError(f"--out {out} is a file, not a folder")
+    result = end_to_end(str(out), preset=preset)
+    print(format_summary_table(result["summary"]))
+    print(f"report: {result['report']}")
+    return result

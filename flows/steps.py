@@ -1,0 +1,157 @@
+"""The library functions the flows and the CLI call: each step of the pipeline as a plain function.
+
+Prefect tasks (``flows.tasks``) wrap these one to one, so every step can be called, tested and reused
+without Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.errors import MuontrackError, RunError
+
+#: the `model` column of the predictions, in report order
+REPORT_MODELS = ("truth", "truth_charge", "baseline", "e2e", "assignment")
+
+
+@dataclass(frozen=True)
+class JobPreset:
+    """Size of the whole ``muontrack run`` job: dataset size, and the model/training preset."""
+
+    events: int
+    train_preset: str
+    models: tuple[str, ...] = ("baseline", "e2e")
+    #: simulation shard size (smaller datasets get smaller shards so resume and workers have units)
+    shard_events: int = 20_000
+
+
+#: `muontrack run --preset P`: `test` for tests (seconds), `cpu` for this 2-core machine (~10 min), `paper` for a GPU
+JOB_PRESETS: dict[str, JobPreset] = {
+    "test": JobPreset(events=600, train_preset="test", shard_events=300),
+    "cpu": JobPreset(events=20_000, train_preset="cpu", shard_events=5_000),
+    "paper": JobPreset(events=1_000_000, train_preset="paper", shard_events=50_000),
+}
+
+
+def job_preset(name: str) -> JobPreset:
+    if name not in JOB_PRESETS:
+        raise MuontrackError(f"unknown preset {name!r} (known: {', '.join(JOB_PRESETS)})")
+    return JOB_PRESETS[name]
+
+
+def code_version() -> str:
+    """Package version plus a hash of the project's sources: cache keys change when the code does."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("muontrack")
+    except PackageNotFoundError:
+        pkg = "0+unknown"
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("simulation", "pipeline", "model", "analysis", "flows"):
+        for source in sorted((root / package).glob("*.py")):
+            digest.update(source.name.encode())
+            digest.update(source.read_bytes())
+    return f"{pkg}+{digest.hexdigest()[:12]}"
+
+
+def _check_report_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise MuontrackError(f"report path {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").exists() and not (
+        out / "predictions"
+    ).is_dir():
+        raise MuontrackError(f"report folder {out} is not empty and holds no muontrack report; choose another --out")
+
+
+def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.write_parquet(tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
+    """Write ``out/predictions/{hits,clusters,tracks}.parquet`` for the truth references and every run."""
+    from model.inference import predict_run, predict_truth
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(data)
+    _check_report_out(out)
+    for run in runs:
+        if not Path(run).is_dir():
+            raise RunError(f"run folder {run} does not exist")
+    tables = [predict_truth(dataset, split="test")]
+    seen: set[str] = set()
+    for run in runs:
+        predictions = predict_run(dataset, Path(run), split="test")
+        model_names = set(predictions["tracks"]["model"].unique().to_list())
+        duplicated = model_names & seen
+        if duplicated:
+            raise RunError(f"two runs are both model {sorted(duplicated)[0]!r}; evaluate one run per model")
+        seen |= model_names
+        tables.append(predictions)
+    pred_dir = out / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    for table in ("hits", "clusters", "tracks"):
+        _write_parquet_atomic(pl.concat([t[table] for t in tables], how="vertical"), pred_dir / f"{table}.parquet")
+    return pred_dir
+
+
+def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
+    """What the report says was run: dataset and each run's configuration."""
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(data)
+    context: dict[str, Any] = {
+        "dataset": str(Path(data).resolve()),
+        "dataset_events": dataset.n_events,
+        "dataset_seed": dataset.seed,
+        "dataset_config_hash": dataset.manifest.get("config_hash"),
+        "code_version": code_version(),
+        "runs": [],
+    }
+    for run in runs:
+        config_path = Path(run) / "config.json"
+        run_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        metrics_path = Path(run) / "metrics.parquet"
+        seconds = None
+        if metrics_path.is_file():
+            seconds = float(pl.read_parquet(metrics_path).filter(pl.col("split") == "train")["seconds"].sum())
+        context["runs"].append(
+            {
+                "run": str(Path(run).resolve()),
+                "model": run_config.get("model"),
+                "preset": run_config.get("preset"),
+                "epochs": (run_config.get("train_config") or {}).get("epochs"),
+                "seed": run_config.get("seed"),
+                "training_seconds": seconds,
+            }
+        )
+    return context
+
+
+def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
+    """Inference of every run on the test split, the truth references, and the report in ``out``."""
+    from analysis.report import write_report
+    from pipeline.dataset import open_dataset
+
+    out = Path(out)
+    predict_all(data, runs, out, progress=progress)
+    dataset = open_dataset(data)
+    write_report(out, dataset.hits(), dataset.events(), report_context(data, runs))
+    return out / "report.md"
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder the pipeline owns (used to restart a failed step cleanly)."""
+    if Path(path).exists():
+        shutil.rmtree(path)

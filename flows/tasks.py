@@ -1,0 +1,96 @@
+"""Small, named, typed Prefect tasks, one per library function.
+
+Caching: a task's cache key is built from its inputs and :func:`flows.steps.code_version` (the package
+version and a hash of the sources), never from the flow-run id, so a second ``muontrack run`` with the same
+configuration reuses the dataset and the trained models. A key alone cannot know that somebody deleted the
+output since, so each flow calls a task with ``refresh_cache=True`` when its output is not on disk.
+Retries are for the I/O tasks only (shard writing, prediction writing); training is not retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from flows import steps
+
+
+def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    payload = json.dumps(
+        {"task": context.task.name, "code": steps.code_version(), "inputs": parameters}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@task(name="simulate-shard", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
+def simulate_shard(
+    out: str, config_json: str, seed: int, shard_index: int, first_event_id: int, n_events: int, numba_threads: int = 0
+) -> dict:
+    """Generate and write one shard (skipped if already on disk); returns its manifest entry."""
+    from pipeline.config import SimConfig
+    from simulation.dataset import simulate_shard as write_shard
+
+    if numba_threads > 0:
+        import numba
+
+        numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
+    config = SimConfig.from_dict(json.loads(config_json))
+    return write_shard(Path(out), config, seed, shard_index, first_event_id, n_events)
+
+
+@task(name="finalize-dataset", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
+def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[dict]) -> dict:
+    """Write the manifest last: the dataset becomes complete and readable."""
+    from pipeline.config import SimConfig
+    from simulation.dataset import finalize_dataset as write_manifest
+
+    return write_manifest(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
+
+
+@task(name="train-model", cache_key_fn=_cache_key, persist_result=True)
+def train_model(data: str, model: str, out: str, preset: str, seed: int, dataset_hash: str) -> str:
+    """Train one model; ``dataset_hash`` (config hash + seed + events) keys the cache on the data."""
+    from model.train import train_run
+
+    return train_run(Path(data), model=model, out=Path(out), preset=preset, seed=seed, resume=Path(out).exists())
+
+
+@task(name="predict", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=2)
+def predict(data: str, runs: list[str], out: str, dataset_hash: str, run_keys: list[str]) -> str:
+    """Inference on the test split for the truth references and every run; writes REPORT/predictions/."""
+    return str(steps.predict_all(Path(data), [Path(r) for r in runs], Path(out)))
+
+
+@task(name="write-report")
+def write_report(data: str, runs: list[str], out: str) -> dict:
+    """Metrics, tables, figures and report.md from the predictions (cheap, never cached)."""
+    from analysis.report import write_report as build
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(Path(data))
+    return build(Path(out), dataset.hits(), dataset.events(), steps.report_context(Path(data), [Path(r) for r in runs]))
+
+
+@task(name="publish-artifacts")
+def publish_artifacts(summary: dict, out: str) -> None:
+    """The summary and resolution tables as Prefect table and markdown artifacts."""
+    import polars as pl
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = [{"model": model, **{k: v for k, v in values.items()}} for model, values in summary.items()]
+    create_table_artifact(key="muontrack-summary", table=rows, description=f"Summary of {out}")
+    resolution = Path(out) / "resolution.csv"
+    if resolution.is_file():
+        create_table_artifact(
+            key="muontrack-resolution",
+            table=pl.read_csv(resolution).to_dicts(),
+            description="sigma68 of the q/pT residual in 5 GeV bins of true pT",
+        )
+    report = Path(out) / "report.md"
+    if report.is_file():
+        create_markdown_artifact(key="muontrack-report", markdown=report.read_text(), description=str(report))

@@ -1,0 +1,282 @@
+"""Sharded, resumable, optionally parallel generation of a dataset folder.
+
+The unit of work is one shard: :func:`simulate_shard` generates events ``first_event_id ..
+first_event_id + n_events - 1`` and writes them with :func:`pipeline.dataset.write_shard_tables`. It depends
+only on its arguments (config, seed, shard range), so shards can run in any order, in any process, and a
+Prefect or Dask task can map over :func:`plan_shards`. Memory is bounded by one shard per worker.
+
+Same config + seed => the same rows whatever the number of workers, because the shard plan depends only on
+``config.shard_events`` and the generator draws each event from (seed, event_id).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import SimConfig
+from pipeline.dataset import (
+    MANIFEST_NAME,
+    STAGING_DIR,
+    STAGING_RECORD,
+    existing_shard_entry,
+    open_dataset,
+    read_staging_record,
+    write_manifest,
+    write_shard_tables,
+    write_staging_record,
+)
+from pipeline.errors import ConfigError, DatasetError
+
+#: seeds are stored as int64-compatible integers
+MAX_SEED = 2**63 - 1
+
+
+@functools.cache
+def code_version() -> str:
+    """``<package version>+<12 hex digits of the simulation sources' SHA-256>``.
+
+    Recorded in the manifest and every shard, so rows can be traced to the code that drew them, and an
+    interrupted dataset is not resumed by different generator code.
+    """
+    try:
+        package_version = version("muontrack")
+    except PackageNotFoundError:
+        package_version = "0+unknown"
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return f"{package_version}+{digest.hexdigest()[:12]}"
+
+
+def plan_shards(n_events: int, config: SimConfig) -> list[tuple[int, int, int]]:
+    """``(shard_index, first_event_id, n_events)`` for every shard; shards hold ``config.shard_events``."""
+    size = config.shard_events
+    return [(index, first, min(size, n_events - first)) for index, first in enumerate(range(0, n_events, size))]
+
+
+def simulate_shard(
+    dataset_dir: str | Path,
+    config: SimConfig,
+    seed: int,
+    shard_index: int,
+    first_event_id: int,
+    n_events: int,
+) -> dict[str, Any]:
+    """Generate and write one shard; return its manifest entry.
+
+    If both of the shard's files already exist with matching metadata (config, seed, event range, code
+    version), nothing is generated and their entry is returned: that is how a dataset resumes.
+    """
+    existing = existing_shard_entry(
+        dataset_dir, config, seed, shard_index, first_event_id, n_events, code_version=code_version()
+    )
+    if existing is not None:
+        return existing
+    # imported here so that argument checks and `muontrack inspect` never pay for Numba's start-up
+    from simulation.generate import generate_events
+
+    hits, events = generate_events(config, seed, first_event_id, n_events)
+    return write_shard_tables(
+        dataset_dir, shard_index, first_event_id, hits, events, config, seed, code_version=code_version()
+    )
+
+
+def finalize_dataset(
+    dataset_dir: str | Path, config: SimConfig, seed: int, shard_entries: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Write the manifest (last, atomically) and remove ``.staging/``; return the manifest."""
+    dataset_dir = Path(dataset_dir)
+    record = read_staging_record(dataset_dir)
+    n_events = sum(entry["n_events"] for entry in shard_entries)
+    if record is not None and record["n_events"] != n_events:
+        raise ValueError(f"shard entries hold {n_events} events, the staging record {record['n_events']}")
+    manifest = write_manifest(dataset_dir, config, seed, shard_entries, code_version())
+    shutil.rmtree(dataset_dir / STAGING_DIR, ignore_errors=True)
+    return manifest
+
+
+# ---- the whole dataset -----------------------------------------------------------------------------------
+
+
+def _check_arguments(n_events: Any, seed: Any, workers: Any) -> None:
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not is_int(n_events) or n_events < 1:
+        raise ConfigError(f"the number of events must be a positive integer, got {n_events!r}")
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"the seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    if not is_int(workers) or workers < 1:
+        raise ConfigError(f"the number of workers must be a positive integer, got {workers!r}")
+
+
+def _differences(found: dict[str, Any], config: SimConfig, seed: int, n_events: int) -> list[str]:
+    """What differs between a dataset (manifest or staging record) and the request, as short phrases."""
+    differences = []
+    if found.get("config_hash") != config.config_hash():
+        differences.append(f"config (hash {found.get('config_hash')}, asked {config.config_hash()})")
+    if found.get("seed") != seed:
+        differences.append(f"seed ({found.get('seed')}, asked {seed})")
+    if found.get("n_events") != n_events:
+        differences.append(f"event count ({found.get('n_events')}, asked {n_events})")
+    return differences
+
+
+def _prepare_output(out: Path, config: SimConfig, seed: int, n_events: int) -> dict[str, Any] | None:
+    """Decide what to do with ``out`` before writing anything.
+
+    Returns the manifest of a complete dataset that already matches the request (nothing to do), or None
+    when ``out`` is free or holds a resumable run of the same request. Everything else is a DatasetError,
+    raised before any file is touched.
+    """
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file, not a dataset folder")
+    if (out / MANIFEST_NAME).exists():
+        dataset = open_dataset(out)
+        differences = _differences(dataset.manifest, config, seed, n_events)
+        if differences:
+            raise DatasetError(f"{out} already holds a dataset with another {'; '.join(differences)}; choose another --out")
+        # a run killed between writing the manifest and removing .staging leaves it behind
+        shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
+        return dataset.manifest
+    record = read_staging_record(out) if out.is_dir() else None
+    if record is not None:
+        differences = _differences(record, config, seed, n_events)
+        if differences:
+            raise DatasetError(
+                f"{out} holds an interrupted dataset with another {'; '.join(differences)}; "
+                "resume it with its own settings or choose another --out"
+            )
+        if record.get("code_version") != code_version():
+            raise DatasetError(
+                f"{out} holds an interrupted dataset from simulation code {record.get('code_version')} "
+                f"(this is {code_version()}); remove it or choose another --out"
+            )
+        return None
+    if out.is_dir() and any(child.name != STAGING_DIR for child in out.iterdir()):
+        raise DatasetError(f"--out {out} is a non-empty folder that holds no muontrack dataset; choose another --out")
+    return None
+
+
+def _start_staging(out: Path, config: SimConfig, seed: int, n_events: int) -> None:
+    """Create ``out`` and ``.staging/``, drop leftovers of a killed writer, record the request."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"cannot create --out {out}: {err.strerror or err}") from None
+    staging = out / STAGING_DIR
+    staging.mkdir(exist_ok=True)
+    for leftover in staging.iterdir():
+        if leftover.name == STAGING_RECORD:
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+    if read_staging_record(out) is None:
+        write_staging_record(out, config, seed, n_events, code_version())
+
+
+def _limit_numba_threads(n_threads: int) -> None:
+    """Process-pool initializer: share the cores between the workers' Numba thread pools."""
+    import numba
+
+    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _run_shards(
+    out: Path,
+    config: SimConfig,
+    seed: int,
+    plan: list[tuple[int, int, int]],
+    workers: int,
+    on_done: Any,
+) -> list[dict[str, Any]]:
+    """Run every shard of ``plan``; call ``on_done(n_events)`` after each; return the entries."""
+    entries: list[dict[str, Any]] = []
+    if workers == 1 or len(plan) == 1:
+        for shard in plan:
+            entries.append(simulate_shard(out, config, seed, *shard))
+            on_done(shard[2])
+        return entries
+    n_processes = min(workers, len(plan))
+    # spawn, not fork: forking a process whose Numba/OpenMP threads already run can deadlock the child
+    pool = ProcessPoolExecutor(
+        max_workers=n_processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_limit_numba_threads,
+        initargs=(max(1, (os.cpu_count() or 1) // n_processes),),
+    )
+    try:
+        pending: set[Future] = {pool.submit(simulate_shard, out, config, seed, *shard) for shard in plan}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                entry = future.result()  # re-raises a worker's exception here
+                entries.append(entry)
+                on_done(entry["n_events"])
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return entries
+
+
+def simulate_dataset(
+    out: str | Path,
+    n_events: int,
+    seed: int,
+    config: SimConfig,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Simulate ``n_events`` events into the dataset folder ``out`` and return its manifest.
+
+    - ``out`` free (missing or empty): written from scratch.
+    - ``out`` a complete dataset of the same config, seed and event count: returned as is, nothing rewritten.
+    - ``out`` an interrupted run of the same request: resumed, keeping the shards already written.
+    - anything else (a file, another dataset, a foreign non-empty folder): DatasetError, nothing touched.
+
+    ``workers > 1`` runs shards in that many spawned processes, each with ``cpu_count // workers`` Numba
+    threads. ``progress`` shows a rich progress bar over events on stderr.
+    """
+    _check_arguments(n_events, seed, workers)
+    out = Path(out)
+    existing = _prepare_output(out, config, seed, n_events)
+    if existing is not None:
+        return existing
+    _start_staging(out, config, seed, n_events)
+    plan = plan_shards(n_events, config)
+    if not progress:
+        entries = _run_shards(out, config, seed, plan, workers, on_done=lambda n: None)
+    else:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (
+            TextColumn("simulate"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("events"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+            task = bar.add_task("simulate", total=n_events)
+            entries = _run_shards(out, config, seed, plan, workers, on_done=lambda n: bar.advance(task, n))
+    return finalize_dataset(out, config, seed, entries)

@@ -1,0 +1,144 @@
+"""Prefect flows: the end-to-end job on the `test` preset, caching across runs, Dask scale-out."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+pytest.importorskip("prefect")
+
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows import end_to_end, steps, tasks  # noqa: E402
+from pipeline.config import SimConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """One ephemeral Prefect API for the whole module (it takes 10-20 s to start)."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_states_since(t0: float) -> dict[str, list[str]]:
+    """Task name -> state names of the task runs that started after t0 (read back from the Prefect API)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(limit=200)
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        started = run.expected_start_time or run.start_time
+        if started is not None and started.timestamp() >= t0 and run.state is not None:
+            states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return states
+
+
+def _dataset_rows(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    hits = pl.read_parquet(path / "hits" / "*.parquet").sort("event_id", "hit_id")
+    events = pl.read_parquet(path / "events" / "*.parquet").sort("event_id")
+    return hits, events
+
+
+@pytest.mark.slow
+def test_end_to_end_caches_and_recomputes(prefect_server, tmp_path):
+    out = tmp_path / "job"
+    first = end_to_end.end_to_end(str(out), preset="test")
+    report = Path(first["report"])
+    assert report.is_file()
+    folder = report.parent
+    for name in ("summary.json", "resolution.csv", "predictions/hits.parquet", "predictions/tracks.parquet"):
+        assert (folder / name).is_file(), name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert {"truth", "baseline", "e2e"} <= set(summary)
+
+    # second run, same config: dataset shards, training and predictions come from the cache
+    t0 = time.time()
+    end_to_end.end_to_end(str(out), preset="test")
+    states = _task_states_since(t0)
+    for name in ("simulate-shard", "finalize-dataset", "train-model", "predict"):
+        assert states.get(name), f"no {name} task run recorded: {states}"
+        assert set(states[name]) == {"Cached"}, (name, states[name])
+
+    # a changed seed recomputes the dataset and the models
+    t1 = time.time()
+    end_to_end.end_to_end(str(out), preset="test", seed=1)
+    states = _task_states_since(t1)
+    assert "Completed" in states["simulate-shard"]
+    assert "Completed" in states["train-model"]
+    assert len(list((out / "data").iterdir())) == 2
+
+
+def test_simulate_flow_matches_library_and_rejects_bad_input(prefect_server, tmp_path):
+    from simulation.dataset import simulate_dataset
+
+    config = SimConfig(shard_events=40)
+    flow_out = tmp_path / "flow"
+    end_to_end.simulate_flow(str(flow_out), 100, 3, config.to_json())
+    direct_out = tmp_path / "direct"
+    simulate_dataset(direct_out, n_events=100, seed=3, config=config)
+    for a, b in zip(_dataset_rows(flow_out), _dataset_rows(direct_out), strict=True):
+        assert_frame_equal(a, b)
+
+
+def test_task_functions_directly(tmp_path):
+    """The tasks' underlying functions, without Prefect (`.fn`)."""
+    config = SimConfig(shard_events=50)
+    out = tmp_path / "data"
+    from simulation.dataset import plan_shards, prepare_dataset
+
+    prepare_dataset(out, 120, 5, config)
+    entries = [
+        tasks.simulate_shard.fn(str(out), config.to_json(), 5, index, first, n)
+        for index, first, n in plan_shards(120, config)
+    ]
+    assert [e["n_events"] for e in entries] == [50, 50, 20]
+    manifest = tasks.finalize_dataset.fn(str(out), config.to_json(), 5, entries)
+    assert manifest["n_events"] == 120
+    hits, events = _dataset_rows(out)
+    assert events["event_id"].to_list() == list(range(120))
+    assert hits.height == manifest["n_hits"]
+
+
+def test_code_version_tracks_sources():
+    version = steps.code_version()
+    assert version == steps.code_version()
+    assert "+" in version
+
+
+def test_job_preset_rejects_unknown():
+    from pipeline.errors import MuontrackError
+
+    with pytest.raises(MuontrackError, match="unknown preset"):
+        steps.job_preset("huge")
+
+
+def test_deployments_have_schedules():
+    deployments = end_to_end  # keep the import of flows light above
+    from flows.deployments import build_deployments
+
+    built = build_deployments(Path("/tmp/muontrack-serve-test"))
+    names = {d.name for d in built}
+    assert {"nightly-regeneration", "weekly-cpu", "on-demand-test"} == names
+    scheduled = [d for d in built if d.schedules]
+    assert len(scheduled) == 2
+    assert deployments is not None
+
+
+@pytest.mark.slow
+def test_dask_path_equals_in_process(prefect_server, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from simulation.dataset import simulate_dataset
+
+    config = SimConfig(shard_events=50)
+    dask_out = tmp_path / "dask"
+    end_to_end.simulate_on_dask(str(dask_out), 150, 7, config.to_json(), workers=2)
+    direct_out = tmp_path / "direct"
+    simulate_dataset(direct_out, n_events=150, seed=7, config=config, workers=1)
+    for a, b in zip(_dataset_rows(dask_out), _dataset_rows(direct_out), strict=True):
+        assert_frame_equal(a, b)
