@@ -77,7 +77,12 @@ def simulate_flow(out: str, events: int, seed: int = 0, config_json: str | None 
 
 
 def simulate_on_dask(
-    out: str, events: int, seed: int = 0, config_json: str | None = None, workers: int = 2, dask_address: str | None = None
+    out: str,
+    events: int,
+    seed: int = 0,
+    config_json: str | None = None,
+    workers: int = 2,
+    dask_address: str | None = None,
 ) -> dict:
     """The ``simulate`` flow with its shards on Dask (a local cluster, or the cluster at ``dask_address``)."""
     runner = dask_task_runner(workers, dask_address)

@@ -67,9 +67,12 @@ def code_version() -> str:
 def _check_report_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MuontrackError(f"report path {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").exists() and not (
-        out / "predictions"
-    ).is_dir():
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and not (out / "summary.json").exists()
+        and not (out / "predictions").is_dir()
+    ):
         raise MuontrackError(f"report folder {out} is not empty and holds no muontrack report; choose another --out")
 
 
