@@ -8,7 +8,7 @@ one-line ``error: ...`` on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -25,13 +25,13 @@ app = typer.Typer(
 )
 
 
-class ModelName(str, Enum):
+class ModelName(StrEnum):
     baseline = "baseline"
     e2e = "e2e"
     assignment = "assignment"
 
 
-class Preset(str, Enum):
+class Preset(StrEnum):
     test = "test"
     cpu = "cpu"
     paper = "paper"

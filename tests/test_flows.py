@@ -12,10 +12,10 @@ from polars.testing import assert_frame_equal
 
 pytest.importorskip("prefect")
 
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness
 
-from flows import end_to_end, steps, tasks  # noqa: E402
-from pipeline.config import SimConfig  # noqa: E402
+from flows import end_to_end, steps, tasks
+from pipeline.config import SimConfig
 
 
 @pytest.fixture(scope="module")
