@@ -1,0 +1,269 @@
+"""Figures of the evaluation report (PNG, matplotlib's Agg canvas via ``matplotlib.figure.Figure``, so no
+pyplot state and no display are needed).
+
+Each function takes already computed tables (see :mod:`analysis.metrics`), writes one PNG and returns its
+path. Figure numbers refer to Coccaro et al. (arXiv 2512.01647).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
+
+from analysis.metrics import (
+    CORE_WINDOW_N_SIGMA,
+    SIGNAL_EFFICIENCY_POINTS,
+    GaussianFit,
+)
+from pipeline.schema import MODEL_NAMES
+
+#: fixed colours and labels so a model looks the same in every figure
+MODEL_STYLE = {
+    "truth": {"color": "black", "label": "truth weights"},
+    "truth_charge": {"color": "0.5", "label": "truth × charge"},
+    "baseline": {"color": "tab:blue", "label": "baseline (BCE only)"},
+    "e2e": {"color": "tab:red", "label": "end-to-end"},
+    "assignment": {"color": "tab:green", "label": "assignment (LAP)"},
+}
+_EXTRA_COLOURS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_DPI = 120
+
+
+def model_order(models: list[str] | set[str]) -> list[str]:
+    """Known models in the documented order, then any others alphabetically."""
+    known = [m for m in MODEL_NAMES if m in models]
+    return known + sorted(set(models) - set(MODEL_NAMES))
+
+
+def _style(model: str) -> dict[str, str]:
+    if model in MODEL_STYLE:
+        return MODEL_STYLE[model]
+    index = sum(map(ord, model)) % len(_EXTRA_COLOURS)
+    return {"color": _EXTRA_COLOURS[index], "label": model}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_rejection_vs_efficiency(
+    rocs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, min_signal_eff: float = 0.5
+) -> Path:
+    """Background rejection 1/ε_b (log) vs signal efficiency ε_s per model (paper Fig. 4).
+
+    Args:
+        rocs: {model: (signal_eff, background_eff)} from :func:`analysis.metrics.roc_curve`.
+        path: PNG to write.
+        min_signal_eff: left edge of the x axis.
+    """
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    for model in model_order(rocs):
+        signal_eff, background_eff = rocs[model]
+        # points with no background left have infinite rejection: not drawable on a log axis
+        keep = (background_eff > 0) & (signal_eff >= min_signal_eff)
+        ax.plot(
+            signal_eff[keep], 1.0 / background_eff[keep], color=_style(model)["color"], label=_style(model)["label"]
+        )
+    for target in SIGNAL_EFFICIENCY_POINTS:
+        ax.axvline(target, color="0.7", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlim(min_signal_eff, 1.0)
+    ax.set_xlabel("signal hit efficiency $\\varepsilon_s$")
+    ax.set_ylabel("background rejection $1/\\varepsilon_b$")
+    ax.set_title("Hit classification")
+    ax.grid(True, which="both", alpha=0.3)
+    if rocs:
+        ax.legend()
+    else:
+        _empty(ax, "no classifying model")
+    return _save(fig, path)
+
+
+def plot_score_histograms(hit_scores: pl.DataFrame, path: Path, bins: int = 50) -> Path:
+    """Per-hit score distributions, signal vs background, one panel per model (normalised, log y).
+
+    Args:
+        hit_scores: (model, score, is_signal) from :func:`analysis.metrics.hit_score_table`.
+    """
+    models = model_order(set(hit_scores["model"].unique().to_list()))
+    n_panels = max(1, len(models))
+    fig = Figure(figsize=(4.2 * n_panels, 3.8))
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for ax, model in zip(axes, models, strict=False):
+        group = hit_scores.filter(pl.col("model") == model)
+        scores = group["score"].to_numpy()
+        signal = group["is_signal"].to_numpy().astype(bool)
+        finite = np.isfinite(scores)
+        # scores outside [0, 1] (a model without a sigmoid) widen the axis instead of being dropped
+        lo, hi = min(0.0, float(scores[finite].min(initial=0.0))), max(1.0, float(scores[finite].max(initial=1.0)))
+        model_edges = edges if (lo, hi) == (0.0, 1.0) else np.linspace(lo, hi, bins + 1)
+        for mask, label, colour in ((signal, "signal hits", "tab:blue"), (~signal, "background hits", "tab:red")):
+            values = scores[mask & finite]
+            if values.size:
+                ax.hist(values, bins=model_edges, density=True, histtype="step", color=colour, label=label)
+        ax.set_yscale("log")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top * 30)  # headroom for the legend
+        ax.set_xlabel("predicted hit weight $w_i$")
+        ax.set_ylabel("normalised entries")
+        ax.set_title(_style(model)["label"])
+        ax.legend(loc="upper center")
+    if not models:
+        _empty(axes[0], "no classifying model")
+    return _save(fig, path)
+
+
+def plot_cluster_residuals(
+    cluster_residuals: pl.DataFrame,
+    core: GaussianFit,
+    path: Path,
+    window_n_sigma: float = CORE_WINDOW_N_SIGMA,
+    range_n_sigma: float = 8.0,
+    bins: int = 80,
+) -> Path:
+    """Cluster residual x̂ − x_true per model with the core window shaded (paper Fig. 5 style).
+
+    Args:
+        cluster_residuals: (model, residual [mm]) from :func:`analysis.metrics.cluster_residual_table`.
+        core: the Gaussian fitted to the truth residuals; the window is μ ± ``window_n_sigma``·σ.
+        range_n_sigma: the x axis spans μ ± this many σ; entries beyond are not drawn (counted in the legend).
+    """
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    lo, hi = core.mu - range_n_sigma * core.sigma, core.mu + range_n_sigma * core.sigma
+    edges = np.linspace(lo, hi, bins + 1)
+    half_width = window_n_sigma * core.sigma
+    ax.axvspan(core.mu - half_width, core.mu + half_width, color="gold", alpha=0.25, label=f"core ±{window_n_sigma:g}σ")
+    bin_width = edges[1] - edges[0]
+    drawn: list[np.ndarray] = []
+    for model in model_order(set(cluster_residuals["model"].unique().to_list())):
+        residuals = cluster_residuals.filter(pl.col("model") == model)["residual"].drop_nulls().to_numpy()
+        if residuals.size == 0:
+            continue
+        outside = int(((residuals < lo) | (residuals > hi)).sum())
+        label = f"{_style(model)['label']} ({100 * outside / residuals.size:.1f}% beyond axis)"
+        # normalised to all clusters of the model (not only those on the axis), so tails show as lost area
+        weights = np.full(residuals.size, 1.0 / (residuals.size * bin_width))
+        contents, _, _ = ax.hist(
+            residuals, bins=edges, weights=weights, histtype="step", color=_style(model)["color"], label=label
+        )
+        drawn.append(contents)
+    n_truth = cluster_residuals.filter(pl.col("model") == "truth")["residual"].drop_nulls().len()
+    if n_truth:
+        # the fitted Gaussian holds n_fit / coverage(window) of the truth clusters
+        coverage = math.erf(window_n_sigma / math.sqrt(2.0))
+        x = np.linspace(lo, hi, 400)
+        density = np.exp(-0.5 * ((x - core.mu) / core.sigma) ** 2) / (core.sigma * math.sqrt(2 * math.pi))
+        scale = core.n_fit / coverage / n_truth
+        ax.plot(
+            x, scale * density, color="black", linestyle="--", linewidth=1, label=f"truth fit: σ = {core.sigma:.3g} mm"
+        )
+    ax.set_yscale("log")
+    positive = np.concatenate(drawn)[np.concatenate(drawn) > 0] if drawn else np.array([])
+    if positive.size:
+        # the axis follows the histograms (not the Gaussian's far tails), with headroom for the legend
+        ax.set_ylim(positive.min() / 3, positive.max() * 300)
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("cluster residual $\\hat{x}_l - x_{\\mathrm{true},l}$ [mm]")
+    ax.set_ylabel("fraction of clusters / mm")
+    ax.set_title("Cluster position residuals")
+    ax.legend(fontsize="small", loc="upper right")
+    return _save(fig, path)
+
+
+def plot_q_over_pt_residuals(
+    track_residuals: pl.DataFrame, resolution: pl.DataFrame, path: Path, range_sigma68: float = 5.0, bins: int = 80
+) -> Path:
+    """Relative q/pT residual per model with σ68 ± error in the legend (paper Fig. 5).
+
+    Args:
+        track_residuals: (model, residual) from :func:`analysis.metrics.track_residual_table`.
+        resolution: (model, sigma68, sigma68_err) from :func:`analysis.metrics.resolution_by_model`.
+        range_sigma68: the x axis spans ± this many times the largest σ68.
+    """
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    widths = {row["model"]: row for row in resolution.iter_rows(named=True)}
+    largest = max((row["sigma68"] for row in widths.values() if row["sigma68"] is not None), default=None)
+    if largest is None or not largest > 0:
+        _empty(ax, "no successful track fit")
+    else:
+        half_range = range_sigma68 * largest
+        edges = np.linspace(-half_range, half_range, bins + 1)
+        for model in model_order(set(widths)):
+            residuals = track_residuals.filter(pl.col("model") == model)["residual"].drop_nulls().to_numpy()
+            if residuals.size == 0:
+                continue
+            row = widths[model]
+            label = f"{_style(model)['label']}: σ68 = {format_value_error(row['sigma68'], row['sigma68_err'])}"
+            ax.hist(residuals, bins=edges, density=True, histtype="step", color=_style(model)["color"], label=label)
+        ax.set_xlim(-half_range, half_range)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # headroom for the legend
+        ax.legend(fontsize="small", loc="upper right")
+    ax.set_xlabel("$[(q/p_T)_{reco} - (q/p_T)_{true}] / (q/p_T)_{true}$")
+    ax.set_ylabel("normalised entries")
+    ax.set_title("Transverse momentum resolution")
+    return _save(fig, path)
+
+
+def plot_sigma68_vs_pt(resolution_pt: pl.DataFrame, path: Path) -> Path:
+    """σ68 of the relative q/pT residual vs true pT, error bars from the bootstrap (paper Fig. 6).
+
+    Args:
+        resolution_pt: (model, pt_lo, pt_hi, n, sigma68, sigma68_err) from
+            :func:`analysis.metrics.resolution_by_pt`.
+    """
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    models = model_order(set(resolution_pt["model"].unique().to_list()))
+    n_models = max(1, len(models))
+    for index, model in enumerate(models):
+        rows = resolution_pt.filter((pl.col("model") == model) & pl.col("sigma68").is_not_null())
+        if rows.height == 0:
+            continue
+        lo, hi = rows["pt_lo"].to_numpy(), rows["pt_hi"].to_numpy()
+        # a small horizontal offset per model keeps overlapping error bars readable
+        offset = (index - (n_models - 1) / 2) * 0.06 * (hi - lo)
+        centre = 0.5 * (lo + hi) + offset
+        ax.errorbar(
+            centre,
+            rows["sigma68"].to_numpy(),
+            yerr=rows["sigma68_err"].fill_null(0.0).to_numpy(),
+            xerr=0.5 * (hi - lo),
+            fmt="o",
+            markersize=4,
+            capsize=2,
+            color=_style(model)["color"],
+            label=_style(model)["label"],
+        )
+    ax.set_xlabel("true $p_T$ [GeV]")
+    ax.set_ylabel("$\\sigma_{68}$ of relative $q/p_T$ residual")
+    ax.set_title("Resolution vs transverse momentum")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    if models:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def format_value_error(value: float | None, err: float | None) -> str:
+    """'v ± e' with both rounded to the error's second significant digit; 'n/a' for a missing value."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    if err is None or not math.isfinite(err) or err <= 0:
+        return f"{value:.4g}"
+    digits = max(0, 1 - math.floor(math.log10(err)))
+    return f"{value:.{digits}f} ± {err:.{digits}f}"

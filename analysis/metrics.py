@@ -1,0 +1,655 @@
+"""Metrics of the evaluation (DESIGN.md "Metrics"): ROC/AUC of hit scores, cluster residual core fraction,
+q/pT resolution σ68 overall and in bins of true pT.
+
+Column logic is written as functions returning ``pl.Expr``; each prediction table is read with one
+``scan ... collect``. Sorting, interpolation, bootstrap and fits run in NumPy/SciPy on the collected columns.
+
+Conventions:
+- Residuals are dimensionless for q/pT (relative) and in mm for clusters.
+- Quantiles always use *linear* interpolation (NumPy's default, method 7 of Hyndman & Fan); Polars 2
+  defaults to 'nearest', so every Polars quantile here names ``interpolation="linear"``.
+- ``truth`` and ``truth_charge`` are reference reconstructions from truth labels: they have no hit
+  classification metrics (their "score" is the label itself).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+from scipy.optimize import curve_fit
+
+#: fraction of events inside ± σ68 around the median
+SIGMA68_COVERAGE = 0.68
+#: models whose hit weights come from truth labels (no classification metrics)
+TRUTH_MODELS = ("truth", "truth_charge")
+#: signal efficiencies at which background rejection is quoted
+SIGNAL_EFFICIENCY_POINTS = (0.90, 0.95)
+#: edges of the true-pT bins [GeV]: [20,25), [25,30), ..., [45,50] (the last bin is closed on both sides)
+PT_BIN_EDGES = (20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0)
+#: half-width of the cluster core window in units of the fitted truth Gaussian sigma
+CORE_WINDOW_N_SIGMA = 2.0
+#: bootstrap replicas for σ68 uncertainties
+N_BOOTSTRAP = 200
+
+# Bound the memory of the vectorised bootstrap: replicas are processed in chunks of about this many values.
+_BOOTSTRAP_CHUNK_VALUES = 4_000_000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Polars expressions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _as_expr(column: str | pl.Expr) -> pl.Expr:
+    return pl.col(column) if isinstance(column, str) else column
+
+
+def sigma68_expr(residual: str | pl.Expr) -> pl.Expr:
+    """σ68 of a column: the 0.68 quantile (linear interpolation) of |r − median(r)|. Nulls are ignored.
+
+    Usable in ``select`` and in ``group_by(...).agg``; NaNs must be filtered beforehand (Polars sorts NaN
+    above every number, :func:`sigma68` drops them).
+    """
+    r = _as_expr(residual)
+    return (r - r.median()).abs().quantile(SIGMA68_COVERAGE, interpolation="linear")
+
+
+def q_over_pt_true_expr(q: str = "q", pt: str = "pt") -> pl.Expr:
+    """(q/pT)_true = q / pT [1/GeV] as float64."""
+    return pl.col(q).cast(pl.Float64) / pl.col(pt).cast(pl.Float64)
+
+
+def q_over_pt_residual_expr(q_over_pt_reco: str = "q_over_pt_pred", q: str = "q", pt: str = "pt") -> pl.Expr:
+    """Relative q/pT residual ((q/pT)_reco − (q/pT)_true) / (q/pT)_true, dimensionless, float64."""
+    true = q_over_pt_true_expr(q, pt)
+    return (pl.col(q_over_pt_reco).cast(pl.Float64) - true) / true
+
+
+def fit_ok_expr(fit_status: str = "fit_status", q_over_pt_reco: str = "q_over_pt_pred") -> pl.Expr:
+    """True where the track fit succeeded: status 0 and a finite q/pT. Everything else is a failure."""
+    return (pl.col(fit_status) == 0) & pl.col(q_over_pt_reco).is_finite().fill_null(False)
+
+
+def cluster_residual_expr(x_reco: str = "x_reco", x_true: str = "x_true") -> pl.Expr:
+    """Cluster residual r = x_reco − x_true [mm], float64."""
+    return pl.col(x_reco).cast(pl.Float64) - pl.col(x_true).cast(pl.Float64)
+
+
+def pt_bin_expr(pt: str = "pt", edges: tuple[float, ...] = PT_BIN_EDGES) -> pl.Expr:
+    """Index (UInt32) of the true-pT bin: [e0,e1) -> 0, ..., [e_{n-1}, e_n] -> n-1; null outside [e0, e_n].
+
+    The last bin is closed so that pT = e_n (the top of the generated range) is not lost.
+    """
+    inner = list(edges[1:-1])
+    index = pl.col(pt).bin_intervals(inner, labels=False) if inner else pl.lit(0, dtype=pl.UInt32)
+    return pl.when(pl.col(pt).is_between(edges[0], edges[-1], closed="both")).then(index)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# σ68 and bootstrap (NumPy)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _finite_1d(values: np.ndarray | pl.Series, what: str) -> np.ndarray:
+    """float64 1-D array with NaNs (and Polars nulls) removed; ValueError when nothing is left."""
+    if isinstance(values, pl.Series):
+        values = values.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    array = np.asarray(values, dtype=np.float64).ravel()
+    array = array[~np.isnan(array)]
+    if array.size == 0:
+        raise ValueError(f"{what}: no non-NaN values")
+    return array
+
+
+def sigma68(residuals: np.ndarray | pl.Series) -> float:
+    """Half-width of the interval centred on the median that holds 68 % of the entries.
+
+    Defined as the 0.68 quantile of |r − median(r)| with linear interpolation between order statistics
+    (NumPy ``method="linear"``). For a Gaussian it is 0.9945 σ.
+
+    Args:
+        residuals: 1-D NumPy array or Polars Series (any shape is flattened); NaNs and nulls are dropped.
+
+    Returns:
+        σ68 in the units of the residuals.
+
+    Raises:
+        ValueError: no non-NaN residual.
+    """
+    r = _finite_1d(residuals, "sigma68")
+    return float(np.quantile(np.abs(r - np.median(r)), SIGMA68_COVERAGE, method="linear"))
+
+
+def bootstrap_sigma68(
+    residuals: np.ndarray | pl.Series, n_boot: int = N_BOOTSTRAP, seed: int = 0
+) -> tuple[float, float]:
+    """σ68 and its bootstrap uncertainty.
+
+    Args:
+        residuals: 1-D residuals; NaNs dropped.
+        n_boot: number of bootstrap replicas (resampling with replacement, same size).
+        seed: NumPy generator seed; with it the result depends only on the multiset of residuals.
+
+    Returns:
+        (σ68 of the sample, standard deviation (ddof=1) of σ68 over the replicas). The error is NaN for
+        fewer than 2 residuals or fewer than 2 replicas.
+    """
+    # sorted, so the replicas depend on the values only, not on their order (joins do not keep row order)
+    r = np.sort(_finite_1d(residuals, "bootstrap_sigma68"))
+    value = sigma68(r)
+    if r.size < 2 or n_boot < 2:
+        return value, float("nan")
+    rng = np.random.default_rng(seed)
+    replicas = np.empty(n_boot)
+    chunk = max(1, _BOOTSTRAP_CHUNK_VALUES // r.size)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        samples = r[rng.integers(0, r.size, size=(stop - start, r.size))]
+        deviations = np.abs(samples - np.median(samples, axis=1, keepdims=True))
+        replicas[start:stop] = np.quantile(deviations, SIGMA68_COVERAGE, axis=1, method="linear")
+    return value, float(np.std(replicas, ddof=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ROC (NumPy)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ROC of a score: a hit is selected when ``score >= threshold``.
+
+    One point per distinct score value (tied scores enter together, so a tie is one diagonal step and the
+    trapezoidal AUC counts it 1/2), preceded by (0, 0) at threshold +inf; the last point is (1, 1).
+
+    Args:
+        scores: [n] float scores; NaN is not allowed.
+        labels: [n] bool (or 0/1) truth, True for signal.
+
+    Returns:
+        (signal_eff, background_eff, thresholds), each [m + 1] for m distinct scores; efficiencies are
+        non-decreasing, thresholds decreasing from +inf.
+
+    Raises:
+        ValueError: mismatched lengths, NaN scores, or a class with no entries.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"roc_curve: {scores.size} scores but {labels.size} labels")
+    if np.isnan(scores).any():
+        raise ValueError(f"roc_curve: {int(np.isnan(scores).sum())} NaN scores")
+    n_signal = int(labels.sum())
+    n_background = labels.size - n_signal
+    if n_signal == 0 or n_background == 0:
+        raise ValueError(f"roc_curve: need both classes, got {n_signal} signal and {n_background} background")
+    order = np.argsort(scores, kind="stable")[::-1]
+    sorted_scores = scores[order]
+    sorted_labels = labels[order]
+    true_positives = np.cumsum(sorted_labels)
+    false_positives = np.cumsum(~sorted_labels)
+    # last position of each group of equal scores: the working point includes the whole tie
+    group_end = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
+    signal_eff = np.r_[0.0, true_positives[group_end] / n_signal]
+    background_eff = np.r_[0.0, false_positives[group_end] / n_background]
+    thresholds = np.r_[np.inf, sorted_scores[group_end]]
+    return signal_eff, background_eff, thresholds
+
+
+def auc_from_roc(signal_eff: np.ndarray, background_eff: np.ndarray) -> float:
+    """Area under the ROC (signal efficiency integrated over background efficiency, trapezoidal rule)."""
+    return float(np.trapezoid(signal_eff, background_eff))
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC = P(score_signal > score_background) + ½ P(tie), from the exact ROC of :func:`roc_curve`."""
+    signal_eff, background_eff, _ = roc_curve(scores, labels)
+    return auc_from_roc(signal_eff, background_eff)
+
+
+def auc_uncertainty(auc_value: float, n_signal: int, n_background: int) -> float:
+    """Hanley–McNeil (1982) standard error of an AUC.
+
+    SE² = [A(1−A) + (n_s−1)(Q1−A²) + (n_b−1)(Q2−A²)] / (n_s n_b), Q1 = A/(2−A), Q2 = 2A²/(1+A).
+    It treats hits as independent; hits of one event are correlated, so read it as a lower bound.
+    """
+    a = float(auc_value)
+    q1 = a / (2.0 - a)
+    q2 = 2.0 * a * a / (1.0 + a)
+    variance = (a * (1 - a) + (n_signal - 1) * (q1 - a * a) + (n_background - 1) * (q2 - a * a)) / (
+        n_signal * n_background
+    )
+    return math.sqrt(max(variance, 0.0))
+
+
+def background_efficiency_at(
+    signal_eff: np.ndarray, background_eff: np.ndarray, signal_eff_target: float | np.ndarray
+) -> np.ndarray:
+    """Background efficiency on the ROC at given signal efficiencies (vectorised).
+
+    Linear interpolation between the two ROC points that bracket the target. Where the ROC runs vertically
+    through the target (several points with exactly that signal efficiency) the smallest background
+    efficiency is taken: the tightest threshold that reaches the target.
+
+    Args:
+        signal_eff, background_eff: [m] ROC from :func:`roc_curve` (non-decreasing, starting at (0, 0)).
+        signal_eff_target: scalar or array of targets in [0, 1].
+
+    Returns:
+        background efficiency, same shape as ``signal_eff_target``.
+    """
+    targets = np.asarray(signal_eff_target, dtype=np.float64)
+    if np.any((targets < 0) | (targets > 1)):
+        raise ValueError("background_efficiency_at: signal efficiency targets must be in [0, 1]")
+    upper = np.searchsorted(signal_eff, targets, side="left")  # first point with signal_eff >= target
+    upper = np.clip(upper, 0, signal_eff.size - 1)
+    lower = np.maximum(upper - 1, 0)
+    exact = signal_eff[upper] == targets
+    span = np.where(exact, 1.0, signal_eff[upper] - signal_eff[lower])
+    fraction = np.where(exact, 1.0, (targets - signal_eff[lower]) / span)
+    return background_eff[lower] + fraction * (background_eff[upper] - background_eff[lower])
+
+
+def background_rejection_at(signal_eff: np.ndarray, background_eff: np.ndarray, signal_eff_target: float) -> float:
+    """Background rejection 1/ε_b at a signal efficiency ε_s (ε_b from :func:`background_efficiency_at`).
+
+    Returns +inf when no background passes at that working point.
+    """
+    eff = float(background_efficiency_at(signal_eff, background_eff, signal_eff_target))
+    return math.inf if eff <= 0 else 1.0 / eff
+
+
+def rejection_uncertainty(rejection: float, n_background: int) -> float:
+    """Binomial uncertainty of a rejection R = 1/ε_b from N_b background hits: R·sqrt((1−ε_b)/(ε_b N_b)).
+
+    Only the background counting is included (the threshold is taken as exact); NaN for infinite R.
+    """
+    if not math.isfinite(rejection) or rejection <= 0:
+        return float("nan")
+    eff = 1.0 / rejection
+    return rejection * math.sqrt((1.0 - eff) / (eff * n_background))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gaussian core fit and core fraction
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GaussianFit:
+    """Result of :func:`fit_gaussian_core` (units of the residuals, mm for clusters)."""
+
+    mu: float
+    sigma: float
+    mu_err: float
+    sigma_err: float
+    n_fit: int  # entries inside the final fit window
+    method: str = "iterative"  # or "fixed window" (the fallback, see fit_gaussian_core)
+
+
+# P(|X − μ| < σ/2) for a Gaussian
+_HALF_SIGMA_COVERAGE = math.erf(0.5 / math.sqrt(2.0))
+
+
+def _gaussian(x: np.ndarray, amplitude: float, mu: float, sigma: float) -> np.ndarray:
+    return amplitude * np.exp(-0.5 * ((x - mu) / sigma) ** 2)
+
+
+def _fit_gaussian_histogram(
+    counts: np.ndarray, edges: np.ndarray, mu: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares Gaussian fit to bin contents at the bin centres, Poisson errors max(√n, 1)."""
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    try:
+        return curve_fit(
+            _gaussian,
+            centres,
+            counts,
+            p0=(max(counts.max(), 1), mu, sigma),
+            sigma=np.sqrt(np.maximum(counts, 1)),
+            absolute_sigma=True,
+            maxfev=5000,
+        )
+    except RuntimeError as err:
+        raise ValueError(f"fit_gaussian_core: fit did not converge ({err})") from err
+
+
+def _iterate_window_fit(
+    r: np.ndarray, mu: float, sigma: float, window_n_sigma: float, bins_per_sigma: int, max_iterations: int
+) -> tuple[float, float, np.ndarray, int]:
+    """The iterative window fit of :func:`fit_gaussian_core` on one fixed bin grid -> (μ, σ, cov, n_fit)."""
+    anchor, width, start_sigma = mu, sigma / bins_per_sigma, sigma
+    seen: set[tuple[int, int]] = set()
+    covariance, n_fit = np.full((3, 3), np.nan), 0  # set by the first fit: the first window is always new
+    for _ in range(max_iterations):
+        first = math.floor((mu - window_n_sigma * sigma - anchor) / width + 0.5)
+        last = math.floor((mu + window_n_sigma * sigma - anchor) / width + 0.5)
+        if last - first < 4:
+            raise ValueError("fit_gaussian_core: fit window shrank below 4 bins")
+        if (first, last) in seen:
+            return mu, sigma, covariance, n_fit
+        seen.add((first, last))
+        edges = anchor + width * np.arange(first, last + 1)
+        counts, _ = np.histogram(r, bins=edges)
+        params, covariance = _fit_gaussian_histogram(counts, edges, mu, sigma)
+        n_fit = int(counts.sum())
+        mu, sigma = float(params[1]), abs(float(params[2]))
+        if not (math.isfinite(sigma) and math.isfinite(mu) and 0 < sigma < 4 * start_sigma):
+            # a flat-topped distribution makes the window and σ grow without end
+            raise ValueError("fit_gaussian_core: iterative fit ran away (distribution not Gaussian-like)")
+    raise ValueError(f"fit_gaussian_core: window did not settle within {max_iterations} iterations")
+
+
+def fit_gaussian_core(
+    residuals: np.ndarray | pl.Series,
+    window_n_sigma: float = CORE_WINDOW_N_SIGMA,
+    bins_per_sigma: int = 10,
+    max_iterations: int = 30,
+) -> GaussianFit:
+    """Iterative Gaussian fit of the core of a residual distribution.
+
+    Start from μ = median and σ = min(σ68, 2 × the 0.383 quantile of |r − median|) (the second is the σ of
+    a Gaussian holding 38.3 % within ±σ/2: robust when the core holds only half the entries). Bins of fixed
+    width σ/``bins_per_sigma`` are laid on a grid anchored at the median; each iteration takes the grid bins
+    inside μ ± ``window_n_sigma``·σ and fits A·exp(−(x−μ)²/2σ²) to their contents at the bin centres
+    (``scipy.optimize.curve_fit``, Poisson errors max(√n, 1)). The window moves with the fit until it
+    selects the same bins twice (a fixed point; on a 2-cycle the later fit is kept); a fixed grid, unlike
+    re-binning, makes this terminate exactly. Tails outside the window do not pull the fit. If the fitted σ
+    ends below half the starting σ, the grid is refined once around the new core.
+
+    Fallback (``method="fixed window"``): where the iteration runs away (σ beyond 4× its start, as for a
+    flat-topped distribution) or does not settle, one fit in median ± ``window_n_sigma``·σ68.
+
+    Args:
+        residuals: 1-D residuals; NaNs dropped, non-finite values ignored.
+
+    Returns:
+        :class:`GaussianFit` with the parameter errors from the fit covariance.
+
+    Raises:
+        ValueError: fewer than 10 finite entries, zero spread, no fit converges, or the fallback fit lands
+            far from the median/σ68 (e.g. strongly discretised residuals).
+    """
+    r = _finite_1d(residuals, "fit_gaussian_core")
+    r = r[np.isfinite(r)]
+    if r.size < 10:
+        raise ValueError(f"fit_gaussian_core: need at least 10 residuals, got {r.size}")
+    median = float(np.median(r))
+    width68 = sigma68(r)
+    half_sigma = float(np.quantile(np.abs(r - median), _HALF_SIGMA_COVERAGE, method="linear"))
+    start_sigma = min(width68, 2.0 * half_sigma) if half_sigma > 0 else width68  # discrete data: 0 possible
+    if not start_sigma > 0:
+        raise ValueError("fit_gaussian_core: residuals have zero spread")
+    try:
+        mu, sigma = median, start_sigma
+        for _refinement in range(2):
+            grid_sigma = sigma
+            mu, sigma, covariance, n_fit = _iterate_window_fit(
+                r, mu, sigma, window_n_sigma, bins_per_sigma, max_iterations
+            )
+            if sigma >= 0.5 * grid_sigma:
+                break
+        method = "iterative"
+    except ValueError:
+        edges = np.linspace(median - window_n_sigma * width68, median + window_n_sigma * width68, 41)
+        counts, _ = np.histogram(r, bins=edges)
+        params, covariance = _fit_gaussian_histogram(counts, edges, median, width68)
+        mu, sigma, n_fit, method = float(params[1]), abs(float(params[2])), int(counts.sum()), "fixed window"
+        if not (abs(mu - median) < width68 and 0.2 * width68 < sigma < 5 * width68):
+            raise ValueError("fit_gaussian_core: no Gaussian-like core (fit far from median and σ68)") from None
+    return GaussianFit(
+        mu=mu,
+        sigma=sigma,
+        mu_err=float(np.sqrt(covariance[1, 1])),
+        sigma_err=float(np.sqrt(covariance[2, 2])),
+        n_fit=n_fit,
+        method=method,
+    )
+
+
+def in_core_expr(centre: float, half_width: float, residual: str = "residual") -> pl.Expr:
+    """True where |residual − centre| <= half_width; a null/NaN residual (no cluster) is outside the core."""
+    return ((pl.col(residual) - centre).abs() <= half_width).fill_null(False)
+
+
+def binomial_error(fraction: float, n: int) -> float:
+    """sqrt(f (1 − f) / n); NaN for n = 0."""
+    return math.sqrt(fraction * (1.0 - fraction) / n) if n > 0 else float("nan")
+
+
+def relative_change(new: float, new_err: float, reference: float, reference_err: float) -> tuple[float, float]:
+    """(new − reference)/reference and its error, propagating both errors as independent."""
+    if reference == 0 or not math.isfinite(reference):
+        return float("nan"), float("nan")
+    err = math.hypot(new_err / reference, new * reference_err / reference**2)
+    return new / reference - 1.0, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables: one scan ... collect per prediction table
+# ---------------------------------------------------------------------------------------------------------
+
+
+def hit_score_table(pred_hits: pl.LazyFrame, dataset_hits: pl.LazyFrame) -> pl.DataFrame:
+    """Scores of the classifying models joined to the truth label.
+
+    Args:
+        pred_hits: REPORT/predictions/hits.parquet (event_id, hit_id, model, score).
+        dataset_hits: the dataset's hits (event_id, hit_id, is_signal, ...).
+
+    Returns:
+        DataFrame (model, event_id, hit_id, score float64, is_signal bool) without the truth models; hits
+        with no truth row are dropped (inner join).
+    """
+    truth = dataset_hits.select("event_id", "hit_id", "is_signal")
+    return (
+        pred_hits.filter(~pl.col("model").is_in(TRUTH_MODELS))
+        .select("model", "event_id", "hit_id", pl.col("score").cast(pl.Float64))
+        .join(truth, on=["event_id", "hit_id"], how="inner")
+        .collect()
+    )
+
+
+def classification_metrics(hit_scores: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """ROC metrics per model from :func:`hit_score_table`.
+
+    Non-finite scores are dropped and counted (``n_bad_scores``); a model lacking signal or background hits
+    gets null metrics.
+
+    Returns:
+        (table with columns model, n_signal, n_background, n_bad_scores, auc, auc_err, rejection_at_90,
+        rejection_at_90_err, rejection_at_95, rejection_at_95_err, background_eff_at_90, background_eff_at_95;
+        {model: (signal_eff, background_eff)} for plotting).
+    """
+    rows = []
+    rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for (model,), group in sorted(hit_scores.partition_by("model", as_dict=True).items()):
+        scores = group["score"].to_numpy()
+        labels = group["is_signal"].to_numpy().astype(bool)
+        finite = np.isfinite(scores)
+        scores, labels = scores[finite], labels[finite]
+        n_signal, n_background = int(labels.sum()), int((~labels).sum())
+        row: dict[str, object] = {
+            "model": model,
+            "n_signal": n_signal,
+            "n_background": n_background,
+            "n_bad_scores": int((~finite).sum()),
+        }
+        if n_signal and n_background:
+            signal_eff, background_eff, _ = roc_curve(scores, labels)
+            rocs[model] = (signal_eff, background_eff)
+            area = auc_from_roc(signal_eff, background_eff)
+            row |= {"auc": area, "auc_err": auc_uncertainty(area, n_signal, n_background)}
+            for target in SIGNAL_EFFICIENCY_POINTS:
+                key = f"{round(100 * target)}"
+                eff = float(background_efficiency_at(signal_eff, background_eff, target))
+                rejection = math.inf if eff <= 0 else 1.0 / eff
+                row |= {
+                    f"background_eff_at_{key}": eff,
+                    f"rejection_at_{key}": rejection,
+                    f"rejection_at_{key}_err": rejection_uncertainty(rejection, n_background),
+                }
+        rows.append(row)
+    schema = {"model": pl.String, "n_signal": pl.Int64, "n_background": pl.Int64, "n_bad_scores": pl.Int64}
+    schema |= {"auc": pl.Float64, "auc_err": pl.Float64}
+    for target in SIGNAL_EFFICIENCY_POINTS:
+        key = f"{round(100 * target)}"
+        schema |= {f"rejection_at_{key}": pl.Float64, f"rejection_at_{key}_err": pl.Float64}
+        schema |= {f"background_eff_at_{key}": pl.Float64}
+    return pl.DataFrame(rows, schema=schema), rocs
+
+
+def cluster_residual_table(pred_clusters: pl.LazyFrame) -> pl.DataFrame:
+    """Cluster residuals per model: (model, event_id, layer, residual [mm] float64, null if no cluster).
+
+    Rows without a finite ``x_true`` (the muon outside the layer's active width) are dropped: there is
+    nothing to compare with. A non-finite ``x_reco`` (no cluster built) gives a null residual, which counts
+    as outside the core.
+    """
+    return (
+        pred_clusters.filter(pl.col("x_true").is_finite())
+        .select(
+            "model",
+            "event_id",
+            "layer",
+            pl.when(pl.col("x_reco").is_finite()).then(cluster_residual_expr()).alias("residual"),
+        )
+        .collect()
+    )
+
+
+def core_fraction_table(
+    cluster_residuals: pl.DataFrame, reference_model: str = "truth", window_n_sigma: float = CORE_WINDOW_N_SIGMA
+) -> tuple[pl.DataFrame, GaussianFit]:
+    """Core fraction per model: share of clusters with |r − μ| <= ``window_n_sigma``·σ, (μ, σ) fitted to the
+    ``reference_model`` residuals by :func:`fit_gaussian_core` (fit window ±``window_n_sigma``·σ too).
+
+    Returns:
+        (DataFrame model, n_clusters, n_missing, n_core, core_fraction, core_fraction_err (binomial);
+        the reference fit).
+
+    Raises:
+        ValueError: the reference model has no clusters.
+    """
+    reference = cluster_residuals.filter(pl.col("model") == reference_model)["residual"].drop_nulls()
+    if reference.len() == 0:
+        raise ValueError(f"core_fraction_table: no '{reference_model}' clusters to define the core window")
+    core = fit_gaussian_core(reference, window_n_sigma=window_n_sigma)
+    half_width = window_n_sigma * core.sigma
+    table = (
+        cluster_residuals.group_by("model")
+        .agg(
+            n_clusters=pl.len(),
+            n_missing=pl.col("residual").is_null().sum(),
+            n_core=in_core_expr(core.mu, half_width).sum(),
+        )
+        .with_columns(core_fraction=pl.col("n_core") / pl.col("n_clusters"))
+        .with_columns(
+            core_fraction_err=(pl.col("core_fraction") * (1 - pl.col("core_fraction")) / pl.col("n_clusters")).sqrt()
+        )
+        .sort("model")
+    )
+    return table, core
+
+
+def track_residual_table(pred_tracks: pl.LazyFrame, dataset_events: pl.LazyFrame) -> pl.DataFrame:
+    """q/pT residuals of every predicted track joined with the truth.
+
+    Returns:
+        DataFrame (model, event_id, pt [GeV], q, fit_ok bool, residual float64 — null where the fit failed,
+        pt_bin UInt32 — null outside the binned range). Tracks without a truth event are dropped.
+    """
+    truth = dataset_events.select("event_id", "pt", "q")
+    return (
+        pred_tracks.join(truth, on="event_id", how="inner")
+        .with_columns(fit_ok=fit_ok_expr())
+        .select(
+            "model",
+            "event_id",
+            "pt",
+            "q",
+            "fit_ok",
+            pl.when("fit_ok").then(q_over_pt_residual_expr()).alias("residual"),
+            pt_bin_expr().alias("pt_bin"),
+        )
+        .collect()
+    )
+
+
+def _bootstrap_errors(
+    frame: pl.DataFrame, keys: list[str], n_boot: int, seed: int
+) -> dict[tuple[object, ...], tuple[float, float]]:
+    """{group key: bootstrap_sigma68(residuals)} over the successful-fit rows of each group."""
+    result = {}
+    for key, group in frame.partition_by(keys, as_dict=True).items():
+        residuals = group["residual"].to_numpy()
+        if residuals.size:
+            result[key] = bootstrap_sigma68(residuals, n_boot=n_boot, seed=seed)
+    return result
+
+
+def resolution_by_model(track_residuals: pl.DataFrame, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> pl.DataFrame:
+    """σ68 of the q/pT residual per model over all events with a successful fit.
+
+    Returns:
+        DataFrame (model, n_tracks, n_failed, n, sigma68, sigma68_err): ``n`` tracks enter σ68, ``n_failed``
+        have fit_status != 0 or a non-finite q/pT and are left out.
+    """
+    table = (
+        track_residuals.group_by("model")
+        .agg(
+            n_tracks=pl.len(),
+            n_failed=(~pl.col("fit_ok")).sum(),
+            n=pl.col("residual").is_not_null().sum(),
+            sigma68=sigma68_expr("residual"),
+        )
+        .sort("model")
+    )
+    errors = _bootstrap_errors(track_residuals.filter(pl.col("fit_ok")), ["model"], n_boot, seed)
+    err_column = [errors.get((model,), (math.nan, math.nan))[1] for model in table["model"]]
+    return table.with_columns(pl.Series("sigma68_err", err_column, dtype=pl.Float64))
+
+
+def resolution_by_pt(
+    track_residuals: pl.DataFrame,
+    edges: tuple[float, ...] = PT_BIN_EDGES,
+    n_boot: int = N_BOOTSTRAP,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """σ68 of the q/pT residual per model and true-pT bin (successful fits only), empty bins included.
+
+    ``track_residuals`` must carry ``pt_bin`` computed with the same ``edges`` (see :func:`pt_bin_expr`);
+    it is recomputed here so any edges work.
+
+    Returns:
+        DataFrame (model, pt_lo, pt_hi, n, sigma68, sigma68_err) sorted by model then pt_lo; n = 0 and null
+        σ68 in empty bins.
+    """
+    ok = track_residuals.filter(pl.col("fit_ok")).with_columns(pt_bin=pt_bin_expr(edges=edges)).drop_nulls("pt_bin")
+    models = sorted(track_residuals["model"].unique().to_list())
+    grid = pl.DataFrame(
+        {
+            "model": [m for m in models for _ in range(len(edges) - 1)],
+            "pt_bin": [b for _ in models for b in range(len(edges) - 1)],
+            "pt_lo": [edges[b] for _ in models for b in range(len(edges) - 1)],
+            "pt_hi": [edges[b + 1] for _ in models for b in range(len(edges) - 1)],
+        },
+        schema={"model": pl.String, "pt_bin": pl.UInt32, "pt_lo": pl.Float64, "pt_hi": pl.Float64},
+    )
+    stats = ok.group_by("model", "pt_bin").agg(n=pl.len(), sigma68=sigma68_expr("residual"))
+    errors = _bootstrap_errors(ok, ["model", "pt_bin"], n_boot, seed)
+    table = (
+        grid.join(stats, on=["model", "pt_bin"], how="left")
+        .with_columns(pl.col("n").fill_null(0).cast(pl.Int64))
+        .sort("model", "pt_bin")
+    )
+    err_column = [
+        errors.get((model, pt_bin), (math.nan, math.nan))[1]
+        for model, pt_bin in zip(table["model"], table["pt_bin"], strict=True)
+    ]
+    table = table.with_columns(pl.Series("sigma68_err", err_column, dtype=pl.Float64))
+    # a NaN error (fewer than 2 entries) is written as null, like an empty bin
+    table = table.with_columns(pl.col("sigma68_err").fill_nan(None))
+    return table.select("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err")

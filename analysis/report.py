@@ -1,0 +1,623 @@
+"""The evaluation report: REPORT/report.md, REPORT/summary.json, REPORT/resolution.csv, REPORT/figures/*.png.
+
+:func:`write_report` reads REPORT/predictions/*.parquet, joins them with the dataset's truth, computes every
+metric of DESIGN.md "Metrics" (see :mod:`analysis.metrics`), draws the figures and writes the files. All
+numbers are computed before anything is written, so a bad input leaves an existing report untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from analysis import figures as fig
+from analysis import metrics as m
+from analysis.figures import format_value_error, model_order
+from pipeline.errors import MuontrackError
+from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
+
+#: a difference counts as significant from this many standard deviations on
+SIGNIFICANCE_THRESHOLD = 2.0
+#: the paper's relative gain in cluster core fraction, end-to-end vs baseline (Coccaro et al., section 4)
+PAPER_CORE_FRACTION_GAIN = 0.127
+#: keys of each model's entry in summary.json (DESIGN.md "Metrics")
+SUMMARY_KEYS = ("auc", "rejection_at_90", "rejection_at_95", "core_fraction", "sigma68", "sigma68_err", "n_events")
+#: columns of resolution.csv
+RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err")
+
+_PREDICTION_SCHEMAS = {"hits": PRED_HITS_SCHEMA, "clusters": PRED_CLUSTERS_SCHEMA, "tracks": PRED_TRACKS_SCHEMA}
+_DATASET_COLUMNS = {"hits": ("event_id", "hit_id", "is_signal"), "events": ("event_id", "pt", "q")}
+_FIGURE_NAMES = {
+    "rejection": "roc_rejection.png",
+    "scores": "score_histograms.png",
+    "clusters": "cluster_residuals.png",
+    "q_over_pt": "q_over_pt_residuals.png",
+    "sigma68_pt": "sigma68_vs_pt.png",
+}
+
+
+@dataclass(frozen=True)
+class ReportResults:
+    """Every table the report is made of (see the producing functions in :mod:`analysis.metrics`)."""
+
+    models: list[str]
+    hit_scores: pl.DataFrame  # hit_score_table
+    classification: pl.DataFrame  # classification_metrics
+    rocs: dict[str, tuple[np.ndarray, np.ndarray]]
+    cluster_residuals: pl.DataFrame  # cluster_residual_table
+    core: pl.DataFrame  # core_fraction_table (empty when the fit failed)
+    core_fit: m.GaussianFit | None
+    core_fit_problem: str | None
+    track_residuals: pl.DataFrame  # track_residual_table
+    resolution: pl.DataFrame  # resolution_by_model
+    resolution_pt: pl.DataFrame  # resolution_by_pt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _scan_predictions(predictions_dir: Path) -> dict[str, pl.LazyFrame]:
+    """LazyFrames of hits/clusters/tracks.parquet, checked for the documented columns."""
+    if not predictions_dir.is_dir():
+        raise MuontrackError(f"{predictions_dir}: no predictions folder (run the evaluation first)")
+    frames = {}
+    for name, schema in _PREDICTION_SCHEMAS.items():
+        path = predictions_dir / f"{name}.parquet"
+        if not path.is_file():
+            raise MuontrackError(f"{path}: predictions file missing")
+        try:
+            frame = pl.scan_parquet(path)
+            columns = frame.collect_schema().names()
+        except (pl.exceptions.PolarsError, OSError) as err:
+            raise MuontrackError(f"{path}: unreadable predictions file ({type(err).__name__})") from err
+        missing = [column for column in schema.names if column not in columns]
+        if missing:
+            raise MuontrackError(f"{path}: missing columns {', '.join(missing)}")
+        frames[name] = frame
+    return frames
+
+
+def _check_dataset_frame(frame: pl.LazyFrame, name: str) -> None:
+    try:
+        columns = frame.collect_schema().names()
+    except pl.exceptions.PolarsError as err:
+        raise MuontrackError(f"dataset {name}: unreadable ({type(err).__name__})") from err
+    missing = [column for column in _DATASET_COLUMNS[name] if column not in columns]
+    if missing:
+        raise MuontrackError(f"dataset {name}: missing columns {', '.join(missing)}")
+
+
+def compute_results(
+    predictions: dict[str, pl.LazyFrame],
+    dataset_hits: pl.LazyFrame,
+    dataset_events: pl.LazyFrame,
+    n_boot: int = m.N_BOOTSTRAP,
+    seed: int = 0,
+) -> ReportResults:
+    """All metric tables from the prediction LazyFrames ({"hits", "clusters", "tracks"}) and the truth.
+
+    Raises:
+        MuontrackError: the predictions hold no ``truth`` clusters (the core window needs them).
+    """
+    hit_scores = m.hit_score_table(predictions["hits"], dataset_hits)
+    classification, rocs = m.classification_metrics(hit_scores)
+    cluster_residuals = m.cluster_residual_table(predictions["clusters"])
+    if cluster_residuals.filter(pl.col("model") == "truth").height == 0:
+        raise MuontrackError("predictions/clusters.parquet: no 'truth' clusters to define the core window")
+    core_fit: m.GaussianFit | None = None
+    core_fit_problem = None
+    try:
+        core, core_fit = m.core_fraction_table(cluster_residuals)
+    except ValueError as err:
+        core_fit_problem = str(err)
+        core = pl.DataFrame(schema={"model": pl.String, "core_fraction": pl.Float64, "core_fraction_err": pl.Float64})
+    track_residuals = m.track_residual_table(predictions["tracks"], dataset_events)
+    resolution = m.resolution_by_model(track_residuals, n_boot=n_boot, seed=seed)
+    resolution_pt = m.resolution_by_pt(track_residuals, n_boot=n_boot, seed=seed)
+    models = model_order(
+        set(classification["model"].to_list())
+        | set(cluster_residuals["model"].unique().to_list())
+        | set(track_residuals["model"].unique().to_list())
+    )
+    return ReportResults(
+        models=models,
+        hit_scores=hit_scores,
+        classification=classification,
+        rocs=rocs,
+        cluster_residuals=cluster_residuals,
+        core=core,
+        core_fit=core_fit,
+        core_fit_problem=core_fit_problem,
+        track_residuals=track_residuals,
+        resolution=resolution,
+        resolution_pt=resolution_pt,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _row(frame: pl.DataFrame, model: str) -> dict[str, Any]:
+    rows = frame.filter(pl.col("model") == model)
+    return rows.row(0, named=True) if rows.height else {}
+
+
+def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | None]]:
+    """{model: {auc, rejection_at_90, rejection_at_95, core_fraction, sigma68, sigma68_err, n_events}}.
+
+    auc and rejections are null for the truth models; a rejection is also null when no background hit
+    passes at that efficiency (infinite). ``n_events`` counts the events whose track fit succeeded (those
+    that enter σ68).
+    """
+    summary: dict[str, dict[str, float | int | None]] = {}
+    for model in results.models:
+        classification = {} if model in m.TRUTH_MODELS else _row(results.classification, model)
+        resolution = _row(results.resolution, model)
+        core = _row(results.core, model)
+        summary[model] = {
+            "auc": _finite_or_none(classification.get("auc")),
+            "rejection_at_90": _finite_or_none(classification.get("rejection_at_90")),
+            "rejection_at_95": _finite_or_none(classification.get("rejection_at_95")),
+            "core_fraction": _finite_or_none(core.get("core_fraction")),
+            "sigma68": _finite_or_none(resolution.get("sigma68")),
+            "sigma68_err": _finite_or_none(resolution.get("sigma68_err")),
+            "n_events": int(resolution.get("n") or 0),
+        }
+    return summary
+
+
+def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
+    """A compact fixed-width text table of a summary (as returned by :func:`write_report`)."""
+
+    def cell(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = f"{'model':<13} {'AUC':>7} {'rej@90%':>9} {'rej@95%':>9} {'core':>7} {'sigma68':>9} {'±':>8} {'events':>7}"
+    lines = [header, "-" * len(header)]
+    for model, row in summary.items():
+        lines.append(
+            f"{model:<13} {cell(row.get('auc'), '.4f'):>7} {cell(row.get('rejection_at_90'), '.4g'):>9} "
+            f"{cell(row.get('rejection_at_95'), '.4g'):>9} {cell(row.get('core_fraction'), '.4f'):>7} "
+            f"{cell(row.get('sigma68'), '.4g'):>9} {cell(row.get('sigma68_err'), '.2g'):>8} "
+            f"{cell(row.get('n_events'), 'd'):>7}"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparison sentences
+# ---------------------------------------------------------------------------------------------------------
+
+
+def compare_sentence(
+    label: str,
+    candidate: str,
+    value: float | None,
+    err: float | None,
+    reference: str,
+    reference_value: float | None,
+    reference_err: float | None,
+    higher_is_better: bool,
+) -> str:
+    """One honest sentence comparing a metric of two models, from the numbers and their uncertainties.
+
+    The errors are combined in quadrature as if independent; both models are evaluated on the same events,
+    so the estimates are positively correlated and this overstates the error of the difference
+    (conservative). "better" needs at least :data:`SIGNIFICANCE_THRESHOLD` standard deviations.
+    """
+    if value is None or reference_value is None or not (math.isfinite(value) and math.isfinite(reference_value)):
+        return f"{candidate} vs {reference} on {label}: not comparable (a value is missing or infinite)."
+    both = f"{format_value_error(value, err)} vs {reference} {format_value_error(reference_value, reference_err)}"
+    advantage = (value - reference_value) if higher_is_better else (reference_value - value)
+    combined = math.hypot(err or 0.0, reference_err or 0.0)
+    finite_error = math.isfinite(combined) and combined > 0
+    if not finite_error:
+        verdict = "better" if advantage > 0 else ("worse" if advantage < 0 else "equal")
+        return (
+            f"{candidate} {label} = {both}: nominally {verdict}, but without an uncertainty no significance "
+            "can be given."
+        )
+    n_sigma = advantage / combined
+    if n_sigma >= SIGNIFICANCE_THRESHOLD:
+        return f"{candidate} {label} = {both}: {candidate} better by {n_sigma:.1f}σ."
+    if n_sigma <= -SIGNIFICANCE_THRESHOLD:
+        return f"{candidate} is NOT better than {reference} on {label}: {both}; {reference} better by {-n_sigma:.1f}σ."
+    if advantage == 0:
+        outcome = "the two are equal"
+    else:
+        direction = "better" if n_sigma > 0 else "worse"
+        outcome = f"{candidate} nominally {direction} by {abs(n_sigma):.1f}σ (below {SIGNIFICANCE_THRESHOLD:g}σ)"
+    return f"{candidate} is NOT significantly better than {reference} on {label}: {both}; {outcome}."
+
+
+def comparison_sentences(results: ReportResults, reference: str = "baseline") -> list[str]:
+    """Comparison of every trained model with ``reference`` on each headline metric, plus per-pT-bin counts."""
+    candidates = [model for model in results.models if model not in (*m.TRUTH_MODELS, reference)]
+    if reference not in results.models:
+        return [f"No '{reference}' predictions: no comparison with the sequential baseline."]
+    if not candidates:
+        return [f"Only the '{reference}' model was evaluated: nothing to compare it with."]
+    sentences = []
+    for model in candidates:
+        cls, cls_ref = _row(results.classification, model), _row(results.classification, reference)
+        core, core_ref = _row(results.core, model), _row(results.core, reference)
+        res, res_ref = _row(results.resolution, model), _row(results.resolution, reference)
+        specs = [
+            ("hit AUC", cls, cls_ref, "auc", "auc_err", True),
+            (
+                "background rejection at 90 % signal efficiency",
+                cls,
+                cls_ref,
+                "rejection_at_90",
+                "rejection_at_90_err",
+                True,
+            ),
+            ("cluster core fraction", core, core_ref, "core_fraction", "core_fraction_err", True),
+            ("σ68(q/pT)", res, res_ref, "sigma68", "sigma68_err", False),
+        ]
+        for label, row, row_ref, key, err_key, higher_is_better in specs:
+            sentences.append(
+                compare_sentence(
+                    label,
+                    model,
+                    row.get(key),
+                    row.get(err_key),
+                    reference,
+                    row_ref.get(key),
+                    row_ref.get(err_key),
+                    higher_is_better,
+                )
+            )
+        if core.get("core_fraction") is not None and core_ref.get("core_fraction"):
+            change, change_err = m.relative_change(
+                core["core_fraction"],
+                core["core_fraction_err"],
+                core_ref["core_fraction"],
+                core_ref["core_fraction_err"],
+            )
+            sentences.append(
+                f"Relative change of the core fraction, {model} vs {reference}: "
+                f"{100 * change:+.1f} ± {100 * change_err:.1f} % (the paper reports "
+                f"{100 * PAPER_CORE_FRACTION_GAIN:+.1f} % for its end-to-end model)."
+            )
+        sentences.append(_per_bin_sentence(results.resolution_pt, model, reference))
+    return sentences
+
+
+def _per_bin_sentence(resolution_pt: pl.DataFrame, model: str, reference: str) -> str:
+    joined = (
+        resolution_pt.filter(pl.col("model") == model)
+        .join(resolution_pt.filter(pl.col("model") == reference), on=["pt_lo", "pt_hi"], suffix="_ref")
+        .drop_nulls(["sigma68", "sigma68_ref"])
+    )
+    if joined.height == 0:
+        return f"σ68 vs pT, {model} vs {reference}: no bin with entries for both."
+    smaller = int((joined["sigma68"] < joined["sigma68_ref"]).sum())
+    difference = joined["sigma68_ref"] - joined["sigma68"]
+    combined = (
+        joined["sigma68_err"].fill_null(float("nan")) ** 2 + joined["sigma68_err_ref"].fill_null(float("nan")) ** 2
+    ).sqrt()
+    significant_better = int((difference >= SIGNIFICANCE_THRESHOLD * combined).sum())
+    significant_worse = int((difference <= -SIGNIFICANCE_THRESHOLD * combined).sum())
+    return (
+        f"σ68 vs pT: {model} has a smaller σ68 than {reference} in {smaller} of {joined.height} pT bins "
+        f"({significant_better} by ≥ {SIGNIFICANCE_THRESHOLD:g}σ; {significant_worse} bins where it is worse "
+        f"by ≥ {SIGNIFICANCE_THRESHOLD:g}σ)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    def text(value: Any) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(text(value) for value in row) + " |" for row in rows]
+    return lines
+
+
+def _render_context(context: dict[str, Any]) -> list[str]:
+    """Free-form context: scalars as a list, lists of records as tables, nested mappings as JSON blocks."""
+    if not context:
+        return ["(no run context was given)"]
+    scalars, tables, blocks = [], [], []
+    for key, value in context.items():
+        if isinstance(value, list | tuple) and value and all(isinstance(item, dict) for item in value):
+            headers = list(dict.fromkeys(k for item in value for k in item))
+            tables += [f"**{key}**", "", *_md_table(headers, [[item.get(h) for h in headers] for item in value]), ""]
+        elif isinstance(value, dict):
+            blocks += [f"**{key}**", "", "```json", json.dumps(value, indent=2, default=str), "```", ""]
+        else:
+            rendered = ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            scalars.append(f"- **{key}**: {rendered}")
+    return [*scalars, "", *tables, *blocks]
+
+
+def _rejection_text(value: float | None, err: float | None, n_background: int) -> str:
+    if value is None:
+        return "–"
+    if not math.isfinite(value):
+        return f"∞ (no background hit passes; > {n_background})"
+    return format_value_error(value, err)
+
+
+def render_markdown(
+    results: ReportResults, summary: dict[str, Any], figure_paths: dict[str, Path], context: dict[str, Any]
+) -> str:
+    """The text of report.md (figures linked relative to the report folder)."""
+    lines = [
+        "# muontrack evaluation report",
+        "",
+        f"Generated {datetime.now(UTC).isoformat(timespec='seconds')} by muontrack {_version()}.",
+        "",
+        "## What was run",
+        "",
+        *_render_context(context),
+        "",
+        "Events evaluated per model (tracks joined with the dataset's truth): "
+        + ", ".join(f"{row['model']} {row['n_tracks']}" for row in _in_model_order(results.resolution, results.models)),
+        "",
+        "## Summary",
+        "",
+    ]
+    headers = ["model", "AUC", "rejection @ 90 %", "rejection @ 95 %", "core fraction", "σ68(q/pT)", "events in σ68"]
+    rows = []
+    for model, row in summary.items():
+        cls = _row(results.classification, model) if model not in m.TRUTH_MODELS else {}
+        core = _row(results.core, model)
+        n_background = cls.get("n_background") or 0
+        rows.append(
+            [
+                model,
+                format_value_error(cls["auc"], cls["auc_err"]) if cls.get("auc") is not None else None,
+                _rejection_text(cls.get("rejection_at_90"), cls.get("rejection_at_90_err"), n_background),
+                _rejection_text(cls.get("rejection_at_95"), cls.get("rejection_at_95_err"), n_background),
+                format_value_error(core["core_fraction"], core["core_fraction_err"]) if core else None,
+                format_value_error(row["sigma68"], row["sigma68_err"]) if row["sigma68"] is not None else None,
+                row["n_events"],
+            ]
+        )
+    lines += _md_table(headers, rows)
+    lines += ["", "## Comparison", "", "Generated from the numbers above; significance uses the quoted errors.", ""]
+    lines += [f"- {sentence}" for sentence in comparison_sentences(results)]
+
+    lines += ["", "## Hit classification", ""]
+    if results.classification.height:
+        cls_rows = [
+            [
+                row["model"],
+                row["n_signal"],
+                row["n_background"],
+                row["n_bad_scores"],
+                format_value_error(row["auc"], row["auc_err"]) if row["auc"] is not None else None,
+                row["background_eff_at_90"],
+                row["background_eff_at_95"],
+            ]
+            for row in _in_model_order(results.classification, results.models)
+        ]
+        headers = [
+            "model",
+            "signal hits",
+            "background hits",
+            "dropped (non-finite score)",
+            "AUC",
+            "ε_b @ 90 %",
+            "ε_b @ 95 %",
+        ]
+        lines += _md_table(headers, cls_rows)
+    else:
+        lines.append("No classifying model in the predictions (only truth references).")
+    lines += ["", _figure_link(figure_paths, "rejection", "Background rejection vs signal efficiency")]
+    lines += ["", _figure_link(figure_paths, "scores", "Hit score distributions")]
+
+    lines += ["", "## Cluster residuals", ""]
+    if results.core_fit is None:
+        lines.append(f"The Gaussian fit of the truth residuals failed ({results.core_fit_problem}); no core fraction.")
+    else:
+        fit = results.core_fit
+        half_width = m.CORE_WINDOW_N_SIGMA * fit.sigma
+        lines += [
+            f"Gaussian fit to the `truth` residuals: μ = {format_value_error(fit.mu, fit.mu_err)} mm, "
+            f"σ = {format_value_error(fit.sigma, fit.sigma_err)} mm ({fit.method} fit, {fit.n_fit} clusters in "
+            "the final fit window). "
+            f"Core window: [{fit.mu - half_width:.4g}, {fit.mu + half_width:.4g}] mm.",
+            "",
+        ]
+        core_rows = [
+            [
+                row["model"],
+                row["n_clusters"],
+                row["n_missing"],
+                row["n_core"],
+                format_value_error(row["core_fraction"], row["core_fraction_err"]),
+            ]
+            for row in _in_model_order(results.core, results.models)
+        ]
+        lines += _md_table(["model", "clusters", "no cluster built", "in core", "core fraction"], core_rows)
+        lines += ["", _figure_link(figure_paths, "clusters", "Cluster residuals with the core window")]
+
+    lines += ["", "## q/pT resolution", ""]
+    res_rows = [
+        [
+            row["model"],
+            row["n_tracks"],
+            row["n_failed"],
+            row["n"],
+            format_value_error(row["sigma68"], row["sigma68_err"]),
+        ]
+        for row in _in_model_order(results.resolution, results.models)
+    ]
+    lines += _md_table(["model", "tracks", "failed fits (excluded)", "in σ68", "σ68"], res_rows)
+    lines += ["", _figure_link(figure_paths, "q_over_pt", "Relative q/pT residuals")]
+
+    lines += ["", "### σ68 in bins of true pT", ""]
+    lines += _resolution_pt_rows(results)
+    lines += ["", _figure_link(figure_paths, "sigma68_pt", "σ68 vs true pT"), "", "Also in `resolution.csv`."]
+
+    lines += ["", "## Definitions", "", *DEFINITIONS, ""]
+    return "\n".join(lines)
+
+
+def _in_model_order(frame: pl.DataFrame, models: list[str]) -> list[dict[str, Any]]:
+    """Rows of a table with a ``model`` column, in report model order (unknown models last)."""
+    rank = {model: index for index, model in enumerate(models)}
+    return sorted(frame.iter_rows(named=True), key=lambda row: rank.get(row["model"], len(rank)))
+
+
+def _resolution_pt_rows(results: ReportResults) -> list[str]:
+    models = [model for model in results.models if model in set(results.resolution_pt["model"].to_list())]
+    bins = results.resolution_pt.select("pt_lo", "pt_hi").unique().sort("pt_lo").rows()
+    rows = []
+    for pt_lo, pt_hi in bins:
+        closing = "]" if pt_hi == bins[-1][1] else ")"
+        row: list[Any] = [f"[{pt_lo:g}, {pt_hi:g}{closing}"]
+        for model in models:
+            cell = results.resolution_pt.filter((pl.col("model") == model) & (pl.col("pt_lo") == pt_lo)).row(
+                0, named=True
+            )
+            row.append(
+                f"{format_value_error(cell['sigma68'], cell['sigma68_err'])} (n={cell['n']})"
+                if cell["sigma68"] is not None
+                else "– (n=0)"
+            )
+        rows.append(row)
+    return _md_table(["true pT [GeV]", *models], rows)
+
+
+def _figure_link(figure_paths: dict[str, Path], key: str, title: str) -> str:
+    path = figure_paths.get(key)
+    return f"![{title}](figures/{path.name})" if path is not None else f"({title}: not drawn)"
+
+
+DEFINITIONS = [
+    "- **Hit score, ROC**: a hit is selected when its score ≥ threshold. Signal efficiency ε_s = selected "
+    "signal hits / signal hits; background efficiency ε_b = selected background hits / background hits, "
+    "over all evaluated hits (signal = `is_signal`). The ROC has one point per distinct score (ties enter "
+    "together), from (0, 0) to (1, 1).",
+    "- **AUC**: trapezoidal area under ε_s(ε_b) = P(score_signal > score_background) + ½ P(tie). "
+    "Error: Hanley–McNeil (1982), which treats hits as independent.",
+    "- **Background rejection at ε_s = 90 % / 95 %**: 1/ε_b, with ε_b linearly interpolated between the two "
+    "ROC points that bracket the target ε_s (the smallest ε_b if the ROC passes exactly through it). Error: "
+    "binomial on the background count only. Infinite (∞, null in summary.json) when no background hit passes.",
+    "- **Cluster residual**: r = x̂_l − x_true,l [mm] per event and layer; layers where the muon left the "
+    "active width (x_true NaN) are skipped; a layer where a model built no cluster (x̂ not finite) counts as "
+    "outside the core.",
+    f"- **Core window**: μ ± {m.CORE_WINDOW_N_SIGMA:g}σ of a Gaussian fitted to the `truth` residuals. Fit "
+    "(`analysis.metrics.fit_gaussian_core`): start from μ = median, σ = min(σ68, 2 × the 0.383 quantile of "
+    "|r − median|); on a fixed grid of σ/10 wide bins, least-squares fit A·exp(−(x−μ)²/2σ²) (Poisson errors, "
+    f"scipy.optimize.curve_fit) to the bins within μ ± {m.CORE_WINDOW_N_SIGMA:g}σ, move the window to the new "
+    "(μ, σ) and repeat until it selects the same bins again; if that runs away (flat-topped distribution) a "
+    "single fit within median ± 2σ68 is used instead (the method used is stated above). "
+    "**Core fraction** = clusters in the window / clusters, binomial error.",
+    "- **q/pT residual**: ((q/pT)_reco − (q/pT)_true) / (q/pT)_true with (q/pT)_true = q/pT of the generated "
+    "muon. Tracks with `fit_status` ≠ 0 or a non-finite q/pT are failures: excluded from σ68 and counted.",
+    f"- **σ68**: the 0.68 quantile of |r − median(r)| (linear interpolation between order statistics), the "
+    "half-width of the median-centred interval holding 68 % of the events; 0.9945σ for a Gaussian. Error: "
+    f"standard deviation of σ68 over {m.N_BOOTSTRAP} bootstrap resamples (seed 0).",
+    "- **pT bins**: true pT in [20, 25), [25, 30), ..., [45, 50] GeV (last bin closed); successful fits only.",
+    f"- **Comparisons**: a difference is called significant from {SIGNIFICANCE_THRESHOLD:g}σ, σ being the two "
+    "errors added in quadrature (conservative: both models see the same events).",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("muontrack")
+    except Exception:  # not installed: running from a checkout
+        return "(version unknown)"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
+    """Draw every figure into ``figures_dir``; returns {figure key: path} of those drawn."""
+    paths = {
+        "rejection": fig.plot_rejection_vs_efficiency(results.rocs, figures_dir / _FIGURE_NAMES["rejection"]),
+        "scores": fig.plot_score_histograms(results.hit_scores, figures_dir / _FIGURE_NAMES["scores"]),
+        "q_over_pt": fig.plot_q_over_pt_residuals(
+            results.track_residuals, results.resolution, figures_dir / _FIGURE_NAMES["q_over_pt"]
+        ),
+        "sigma68_pt": fig.plot_sigma68_vs_pt(results.resolution_pt, figures_dir / _FIGURE_NAMES["sigma68_pt"]),
+    }
+    if results.core_fit is not None:
+        paths["clusters"] = fig.plot_cluster_residuals(
+            results.cluster_residuals, results.core_fit, figures_dir / _FIGURE_NAMES["clusters"]
+        )
+    return paths
+
+
+def write_report(
+    report_dir: Path, dataset_hits: pl.LazyFrame, dataset_events: pl.LazyFrame, context: dict[str, Any]
+) -> dict[str, dict[str, float | int | None]]:
+    """Compute every metric and write report.md, summary.json, resolution.csv and figures/ into ``report_dir``.
+
+    Args:
+        report_dir: the REPORT folder; its ``predictions/{hits,clusters,tracks}.parquet`` are read.
+        dataset_hits: the dataset's hits (needs event_id, hit_id, is_signal).
+        dataset_events: the dataset's events (needs event_id, pt [GeV], q).
+        context: free-form description of what was run (e.g. dataset, n_events, config, runs as a list of
+            {model, preset, epochs, seed, training_seconds}); rendered as given.
+
+    Returns:
+        The summary written to summary.json (see :func:`build_summary`).
+
+    Raises:
+        MuontrackError: missing or malformed predictions or truth; nothing is written then.
+    """
+    report_dir = Path(report_dir)
+    predictions = _scan_predictions(report_dir / "predictions")
+    _check_dataset_frame(dataset_hits, "hits")
+    _check_dataset_frame(dataset_events, "events")
+    results = compute_results(predictions, dataset_hits, dataset_events)
+    summary = build_summary(results)
+
+    figure_paths = write_figures(results, report_dir / "figures")
+    _write_atomic(report_dir / "report.md", render_markdown(results, summary, figure_paths, context or {}))
+    _write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    rank = {model: index for index, model in enumerate(results.models)}
+    csv_text = (
+        results.resolution_pt.with_columns(rank=pl.col("model").replace_strict(rank, default=len(rank)))
+        .sort("rank", "pt_lo")
+        .select(RESOLUTION_COLUMNS)
+        .write_csv()
+    )
+    _write_atomic(report_dir / "resolution.csv", csv_text)
+    return summary

@@ -1,0 +1,315 @@
+"""Metrics against known distributions and brute-force references (analysis/metrics.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from numpy.testing import assert_allclose
+
+from analysis import metrics as m
+
+# σ68/σ for a Gaussian: the 0.68 quantile of |N(0, 1)| = Φ⁻¹(0.84)
+GAUSSIAN_SIGMA68_OVER_SIGMA = 0.994457883
+# asymptotic standard error of σ68 for a Gaussian, in units of σ/√n: sqrt(p(1−p)) / (2 φ(q)), p = 0.68
+GAUSSIAN_SIGMA68_SE = math.sqrt(0.68 * 0.32) / (2 * math.exp(-0.5 * 0.994457883**2) / math.sqrt(2 * math.pi))
+
+
+# --------------------------------------------------------------------------------------------- σ68
+
+
+def test_sigma68_of_large_gaussian_is_its_sigma():
+    rng = np.random.default_rng(1)
+    sigma = 2.5
+    residuals = rng.normal(0.3, sigma, size=200_000)
+    assert_allclose(m.sigma68(residuals), sigma, rtol=0.02)
+    assert_allclose(m.sigma68(residuals), GAUSSIAN_SIGMA68_OVER_SIGMA * sigma, rtol=0.006)
+
+
+def test_sigma68_is_shift_invariant():
+    rng = np.random.default_rng(2)
+    residuals = rng.standard_t(3, size=5001)
+    assert_allclose(m.sigma68(residuals + 1000.0), m.sigma68(residuals), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        # median 2, |r − 2| sorted = [0, 1, 1, 2, 8]; position 0.68·4 = 2.72 -> 1 + 0.72·(2 − 1)
+        ([0.0, 1.0, 2.0, 3.0, 10.0], 1.72),
+        # median 3, |r − 3| sorted = [1, 1, 2, 4]; position 0.68·3 = 2.04 -> 2 + 0.04·(4 − 2)
+        ([1.0, 2.0, 4.0, 7.0], 2.08),
+    ],
+)
+def test_sigma68_uses_linear_interpolation(values, expected):
+    assert_allclose(m.sigma68(np.array(values)), expected, rtol=1e-12)
+    # the same through Polars: a Series, with a null and a NaN that must be dropped
+    series = pl.Series([*values, None, float("nan")], dtype=pl.Float64)
+    assert_allclose(m.sigma68(series), expected, rtol=1e-12)
+    # and the Polars expression used in the tables
+    expr_value = pl.DataFrame({"r": values}).select(m.sigma68_expr("r")).item()
+    assert_allclose(expr_value, expected, rtol=1e-12)
+
+
+def test_sigma68_rejects_empty_input():
+    with pytest.raises(ValueError):
+        m.sigma68(np.array([]))
+    with pytest.raises(ValueError):
+        m.sigma68(np.array([np.nan, np.nan]))
+
+
+def test_bootstrap_error_scales_as_inverse_sqrt_n():
+    rng = np.random.default_rng(3)
+    n = 2000
+    _, err_n = m.bootstrap_sigma68(rng.normal(size=n), n_boot=400, seed=10)
+    _, err_4n = m.bootstrap_sigma68(rng.normal(size=4 * n), n_boot=400, seed=11)
+    assert_allclose(err_n / err_4n, 2.0, rtol=0.2)
+    # and both agree with the asymptotic standard error of a quantile of |N(0, 1)|
+    assert_allclose(err_n, GAUSSIAN_SIGMA68_SE / math.sqrt(n), rtol=0.2)
+    assert_allclose(err_4n, GAUSSIAN_SIGMA68_SE / math.sqrt(4 * n), rtol=0.2)
+
+
+def test_bootstrap_value_and_reproducibility():
+    residuals = np.random.default_rng(4).normal(size=500)
+    value, err = m.bootstrap_sigma68(residuals, n_boot=50, seed=7)
+    assert value == m.sigma68(residuals)
+    assert m.bootstrap_sigma68(residuals, n_boot=50, seed=7) == (value, err)
+    assert m.bootstrap_sigma68(residuals, n_boot=50, seed=8)[1] != err
+    # the order of the residuals (row order after a join) does not matter
+    assert m.bootstrap_sigma68(residuals[::-1], n_boot=50, seed=7) == (value, err)
+
+
+# --------------------------------------------------------------------------------------------- ROC
+
+
+def _brute_force_auc(signal: np.ndarray, background: np.ndarray) -> float:
+    wins = 0.0
+    for s in signal:
+        for b in background:
+            wins += 1.0 if s > b else (0.5 if s == b else 0.0)
+    return wins / (signal.size * background.size)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_equals_pairwise_count_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    # rounding to one decimal makes many ties, within and across the classes
+    signal = np.round(rng.normal(0.6, 0.2, size=60), 1)
+    background = np.round(rng.normal(0.4, 0.2, size=80), 1)
+    scores = np.r_[signal, background]
+    labels = np.r_[np.ones(signal.size, bool), np.zeros(background.size, bool)]
+    permutation = rng.permutation(scores.size)
+    assert_allclose(m.auc(scores[permutation], labels[permutation]), _brute_force_auc(signal, background), rtol=1e-12)
+
+
+def test_roc_end_points_and_monotonicity():
+    rng = np.random.default_rng(5)
+    scores = rng.uniform(size=300)
+    labels = rng.uniform(size=300) < 0.4
+    signal_eff, background_eff, thresholds = m.roc_curve(scores, labels)
+    assert (signal_eff[0], background_eff[0]) == (0.0, 0.0)
+    assert (signal_eff[-1], background_eff[-1]) == (1.0, 1.0)
+    assert thresholds[0] == np.inf
+    assert np.all(np.diff(signal_eff) >= 0) and np.all(np.diff(background_eff) >= 0)
+    assert np.all(np.diff(thresholds) < 0)
+    # each point is the selection score >= threshold, counted directly
+    for index in (1, 57, 150, len(thresholds) - 1):
+        selected = scores >= thresholds[index]
+        assert_allclose(signal_eff[index], selected[labels].mean())
+        assert_allclose(background_eff[index], selected[~labels].mean())
+
+
+def test_roc_rejects_single_class_and_nan():
+    with pytest.raises(ValueError):
+        m.roc_curve(np.array([0.1, 0.2]), np.array([True, True]))
+    with pytest.raises(ValueError):
+        m.roc_curve(np.array([0.1, np.nan]), np.array([True, False]))
+
+
+def test_rejection_at_90_matches_threshold_scan():
+    rng = np.random.default_rng(6)
+    signal = rng.normal(2.0, 1.0, size=100)  # continuous: no ties, 90 % = exactly 90 signal hits
+    background = rng.normal(0.0, 1.0, size=400)
+    scores = np.r_[signal, background]
+    labels = np.r_[np.ones(100, bool), np.zeros(400, bool)]
+    signal_eff, background_eff, _ = m.roc_curve(scores, labels)
+    # the tightest threshold keeping 90 of the 100 signal hits is the 90th highest signal score
+    threshold = np.sort(signal)[::-1][89]
+    expected = 1.0 / np.mean(background >= threshold)
+    assert_allclose(m.background_rejection_at(signal_eff, background_eff, 0.90), expected, rtol=1e-12)
+
+
+def test_rejection_interpolates_between_scanned_working_points():
+    rng = np.random.default_rng(7)
+    signal = rng.normal(1.5, 1.0, size=30)
+    background = rng.normal(0.0, 1.0, size=200)
+    scores = np.r_[signal, background]
+    labels = np.r_[np.ones(30, bool), np.zeros(200, bool)]
+    # brute force: every threshold, efficiencies by explicit counting, then the bracketing pair
+    points = [(0.0, 0.0)]
+    for threshold in np.sort(np.unique(scores))[::-1]:
+        points.append((np.mean(signal >= threshold), np.mean(background >= threshold)))
+    target = 0.95  # 28.5 of 30 signal hits: between two working points
+    below = max(p for p in points if p[0] < target)
+    above = min(p for p in points if p[0] >= target)
+    expected_eff = below[1] + (target - below[0]) / (above[0] - below[0]) * (above[1] - below[1])
+    signal_eff, background_eff, _ = m.roc_curve(scores, labels)
+    assert_allclose(m.background_rejection_at(signal_eff, background_eff, target), 1.0 / expected_eff, rtol=1e-12)
+
+
+def test_rejection_is_infinite_for_perfect_separation():
+    scores = np.r_[np.linspace(0.6, 1.0, 50), np.linspace(0.0, 0.4, 50)]
+    labels = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+    signal_eff, background_eff, _ = m.roc_curve(scores, labels)
+    assert m.background_rejection_at(signal_eff, background_eff, 0.9) == math.inf
+    assert m.auc(scores, labels) == 1.0
+
+
+def test_hanley_mcneil_against_bootstrap_spread():
+    rng = np.random.default_rng(8)
+    n_signal, n_background = 400, 600
+    values = []
+    for _ in range(200):
+        scores = np.r_[rng.normal(1.0, 1.0, n_signal), rng.normal(0.0, 1.0, n_background)]
+        labels = np.r_[np.ones(n_signal, bool), np.zeros(n_background, bool)]
+        values.append(m.auc(scores, labels))
+    predicted = m.auc_uncertainty(float(np.mean(values)), n_signal, n_background)
+    assert_allclose(np.std(values, ddof=1), predicted, rtol=0.2)
+
+
+# --------------------------------------------------------------------------------------------- clusters
+
+
+def test_gaussian_fit_recovers_core_sigma_under_tails():
+    rng = np.random.default_rng(9)
+    core = rng.normal(0.2, 1.0, size=90_000)
+    tails = rng.normal(0.0, 10.0, size=10_000)
+    fit = m.fit_gaussian_core(np.r_[core, tails])
+    assert_allclose(fit.sigma, 1.0, rtol=0.03)
+    assert_allclose(fit.mu, 0.2, atol=0.02)
+    # σ68 of the same sample is pulled up by the tails: the fit is doing work
+    assert m.sigma68(np.r_[core, tails]) > 1.1
+
+
+def test_core_fraction_of_gaussian_truth_is_two_sigma_coverage():
+    rng = np.random.default_rng(10)
+    n = 50_000
+    sigma_mm = 0.15
+    truth = rng.normal(0.0, sigma_mm, size=n)
+    # a model with half its clusters far away and 1000 layers where no cluster was built
+    half = n // 2
+    degraded = np.r_[rng.normal(0.0, sigma_mm, size=half), rng.choice([-1.0, 1.0], size=half) * 50 * sigma_mm]
+    frame = pl.DataFrame(
+        {
+            "model": ["truth"] * n + ["degraded"] * (n + 1000),
+            "residual": np.r_[truth, degraded, np.full(1000, np.nan)],
+        }
+    ).with_columns(pl.col("residual").fill_nan(None))
+    table, fit = m.core_fraction_table(frame)
+    rows = {row["model"]: row for row in table.iter_rows(named=True)}
+    two_sigma_coverage = math.erf(2 / math.sqrt(2))  # 0.9545
+    assert_allclose(rows["truth"]["core_fraction"], two_sigma_coverage, atol=0.005)
+    assert_allclose(rows["truth"]["core_fraction_err"], math.sqrt(0.9545 * 0.0455 / n), rtol=0.02)
+    assert_allclose(fit.sigma, sigma_mm, rtol=0.02)
+    assert rows["degraded"]["n_missing"] == 1000
+    assert_allclose(rows["degraded"]["core_fraction"], two_sigma_coverage * half / (n + 1000), atol=0.005)
+
+
+def test_gaussian_fit_falls_back_for_flat_top_and_refuses_discrete_data():
+    rng = np.random.default_rng(12)
+    flat = m.fit_gaussian_core(rng.uniform(-1.0, 1.0, size=10_000))
+    assert flat.method == "fixed window"
+    assert 0.2 < flat.sigma < 1.0
+    with pytest.raises(ValueError):
+        m.fit_gaussian_core(np.round(rng.normal(0.0, 0.1, size=10_000) / 0.05) * 0.05)
+    with pytest.raises(ValueError):
+        m.fit_gaussian_core(np.zeros(100))
+
+
+def test_cluster_residuals_skip_layers_outside_acceptance():
+    clusters = pl.LazyFrame(
+        {
+            "event_id": [1, 1, 1, 2],
+            "layer": [0, 1, 2, 0],
+            "model": ["truth"] * 4,
+            "x_reco": [1.5, float("nan"), 3.0, -2.0],
+            "x_true": [1.0, 2.0, float("nan"), -2.25],
+        }
+    )
+    table = m.cluster_residual_table(clusters)
+    assert table["layer"].to_list() == [0, 1, 0]  # layer 2 of event 1: muon outside, dropped
+    assert table["residual"].to_list() == [0.5, None, 0.25]  # no cluster built -> null
+
+
+# --------------------------------------------------------------------------------------------- q/pT
+
+
+def test_q_over_pt_residual_expression_by_hand():
+    frame = pl.DataFrame({"q": [-1, 1], "pt": [25.0, 40.0], "q_over_pt_pred": [-0.042, 0.0225]})
+    residual = frame.select(m.q_over_pt_residual_expr())["q_over_pt_pred"].to_list()
+    # (−0.042 + 0.04)/(−0.04) = 0.05; (0.0225 − 0.025)/0.025 = −0.1
+    assert_allclose(residual, [0.05, -0.1], rtol=1e-12)
+
+
+def _synthetic_tracks(rng: np.random.Generator, n: int) -> tuple[pl.LazyFrame, pl.LazyFrame, dict[str, np.ndarray]]:
+    pt = rng.uniform(18.0, 52.0, size=n).astype(np.float32)
+    pt[:6] = [20.0, 25.0, 45.0, 50.0, 19.99, 50.01]  # bin edges and just outside
+    q = rng.choice(np.array([-1, 1], dtype=np.int8), size=n)
+    events = pl.LazyFrame({"event_id": np.arange(n, dtype=np.int64), "pt": pt, "q": q})
+    resolution = 0.01 + 0.001 * (pt - 20.0)  # σ grows with pT so the bins differ
+    q_over_pt_pred = (q / pt * (1.0 + rng.normal(size=n) * resolution)).astype(np.float32)
+    fit_status = np.where(rng.uniform(size=n) < 0.05, 1, 0).astype(np.int8)
+    q_over_pt_pred[np.flatnonzero(fit_status == 1)[::2]] = np.nan  # half the failures also lack a value
+    tracks = pl.LazyFrame(
+        {
+            "event_id": np.arange(n, dtype=np.int64),
+            "model": ["e2e"] * n,
+            "pt_pred": np.abs(1.0 / q_over_pt_pred),
+            "q_pred": np.where(q_over_pt_pred < 0, -1, 1).astype(np.int8),
+            "q_over_pt_pred": q_over_pt_pred,
+            "radius": np.ones(n, np.float32),
+            "fit_status": fit_status,
+        }
+    )
+    return tracks, events, {"pt": pt, "q": q, "q_over_pt_pred": q_over_pt_pred, "fit_status": fit_status}
+
+
+def test_resolution_bins_match_numpy_on_filtered_samples():
+    rng = np.random.default_rng(11)
+    tracks, events, raw = _synthetic_tracks(rng, 3000)
+    residuals = m.track_residual_table(tracks, events)
+    table = m.resolution_by_pt(residuals, n_boot=50)
+    assert table.columns == ["model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err"]
+    assert table["pt_lo"].to_list() == [20.0, 25.0, 30.0, 35.0, 40.0, 45.0]
+    # independent NumPy computation on the raw arrays
+    pt = raw["pt"].astype(np.float64)
+    true = raw["q"] / pt
+    residual = (raw["q_over_pt_pred"].astype(np.float64) - true) / true
+    ok = (raw["fit_status"] == 0) & np.isfinite(residual)
+    for row in table.iter_rows(named=True):
+        upper = pt <= row["pt_hi"] if row["pt_hi"] == 50.0 else pt < row["pt_hi"]
+        selected = residual[ok & (pt >= row["pt_lo"]) & upper]
+        assert row["n"] == selected.size
+        expected = np.quantile(np.abs(selected - np.median(selected)), 0.68)
+        assert_allclose(row["sigma68"], expected, rtol=1e-12)
+        assert 0 < row["sigma68_err"] < 0.3 * expected
+    overall = m.resolution_by_model(residuals, n_boot=50).row(0, named=True)
+    assert overall["n_failed"] == int((~ok).sum())
+    assert overall["n"] == int(ok.sum())
+    assert_allclose(overall["sigma68"], m.sigma68(residual[ok]), rtol=1e-12)
+
+
+def test_resolution_table_keeps_empty_bins():
+    frame = pl.DataFrame(
+        {
+            "model": ["baseline"] * 3,
+            "pt": [21.0, 22.0, 23.0],
+            "fit_ok": [True, True, True],
+            "residual": [0.01, -0.02, 0.03],
+        }
+    )
+    table = m.resolution_by_pt(frame, n_boot=20)
+    assert table["n"].to_list() == [3, 0, 0, 0, 0, 0]
+    assert table["sigma68"].null_count() == 5
