@@ -341,7 +341,8 @@ def write_manifest(
         "shards": shards,
     }
     _write_json_atomically(manifest, dataset_dir / MANIFEST_NAME, dataset_dir / STAGING_DIR)
-    return manifest
+    # return what a reader gets back (JSON lists, not tuples), so both compare equal
+    return json.loads(json.dumps(manifest))
 
 
 # ---- reading ---------------------------------------------------------------------------------------------

@@ -120,9 +120,7 @@ def summarize_dataset(path: str | Path) -> str:
     dataset = open_dataset(path)
     events, hits, clusters = (
         frame.row(0, named=True)
-        for frame in pl.collect_all(
-            [events_summary(dataset), hits_summary(dataset), signal_cluster_summary(dataset)]
-        )
+        for frame in pl.collect_all([events_summary(dataset), hits_summary(dataset), signal_cluster_summary(dataset)])
     )
     config = dataset.config
     manifest = dataset.manifest

@@ -16,7 +16,7 @@ import hashlib
 import multiprocessing
 import os
 import shutil
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,8 @@ from pipeline.dataset import (
 )
 from pipeline.errors import ConfigError, DatasetError
 
-#: seeds are stored as int64-compatible integers
-MAX_SEED = 2**63 - 1
+#: the generator seeds each event from a 64-bit mix of (seed, event_id)
+MAX_SEED = 2**64 - 1
 
 
 @functools.cache
@@ -113,7 +113,7 @@ def _check_arguments(n_events: Any, seed: Any, workers: Any) -> None:
     if not is_int(n_events) or n_events < 1:
         raise ConfigError(f"the number of events must be a positive integer, got {n_events!r}")
     if not is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"the seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+        raise ConfigError(f"the seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     if not is_int(workers) or workers < 1:
         raise ConfigError(f"the number of workers must be a positive integer, got {workers!r}")
 
@@ -143,7 +143,9 @@ def _prepare_output(out: Path, config: SimConfig, seed: int, n_events: int) -> d
         dataset = open_dataset(out)
         differences = _differences(dataset.manifest, config, seed, n_events)
         if differences:
-            raise DatasetError(f"{out} already holds a dataset with another {'; '.join(differences)}; choose another --out")
+            raise DatasetError(
+                f"{out} already holds a dataset with another {'; '.join(differences)}; choose another --out"
+            )
         # a run killed between writing the manifest and removing .staging leaves it behind
         shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
         return dataset.manifest
@@ -185,11 +187,70 @@ def _start_staging(out: Path, config: SimConfig, seed: int, n_events: int) -> No
         write_staging_record(out, config, seed, n_events, code_version())
 
 
+def prepare_dataset(out: str | Path, n_events: int, seed: int, config: SimConfig) -> dict[str, Any] | None:
+    """Check ``out`` against the request and get it ready for :func:`simulate_shard` calls.
+
+    Returns the manifest when ``out`` already holds this complete dataset (nothing to do). Otherwise
+    creates ``out/.staging/`` with its ``dataset.json`` record (kept when resuming) and returns None; the
+    caller then runs :func:`simulate_shard` over :func:`plan_shards` (in any order, anywhere) and
+    :func:`finalize_dataset`. Refusals (DatasetError, ConfigError) happen before any file is touched.
+    """
+    _check_arguments(n_events, seed, 1)
+    out = Path(out)
+    existing = _prepare_output(out, config, seed, n_events)
+    if existing is None:
+        _start_staging(out, config, seed, n_events)
+    return existing
+
+
 def _limit_numba_threads(n_threads: int) -> None:
     """Process-pool initializer: share the cores between the workers' Numba thread pools."""
     import numba
 
     numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _run_shards_in_process(
+    out: Path, config: SimConfig, seed: int, plan: list[tuple[int, int, int]], on_done: Any
+) -> list[dict[str, Any]]:
+    """Simulate shard k+1 while a background thread writes shard k (the same work as simulate_shard).
+
+    Numba's kernels, Parquet encoding and hashing all release the GIL, so generating and writing overlap;
+    at most two shards are held in memory.
+    """
+    from simulation.generate import generate_events
+
+    entries: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        writing: Future | None = None
+        for shard_index, first_event_id, n_events in plan:
+            existing = existing_shard_entry(
+                out, config, seed, shard_index, first_event_id, n_events, code_version=code_version()
+            )
+            if existing is not None:
+                entries.append(existing)
+                on_done(n_events)
+                continue
+            hits, events = generate_events(config, seed, first_event_id, n_events)
+            if writing is not None:
+                entries.append(writing.result())
+                on_done(entries[-1]["n_events"])
+            writing = writer.submit(
+                write_shard_tables,
+                out,
+                shard_index,
+                first_event_id,
+                hits,
+                events,
+                config,
+                seed,
+                code_version=code_version(),
+            )
+            del hits, events  # the writer holds the only reference: freed once written
+        if writing is not None:
+            entries.append(writing.result())
+            on_done(entries[-1]["n_events"])
+    return entries
 
 
 def _run_shards(
@@ -201,12 +262,9 @@ def _run_shards(
     on_done: Any,
 ) -> list[dict[str, Any]]:
     """Run every shard of ``plan``; call ``on_done(n_events)`` after each; return the entries."""
-    entries: list[dict[str, Any]] = []
     if workers == 1 or len(plan) == 1:
-        for shard in plan:
-            entries.append(simulate_shard(out, config, seed, *shard))
-            on_done(shard[2])
-        return entries
+        return _run_shards_in_process(out, config, seed, plan, on_done)
+    entries: list[dict[str, Any]] = []
     n_processes = min(workers, len(plan))
     # spawn, not fork: forking a process whose Numba/OpenMP threads already run can deadlock the child
     pool = ProcessPoolExecutor(
@@ -250,10 +308,9 @@ def simulate_dataset(
     """
     _check_arguments(n_events, seed, workers)
     out = Path(out)
-    existing = _prepare_output(out, config, seed, n_events)
+    existing = prepare_dataset(out, n_events, seed, config)
     if existing is not None:
         return existing
-    _start_staging(out, config, seed, n_events)
     plan = plan_shards(n_events, config)
     if not progress:
         entries = _run_shards(out, config, seed, plan, workers, on_done=lambda n: None)

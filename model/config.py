@@ -1,0 +1,184 @@
+"""Model and training hyper-parameters, and the named presets (``--preset {test,cpu,paper}``).
+
+MLP widths are the *output* widths of the dense layers; the input width is implied (4 features for the query
+MLP, the hidden size H for the others). So the paper's Table 1 (Coccaro et al., arXiv 2512.01647, appendix A)
+query MLP [4, 8, ..., 512] is ``query_mlp=(8, ..., 512)``, its attention logit MLP [1024 -> 512 -> 512] is
+``logit_mlp=(512, 512)`` (the input is the concatenation [h_i, h_j] of width 2H) and its node update
+[512, 256, ..., 1] is ``update_mlp=(256, ..., 1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive_widths(name: str, widths: tuple[int, ...]) -> None:
+    _check(
+        isinstance(widths, tuple) and len(widths) >= 1 and all(isinstance(v, int) and v >= 1 for v in widths),
+        f"model.{name} must be a non-empty tuple of positive integers, got {widths!r}",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of the two-layer graph attention network (models.GAT)."""
+
+    #: node embedding size H (512 in the paper)
+    hidden: int
+    #: output widths of the query MLP, features -> H; the last must equal ``hidden``
+    query_mlp: tuple[int, ...]
+    #: output widths of the attention logit MLP on [h_i, h_j]; the first layer is computed per node (W1 h_i +
+    #: W2 h_j), the rest per edge; the last must equal ``hidden`` (one attention score per dimension)
+    logit_mlp: tuple[int, ...]
+    #: output widths of the node update MLP H -> ... -> 1 (the hit logit); the last must be 1
+    update_mlp: tuple[int, ...]
+    #: negative slope of the leaky ReLUs (attention logits and hidden MLP layers)
+    leaky_relu_slope: float = 0.2
+    #: materialise the [B, N, N, H] attention logits even when ``logit_mlp`` has a single layer (whose
+    #: attention models.leaky_relu_attention_sorted computes exactly in O(N log N)); for tests and benchmarks
+    dense_attention: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.hidden, int) and self.hidden >= 1, f"model.hidden must be >= 1, got {self.hidden!r}")
+        for name in ("query_mlp", "logit_mlp", "update_mlp"):
+            _positive_widths(name, getattr(self, name))
+        _check(self.query_mlp[-1] == self.hidden, "model.query_mlp must end with model.hidden")
+        _check(self.logit_mlp[-1] == self.hidden, "model.logit_mlp must end with model.hidden")
+        _check(self.update_mlp[-1] == 1, "model.update_mlp must end with 1 (one logit per hit)")
+        _check(0 <= self.leaky_relu_slope < 1, "model.leaky_relu_slope must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data, "model")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation settings (model.train)."""
+
+    epochs: int
+    #: events per batch
+    batch_size: int
+    #: Adam learning rate
+    learning_rate: float
+    #: weight of the pT loss after the warm-up (paper: 0.5); the baseline trains with 0 throughout
+    lambda_pt: float = 0.5
+    #: epochs trained on the BCE alone before lambda_pt switches on (paper: "the early training epochs")
+    lambda_warmup_epochs: int = 1
+    #: node budgets events are padded to (increasing); events with more hits than the last are dropped
+    node_buckets: tuple[int, ...] = (128, 160, 192, 256, 384)
+    #: use at most this many training events (None: all of the training split)
+    max_train_events: int | None = None
+    #: Orbax checkpoints kept
+    keep_checkpoints: int = 3
+    #: global-norm gradient clipping
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs!r}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size!r}")
+        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate!r}")
+        _check(self.lambda_pt >= 0, f"train.lambda_pt must be >= 0, got {self.lambda_pt!r}")
+        _check(self.lambda_warmup_epochs >= 0, "train.lambda_warmup_epochs must be >= 0")
+        _check(
+            len(self.node_buckets) >= 1
+            and all(b >= 1 for b in self.node_buckets)
+            and all(a < b for a, b in zip(self.node_buckets, self.node_buckets[1:], strict=False)),
+            f"train.node_buckets must be increasing positive sizes, got {self.node_buckets!r}",
+        )
+        _check(
+            self.max_train_events is None or self.max_train_events >= 1,
+            "train.max_train_events must be >= 1 or None",
+        )
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.grad_clip > 0, "train.grad_clip must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data, "train")
+
+
+def _from_dict(cls: type, data: Any, section: str) -> Any:
+    """Build ``cls`` from a JSON-like dict (lists become tuples); unknown or missing keys are ConfigErrors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {section} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {section}.{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a missing required field
+        raise ConfigError(f"config section {section} is incomplete: {err}") from None
+
+
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    # unit tests and smoke runs: a few seconds on one CPU core
+    "test": (
+        ModelConfig(hidden=8, query_mlp=(8,), logit_mlp=(8,), update_mlp=(4, 1)),
+        TrainConfig(
+            epochs=2,
+            batch_size=8,
+            learning_rate=3e-3,
+            lambda_warmup_epochs=1,
+            node_buckets=(128, 192, 256, 384),
+            max_train_events=256,
+            keep_checkpoints=2,
+        ),
+    ),
+    # this machine (2 CPU cores): the paper's structure with H = 32, short MLPs and a one-layer attention logit
+    # (GATv2-like LeakyReLU(W1 h_i + W2 h_j + b), computed per node), which removes the per-edge H x H matmul
+    # that dominates the cost (12 N^2 H^2 flops per event)
+    "cpu": (
+        ModelConfig(hidden=32, query_mlp=(16, 32), logit_mlp=(32,), update_mlp=(16, 8, 1)),
+        TrainConfig(
+            epochs=6,
+            batch_size=32,
+            learning_rate=2e-3,
+            lambda_warmup_epochs=2,
+            node_buckets=(128, 160, 192, 256, 384),
+            max_train_events=20_000,
+        ),
+    ),
+    # the paper's Table 1 (an accelerator is advisable: ~N^2 * 512 floats per event and attention layer)
+    "paper": (
+        ModelConfig(
+            hidden=512,
+            query_mlp=(8, 16, 32, 64, 128, 256, 512),
+            logit_mlp=(512, 512),
+            update_mlp=(256, 128, 64, 32, 16, 8, 4, 2, 1),
+        ),
+        TrainConfig(
+            epochs=50,
+            batch_size=32,
+            learning_rate=1e-3,
+            lambda_warmup_epochs=5,
+            node_buckets=(128, 160, 192, 256, 384),
+            max_train_events=None,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    """The (model, training) configuration of a named preset; ConfigError for an unknown name."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})") from None

@@ -1,0 +1,218 @@
+"""Inference: prediction tables of a trained run, and of the truth references, on one split of a dataset.
+
+The three tables have exactly the columns and types of pipeline.schema's PRED_HITS_SCHEMA,
+PRED_CLUSTERS_SCHEMA and PRED_TRACKS_SCHEMA (DESIGN.md, "Files"):
+
+- ``hits``: one row per hit of the split (event_id, hit_id, model, score); ``score`` is sigmoid(logit) for a
+  trained model and the truth label (1.0 / 0.0) for the truth references;
+- ``clusters``: one row per event and layer (event_id, layer, model, x_reco, sigma, weight, x_true) from the
+  differentiable clustering with the model's hit weights;
+- ``tracks``: one row per event (event_id, model, pt_pred, q_pred, q_over_pt_pred, radius, fit_status).
+
+Unlike training, inference never truncates an event: the node buckets are extended to hold the largest
+event of the split. Rows are sorted by event_id (then hit_id or layer).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import polars as pl
+
+from model.config import ModelConfig
+from model.models import GAT
+from model.tracker import reconstruct
+from model.train import CONFIG_NAME, device_batch, get_objective, latest_epoch, read_run_config, restore_params
+from pipeline.batches import Batch, Geometry, check_buckets, iter_batches, split_summary
+from pipeline.dataset import Dataset, open_dataset
+from pipeline.errors import ConfigError, RunError
+from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
+
+#: node budgets rounded up to this when a split holds events larger than the run's buckets
+BUCKET_STEP = 64
+#: events per batch of the truth references (no network, memory linear in N)
+TRUTH_BATCH_SIZE = 256
+
+
+def _as_dataset(dataset: Dataset | str | Path) -> Dataset:
+    return dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
+
+
+def inference_buckets(buckets: tuple[int, ...], max_hits: int) -> tuple[int, ...]:
+    """``buckets`` plus, if needed, one budget (a multiple of BUCKET_STEP) holding ``max_hits`` nodes."""
+    buckets = check_buckets(buckets)
+    if max_hits > buckets[-1]:
+        buckets = (*buckets, BUCKET_STEP * math.ceil(max_hits / BUCKET_STEP))
+    return buckets
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
+    """``(config.json as a dict, GAT parameters of the newest checkpoint)`` of a finished run.
+
+    RunError when the folder is missing, is not a run, or has not finished its epochs.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run folder {run_dir} does not exist")
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise RunError(f"{run_dir} is not a training run (no {CONFIG_NAME})")
+    config = read_run_config(run_dir)
+    planned = int(config.get("train_config", {}).get("epochs", 0))
+    done = latest_epoch(run_dir)
+    if done == 0:
+        raise RunError(f"run {run_dir} has no checkpoint: its training did not finish an epoch")
+    if done < planned:
+        raise RunError(
+            f"run {run_dir} is incomplete ({done} of {planned} epochs); continue it with `muontrack train --resume`"
+        )
+    try:
+        model_config = ModelConfig.from_dict(config["model_config"])
+    except (KeyError, ConfigError) as err:
+        raise RunError(f"run {run_dir} has an unreadable model config: {err}") from None
+    abstract = jax.eval_shape(
+        lambda key: GAT(model_config).init(key, jnp.zeros((1, 8, 4)), jnp.ones((1, 8), bool))["params"],
+        jax.random.key(0),
+    )
+    return config, restore_params(run_dir, abstract, done)
+
+
+def _check_same_config(config: dict[str, Any], dataset: Dataset, run_dir: Path) -> None:
+    trained_on = config.get("dataset", {}).get("config_hash")
+    if trained_on != dataset.config.config_hash():
+        raise RunError(
+            f"run {run_dir} was trained on another detector config (config hash {trained_on}, "
+            f"dataset {dataset.path} has {dataset.config.config_hash()})"
+        )
+
+
+@functools.cache
+def forward_fn(model_config: ModelConfig, objective: str, geometry: Geometry):
+    """Jitted ``(params, batch) -> (scores, hit weights, Reconstruction)`` of one model (cached per shape)."""
+    model = GAT(model_config)
+    chosen = get_objective(objective)
+
+    @jax.jit
+    def forward(params, batch: Batch):
+        logits = model.apply({"params": params}, batch.features, batch.mask)
+        scores = jnp.where(batch.mask, jax.nn.sigmoid(logits), 0.0)
+        weights = chosen.hit_weights(logits, batch, geometry)
+        return scores, weights, reconstruct(weights, batch, geometry)
+
+    return forward
+
+
+@functools.cache
+def _truth_forward(geometry: Geometry, use_charge: bool):
+    @jax.jit
+    def forward(batch: Batch):
+        weights = batch.label * batch.charge if use_charge else batch.label
+        return reconstruct(jnp.where(batch.mask, weights, 0.0), batch, geometry)
+
+    return forward
+
+
+class _Tables:
+    """Accumulates the rows of the three prediction tables for one model name."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.hits: list[dict[str, np.ndarray]] = []
+        self.clusters: list[dict[str, np.ndarray]] = []
+        self.tracks: list[dict[str, np.ndarray]] = []
+
+    def add(self, batch: Batch, scores: np.ndarray, reco: Any) -> None:
+        events = batch.event_mask
+        nodes = batch.mask & events[:, None]
+        n_layers = batch.x_true.shape[1]
+        self.hits.append(
+            {
+                "event_id": np.broadcast_to(batch.event_id[:, None], nodes.shape)[nodes],
+                "hit_id": batch.hit_id[nodes],
+                "score": np.asarray(scores)[nodes],
+            }
+        )
+        self.clusters.append(
+            {
+                "event_id": np.repeat(batch.event_id[events], n_layers),
+                "layer": np.tile(np.arange(n_layers), int(events.sum())),
+                "x_reco": np.asarray(reco.x_hat)[events].reshape(-1),
+                "sigma": np.asarray(reco.sigma)[events].reshape(-1),
+                "weight": np.asarray(reco.layer_weight)[events].reshape(-1),
+                "x_true": batch.x_true[events].reshape(-1),
+            }
+        )
+        self.tracks.append(
+            {
+                "event_id": batch.event_id[events],
+                "pt_pred": np.asarray(reco.pt)[events],
+                "q_pred": np.sign(np.asarray(reco.q)[events]),
+                "q_over_pt_pred": np.asarray(reco.q_over_pt)[events],
+                "radius": np.asarray(reco.radius)[events],
+                "fit_status": np.asarray(reco.status)[events],
+            }
+        )
+
+    def frames(self) -> dict[str, pl.DataFrame]:
+        out = {}
+        for name, parts, schema, keys in (
+            ("hits", self.hits, PRED_HITS_SCHEMA, ["event_id", "hit_id"]),
+            ("clusters", self.clusters, PRED_CLUSTERS_SCHEMA, ["event_id", "layer"]),
+            ("tracks", self.tracks, PRED_TRACKS_SCHEMA, ["event_id"]),
+        ):
+            dtypes = pl.from_arrow(schema.empty_table()).schema
+            columns = {
+                column: np.concatenate([part[column] for part in parts]) if parts else np.zeros(0)
+                for column in dtypes
+                if column != "model"
+            }
+            frame = pl.DataFrame(columns).with_columns(model=pl.lit(self.model))
+            out[name] = frame.select([pl.col(column).cast(dtype) for column, dtype in dtypes.items()]).sort(keys)
+        return out
+
+
+def predict_run(
+    dataset: Dataset | str | Path, run_dir: str | Path, split: str = "test", batch_size: int | None = None
+) -> dict[str, pl.DataFrame]:
+    """Prediction tables ``{"hits", "clusters", "tracks"}`` of a trained run on one split of ``dataset``.
+
+    ``model`` is the run's model name. Hit scores are sigmoid(logit); clustering and fit use the model's
+    hit weights (sigmoid(logit) for baseline and e2e). ``batch_size`` defaults to the run's training batch.
+    RunError for a missing or unfinished run, or a run trained on another detector config.
+    """
+    dataset = _as_dataset(dataset)
+    run_dir = Path(run_dir)
+    config, params = load_run(run_dir)
+    _check_same_config(config, dataset, run_dir)
+    model_config = ModelConfig.from_dict(config["model_config"])
+    train_buckets = tuple(config["train_config"]["node_buckets"])
+    batch_size = batch_size or int(config["train_config"]["batch_size"])
+    geometry = Geometry.from_detector(dataset.config.detector)
+    forward = forward_fn(model_config, config["model"], geometry)
+    _, max_hits = split_summary(dataset, split)
+    tables = _Tables(config["model"])
+    for batch in iter_batches(dataset, split, batch_size, inference_buckets(train_buckets, max_hits)):
+        scores, _, reco = forward(params, device_batch(batch))
+        tables.add(batch, scores, reco)
+    return tables.frames()
+
+
+def predict_truth(dataset: Dataset | str | Path, split: str = "test") -> dict[str, pl.DataFrame]:
+    """The truth references on one split: ``truth`` (weights = is_signal) and ``truth_charge`` (is_signal *
+    charge, the charge centroid), as the same three tables as :func:`predict_run`, stacked."""
+    dataset = _as_dataset(dataset)
+    geometry = Geometry.from_detector(dataset.config.detector)
+    _, max_hits = split_summary(dataset, split)
+    buckets = inference_buckets((BUCKET_STEP, 2 * BUCKET_STEP), max_hits)
+    truth, truth_charge = _Tables("truth"), _Tables("truth_charge")
+    for batch in iter_batches(dataset, split, TRUTH_BATCH_SIZE, buckets):
+        device = device_batch(batch)
+        truth.add(batch, batch.label, _truth_forward(geometry, False)(device))
+        truth_charge.add(batch, batch.label, _truth_forward(geometry, True)(device))
+    frames = [truth.frames(), truth_charge.frames()]
+    return {name: pl.concat([f[name] for f in frames]) for name in ("hits", "clusters", "tracks")}

@@ -1,0 +1,636 @@
+"""Training: the train state, pure jitted steps, and the resumable epoch loop that writes a RUN folder.
+
+Style of Flax's ogbg_molpcba example: :func:`create_train_state` builds a ``TrainState``; :func:`train_step`
+is a pure jitted ``(state, batch, key, lam) -> (state, metrics)`` with a nested ``loss_fn``; ``lam`` (the
+weight of the pT term) is a traced scalar, so the lambda schedule never recompiles.
+
+Objectives (one per ``--model``)
+    What a model does between the GAT logits and the loss, and how it turns logits into hit weights for
+    clustering and fit at inference, is an :class:`Objective` in a registry (:func:`register_objective`,
+    :func:`get_objective`). ``baseline`` trains on BCE only (lambda = 0 throughout; the pT loss is computed
+    on stopped gradients, for monitoring); ``e2e`` trains on BCE + lambda * L_pT through the differentiable
+    clustering and fit, with lambda = 0 for ``lambda_warmup_epochs`` and ``lambda_pt`` afterwards. Another
+    hit selection (the ``assignment`` model) registers its own objective.
+
+RUN folder (DESIGN.md, "Files")
+    ``config.json``: model, preset, ModelConfig, TrainConfig, dataset (path, config hash, seed, events),
+    training seed, code version. ``checkpoints/``: Orbax, one step per finished epoch (step = epoch number),
+    the last ``keep_checkpoints`` kept; items ``params``, ``opt_state`` and ``meta`` (epoch, global step).
+    ``metrics.parquet`` (TRAIN_METRICS_SCHEMA): one ``train`` and one ``val`` row per epoch; ``loss``,
+    ``bce``, ``pt_loss`` are means over the epoch's events (batch means weighted by real events), ``step``
+    the global step at the end of the epoch, ``seconds`` the wall time of that pass.
+
+Reproducibility and resume
+    Everything random is derived from ``(seed, epoch, step)``, never from consumed state: the init key from
+    the seed, each epoch's data order from ``(seed, epoch)`` and each step's key by folding ``epoch`` and the
+    step index into the seed's key. The learning rate is constant. Resuming from the epoch-``k`` checkpoint
+    therefore continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flax import struct
+from flax.training import train_state
+
+from model.config import ModelConfig, TrainConfig, get_preset
+from model.losses import bce_loss, composite_loss
+from model.models import GAT
+from model.tracker import reconstruct
+from pipeline.batches import Batch, BatchStats, Geometry, iter_batches, split_summary
+from pipeline.dataset import Dataset, open_dataset
+from pipeline.errors import ConfigError, RunError
+from pipeline.schema import TRAIN_METRICS_SCHEMA
+
+RUN_FORMAT = "muontrack-run"
+RUN_FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.parquet"
+CHECKPOINT_DIR = "checkpoints"
+
+#: a loss: (logits [B, N], batch, geometry, lam [], key) -> (scalar loss, {"bce": [], "pt_loss": []})
+LossFn = Callable[[jax.Array, Batch, Geometry, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+#: hit weights for clustering and fit: (logits [B, N], batch, geometry) -> weights [B, N] in [0, 1]
+HitWeightsFn = Callable[[jax.Array, Batch, Geometry], jax.Array]
+
+
+# ---- objectives ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How one ``--model`` trains and what hit weights it hands to the clustering and fit."""
+
+    name: str
+    loss_fn: LossFn
+    hit_weights: HitWeightsFn
+    #: False: lambda = 0 in every epoch (the pT term never drives training)
+    uses_lambda: bool
+
+    def lam(self, epoch: int, train_config: TrainConfig) -> float:
+        """lambda of 1-based ``epoch``: 0 for the first ``lambda_warmup_epochs``, then ``lambda_pt``."""
+        if not self.uses_lambda or epoch <= train_config.lambda_warmup_epochs:
+            return 0.0
+        return float(train_config.lambda_pt)
+
+
+def sigmoid_weights(logits: jax.Array, batch: Batch, geometry: Geometry) -> jax.Array:
+    """Per-hit weight w_i = sigmoid(logit_i), zero on padding."""
+    del geometry
+    return jnp.where(batch.mask, jax.nn.sigmoid(logits), 0.0)
+
+
+def e2e_loss(logits, batch, geometry, lam, key):
+    """BCE + lam * L_pT through the differentiable clustering and fit (paper eq. for the composite loss)."""
+    del key
+    loss, aux = composite_loss(logits, batch, geometry, lam)
+    return loss, {"bce": aux["bce"], "pt_loss": aux["pt_loss"]}
+
+
+def baseline_loss(logits, batch, geometry, lam, key):
+    """BCE only; L_pT is evaluated on stopped gradients so it is logged but never trained on."""
+    del lam, key
+    _, aux = composite_loss(jax.lax.stop_gradient(logits), batch, geometry, jnp.float32(0.0))
+    bce = bce_loss(logits, batch.label, batch.mask)
+    return bce, {"bce": bce, "pt_loss": aux["pt_loss"]}
+
+
+OBJECTIVES: dict[str, Objective] = {}
+#: models the CLI knows that have no objective yet
+PLANNED_MODELS = ("assignment",)
+
+
+def register_objective(objective: Objective) -> None:
+    """Make ``objective.name`` trainable with :func:`train_run` (and usable by inference)."""
+    OBJECTIVES[objective.name] = objective
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective of a model name; ConfigError for unknown or not yet implemented models."""
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    if name in PLANNED_MODELS:
+        raise ConfigError(f"model {name!r} is not implemented yet")
+    raise ConfigError(f"unknown model {name!r} (known: {', '.join([*OBJECTIVES, *PLANNED_MODELS])})")
+
+
+register_objective(Objective("baseline", baseline_loss, sigmoid_weights, uses_lambda=False))
+register_objective(Objective("e2e", e2e_loss, sigmoid_weights, uses_lambda=True))
+
+
+# ---- state and steps -------------------------------------------------------------------------------------
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus what the loss needs that is not an array (static under jit)."""
+
+    geometry: Geometry = struct.field(pytree_node=False)
+    objective: str = struct.field(pytree_node=False)
+
+
+def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
+    """Adam with a constant learning rate, after clipping the global gradient norm (if ``grad_clip`` > 0)."""
+    parts = []
+    if train_config.grad_clip and train_config.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train_config.grad_clip))
+    parts.append(optax.adam(train_config.learning_rate))
+    return optax.chain(*parts)
+
+
+def example_batch(batch_size: int, n_nodes: int, n_layers: int) -> Batch:
+    """An all-padding batch of the given shape (for initialising parameters and benchmarks)."""
+    zeros = np.zeros((batch_size, n_nodes), np.float32)
+    return Batch(
+        features=np.zeros((batch_size, n_nodes, 4), np.float32),
+        x=zeros,
+        y=zeros,
+        layer=np.zeros((batch_size, n_nodes), np.int32),
+        charge=zeros,
+        mask=np.zeros((batch_size, n_nodes), bool),
+        label=zeros,
+        hit_id=np.full((batch_size, n_nodes), -1, np.int32),
+        event_id=np.full(batch_size, -1, np.int64),
+        pt=np.ones(batch_size, np.float32),
+        q=np.ones(batch_size, np.float32),
+        x_true=np.full((batch_size, n_layers), np.nan, np.float32),
+        event_mask=np.zeros(batch_size, bool),
+    )
+
+
+def init_params(key: jax.Array, model_config: ModelConfig, example: Batch) -> Any:
+    """GAT parameters for ``model_config`` (they depend on ``example``'s shapes only, not its values).
+
+    Jitted: an eager ``init`` would compile every small op of the network separately (seconds on a CPU).
+    """
+    init = jax.jit(GAT(model_config).init)
+    return init(key, jnp.asarray(example.features), jnp.asarray(example.mask))["params"]
+
+
+def create_train_state(
+    key: jax.Array,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    example_batch: Batch,
+    *,
+    geometry: Geometry,
+    objective: str = "e2e",
+) -> TrainState:
+    """A fresh TrainState: GAT parameters initialised from ``key``, Adam state, step 0."""
+    get_objective(objective)
+    model = GAT(model_config)
+    params = init_params(key, model_config, example_batch)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=make_optimizer(train_config),
+        geometry=geometry,
+        objective=objective,
+    )
+
+
+def device_batch(batch: Batch) -> Batch:
+    """The batch as JAX sees it: event ids (int64, host bookkeeping only) replaced by row numbers."""
+    return batch._replace(event_id=np.arange(len(batch.event_id), dtype=np.int32))
+
+
+@jax.jit
+def train_step(state: TrainState, batch: Batch, key: jax.Array, lam: jax.Array) -> tuple[TrainState, dict]:
+    """One optimiser step on one batch. ``lam``: weight of L_pT (traced). Metrics are batch means."""
+    objective = get_objective(state.objective)
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch.features, batch.mask)
+        return objective.loss_fn(logits, batch, state.geometry, lam, key)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads)
+    metrics = {"loss": loss, "bce": aux["bce"], "pt_loss": aux["pt_loss"], "grad_norm": optax.tree.norm(grads)}
+    return state, metrics
+
+
+@jax.jit
+def eval_step(state: TrainState, batch: Batch, lam: jax.Array) -> dict:
+    """Loss terms of one batch without updating, plus each event's reconstructed q/pT (for sigma68)."""
+    objective = get_objective(state.objective)
+    logits = state.apply_fn({"params": state.params}, batch.features, batch.mask)
+    loss, aux = objective.loss_fn(logits, batch, state.geometry, lam, jax.random.key(0))
+    reco = reconstruct(objective.hit_weights(logits, batch, state.geometry), batch, state.geometry)
+    return {"loss": loss, "bce": aux["bce"], "pt_loss": aux["pt_loss"], "q_over_pt": reco.q_over_pt}
+
+
+def step_key(seed: int, epoch: int, step_in_epoch: int) -> jax.Array:
+    """The PRNG key of one training step, a pure function of (seed, epoch, step within the epoch)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), step_in_epoch)
+
+
+def epoch_shuffle_seed(seed: int, epoch: int) -> int:
+    """The data-order seed of one epoch, a pure function of (training seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch, 0x5EED]).generate_state(1)[0])
+
+
+def sigma68(residuals: np.ndarray) -> float:
+    """Half-width around the median holding 68 % of the values: the 0.68 quantile of |r - median(r)|."""
+    residuals = np.asarray(residuals, dtype=np.float64)
+    residuals = residuals[np.isfinite(residuals)]
+    if residuals.size == 0:
+        return math.nan
+    return float(np.quantile(np.abs(residuals - np.median(residuals)), 0.68, method="inverted_cdf"))
+
+
+# ---- the RUN folder --------------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """Package version plus a hash of the model and batching sources."""
+    try:
+        package_version = version("muontrack")
+    except PackageNotFoundError:
+        package_version = "0+unknown"
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for source in [*sorted((root / "model").glob("*.py")), root / "pipeline" / "batches.py"]:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return f"{package_version}+{digest.hexdigest()[:12]}"
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def run_config(
+    model: str,
+    preset: str,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    dataset: Dataset,
+    seed: int,
+) -> dict[str, Any]:
+    """The content of RUN/config.json."""
+    return {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        "model": model,
+        "preset": preset,
+        "model_config": _config_dict(model_config),
+        "train_config": _config_dict(train_config),
+        "dataset": {
+            "path": str(Path(dataset.path).resolve()),
+            "config_hash": dataset.config.config_hash(),
+            "seed": dataset.seed,
+            "n_events": dataset.n_events,
+        },
+        "seed": seed,
+        "code_version": code_version(),
+    }
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two run configs the same run (the number of epochs, paths and code version may change)."""
+    train = {k: v for k, v in config.get("train_config", {}).items() if k != "epochs"}
+    dataset = {k: v for k, v in config.get("dataset", {}).items() if k != "path"}
+    return {
+        "model": config.get("model"),
+        "preset": config.get("preset"),
+        "model_config": config.get("model_config"),
+        "train_config": train,
+        "dataset": dataset,
+        "seed": config.get("seed"),
+    }
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """RUN/config.json, checked to be a muontrack run; RunError otherwise."""
+    path = run_dir / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{path} is not readable JSON: {run_dir} is not a muontrack run") from None
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise RunError(f"{run_dir} is not a muontrack run ({CONFIG_NAME} has another format)")
+    return config
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def read_metrics(run_dir: Path) -> pl.DataFrame:
+    """RUN/metrics.parquet (empty frame of TRAIN_METRICS_SCHEMA when absent)."""
+    path = run_dir / METRICS_NAME
+    if not path.is_file():
+        return pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table())
+    return pl.read_parquet(path)
+
+
+def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    table = pa.Table.from_pylist(rows, schema=TRAIN_METRICS_SCHEMA)
+    _write_atomically(run_dir / METRICS_NAME, lambda p: pq.write_table(table, p, compression="zstd"))
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Orbax logs routine warnings through absl; a CLI user should not see them."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def checkpoint_manager(run_dir: Path, keep: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+    )
+    with _quiet_absl():
+        return ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).resolve(), options=options)
+
+
+def latest_epoch(run_dir: Path) -> int:
+    """The epoch of the newest complete checkpoint, 0 when there is none."""
+    if not (run_dir / CHECKPOINT_DIR).is_dir():
+        return 0
+    with _quiet_absl(), checkpoint_manager(run_dir) as manager:
+        step = manager.latest_step()
+    return int(step) if step is not None else 0
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch: int) -> None:
+    with _quiet_absl():
+        manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave({"epoch": epoch, "step": int(state.step)}),
+            ),
+        )
+        manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch: int) -> TrainState:
+    """``state`` with parameters, optimiser state and step of the epoch-``epoch`` checkpoint."""
+    with _quiet_absl():
+        restored = manager.restore(
+            epoch,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(state.params)),
+                opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+    return state.replace(
+        params=restored["params"], opt_state=restored["opt_state"], step=jnp.asarray(restored["meta"]["step"])
+    )
+
+
+def restore_params(run_dir: Path, abstract_params: Any, epoch: int) -> Any:
+    """Only the parameters of one checkpoint (for inference)."""
+    with _quiet_absl(), checkpoint_manager(run_dir) as manager:
+        restored = manager.restore(epoch, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    return restored["params"]
+
+
+def _prepare_run_dir(out: Path, config: dict[str, Any], resume: bool) -> int:
+    """Check ``out`` against the run to start; return the number of epochs already done there.
+
+    Never modifies anything: a folder holding another run, unrelated files, or a run that needs
+    ``--resume`` is refused with a RunError.
+    """
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run folder {out} is a file")
+    if not out.exists() or not any(out.iterdir()):
+        return 0
+    if not (out / CONFIG_NAME).is_file():
+        raise RunError(f"run folder {out} is not empty and holds no muontrack run; choose another --out")
+    existing = read_run_config(out)
+    mine, theirs = _identity(config), _identity(existing)
+    if mine != theirs:
+        differing = [key for key in mine if mine[key] != theirs[key]]
+        raise RunError(f"{out} holds another run (different {', '.join(differing)}); choose another --out")
+    done = latest_epoch(out)
+    planned = int(existing.get("train_config", {}).get("epochs", 0))
+    if not resume:
+        if done >= planned:
+            raise RunError(
+                f"{out} already holds a finished run ({done} epochs); pass --resume with more --epochs to "
+                "train further, or choose another --out"
+            )
+        raise RunError(f"{out} holds an unfinished run ({done} of {planned} epochs); pass --resume to continue it")
+    return done
+
+
+# ---- the training loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sums:
+    """Event-weighted running sums of batch-mean metrics."""
+
+    loss: float = 0.0
+    bce: float = 0.0
+    pt_loss: float = 0.0
+    events: int = 0
+
+    def add(self, metrics: dict[str, Any], n_events: int) -> None:
+        self.loss += float(metrics["loss"]) * n_events
+        self.bce += float(metrics["bce"]) * n_events
+        self.pt_loss += float(metrics["pt_loss"]) * n_events
+        self.events += n_events
+
+    def means(self) -> dict[str, float]:
+        n = max(self.events, 1)
+        return {"loss": self.loss / n, "bce": self.bce / n, "pt_loss": self.pt_loss / n}
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("events  loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} events/s"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+    )
+
+
+def evaluate(
+    state: TrainState, dataset: Dataset, split: str, train_config: TrainConfig, lam: float, max_events: int | None
+) -> tuple[dict[str, float], float]:
+    """Mean loss terms over a split (first ``max_events`` events) and the sigma68 of the q/pT residual."""
+    sums = _Sums()
+    residuals = []
+    for batch in iter_batches(
+        dataset, split, train_config.batch_size, train_config.node_buckets, max_events=max_events
+    ):
+        metrics = eval_step(state, device_batch(batch), jnp.float32(lam))
+        n_events = int(batch.event_mask.sum())
+        sums.add(metrics, n_events)
+        true = batch.q / batch.pt
+        residuals.append(((np.asarray(metrics["q_over_pt"]) - true) / true)[batch.event_mask])
+    return sums.means(), sigma68(np.concatenate(residuals)) if residuals else math.nan
+
+
+def train_run(
+    data: str | Path,
+    model: str,
+    out: str | Path,
+    preset: str = "cpu",
+    epochs: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+) -> str:
+    """Train ``model`` ("baseline", "e2e") on the train split of dataset ``data`` into run folder ``out``.
+
+    Validates on the val split after every epoch, checkpoints every epoch and writes metrics.parquet.
+    ``epochs`` overrides the preset's. With ``resume`` an interrupted (or finished, for more epochs) run of
+    the same configuration continues from its newest checkpoint, giving the same result as an uninterrupted
+    run. Returns a one-line summary.
+
+    Raises ConfigError (unknown model or preset, epochs < 1), DatasetError (missing or incomplete dataset),
+    RunError (``out`` holds something else, needs ``--resume``, or the loss became NaN).
+    """
+    objective = get_objective(model)
+    model_config, train_config = get_preset(preset)
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+        train_config = dataclasses.replace(train_config, epochs=epochs)
+    dataset = open_dataset(data)
+    out = Path(out)
+    config = run_config(model, preset, model_config, train_config, dataset, seed)
+    done = _prepare_run_dir(out, config, resume)
+    if done >= train_config.epochs:
+        return f"already trained: {done} epochs (asked for {train_config.epochs}); nothing to do"
+
+    geometry = Geometry.from_detector(dataset.config.detector)
+    n_train, _ = split_summary(dataset, "train")
+    if n_train == 0:
+        raise RunError(f"dataset {dataset.path} has no events in the train split")
+    events_per_epoch = min(n_train, train_config.max_train_events or n_train)
+    max_val_events = getattr(train_config, "max_val_events", None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / CONFIG_NAME, config)  # the same identity; only epochs (and paths, code) may change
+    state = create_train_state(
+        jax.random.key(seed),
+        model_config,
+        train_config,
+        example_batch(1, min(train_config.node_buckets), geometry.n_layers),
+        geometry=geometry,
+        objective=model,
+    )
+    rows = read_metrics(out).filter(pl.col("epoch") <= done).to_dicts()
+    manager = checkpoint_manager(out, keep=train_config.keep_checkpoints)
+    if done:
+        state = restore_checkpoint(manager, state, done)
+
+    stats = BatchStats()
+    start = time.perf_counter()
+    val_means: dict[str, float] = {}
+    val_sigma = math.nan
+    with manager, _progress(progress) as bar:
+        task = bar.add_task(
+            f"{model} epoch {done + 1}/{train_config.epochs}",
+            total=events_per_epoch * (train_config.epochs - done),
+            loss=math.nan,
+            rate=0.0,
+        )
+        for epoch in range(done + 1, train_config.epochs + 1):
+            lam = objective.lam(epoch, train_config)
+            bar.update(task, description=f"{model} epoch {epoch}/{train_config.epochs}")
+            sums = _Sums()
+            epoch_start = time.perf_counter()
+            batches = iter_batches(
+                dataset,
+                "train",
+                train_config.batch_size,
+                train_config.node_buckets,
+                shuffle_seed=epoch_shuffle_seed(seed, epoch),
+                max_events=train_config.max_train_events,
+                stats=stats,
+            )
+            for step_in_epoch, batch in enumerate(batches):
+                state, metrics = train_step(
+                    state, device_batch(batch), step_key(seed, epoch, step_in_epoch), jnp.float32(lam)
+                )
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise RunError(
+                        f"training diverged: loss is {loss} at epoch {epoch}, step {int(state.step)} "
+                        f"(lambda={lam}); lower the learning rate (the last good checkpoint is epoch {epoch - 1})"
+                    )
+                n_events = int(batch.event_mask.sum())
+                sums.add(metrics, n_events)
+                elapsed = time.perf_counter() - epoch_start
+                bar.update(task, advance=n_events, loss=loss, rate=sums.events / max(elapsed, 1e-9))
+            train_seconds = time.perf_counter() - epoch_start
+            rows.append(_metrics_row(epoch, int(state.step), "train", sums.means(), lam, train_seconds))
+
+            val_start = time.perf_counter()
+            val_means, val_sigma = evaluate(state, dataset, "val", train_config, lam, max_val_events)
+            rows.append(_metrics_row(epoch, int(state.step), "val", val_means, lam, time.perf_counter() - val_start))
+            # metrics first, checkpoint second: a crash in between leaves rows that resume drops again
+            _write_metrics(out, rows)
+            save_checkpoint(manager, state, epoch)
+
+    minutes = (time.perf_counter() - start) / 60
+    truncated = f", {stats.n_truncated} of {stats.n_events} train events truncated" if stats.n_truncated else ""
+    return (
+        f"{train_config.epochs} epochs, val loss {val_means.get('loss', math.nan):.4f} "
+        f"bce {val_means.get('bce', math.nan):.4f} pt_loss {val_means.get('pt_loss', math.nan):.4g} "
+        f"sigma68(q/pT) {val_sigma:.4f}, {minutes:.1f} min{truncated}"
+    )
+
+
+def _metrics_row(
+    epoch: int, step: int, split: str, means: dict[str, float], lam: float, seconds: float
+) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "step": step,
+        "split": split,
+        "loss": means["loss"],
+        "bce": means["bce"],
+        "pt_loss": means["pt_loss"],
+        "lambda": lam,
+        "seconds": seconds,
+    }

@@ -1,0 +1,205 @@
+"""Simulate events of the toy strip detector into NumPy columns that match ``pipeline.schema``.
+
+The entry point :func:`generate_events` runs three Numba passes over the events (all parallel over chunks
+of events, each event with its own generator seeded by :func:`event_seed`):
+
+1. draw each event's background multiplicities and bound its number of strip deposits;
+2. simulate the event (muon, extra tracks, noise, digitisation) into a slot of that bounded size;
+3. compact the hits into dense columns at the prefix sums of the per-event hit counts.
+
+Physics and units (mm, GeV, T, rad) are described in :mod:`simulation.kernels`; in short: a muon with
+pT ~ U[pt_min, pt_max], charge +-1, x0 ~ N(0, x0_sigma) and angle theta0 ~ N(0, theta0_sigma) to the y axis
+on the first layer follows exact circles between the layer planes (a positive charge bends towards +x for
+B > 0 along +z), with a Highland kick after each layer; every crossing deposits a gamma-fluctuating charge
+shared among strips by a Gaussian of width ``charge_sigma``; charges are summed per strip and a strip fires
+above ``threshold * charge_mean``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import SimConfig
+from pipeline.errors import ConfigError
+from simulation.kernels import (
+    KernelParams,
+    charge_half_window,
+    compact_hits_kernel,
+    event_deposit_bounds,
+    event_seed_kernel,
+    simulate_events_kernel,
+)
+
+_UINT64_LIMIT = 2**64
+#: events simulated per block (scratch memory ~ 4 kB per event)
+_BLOCK_EVENTS = 2048
+#: per-hit columns that the simulation pass fills (the compaction adds event_id, hit_id, x, y)
+_SCRATCH_COLUMNS = ("layer", "strip", "charge", "is_signal", "particle_id")
+_INT64_LIMIT = 2**63
+
+#: column name -> dtype of the hits table (pipeline.schema.HITS_SCHEMA)
+HIT_DTYPES: dict[str, np.dtype] = {
+    "event_id": np.dtype(np.int64),
+    "hit_id": np.dtype(np.int32),
+    "layer": np.dtype(np.int16),
+    "strip": np.dtype(np.int32),
+    "x": np.dtype(np.float32),
+    "y": np.dtype(np.float32),
+    "charge": np.dtype(np.float32),
+    "is_signal": np.dtype(np.bool_),
+    "particle_id": np.dtype(np.int32),
+}
+
+#: column name -> dtype of the events table (pipeline.schema.EVENTS_SCHEMA); x_true is (n_events, n_layers)
+EVENT_DTYPES: dict[str, np.dtype] = {
+    "event_id": np.dtype(np.int64),
+    "pt": np.dtype(np.float32),
+    "q": np.dtype(np.int8),
+    "x0": np.dtype(np.float32),
+    "theta0": np.dtype(np.float32),
+    "n_hits": np.dtype(np.int32),
+    "x_true": np.dtype(np.float32),
+}
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) < _UINT64_LIMIT:
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def _check_event_range(first_event_id: int, n_events: int) -> tuple[int, int]:
+    for name, value in (("first_event_id", first_event_id), ("n_events", n_events)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < 0:
+            raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+    if int(first_event_id) + int(n_events) > _INT64_LIMIT:
+        raise ConfigError("event ids must stay below 2**63")
+    return int(first_event_id), int(n_events)
+
+
+def event_seed(seed: int, event_id: int) -> int:
+    """The 64-bit seed (a Python int in [0, 2**64)) of event ``event_id``'s generator in a dataset with
+    ``seed``: a SplitMix64 mix of both, computed by the same Numba kernel the simulation uses."""
+    seed = _check_seed(seed)
+    event_id, _ = _check_event_range(event_id, 0)
+    return int(event_seed_kernel(np.uint64(seed), np.uint64(event_id)))
+
+
+def kernel_params(config: SimConfig) -> KernelParams:
+    """The numbers the event kernels need, as plain floats and ints (stable Numba types)."""
+    det, muon, bkg = config.detector, config.muon, config.background
+    return KernelParams(
+        x_min=float(det.x_min),
+        x_max=float(det.x_max),
+        pitch=float(det.pitch),
+        n_strips=int(det.n_strips),
+        charge_sigma=float(det.charge_sigma),
+        half_window=int(charge_half_window(det.charge_sigma, det.pitch)),
+        charge_mean=float(det.charge_mean),
+        charge_shape=float(1.0 / det.charge_rms**2) if det.charge_rms > 0 else 0.0,
+        threshold_charge=float(det.threshold * det.charge_mean),
+        b_field=float(det.b_field),
+        x_over_x0=float(det.x_over_x0) if det.multiple_scattering else 0.0,
+        pt_min=float(muon.pt_min),
+        pt_max=float(muon.pt_max),
+        x0_sigma=float(muon.x0_sigma),
+        theta0_sigma=float(muon.theta0_sigma),
+        noise_strips_per_layer=float(bkg.noise_strips_per_layer),
+        noise_clusters_per_layer=float(bkg.noise_clusters_per_layer),
+        extra_tracks_per_event=float(bkg.extra_tracks_per_event),
+        extra_pt_min=float(bkg.extra_track_pt_min),
+        extra_pt_max=float(bkg.extra_track_pt_max),
+        extra_layers_min=int(bkg.extra_track_layers_min),
+        extra_layers_max=int(bkg.extra_track_layers_max),
+        extra_spread=float(bkg.extra_track_spread),
+    )
+
+
+def generate_events(
+    config: SimConfig, seed: int, first_event_id: int, n_events: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Simulate events ``first_event_id .. first_event_id + n_events - 1``.
+
+    Returns ``(hits, events)``, dicts of NumPy columns keyed and typed as ``HITS_SCHEMA`` and
+    ``EVENTS_SCHEMA`` (see ``HIT_DTYPES`` and ``EVENT_DTYPES``):
+
+    - ``hits``: one row per fired strip, sorted by (event_id, hit_id); inside an event the hits are in
+      (layer, strip) order and ``hit_id`` is the row's index within the event. ``x`` is the strip centre and
+      ``y`` the layer plane [mm]; ``charge`` is in units of ``charge_mean``'s unit.
+    - ``events``: one row per event; ``pt`` [GeV], ``q`` (+-1), ``x0`` [mm] and ``theta0`` [rad] of the muon
+      on the first layer; ``n_hits`` = rows of the event in ``hits``; ``x_true`` float32 of shape
+      ``(n_events, n_layers)``: the muon's crossing x [mm] per layer, NaN where it is off the active width or
+      cannot reach the layer.
+
+    The rows depend only on (config, seed, event ids): a shorter run gives the first rows of a longer one
+    and the number of Numba threads does not matter.
+    """
+    if not isinstance(config, SimConfig):
+        raise ConfigError(f"config must be a SimConfig, got {type(config).__name__}")
+    seed = _check_seed(seed)
+    first_event_id, n_events = _check_event_range(first_event_id, n_events)
+    params = kernel_params(config)
+    layer_y = np.ascontiguousarray(config.detector.layer_y(), dtype=np.float64)
+    n_layers = layer_y.shape[0]
+    seed_u64 = np.uint64(seed)
+
+    pt = np.empty(n_events, dtype=np.float32)
+    q = np.empty(n_events, dtype=np.int8)
+    x0 = np.empty(n_events, dtype=np.float32)
+    theta0 = np.empty(n_events, dtype=np.float32)
+    n_hits = np.empty(n_events, dtype=np.int32)
+    x_true = np.empty((n_events, n_layers), dtype=np.float32)
+
+    # Pass 1 bounds every event's hits. The hit columns are allocated for that bound but only the dense
+    # prefix is written (untouched pages of a large np.empty are never backed by memory) and returned as
+    # views. Pass 2 runs in blocks of events that reuse one small scratch buffer, so its pages are touched once.
+    bounds = event_deposit_bounds(seed_u64, np.int64(first_event_id), np.int64(n_events), params, n_layers)
+    block_starts = range(0, n_events, _BLOCK_EVENTS)
+    capacity = max((int(bounds[b : b + _BLOCK_EVENTS].sum()) for b in block_starts), default=0)
+    scratch = {name: np.empty(capacity, dtype=HIT_DTYPES[name]) for name in _SCRATCH_COLUMNS}
+    hits = {name: np.empty(int(bounds.sum()), dtype=dtype) for name, dtype in HIT_DTYPES.items()}
+    total_hits = 0
+    for start in block_starts:
+        stop = min(start + _BLOCK_EVENTS, n_events)
+        block_first = np.int64(first_event_id + start)
+        deposit_offsets = np.zeros(stop - start + 1, dtype=np.int64)
+        np.cumsum(bounds[start:stop], out=deposit_offsets[1:])
+        simulate_events_kernel(
+            seed_u64,
+            block_first,
+            np.int64(stop - start),
+            params,
+            layer_y,
+            deposit_offsets,
+            *scratch.values(),
+            n_hits[start:stop],
+            pt[start:stop],
+            q[start:stop],
+            x0[start:stop],
+            theta0[start:stop],
+            x_true[start:stop],
+        )
+        hit_offsets = np.full(stop - start + 1, total_hits, dtype=np.int64)
+        hit_offsets[1:] += np.cumsum(n_hits[start:stop])
+        compact_hits_kernel(
+            block_first,
+            deposit_offsets,
+            hit_offsets,
+            layer_y,
+            params.x_min,
+            params.pitch,
+            *scratch.values(),
+            *hits.values(),
+        )
+        total_hits = int(hit_offsets[-1])
+    hits = {name: column[:total_hits] for name, column in hits.items()}
+    events = {
+        "event_id": np.arange(first_event_id, first_event_id + n_events, dtype=np.int64),
+        "pt": pt,
+        "q": q,
+        "x0": x0,
+        "theta0": theta0,
+        "n_hits": n_hits,
+        "x_true": x_true,
+    }
+    return hits, events

@@ -1,0 +1,159 @@
+"""`muontrack simulate` and `muontrack inspect` through a real subprocess: exit codes, one-line errors,
+no traceback, and existing files left untouched on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from polars.testing import assert_frame_equal
+
+from pipeline.config import SimConfig
+from pipeline.dataset import MANIFEST_NAME, open_dataset
+from simulation.dataset import simulate_dataset
+
+SMALL = SimConfig(shard_events=8)
+
+
+def _muontrack() -> list[str]:
+    script = Path(sys.executable).with_name("muontrack")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
+
+
+def _run(*arguments: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_muontrack(), *map(str, arguments)], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    return {
+        str(path.relative_to(folder)): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "small.json"
+    path.write_text(json.dumps({"shard_events": 8}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "dataset"
+    simulate_dataset(out, n_events=20, seed=5, config=SMALL)
+    return out
+
+
+def test_simulate_writes_the_same_rows_as_the_library(
+    dataset_dir: Path, small_config_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "from-cli"
+    arguments = ("--events", 20, "--seed", 5, "--out", out, "--workers", 2, "--config", small_config_file)
+    result = _run("simulate", *arguments, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"wrote 20 events, {open_dataset(dataset_dir).manifest['n_hits']} hits" in result.stdout
+    from_cli, from_library = open_dataset(out), open_dataset(dataset_dir)
+    assert_frame_equal(from_cli.hits().collect(), from_library.hits().collect())
+    assert_frame_equal(from_cli.events().collect(), from_library.events().collect())
+
+
+def test_inspect_prints_a_summary(dataset_dir: Path, tmp_path: Path) -> None:
+    result = _run("inspect", dataset_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "signal fraction" in result.stdout
+    assert SMALL.config_hash() in result.stdout
+    assert result.stderr == ""
+
+
+def test_negative_event_count(tmp_path: Path) -> None:
+    result = _run("simulate", "--events", -5, "--out", tmp_path / "out", cwd=tmp_path)
+    _assert_one_line_error(result, "number of events", "-5")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "fragments"),
+    [
+        ({"detector": {"pitchh": 0.4}}, ("unknown config key detector.pitchh",)),
+        ({"muon": {"pt_min": 50.0, "pt_max": 20.0}}, ("muon.pt_max", "reversed")),
+        ({"shard_events": "many"}, ("shard_events", "integer")),
+    ],
+)
+def test_bad_config_file(config: dict, fragments: tuple[str, ...], tmp_path: Path) -> None:
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    result = _run("simulate", "--events", 10, "--out", tmp_path / "out", "--config", config_file, cwd=tmp_path)
+    _assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "results.txt"
+    target.write_text("precious")
+    before = _snapshot(tmp_path)
+    result = _run("simulate", "--events", 10, "--out", target, cwd=tmp_path)
+    _assert_one_line_error(result, "is a file")
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("--seed", "6"),  # another seed
+        ("--seed", "5", "--events", "21"),  # another event count
+        ("--seed", "5"),  # another config: the default shard size instead of 8
+    ],
+)
+def test_out_holds_another_dataset(arguments: tuple[str, ...], dataset_dir: Path, tmp_path: Path) -> None:
+    existing = tmp_path / "existing"
+    shutil.copytree(dataset_dir, existing)
+    before = _snapshot(existing)
+    args = ["simulate", "--out", existing, *arguments]
+    if "--events" not in arguments:
+        args += ["--events", "20"]
+    result = _run(*args, cwd=tmp_path)
+    _assert_one_line_error(result, "already holds a dataset with another", "choose another --out")
+    assert _snapshot(existing) == before
+
+
+def test_inspect_a_missing_path(tmp_path: Path) -> None:
+    result = _run("inspect", tmp_path / "nowhere", cwd=tmp_path)
+    _assert_one_line_error(result, "does not exist")
+
+
+def test_inspect_an_incomplete_dataset(dataset_dir: Path, tmp_path: Path) -> None:
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(dataset_dir, incomplete)
+    (incomplete / MANIFEST_NAME).unlink()
+    (incomplete / ".staging").mkdir()
+    before = _snapshot(incomplete)
+    result = _run("inspect", incomplete, cwd=tmp_path)
+    _assert_one_line_error(result, "incomplete dataset", "muontrack simulate")
+    assert _snapshot(incomplete) == before
+
+
+def test_inspect_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / MANIFEST_NAME).write_text(json.dumps({"format": "album"}))
+    result = _run("inspect", tmp_path / "photos", cwd=tmp_path)
+    _assert_one_line_error(result, "not a muontrack dataset")

@@ -1,0 +1,281 @@
+"""The weighted Kasa circle fit and the track parameters derived from it (model/fit.py).
+
+References: points sampled on closed-form circles and helices, a float64 least-squares solution of the
+textbook Kasa normal equations (NumPy), and central finite differences in float64 for the gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from model.fit import (
+    STATUS_DEGENERATE,
+    STATUS_OK,
+    STATUS_TOO_FEW_LAYERS,
+    fit_track,
+    kasa_circle_fit,
+)
+from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
+
+LAYER_Y = DetectorConfig().layer_y()  # float64 [16], 0 .. 1575 mm
+
+
+def helix_crossings(pt, q, b_field=1.0, x0=30.0, theta0=0.03, y=LAYER_Y):
+    """x [mm] where a track of pT [GeV] and charge q crosses the planes y, in float64, and its circle.
+
+    The track starts at (x0, 0) with direction (sin theta0, cos theta0); a positive charge in B > 0 bends
+    towards +x: sin theta grows linearly with y at the rate kappa = q * 0.3 B / pT (the simulation's
+    convention). Returns (x, radius, xc, yc).
+    """
+    kappa = q * PT_PER_TESLA_METRE * b_field / (1000.0 * pt)
+    sin_theta = np.sin(theta0) + kappa * y
+    x = x0 + (np.cos(theta0) - np.sqrt(1.0 - sin_theta**2)) / kappa
+    return x, 1.0 / abs(kappa), x0 + np.cos(theta0) / kappa, -np.sin(theta0) / kappa
+
+
+def kasa_reference(x, y, w):
+    """Weighted Kasa fit by float64 least squares on the design matrix [x, y, 1] (the textbook form)."""
+    x, y, w = (np.asarray(v, np.float64) for v in (x, y, w))
+    sw = np.sqrt(w)
+    design = np.stack([x, y, np.ones_like(x)], axis=1) * sw[:, None]
+    d, e, f = np.linalg.lstsq(design, -(x * x + y * y) * sw, rcond=None)[0]
+    return -d / 2, -e / 2, np.sqrt((d * d + e * e) / 4 - f)
+
+
+def f32(*arrays):
+    return tuple(np.asarray(a, np.float32) for a in arrays)
+
+
+# ---- values ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pt", [20.0, 50.0])
+@pytest.mark.parametrize("q", [1, -1])
+@pytest.mark.parametrize("theta0", [-0.2, 0.0, 0.1])
+def test_track_arcs_recovered_in_float32(pt, q, theta0):
+    x, radius, xc, yc = helix_crossings(pt, q, theta0=theta0)
+    w = np.random.default_rng(1).uniform(0.2, 3.0, x.size)
+    x32, y32, w32 = f32(x, LAYER_Y, w)
+    got_xc, got_yc, got_r = (float(v) for v in kasa_circle_fit(x32, y32, w32))
+    # float32 inputs already sit up to ~3e-5 mm off the circle; the fit keeps ~1e-5 relative precision
+    assert_allclose(got_r, radius, rtol=1e-4)
+    assert abs(got_xc - xc) < 1e-4 * radius and abs(got_yc - yc) < 1e-4 * radius
+    # against the float64 fit of the very same (rounded) points
+    ref_xc, ref_yc, ref_r = kasa_reference(x32, y32, w32)
+    assert_allclose(got_r, ref_r, rtol=3e-5)
+    assert abs(got_xc - ref_xc) < 3e-5 * radius and abs(got_yc - ref_yc) < 3e-5 * radius
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_generic_arcs_any_orientation(seed):
+    rng = np.random.default_rng(seed)
+    radius = 10 ** rng.uniform(0, 3)
+    centre = rng.uniform(-500, 500, 2)
+    start = rng.uniform(0, 2 * np.pi)
+    span = rng.uniform(0.3, 2 * np.pi)  # from short arcs to the full circle; any direction in the plane
+    phi = start + rng.uniform(0, span, 12)
+    x = centre[0] + radius * np.cos(phi) + rng.normal(0, 1e-3 * radius, phi.size)
+    y = centre[1] + radius * np.sin(phi) + rng.normal(0, 1e-3 * radius, phi.size)
+    w = rng.uniform(0.1, 1.0, phi.size)
+    x32, y32, w32 = f32(x, y, w)
+    got = np.array([float(v) for v in kasa_circle_fit(x32, y32, w32)])
+    ref = np.array(kasa_reference(x32, y32, w32))
+    scale = ref[2] + np.abs(centre).max()
+    assert_allclose(got, ref, atol=2e-5 * scale)
+
+
+def test_invariant_to_weight_scale():
+    x, *_ = helix_crossings(35.0, -1)
+    w = np.random.default_rng(2).uniform(0.5, 2.0, x.size)
+    x32, y32, w32 = f32(x, LAYER_Y, w)
+    reference = np.array(kasa_circle_fit(x32, y32, w32))
+    for factor in (1e-3, 7.0, 1e4):
+        assert_allclose(np.array(kasa_circle_fit(x32, y32, w32 * np.float32(factor))), reference, rtol=2e-6)
+
+
+def test_zero_weight_points_are_ignored():
+    x, *_ = helix_crossings(25.0, 1)
+    w = np.random.default_rng(3).uniform(0.5, 2.0, x.size)
+    x32, y32, w32 = f32(x, LAYER_Y, w)
+    reference = np.array(kasa_circle_fit(x32, y32, w32))
+    wild_x, wild_y = np.array([4e4, -3e5, 0.0, 17.0]), np.array([-2e5, 8e3, 0.0, 700.0])
+    xs, ys, ws = f32(np.r_[x, wild_x], np.r_[LAYER_Y, wild_y], np.r_[w, np.zeros(4)])
+    perm = np.random.default_rng(4).permutation(xs.size)  # interleave the wild points
+    got = np.array(kasa_circle_fit(xs[perm], ys[perm], ws[perm]))
+    assert_allclose(got, reference, rtol=1e-5)
+    # and they get no gradient through x (the fit does not see them)
+    grad_x = jax.grad(lambda xx: kasa_circle_fit(xx, ys[perm], ws[perm])[2])(jnp.asarray(xs[perm]))
+    assert np.all(np.asarray(grad_x)[ws[perm] == 0] == 0)
+
+
+# ---- gradients ---------------------------------------------------------------------------------------------
+def _central_differences(fun, args, argnum, h):
+    base = [np.array(a, np.float64) for a in args]
+    out = np.zeros(base[argnum].shape)
+    for i in range(base[argnum].size):
+        plus = [a.copy() for a in base]
+        minus = [a.copy() for a in base]
+        plus[argnum][i] += h
+        minus[argnum][i] -= h
+        out[i] = (float(fun(*plus)) - float(fun(*minus))) / (2 * h)
+    return out
+
+
+@pytest.mark.parametrize("output", [0, 1, 2])
+def test_gradients_equal_finite_differences_float64(output):
+    rng = np.random.default_rng(5)
+    phi = rng.uniform(0.2, 2.0, 9)
+    x = 3.0 + 40 * np.cos(phi) + rng.normal(0, 0.5, phi.size)  # noisy: the weights matter
+    y = -1.0 + 40 * np.sin(phi) + rng.normal(0, 0.5, phi.size)
+    w = rng.uniform(0.2, 1.0, phi.size)
+    with jax.enable_x64(True):
+
+        def fun(xx, yy, ww):
+            return kasa_circle_fit(xx, yy, ww)[output]
+
+        grads = jax.grad(fun, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
+        for argnum, grad in enumerate(grads):
+            assert np.asarray(grad).dtype == np.float64
+            expected = _central_differences(fun, (x, y, w), argnum, h=1e-6)
+            assert_allclose(np.asarray(grad), expected, rtol=1e-6, atol=1e-7 * np.abs(expected).max())
+
+
+def test_q_over_pt_gradient_equals_finite_differences_float64():
+    x, *_ = helix_crossings(30.0, -1, theta0=0.05)
+    rng = np.random.default_rng(6)
+    x = x + rng.normal(0, 0.2, x.size)
+    weight, sigma = rng.uniform(0.5, 3.0, x.size), rng.uniform(0.15, 0.6, x.size)
+    with jax.enable_x64(True):
+
+        def fun(xx, ww, ss):
+            return fit_track(xx, LAYER_Y, ww, ss, 1.0).q_over_pt
+
+        grads = jax.grad(fun, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(sigma))
+        for argnum, grad in enumerate(grads):
+            expected = _central_differences(fun, (x, weight, sigma), argnum, h=1e-5)
+            assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def _all_gradients(x, y, w):
+    def total(xx, yy, ww):
+        xc, yc, r = kasa_circle_fit(xx, yy, ww)
+        qpt = fit_track(xx, yy, ww, jnp.ones_like(xx), 1.0).q_over_pt
+        return xc + yc + r + qpt
+
+    return jax.grad(total, argnums=(0, 1, 2))(*(jnp.asarray(a) for a in f32(x, y, w)))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["all_zero_weights", "collinear", "collinear_along_y", "collinear_along_x", "coincident", "one_point"],
+)
+def test_degenerate_inputs_give_finite_values_and_gradients(case):
+    y = LAYER_Y.copy()
+    w = np.ones_like(y)
+    if case == "all_zero_weights":
+        x, *_ = helix_crossings(30.0, 1)
+        w = np.zeros_like(y)
+    elif case == "collinear":
+        x = 12.0 + 0.07 * y
+    elif case == "collinear_along_y":
+        x = np.full_like(y, -3.0)
+    elif case == "collinear_along_x":
+        x, y = y.copy(), np.full_like(y, 5.0)
+    elif case == "coincident":
+        x, y = np.full_like(y, 2.0), np.full_like(y, 9.0)
+    else:
+        x, *_ = helix_crossings(30.0, 1)
+        w = np.zeros_like(y)
+        w[3] = 1.0
+    values = kasa_circle_fit(*f32(x, y, w))
+    assert all(np.isfinite(float(v)) for v in values)
+    for grad in _all_gradients(x, y, w):
+        assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_collinear_points_fit_as_a_straight_line():
+    y = LAYER_Y
+    x = 12.0 + 0.07 * y
+    *_, r = kasa_circle_fit(*f32(x, y, np.ones_like(y)))
+    assert float(r) > 1e8  # mm: capped at ~1/eps times the spread of the points
+    fit = fit_track(*f32(x, y, np.ones_like(y), np.full_like(y, 0.2)), 1.0)
+    assert abs(float(fit.q_over_pt)) < 1e-4  # 1/GeV, i.e. pT > 10 TeV
+    assert int(fit.status) == STATUS_DEGENERATE
+
+
+def test_jit_and_vmap_match_the_loop():
+    rng = np.random.default_rng(7)
+    batch = []
+    for pt, q in [(20.0, 1), (33.0, -1), (47.0, 1), (50.0, -1)]:
+        x, *_ = helix_crossings(pt, q, theta0=rng.uniform(-0.1, 0.1))
+        batch.append((x, LAYER_Y, rng.uniform(0.5, 2.0, x.size)))
+    xs, ys, ws = (np.stack([b[k] for b in batch]).astype(np.float32) for k in range(3))
+    looped = np.array([[float(v) for v in kasa_circle_fit(xs[i], ys[i], ws[i])] for i in range(len(batch))])
+    vmapped = np.stack(jax.jit(jax.vmap(kasa_circle_fit))(xs, ys, ws), axis=1)
+    assert_allclose(vmapped, looped, rtol=1e-6)
+    fitted = jax.jit(jax.vmap(fit_track, in_axes=(0, None, 0, 0, None)))(xs, ys[0], ws, np.ones_like(ws), 1.0)
+    assert fitted.pt.shape == (len(batch),)
+    assert_allclose(np.asarray(fitted.pt), [20.0, 33.0, 47.0, 50.0], rtol=1e-4)
+
+
+# ---- track parameters ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pt", [20.0, 50.0])
+@pytest.mark.parametrize("q", [1, -1])
+@pytest.mark.parametrize("b_field", [1.0, -2.0])
+def test_fit_track_pt_and_charge_on_a_helix(pt, q, b_field):
+    x, radius, *_ = helix_crossings(pt, q, b_field=b_field, theta0=-0.04)
+    sigma = np.random.default_rng(8).uniform(0.15, 0.6, x.size)
+    fit = fit_track(*f32(x, LAYER_Y, np.full_like(x, 2.0), sigma), b_field)
+    assert int(fit.status) == STATUS_OK
+    assert_allclose(float(fit.radius), radius, rtol=1e-4)
+    assert_allclose(float(fit.pt), pt, rtol=1e-4)
+    assert float(fit.q) == q
+    assert_allclose(float(fit.q_over_pt), q / pt, rtol=1e-4)
+
+
+def test_fit_track_ignores_empty_layers_and_flags_too_few_layers():
+    x, *_ = helix_crossings(40.0, -1)
+    weight = np.ones_like(x)
+    weight[[2, 9, 13]] = 0.0
+    x_hat = x.copy()
+    x_hat[[2, 9, 13]] = [480.0, -480.0, 0.0]  # placeholders on empty layers must not matter
+    fit = fit_track(*f32(x_hat, LAYER_Y, weight, np.full_like(x, 0.3)), 1.0)
+    assert int(fit.status) == STATUS_OK
+    assert_allclose(float(fit.pt), 40.0, rtol=1e-4)
+    assert float(fit.q) == -1.0
+    two_layers = np.zeros_like(x)
+    two_layers[[0, 15]] = 1.0
+    two_layers[7] = 0.4  # below min_layer_weight = 0.5
+    fit = fit_track(*f32(x, LAYER_Y, two_layers, np.full_like(x, 0.3)), 1.0)
+    assert int(fit.status) == STATUS_TOO_FEW_LAYERS
+
+
+def test_q_over_pt_passes_smoothly_through_the_straight_line():
+    y = LAYER_Y
+    sagittas = np.linspace(-0.02, 0.02, 9)  # mm: far beyond 10 TeV, both charges and the straight line
+    chord = (y - y.mean()) ** 2
+    q_over_pt = []
+    for s in sagittas:
+        x = 5.0 + 0.01 * y + s * chord / chord.max()
+        q_over_pt.append(float(fit_track(*f32(x, y, np.ones_like(y), np.full_like(y, 0.2)), 1.0).q_over_pt))
+    q_over_pt = np.array(q_over_pt)
+    # s > 0: x grows faster and faster with y, the track turns towards +x: a positive charge for B > 0
+    assert np.all(np.diff(q_over_pt) > 0)
+    assert abs(q_over_pt[4]) < 1e-6
+    # the derivative next to the straight line (at s = 0 itself float32 rounding, ~3e-5 mm on x, is the only
+    # "sagitta" left and sets the local slope) equals the finite difference across it
+    shape = jnp.asarray(chord / chord.max(), jnp.float32)
+    y32 = jnp.asarray(y, jnp.float32)
+
+    def q_over_pt_of(s):
+        x = 5.0 + 0.01 * y32 + s * shape
+        return fit_track(x, y32, jnp.ones(y.size), jnp.full(y.size, 0.2), 1.0).q_over_pt
+
+    for s0 in (-0.0025, 0.0025):
+        slope = float(jax.grad(q_over_pt_of)(jnp.float32(s0)))
+        finite_difference = (float(q_over_pt_of(s0 + 1e-3)) - float(q_over_pt_of(s0 - 1e-3))) / 2e-3
+        across_zero = (q_over_pt[5] - q_over_pt[3]) / (sagittas[5] - sagittas[3])
+        assert_allclose(slope, finite_difference, rtol=1e-2)
+        assert_allclose(slope, across_zero, rtol=2e-2)

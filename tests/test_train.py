@@ -1,0 +1,236 @@
+"""Training: steps lower the loss, the objectives differ where they should, resume is exact, bad input is refused.
+
+Uses the 'test' preset on a tiny simulated dataset (module-scoped, a few hundred events).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import polars as pl
+import pytest
+from numpy.testing import assert_allclose
+
+from model.config import get_preset
+from model.inference import load_run
+from model.train import (
+    OBJECTIVES,
+    Objective,
+    create_train_state,
+    device_batch,
+    get_objective,
+    read_metrics,
+    sigma68,
+    sigmoid_weights,
+    train_run,
+    train_step,
+)
+from pipeline.batches import Geometry, iter_batches
+from pipeline.config import SimConfig
+from pipeline.errors import ConfigError, DatasetError, RunError
+from pipeline.schema import TRAIN_METRICS_SCHEMA
+from simulation.dataset import simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train") / "data"
+    simulate_dataset(path, n_events=300, seed=11, config=SimConfig(shard_events=150))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(dataset_dir):
+    from pipeline.dataset import open_dataset
+
+    return open_dataset(dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def first_batch(dataset):
+    _, train_config = get_preset("test")
+    return device_batch(next(iter_batches(dataset, "train", train_config.batch_size, train_config.node_buckets)))
+
+
+def _state(dataset, batch, objective):
+    model_config, train_config = get_preset("test")
+    geometry = Geometry.from_detector(dataset.config.detector)
+    return create_train_state(
+        jax.random.key(0), model_config, train_config, batch, geometry=geometry, objective=objective
+    )
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under ``folder`` (to prove nothing was touched)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ---- steps -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("objective", "lam"), [("baseline", 0.0), ("e2e", 0.5)])
+def test_training_steps_lower_the_loss(dataset, first_batch, objective, lam):
+    state = _state(dataset, first_batch, objective)
+    losses = []
+    for step in range(40):
+        state, metrics = train_step(state, first_batch, jax.random.key(step), jnp.float32(lam))
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.8 * losses[0]
+    assert int(state.step) == 40
+
+
+def test_lambda_drives_e2e_but_not_baseline(dataset, first_batch):
+    def params_after_one_step(objective, lam):
+        state = _state(dataset, first_batch, objective)
+        state, metrics = train_step(state, first_batch, jax.random.key(0), jnp.float32(lam))
+        return jax.tree.leaves(state.params), metrics
+
+    base_0, base_metrics = params_after_one_step("baseline", 0.0)
+    base_5, _ = params_after_one_step("baseline", 0.5)
+    for a, b in zip(base_0, base_5, strict=True):
+        np.testing.assert_array_equal(a, b)  # the baseline ignores lambda
+    assert np.isfinite(float(base_metrics["pt_loss"]))  # but still reports L_pT
+
+    e2e_0, e2e_metrics_0 = params_after_one_step("e2e", 0.0)
+    e2e_5, e2e_metrics_5 = params_after_one_step("e2e", 0.5)
+    assert any(not np.allclose(a, b) for a, b in zip(e2e_0, e2e_5, strict=True))  # L_pT has a gradient
+    # with lambda = 0 the e2e objective is the baseline's: the same step
+    for a, b in zip(e2e_0, base_0, strict=True):
+        assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert_allclose(
+        float(e2e_metrics_5["loss"]), float(e2e_metrics_5["bce"]) + 0.5 * float(e2e_metrics_5["pt_loss"]), rtol=1e-5
+    )
+    assert_allclose(float(e2e_metrics_0["loss"]), float(e2e_metrics_0["bce"]), rtol=1e-6)
+
+
+def test_lambda_schedule():
+    _, train_config = get_preset("test")
+    warmup = train_config.lambda_warmup_epochs
+    e2e, baseline = get_objective("e2e"), get_objective("baseline")
+    assert [e2e.lam(epoch, train_config) for epoch in range(1, warmup + 3)] == [0.0] * warmup + [
+        train_config.lambda_pt
+    ] * 2
+    assert all(baseline.lam(epoch, train_config) == 0.0 for epoch in range(1, warmup + 3))
+
+
+def test_sigma68_matches_its_definition():
+    rng = np.random.default_rng(0)
+    residuals = rng.normal(0.3, 2.0, 200_001)
+    # for a Gaussian, the central 68.27 % interval is +-1 sigma around the median
+    assert abs(sigma68(residuals) - 2.0) < 0.03
+    values = np.array([0.0, 1.0, 2.0, 10.0])  # median 1.5; |r - m| = 1.5, .5, .5, 8.5 -> 0.68 quantile 1.5
+    assert sigma68(values) == 1.5
+
+
+# ---- runs ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resumed_and_straight(dataset_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    resumed, straight = root / "resumed", root / "straight"
+    train_run(dataset_dir, "e2e", resumed, preset="test", epochs=2, seed=4)
+    first_part = read_metrics(resumed)
+    summary = train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=4, resume=True)
+    train_run(dataset_dir, "e2e", straight, preset="test", epochs=3, seed=4)
+    return resumed, straight, first_part, summary
+
+
+@pytest.mark.slow
+def test_resume_equals_an_uninterrupted_run(resumed_and_straight):
+    resumed, straight, first_part, summary = resumed_and_straight
+    assert "3 epochs" in summary
+    config_resumed, params_resumed = load_run(resumed)
+    config_straight, params_straight = load_run(straight)
+    assert config_resumed["train_config"]["epochs"] == 3
+    for a, b in zip(jax.tree.leaves(params_resumed), jax.tree.leaves(params_straight), strict=True):
+        assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+    metrics_resumed, metrics_straight = read_metrics(resumed), read_metrics(straight)
+    assert metrics_resumed.schema == pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table()).schema
+    assert metrics_resumed.height == 6  # a train and a val row per epoch
+    assert metrics_resumed.drop("seconds").equals(metrics_straight.drop("seconds"))
+    assert metrics_resumed.head(4).drop("seconds").equals(first_part.drop("seconds"))
+    # the lambda schedule of the test preset (1 warm-up epoch) is in the rows, and steps grow
+    assert metrics_resumed.filter(pl.col("split") == "train")["lambda"].to_list() == [0.0, 0.5, 0.5]
+    assert metrics_resumed["step"].is_sorted() and metrics_resumed["step"][0] > 0
+    # checkpoints: one per epoch, only the newest keep_checkpoints (2 in the test preset) kept
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    config = json.loads((resumed / "config.json").read_text())
+    assert config["model"] == "e2e" and config["preset"] == "test" and config["seed"] == 4
+    assert config["dataset"]["n_events"] == 300 and len(config["dataset"]["config_hash"]) == 16
+
+
+@pytest.mark.slow
+def test_existing_runs_are_refused_and_left_untouched(resumed_and_straight, dataset_dir, tmp_path):
+    resumed, _, _, _ = resumed_and_straight
+    before = snapshot(resumed)
+    with pytest.raises(RunError, match="finished run"):
+        train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=4)
+    with pytest.raises(RunError, match="another run"):
+        train_run(dataset_dir, "baseline", resumed, preset="test", epochs=3, seed=4, resume=True)
+    with pytest.raises(RunError, match="another run"):
+        train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=5, resume=True)
+    assert "nothing to do" in train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=4, resume=True)
+    assert snapshot(resumed) == before
+
+    # an unfinished run asks for --resume
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(resumed, unfinished)
+    config = json.loads((unfinished / "config.json").read_text())
+    config["train_config"]["epochs"] = 5
+    (unfinished / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match="--resume"):
+        train_run(dataset_dir, "e2e", unfinished, preset="test", epochs=5, seed=4)
+
+
+def test_bad_inputs_raise_the_right_errors(dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError):
+        train_run(tmp_path / "missing", "e2e", out, preset="test")
+    incomplete = tmp_path / "incomplete"
+    (incomplete / "hits").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="incomplete"):
+        train_run(incomplete, "e2e", out, preset="test")
+    with pytest.raises(ConfigError, match="unknown model"):
+        train_run(dataset_dir, "transformer", out, preset="test")
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        train_run(dataset_dir, "assignment", out, preset="test")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        train_run(dataset_dir, "e2e", out, preset="huge")
+    with pytest.raises(ConfigError, match="epochs"):
+        train_run(dataset_dir, "e2e", out, preset="test", epochs=0)
+    assert not out.exists()
+
+    # a folder of someone else's files
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(RunError, match="holds no muontrack run"):
+        train_run(dataset_dir, "e2e", foreign, preset="test", resume=True)
+    assert snapshot(foreign) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()}
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(RunError, match="is a file"):
+        train_run(dataset_dir, "e2e", a_file, preset="test")
+
+
+def test_a_nan_loss_stops_training_with_a_run_error(dataset_dir, tmp_path, monkeypatch):
+    def nan_loss(logits, batch, geometry, lam, key):
+        loss = jnp.mean(logits) * jnp.nan
+        return loss, {"bce": loss, "pt_loss": loss}
+
+    monkeypatch.setitem(OBJECTIVES, "nan_test", Objective("nan_test", nan_loss, sigmoid_weights, uses_lambda=True))
+    with pytest.raises(RunError, match="loss is nan at epoch 1"):
+        train_run(dataset_dir, "nan_test", tmp_path / "nan", preset="test", epochs=1)
