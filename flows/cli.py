@@ -141,13 +141,17 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except Exception as err:
+        # click's usage errors (typer vendors click in recent versions, so match by shape, not by class)
+        if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":
+            typer.echo(err.ctx.get_help() if getattr(err, "ctx", None) else err.format_message(), err=True)
+            sys.exit(2)
+        ctx = getattr(err, "ctx", None)
+        command = f" {ctx.command_path}:" if ctx is not None else ""
+        typer.echo(f"error:{command} {err.format_message()}", err=True)
+        sys.exit(err.exit_code or 2)
 
 
 if __name__ == "__main__":

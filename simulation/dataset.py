@@ -3,7 +3,8 @@
 The unit of work is one shard: :func:`simulate_shard` generates events ``first_event_id ..
 first_event_id + n_events - 1`` and writes them with :func:`pipeline.dataset.write_shard_tables`. It depends
 only on its arguments (config, seed, shard range), so shards can run in any order, in any process, and a
-Prefect or Dask task can map over :func:`plan_shards`. Memory is bounded by one shard per worker.
+Prefect or Dask task can map over :func:`plan_shards`. Memory is bounded by the shard size, never by the
+event count: one shard per worker process, two (one generated, one being written) with ``workers=1``.
 
 Same config + seed => the same rows whatever the number of workers, because the shard plan depends only on
 ``config.shard_events`` and the generator draws each event from (seed, event_id).

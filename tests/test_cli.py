@@ -157,3 +157,21 @@ def test_inspect_a_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "photos" / MANIFEST_NAME).write_text(json.dumps({"format": "album"}))
     result = _run("inspect", tmp_path / "photos", cwd=tmp_path)
     _assert_one_line_error(result, "not a muontrack dataset")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["simulate", "--events", "abc", "--out", "unused"],
+        ["simulate", "--out", "unused"],
+        ["no-such-command"],
+        ["train", "--data", "unused", "--model", "gnn", "--out", "unused"],
+    ],
+)
+def test_usage_errors_are_one_line(args, tmp_path):
+    result = subprocess.run(["muontrack", *args], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "unused").exists()
