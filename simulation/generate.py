@@ -81,7 +81,8 @@ def event_seed(seed: int, event_id: int) -> int:
     """The 64-bit seed (a Python int in [0, 2**64)) of event ``event_id``'s generator in a dataset with
     ``seed``: a SplitMix64 mix of both, computed by the same Numba kernel the simulation uses."""
     seed = _check_seed(seed)
-    event_id, _ = _check_event_range(event_id, 0)
+    if isinstance(event_id, bool) or not isinstance(event_id, int | np.integer) or not 0 <= event_id < _INT64_LIMIT:
+        raise ConfigError(f"event_id must be an integer in [0, 2**63), got {event_id!r}")
     return int(event_seed_kernel(np.uint64(seed), np.uint64(event_id)))
 
 
@@ -132,7 +133,9 @@ def generate_events(
       cannot reach the layer.
 
     The rows depend only on (config, seed, event ids): a shorter run gives the first rows of a longer one
-    and the number of Numba threads does not matter.
+    and the number of Numba threads does not matter. The hit columns are C-contiguous views of the first
+    rows of buffers sized by an upper bound on the hits: the unused tail is never touched, so it costs
+    address space but no memory.
     """
     if not isinstance(config, SimConfig):
         raise ConfigError(f"config must be a SimConfig, got {type(config).__name__}")

@@ -10,6 +10,21 @@ direction vector is ``(sin theta, cos theta)``. The Lorentz force ``q v x B`` on
 ``theta`` grows along its path, ``d theta / ds = kappa`` with the signed curvature
 ``kappa = q * 0.299792458 * B / (1000 * pT)`` [1/mm].
 
+Material: each layer scatters a track crossing it inside the active width (Highland, ``x/X0`` per layer
+times ``1 / cos theta`` for the slanted path, momentum = pT as the motion is in the bending plane, muon mass
+for every track), once the crossing is recorded. Energy loss is neglected.
+
+Digitisation: a crossing deposits ``Q = charge_mean * Gamma(k) / k`` (``k = 1 / charge_rms**2``), shared
+among strips by a Gaussian of width ``charge_sigma``; charges of all particles are summed per strip and a
+strip fires above ``threshold * charge_mean``.
+
+Background: per layer Poisson(noise_strips_per_layer) isolated strips, uniformly placed, with charge
+``threshold * charge_mean`` plus an exponential excess of mean ``NOISE_STRIP_EXCESS_MEAN * charge_mean``
+(the tail of the electronics noise above threshold), and Poisson(noise_clusters_per_layer) clusters at
+uniform x with the normal charge sharing; per event Poisson(extra_tracks_per_event) low-pT tracks (uniform
+pT, random charge, angle uniform in +-``EXTRA_TRACK_MAX_ANGLE``) that start on a random layer within
+N(0, extra_track_spread) of the muon and cross up to U{extra_track_layers_min..max} consecutive layers.
+
 Random numbers: numba's ``np.random.seed`` takes a 32-bit seed, so 200k per-event seeds would collide
 (birthday bound: a handful of identical events per 200k). Every event therefore owns a SplitMix64
 generator (64-bit state, held in a one-element ``uint64`` array) seeded with ``event_seed(seed, event_id)``,
@@ -334,12 +349,28 @@ def cluster_strip_charges(x_center, total_charge, x_min, pitch, n_strips, sigma,
     last = min(centre_strip + half_window, n_strips - 1)
     if last < first:
         return 0, 0
-    cdf_lo = gaussian_cdf((x_min + first * pitch - x_center) / sigma)
+    inv_sigma = 1.0 / sigma
+    cdf_lo = gaussian_cdf((x_min + first * pitch - x_center) * inv_sigma)
     for j in range(last - first + 1):
-        cdf_hi = gaussian_cdf((x_min + (first + j + 1) * pitch - x_center) / sigma)
+        cdf_hi = gaussian_cdf((x_min + (first + j + 1) * pitch - x_center) * inv_sigma)
         charges_out[j] = total_charge * max(cdf_hi - cdf_lo, 0.0)  # the table may step back by one ulp near 1
         cdf_lo = cdf_hi
     return first, last - first + 1
+
+
+@jit()
+def _argsort_small(keys, n):
+    """Stable insertion argsort of ``keys[:n]``: an event's few dozen sources arrive in nearly sorted runs
+    (each particle layer by layer), where this beats np.argsort's quicksort several times over."""
+    order = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        key = keys[i]
+        j = i
+        while j > 0 and keys[order[j - 1]] > key:
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = i
+    return order
 
 
 @jit()
@@ -359,12 +390,13 @@ def _flush_strips(
 ):
     """Write the fired strips of one run of overlapping windows (cells ``0 .. comp_len - 1``, strip key
     ``comp_start + cell``) to the hit arrays, in strip order."""
+    layer = comp_start // n_strips  # a run never straddles layers: one integer division per run
+    first_strip = comp_start - layer * n_strips
     for cell in range(comp_len):
         total = acc[cell, 0]
         if total > threshold_charge:
-            key = comp_start + cell
-            hit_layer[n_hits] = key // n_strips
-            hit_strip[n_hits] = key % n_strips
+            hit_layer[n_hits] = layer
+            hit_strip[n_hits] = first_strip + cell
             hit_charge[n_hits] = total
             hit_is_signal[n_hits] = acc[cell, 1] > 0.5 * total
             # ties go to the lower id, so noise (-1) wins a tie and a cell without tracks is noise
@@ -408,7 +440,7 @@ def digitise_sources(
     Sources are visited in key order, so every run of overlapping windows is a contiguous strip range that
     is accumulated densely and flushed when the next source starts past its end: no hashing, one small sort.
     """
-    order = np.argsort(src_key[:n_sources])
+    order = _argsort_small(src_key, n_sources)
     n_hits = 0
     comp_start = 0
     comp_end = 0  # exclusive strip key

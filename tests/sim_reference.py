@@ -8,6 +8,7 @@ Units: mm, GeV, T, rad.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -65,12 +66,12 @@ def lorentz_rk4_crossings(x0: float, theta0: float, pt: float, q: int, b_field: 
     k = C_GEV_PER_TESLA_METRE * 1e-3 * q * b_field
 
     def deriv(state):
-        x, px, py = state
+        _, px, py = state
         return (px / py, k, -k * px / py)
 
     state = (x0, pt * math.sin(theta0), pt * math.cos(theta0))
     out = [x0]
-    for y_prev, y_next in zip(layer_y[:-1], layer_y[1:], strict=True):
+    for y_prev, y_next in itertools.pairwise(layer_y):
         n = max(1, round((y_next - y_prev) * steps_per_mm))
         h = (y_next - y_prev) / n
         for _ in range(n):

@@ -33,7 +33,7 @@ def test_fitted_circle_returns_the_true_pt_and_charge():
     layer_y = CLEAN.detector.layer_y()
     assert np.isfinite(events["x_true"]).all()
     for x_true, pt, q in zip(events["x_true"], events["pt"], events["q"], strict=True):
-        xc, yc, r = kasa_circle_fit_ref(x_true, layer_y)
+        xc, _, r = kasa_circle_fit_ref(x_true, layer_y)
         pt_fit = PT_PER_TESLA_METRE * CLEAN.detector.b_field * r / 1000.0
         assert_allclose(pt_fit, pt, rtol=1e-4)
         # the centre is on the +x side of the track for a positive charge
