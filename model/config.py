@@ -37,7 +37,8 @@ class ModelConfig:
     #: output widths of the query MLP, features -> H; the last must equal ``hidden``
     query_mlp: tuple[int, ...]
     #: output widths of the attention logit MLP on [h_i, h_j]; the first layer is computed per node (W1 h_i +
-    #: W2 h_j), the rest per edge; the last must equal ``hidden`` (one attention score per dimension)
+    #: W2 h_j), the rest per edge; the last, K, is the number of attention scores per edge: ``hidden`` (one
+    #: per dimension, the paper) or a divisor of it (K heads of hidden / K dimensions each)
     logit_mlp: tuple[int, ...]
     #: output widths of the node update MLP H -> ... -> 1 (the hit logit); the last must be 1
     update_mlp: tuple[int, ...]
@@ -46,13 +47,20 @@ class ModelConfig:
     #: materialise the [B, N, N, H] attention logits even when ``logit_mlp`` has a single layer (whose
     #: attention models.leaky_relu_attention_sorted computes exactly in O(N log N)); for tests and benchmarks
     dense_attention: bool = False
+    #: h_i' = h_i + sum_j a_ij ⊙ h_j in both attention layers (not in the paper's Table 1). Without it the
+    #: near-uniform attention at initialisation averages every node of an event to the same vector, so the
+    #: hit logits start identical and BCE training does not get off the ground (seen on the cpu preset)
+    residual: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.hidden, int) and self.hidden >= 1, f"model.hidden must be >= 1, got {self.hidden!r}")
         for name in ("query_mlp", "logit_mlp", "update_mlp"):
             _positive_widths(name, getattr(self, name))
         _check(self.query_mlp[-1] == self.hidden, "model.query_mlp must end with model.hidden")
-        _check(self.logit_mlp[-1] == self.hidden, "model.logit_mlp must end with model.hidden")
+        _check(
+            self.hidden % self.logit_mlp[-1] == 0,
+            "model.logit_mlp must end with model.hidden (one score per dimension) or a divisor of it (heads)",
+        )
         _check(self.update_mlp[-1] == 1, "model.update_mlp must end with 1 (one logit per hit)")
         _check(0 <= self.leaky_relu_slope < 1, "model.leaky_relu_slope must be in [0, 1)")
 
@@ -77,7 +85,9 @@ class TrainConfig:
     lambda_pt: float = 0.5
     #: epochs trained on the BCE alone before lambda_pt switches on (paper: "the early training epochs")
     lambda_warmup_epochs: int = 1
-    #: node budgets events are padded to (increasing); events with more hits than the last are dropped
+    #: node budgets events are padded to (increasing): one compiled shape each; an event with more hits than the
+    #: last keeps its highest-charge hits (pipeline.batches). Powers of two suit the sorted attention, which
+    #: pads its sort to the next power of two anyway
     node_buckets: tuple[int, ...] = (128, 160, 192, 256, 384)
     #: use at most this many training events (None: all of the training split)
     max_train_events: int | None = None
@@ -85,6 +95,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     #: global-norm gradient clipping
     grad_clip: float = 1.0
+    #: the learning rate halves every this many optimiser steps (None: constant). A function of the step
+    #: count alone (kept in the optimiser state), so a resumed run follows the same schedule
+    lr_half_life_steps: int | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.epochs, int) and self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs!r}")
@@ -104,6 +117,10 @@ class TrainConfig:
         )
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.grad_clip > 0, "train.grad_clip must be > 0")
+        _check(
+            self.lr_half_life_steps is None or self.lr_half_life_steps >= 1,
+            "train.lr_half_life_steps must be >= 1 or None",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,13 +148,14 @@ def _from_dict(cls: type, data: Any, section: str) -> Any:
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     # unit tests and smoke runs: a few seconds on one CPU core
     "test": (
-        ModelConfig(hidden=8, query_mlp=(8,), logit_mlp=(8,), update_mlp=(4, 1)),
+        ModelConfig(hidden=8, query_mlp=(8,), logit_mlp=(8,), update_mlp=(4, 1), residual=True),
         TrainConfig(
             epochs=2,
             batch_size=8,
             learning_rate=3e-3,
             lambda_warmup_epochs=1,
-            node_buckets=(128, 192, 256, 384),
+            # one shape: each bucket costs a compilation of train and eval steps (~10-20 s on a CPU)
+            node_buckets=(256,),
             max_train_events=256,
             keep_checkpoints=2,
         ),
@@ -146,7 +164,7 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     # (GATv2-like LeakyReLU(W1 h_i + W2 h_j + b), computed per node), which removes the per-edge H x H matmul
     # that dominates the cost (12 N^2 H^2 flops per event)
     "cpu": (
-        ModelConfig(hidden=32, query_mlp=(16, 32), logit_mlp=(32,), update_mlp=(16, 8, 1)),
+        ModelConfig(hidden=32, query_mlp=(16, 32), logit_mlp=(32,), update_mlp=(16, 8, 1), residual=True),
         TrainConfig(
             epochs=6,
             batch_size=32,

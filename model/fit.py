@@ -56,7 +56,6 @@ STATUS_DEGENERATE = 2
 STATUS_NONFINITE = 3
 
 
-
 # ---- safe elementwise helpers (finite values *and* finite gradients at the singular points) --------------
 def _safe_div(numerator: Array, denominator: Array) -> Array:
     """numerator / denominator, and 0 where the denominator is 0 (with a zero, not NaN, gradient there)."""
@@ -213,13 +212,13 @@ def kasa_circle_fit(
 class TrackFit(NamedTuple):
     """Track parameters from the circle fit of one event (scalars; batched by vmap)."""
 
-    xc: Float[Array, "..."]  # centre of curvature [mm]
-    yc: Float[Array, "..."]  # [mm]
-    radius: Float[Array, "..."]  # [mm]
-    pt: Float[Array, "..."]  # transverse momentum [GeV] = PT_PER_TESLA_METRE * |B| * R [m]
-    q: Float[Array, "..."]  # charge +1.0 / -1.0 (sign of q_over_pt; +1 for exactly 0)
-    q_over_pt: Float[Array, "..."]  # signed q / pT [1/GeV], smooth (0 for a straight line)
-    status: Int[Array, "..."]  # STATUS_OK (0) or one of the STATUS_* codes > 0
+    xc: Float[Array, ...]  # centre of curvature [mm]
+    yc: Float[Array, ...]  # [mm]
+    radius: Float[Array, ...]  # [mm]
+    pt: Float[Array, ...]  # transverse momentum [GeV] = PT_PER_TESLA_METRE * |B| * R [m]
+    q: Float[Array, ...]  # charge +1.0 / -1.0 (sign of q_over_pt; +1 for exactly 0)
+    q_over_pt: Float[Array, ...]  # signed q / pT [1/GeV], smooth (0 for a straight line)
+    status: Int[Array, ...]  # STATUS_OK (0) or one of the STATUS_* codes > 0
 
 
 def fit_track(

@@ -28,7 +28,15 @@ import polars as pl
 from model.config import ModelConfig
 from model.models import GAT
 from model.tracker import reconstruct
-from model.train import CONFIG_NAME, device_batch, get_objective, latest_epoch, read_run_config, restore_params
+from model.train import (
+    CONFIG_NAME,
+    device_batch,
+    enable_compilation_cache,
+    get_objective,
+    latest_epoch,
+    read_run_config,
+    restore_params,
+)
 from pipeline.batches import Batch, Geometry, check_buckets, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import ConfigError, RunError
@@ -188,6 +196,7 @@ def predict_run(
     dataset = _as_dataset(dataset)
     run_dir = Path(run_dir)
     config, params = load_run(run_dir)
+    enable_compilation_cache()
     _check_same_config(config, dataset, run_dir)
     model_config = ModelConfig.from_dict(config["model_config"])
     train_buckets = tuple(config["train_config"]["node_buckets"])
@@ -206,9 +215,11 @@ def predict_truth(dataset: Dataset | str | Path, split: str = "test") -> dict[st
     """The truth references on one split: ``truth`` (weights = is_signal) and ``truth_charge`` (is_signal *
     charge, the charge centroid), as the same three tables as :func:`predict_run`, stacked."""
     dataset = _as_dataset(dataset)
+    enable_compilation_cache()
     geometry = Geometry.from_detector(dataset.config.detector)
     _, max_hits = split_summary(dataset, split)
-    buckets = inference_buckets((BUCKET_STEP, 2 * BUCKET_STEP), max_hits)
+    # one shape: no network, so the padding costs little, and a second shape would cost a compilation
+    buckets = (BUCKET_STEP * max(1, math.ceil(max_hits / BUCKET_STEP)),)
     truth, truth_charge = _Tables("truth"), _Tables("truth_charge")
     for batch in iter_batches(dataset, split, TRUTH_BATCH_SIZE, buckets):
         device = device_batch(batch)

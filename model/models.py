@@ -40,9 +40,7 @@ class MLP(nn.Module):
         return x
 
 
-def masked_softmax_over_senders(
-    logits: Float[Array, "B N N H"], mask: Bool[Array, "B N"]
-) -> Float[Array, "B N N H"]:
+def masked_softmax_over_senders(logits: Float[Array, "B N N H"], mask: Bool[Array, "B N"]) -> Float[Array, "B N N H"]:
     """Softmax over the senders j (axis 2) separately for every receiver i and dimension d.
 
     Padded senders get a large finite negative logit, so they receive exactly zero attention
@@ -157,31 +155,41 @@ def leaky_relu_attention_sorted(
 class VectorAttention(nn.Module):
     """One graph attention step with a vector-valued score per edge (paper appendix A).
 
-    e_ij = LeakyReLU(MLP_logit([h_i, h_j])), a_ij = softmax_j(e_ij) per dimension, h_i' = sum_j a_ij ⊙ h_j.
+    e_ij = LeakyReLU(MLP_logit([h_i, h_j])) has K components; a_ij = softmax_j(e_ij) per component, and
+    h_i' = sum_j a_ij ⊙ h_j where component k weighs the k-th of K equal slices of h (K = H, the paper's
+    choice: one score per dimension; K < H: K heads of H / K dimensions, which needs K / H of the memory).
     The first dense layer of MLP_logit acts on the concatenation [h_i, h_j] (width 2H); it equals
-    W1 h_i + W2 h_j + b, so it is computed once per node (``receiver``, ``sender``: [B, N, K]) and broadcast
-    to the edges [B, N, N, K] instead of materialising the concatenation per edge. The remaining layers of
-    MLP_logit (if any) act per edge. With a single-layer MLP_logit the edge tensor is not formed at all
-    (:func:`leaky_relu_attention_sorted`) unless ``dense`` asks for the reference path.
+    W1 h_i + W2 h_j + b, so it is computed once per node (``receiver``, ``sender``: [B, N, K1]) and broadcast
+    to the edges [B, N, N, K1] instead of materialising the concatenation per edge. The remaining layers of
+    MLP_logit (if any) act per edge; they make the attention dynamic (the ranking of the senders depends on
+    the receiver), which a single layer cannot: LeakyReLU(P_i + Q_j) is increasing in Q_j for every i. With a
+    single-layer MLP_logit and K = H the edge tensor is not formed at all (:func:`leaky_relu_attention_sorted`)
+    unless ``dense`` asks for the reference path.
     """
 
-    logit_widths: Sequence[int]  # output widths of MLP_logit; the last equals H
+    logit_widths: Sequence[int]  # output widths of MLP_logit; the last, K, divides H
     negative_slope: float = 0.2
     dense: bool = False
 
     @nn.compact
     def __call__(self, h: Float[Array, "B N H"], mask: Bool[Array, "B N"]) -> Float[Array, "B N H"]:
+        batch, nodes, dim = h.shape
+        heads = self.logit_widths[-1]
         first = self.logit_widths[0]
         receiver = nn.Dense(first, name="receiver")(h)  # W1 h_i + b
         sender = nn.Dense(first, use_bias=False, name="sender")(h)  # W2 h_j
-        if len(self.logit_widths) == 1 and not self.dense:
+        if len(self.logit_widths) == 1 and heads == dim and not self.dense:
             return leaky_relu_attention_sorted(receiver, sender, h, mask, self.negative_slope)
-        logits = receiver[:, :, None, :] + sender[:, None, :, :]  # [B, N_i, N_j, K] = Dense([h_i, h_j])
+        logits = receiver[:, :, None, :] + sender[:, None, :, :]  # [B, N_i, N_j, K1] = Dense([h_i, h_j])
         for k, width in enumerate(self.logit_widths[1:]):
             logits = nn.leaky_relu(logits, self.negative_slope)
             logits = nn.Dense(width, name=f"edge_dense_{k}")(logits)
         logits = nn.leaky_relu(logits, self.negative_slope)
-        return aggregate(masked_softmax_over_senders(logits, mask), h)
+        attention = masked_softmax_over_senders(logits, mask)  # [B, N, N, K]
+        if heads == dim:
+            return aggregate(attention, h)
+        sliced = h.reshape(batch, nodes, heads, dim // heads)
+        return jnp.einsum("bijk,bjkd->bikd", attention, sliced).reshape(batch, nodes, dim)
 
 
 class GAT(nn.Module):
@@ -202,8 +210,13 @@ class GAT(nn.Module):
         mask = mask.astype(bool)
         features = jnp.where(mask[..., None], features, 0)  # padding may hold anything, even NaN
         h = MLP(cfg.query_mlp, cfg.leaky_relu_slope, name="query")(features)
-        attention = {"logit_widths": cfg.logit_mlp, "negative_slope": cfg.leaky_relu_slope, "dense": cfg.dense_attention}
-        h = VectorAttention(**attention, name="attention_1")(h, mask)
-        h = VectorAttention(**attention, name="attention_2")(h, mask)
+        attention = {
+            "logit_widths": cfg.logit_mlp,
+            "negative_slope": cfg.leaky_relu_slope,
+            "dense": cfg.dense_attention,
+        }
+        for name in ("attention_1", "attention_2"):
+            update = VectorAttention(**attention, name=name)(h, mask)
+            h = h + update if cfg.residual else update
         logits = MLP(cfg.update_mlp, cfg.leaky_relu_slope, name="node_update")(h)[..., 0]
         return jnp.where(mask, logits, PADDING_LOGIT)

@@ -23,8 +23,9 @@ RUN folder (DESIGN.md, "Files")
 Reproducibility and resume
     Everything random is derived from ``(seed, epoch, step)``, never from consumed state: the init key from
     the seed, each epoch's data order from ``(seed, epoch)`` and each step's key by folding ``epoch`` and the
-    step index into the seed's key. The learning rate is constant. Resuming from the epoch-``k`` checkpoint
-    therefore continues exactly as an uninterrupted run would.
+    step index into the seed's key. The learning-rate schedule reads the optimiser's step count (checkpointed),
+    not the planned number of epochs. Resuming from the epoch-``k`` checkpoint therefore continues exactly as
+    an uninterrupted run would, also when ``--epochs`` grows.
 """
 
 from __future__ import annotations
@@ -150,11 +151,20 @@ class TrainState(train_state.TrainState):
 
 
 def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
-    """Adam with a constant learning rate, after clipping the global gradient norm (if ``grad_clip`` > 0)."""
+    """Adam after clipping the global gradient norm; the learning rate halves every ``lr_half_life_steps``.
+
+    The schedule reads the optimiser's own step count (part of the checkpointed state), never the number of
+    epochs planned, so resuming or extending a run does not change it.
+    """
+    learning_rate: float | optax.Schedule = train_config.learning_rate
+    if train_config.lr_half_life_steps:
+        learning_rate = optax.exponential_decay(
+            train_config.learning_rate, transition_steps=train_config.lr_half_life_steps, decay_rate=0.5
+        )
     parts = []
     if train_config.grad_clip and train_config.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train_config.grad_clip))
-    parts.append(optax.adam(train_config.learning_rate))
+    parts.append(optax.adam(learning_rate))
     return optax.chain(*parts)
 
 
@@ -256,6 +266,28 @@ def sigma68(residuals: np.ndarray) -> float:
     if residuals.size == 0:
         return math.nan
     return float(np.quantile(np.abs(residuals - np.median(residuals)), 0.68, method="inverted_cdf"))
+
+
+# ---- compilation cache ------------------------------------------------------------------------------------
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk (JAX's persistent cache), unless the user configured one already.
+
+    Each node bucket costs a compilation of the train and eval steps (seconds to tens of seconds on a CPU);
+    with the cache a second run (the other model, inference, a resume, the tests) loads them instead. The
+    folder is ``$MUONTRACK_JAX_CACHE`` or ``$XDG_CACHE_HOME/muontrack/jax`` (``~/.cache/muontrack/jax``);
+    ``MUONTRACK_JAX_CACHE=""`` turns the cache off.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return
+    folder = os.environ.get("MUONTRACK_JAX_CACHE")
+    if folder is None:
+        folder = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "muontrack" / "jax")
+    if not folder:
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 # ---- the RUN folder --------------------------------------------------------------------------------------
@@ -492,9 +524,14 @@ def _progress(enabled: bool):
 
 
 def evaluate(
-    state: TrainState, dataset: Dataset, split: str, train_config: TrainConfig, lam: float, max_events: int | None
+    state: TrainState,
+    dataset: Dataset,
+    split: str,
+    train_config: TrainConfig,
+    lam: float,
+    max_events: int | None = None,
 ) -> tuple[dict[str, float], float]:
-    """Mean loss terms over a split (first ``max_events`` events) and the sigma68 of the q/pT residual."""
+    """Mean loss terms over a split (its first ``max_events`` events) and the sigma68 of the q/pT residual."""
     sums = _Sums()
     residuals = []
     for batch in iter_batches(
@@ -541,12 +578,12 @@ def train_run(
     if done >= train_config.epochs:
         return f"already trained: {done} epochs (asked for {train_config.epochs}); nothing to do"
 
+    enable_compilation_cache()
     geometry = Geometry.from_detector(dataset.config.detector)
     n_train, _ = split_summary(dataset, "train")
     if n_train == 0:
         raise RunError(f"dataset {dataset.path} has no events in the train split")
     events_per_epoch = min(n_train, train_config.max_train_events or n_train)
-    max_val_events = getattr(train_config, "max_val_events", None)
 
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / CONFIG_NAME, config)  # the same identity; only epochs (and paths, code) may change
@@ -606,7 +643,7 @@ def train_run(
             rows.append(_metrics_row(epoch, int(state.step), "train", sums.means(), lam, train_seconds))
 
             val_start = time.perf_counter()
-            val_means, val_sigma = evaluate(state, dataset, "val", train_config, lam, max_val_events)
+            val_means, val_sigma = evaluate(state, dataset, "val", train_config, lam)
             rows.append(_metrics_row(epoch, int(state.step), "val", val_means, lam, time.perf_counter() - val_start))
             # metrics first, checkpoint second: a crash in between leaves rows that resume drops again
             _write_metrics(out, rows)

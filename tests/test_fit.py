@@ -235,6 +235,21 @@ def test_fit_track_pt_and_charge_on_a_helix(pt, q, b_field):
     assert_allclose(float(fit.q_over_pt), q / pt, rtol=1e-4)
 
 
+def test_fit_track_weights_layers_by_weight_over_sigma_squared():
+    x, *_ = helix_crossings(30.0, 1, theta0=0.02)
+    rng = np.random.default_rng(9)
+    x = x + rng.normal(0, 0.3, x.size)  # noisy clusters: the relative weights change the circle
+    weight, sigma = rng.uniform(0.3, 4.0, x.size), rng.uniform(0.15, 1.5, x.size)
+    x32, y32, weight32, sigma32 = f32(x, LAYER_Y, weight, sigma)
+    fit = fit_track(x32, y32, weight32, sigma32, 1.0)
+    expected_xc, expected_yc, expected_r = kasa_reference(x32, y32, weight32.astype(np.float64) / sigma32**2.0)
+    assert_allclose(float(fit.radius), expected_r, rtol=3e-5)
+    assert_allclose([float(fit.xc), float(fit.yc)], [expected_xc, expected_yc], atol=3e-5 * expected_r)
+    # and it is not the fit with 1/sigma or unit weights (the test can tell them apart)
+    for other in (weight32 / sigma32, weight32):
+        assert abs(kasa_reference(x32, y32, other)[2] / expected_r - 1) > 1e-3
+
+
 def test_fit_track_ignores_empty_layers_and_flags_too_few_layers():
     x, *_ = helix_crossings(40.0, -1)
     weight = np.ones_like(x)

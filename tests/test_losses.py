@@ -1,0 +1,82 @@
+"""Losses (model/losses.py): BCE against NumPy, the pT term's zeros and bounded gradients, the composite."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpy.testing import assert_allclose
+
+from model.losses import PT_LOSS_DELTA, PT_LOSS_SCALE, bce_loss, composite_loss, pt_loss
+from tests.synthetic_events import GEOMETRY, make_batch
+
+
+def test_bce_equals_numpy_on_real_hits_only():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (3, 10)).astype(np.float32)
+    labels = (rng.uniform(size=(3, 10)) < 0.4).astype(np.float32)
+    mask = rng.uniform(size=(3, 10)) < 0.7
+    logits[~mask] = 1e4  # padding: anything, even absurd values, must not count
+    p = 1 / (1 + np.exp(-logits[mask].astype(np.float64)))
+    expected = -np.mean(labels[mask] * np.log(p) + (1 - labels[mask]) * np.log1p(-p))
+    assert_allclose(float(bce_loss(logits, labels, mask)), expected, rtol=1e-6)
+
+
+def huber_reference(r):
+    u = np.abs(r / PT_LOSS_SCALE)
+    return np.where(u <= PT_LOSS_DELTA, 0.5 * u**2, PT_LOSS_DELTA * (u - 0.5 * PT_LOSS_DELTA))
+
+
+def test_pt_loss_zero_for_perfect_predictions_and_matches_reference():
+    pt = np.array([20.0, 33.3, 50.0], np.float32)
+    q = np.array([1.0, -1.0, -1.0], np.float32)
+    mask = np.ones(3, bool)
+    assert float(pt_loss(q / pt, q, pt, mask)) < 1e-10
+    residual = np.array([0.03, -0.2, -2.0])  # small, large, wrong charge
+    predicted = (q / pt * (1 + residual)).astype(np.float32)
+    assert_allclose(float(pt_loss(predicted, q, pt, mask)), huber_reference(residual).mean(), rtol=1e-5)
+
+
+def test_pt_loss_finite_bounded_gradients_for_garbage():
+    q_over_pt = np.array([1e3, -5.0, 0.0, 1e-9, 0.04, 3.0], np.float32)
+    pt = np.array([20.0, 50.0, 30.0, 25.0, 25.0, np.nan], np.float32)  # the last event is padding
+    q = np.array([1.0, -1.0, 1.0, -1.0, 1.0, np.nan], np.float32)
+    mask = np.array([True] * 5 + [False])
+    value, grad = jax.value_and_grad(pt_loss)(jnp.asarray(q_over_pt), q, pt, mask)
+    grad = np.asarray(grad)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    # d/d(q/pT) of huber(r / scale) / n_events is at most delta / scale * pT / n_events
+    assert np.all(np.abs(grad[:5]) <= PT_LOSS_DELTA / PT_LOSS_SCALE * pt[:5] / 5 * (1 + 1e-6))
+    assert grad[5] == 0
+
+
+def _loss_and_grad(logits, batch, lam):
+    return jax.value_and_grad(lambda lg: composite_loss(lg, batch, GEOMETRY, lam)[0])(logits)
+
+
+def test_composite_gradient_flows_through_the_fit():
+    rng = np.random.default_rng(1)
+    batch = make_batch(rng, n_events=3, padded_events=1)
+    # a classifier that is roughly right, so the fits are sensible but not perfect
+    logits = jnp.asarray(np.where(batch.label > 0, 2.0, -2.0) + rng.normal(0, 1.0, batch.label.shape), jnp.float32)
+    (loss0, aux0), grad0 = jax.value_and_grad(lambda lg: composite_loss(lg, batch, GEOMETRY, 0.0), has_aux=True)(logits)
+    grad_bce = jax.grad(bce_loss)(logits, batch.label, batch.mask)
+    # lam = 0: exactly the BCE gradient, while the pT loss is still computed and finite
+    np.testing.assert_array_equal(np.asarray(grad0), np.asarray(grad_bce))
+    assert float(loss0) == float(aux0["bce"]) and np.isfinite(float(aux0["pt_loss"])) and float(aux0["pt_loss"]) > 0
+
+    lam = 0.5
+    _, grad = _loss_and_grad(logits, batch, lam)
+    grad_pt = (np.asarray(grad) - np.asarray(grad_bce)) / lam
+    assert np.all(np.isfinite(grad_pt))
+    assert np.abs(grad_pt[batch.mask]).max() > 1e-4  # the fit passes a gradient back to the hits
+    assert np.all(grad_pt[~batch.mask] == 0)  # nothing on padding (incl. the padded event)
+    # the pT term's directional derivative equals a central finite difference (float32, smooth direction)
+    direction = jnp.asarray(rng.normal(size=logits.shape) * batch.mask, jnp.float32)
+
+    def pt_term(t):
+        return composite_loss(logits + t * direction, batch, GEOMETRY, 1.0)[1]["pt_loss"]
+
+    h = 1e-2
+    finite_difference = (float(pt_term(h)) - float(pt_term(-h))) / (2 * h)
+    assert_allclose(float(jnp.sum(grad_pt * direction)), finite_difference, rtol=2e-2)
