@@ -2,9 +2,10 @@
 
     python benchmarks/training.py [--preset P] [--nodes N] [--batch B] [--steps S]
 
-One line per preset:
+One line per preset (wrapped here):
 
-    preset=.. nodes=.. batch=.. train_events_per_s=.. infer_events_per_s=.. step_gflops=.. matmul_gflops=.. peak_rss_mb=..
+    preset=.. nodes=.. batch=.. train_events_per_s=.. infer_events_per_s=..
+    step_gflops=.. matmul_gflops=.. peak_rss_mb=..
 
 - train_events_per_s: events per second of ``model.train.train_step`` (e2e objective, lambda > 0, so the
   gradient flows through clustering and fit), the mean over S steps after one compiling step.

@@ -104,3 +104,43 @@ select_hits.defvjp(_select_fwd, _select_bwd)
 
 #: ``select_hits`` over a batch: scores, x, layer, mask of shape [B, N]
 select_hits_batch = jax.vmap(select_hits, in_axes=(0, 0, 0, 0, None, None, None, None))
+
+
+# ---- the `assignment` model's objective ------------------------------------------------------------------
+
+
+def hard_hit_weights(
+    logits: Float[Array, "B N"], batch, geometry, *, half_width_pitch: float, interpolation: float, mode: str
+) -> Float[Array, "B N"]:
+    """Per-hit weights in {0, 1}: the hits of the best window of each layer (the forward pass of the solver)."""
+    return select_hits_batch(
+        logits,
+        batch.x,
+        batch.layer,
+        batch.mask,
+        len(geometry.layer_y),
+        half_width_pitch * geometry.pitch,
+        interpolation,
+        mode,
+    )
+
+
+def assignment_loss(
+    logits, batch, geometry, lam, key, *, half_width_pitch: float, interpolation: float, mode: str
+) -> tuple[Array, dict[str, Array]]:
+    """BCE(logits) + lam * L_pT(fit of the hard per-layer selection), the pT term differentiated blackbox-wise.
+
+    The BCE keeps the scores calibrated as hit probabilities (and gives the ROC); the pT term reaches the
+    logits only through the solver's blackbox gradient, i.e. by changing which window each layer picks.
+    """
+    from model.losses import bce_loss, pt_loss
+    from model.tracker import reconstruct
+
+    del key
+    weights = hard_hit_weights(
+        logits, batch, geometry, half_width_pitch=half_width_pitch, interpolation=interpolation, mode=mode
+    )
+    reco = reconstruct(weights, batch, geometry)
+    bce = bce_loss(logits, batch.label, batch.mask)
+    momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask)
+    return bce + lam * momentum, {"bce": bce, "pt_loss": momentum}

@@ -50,7 +50,8 @@ from pipeline.config import PT_PER_TESLA_METRE
 STATUS_OK = 0
 #: fewer than ``min_layers`` layers carry a cluster weight of at least ``min_layer_weight``
 STATUS_TOO_FEW_LAYERS = 1
-#: the points are (numerically) collinear: the Kasa circle is undefined and its radius was capped
+#: the points are collinear within the float precision (sagitta < ~100 eps of their spread): the Kasa circle
+#: is undefined (radius huge or capped at ~1/eps times the spread); q_over_pt is ~0
 STATUS_DEGENERATE = 2
 #: a non-finite value came out of the fit (non-finite input)
 STATUS_NONFINITE = 3
@@ -90,7 +91,7 @@ class _KasaSolution(NamedTuple):
     centre_b: Array
     radius: Array  # [scale units]
     kappa: Array  # smooth signed curvature [1/scale units], > 0: centre on the right of travel
-    degenerate: Array  # bool: collinear (or fewer than two distinct) points; the radius is capped
+    degenerate: Array  # bool: (numerically) collinear or fewer than two distinct points
 
 
 def _kasa_solve(x: Array, y: Array, w: Array) -> _KasaSolution:
@@ -176,7 +177,9 @@ def _kasa_solve(x: Array, y: Array, w: Array) -> _KasaSolution:
         centre_b=centre_b,
         radius=radius,
         kappa=kappa,
-        degenerate=~finite_centre,
+        # straight within the float precision: a sagitta below ~100 eps of the point spread is rounding noise
+        # (float32: |c_b| > 8e4 scale units, a radius of ~50 km for our tracks, ~15 TeV at 1 T)
+        degenerate=~finite_centre | (jnp.abs(centre_b) > big / 100),
     )
 
 

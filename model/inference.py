@@ -26,12 +26,12 @@ import numpy as np
 import polars as pl
 
 from model.config import ModelConfig
-from model.models import GAT
 from model.tracker import reconstruct
 from model.train import (
     CONFIG_NAME,
     device_batch,
     enable_compilation_cache,
+    gat,
     get_objective,
     latest_epoch,
     read_run_config,
@@ -84,7 +84,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
     except (KeyError, ConfigError) as err:
         raise RunError(f"run {run_dir} has an unreadable model config: {err}") from None
     abstract = jax.eval_shape(
-        lambda key: GAT(model_config).init(key, jnp.zeros((1, 8, 4)), jnp.ones((1, 8), bool))["params"],
+        lambda key: gat(model_config).init(key, jnp.zeros((1, 8, 4)), jnp.ones((1, 8), bool))["params"],
         jax.random.key(0),
     )
     return config, restore_params(run_dir, abstract, done)
@@ -102,7 +102,7 @@ def _check_same_config(config: dict[str, Any], dataset: Dataset, run_dir: Path) 
 @functools.cache
 def forward_fn(model_config: ModelConfig, objective: str, geometry: Geometry):
     """Jitted ``(params, batch) -> (scores, hit weights, Reconstruction)`` of one model (cached per shape)."""
-    model = GAT(model_config)
+    model = gat(model_config)
     chosen = get_objective(objective)
 
     @jax.jit

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -150,11 +151,13 @@ class TrainState(train_state.TrainState):
     objective: str = struct.field(pytree_node=False)
 
 
+@functools.cache
 def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
     """Adam after clipping the global gradient norm; the learning rate halves every ``lr_half_life_steps``.
 
     The schedule reads the optimiser's own step count (part of the checkpointed state), never the number of
-    epochs planned, so resuming or extending a run does not change it.
+    epochs planned, so resuming or extending a run does not change it. Cached per config: the optimiser is a
+    static part of the TrainState, and the same object lets ``train_step`` reuse its compiled programs.
     """
     learning_rate: float | optax.Schedule = train_config.learning_rate
     if train_config.lr_half_life_steps:
@@ -188,12 +191,18 @@ def example_batch(batch_size: int, n_nodes: int, n_layers: int) -> Batch:
     )
 
 
+@functools.cache
+def gat(model_config: ModelConfig) -> GAT:
+    """The GAT of a config, one instance per config (its ``apply`` is static under jit: equal => no retrace)."""
+    return GAT(model_config)
+
+
 def init_params(key: jax.Array, model_config: ModelConfig, example: Batch) -> Any:
     """GAT parameters for ``model_config`` (they depend on ``example``'s shapes only, not its values).
 
     Jitted: an eager ``init`` would compile every small op of the network separately (seconds on a CPU).
     """
-    init = jax.jit(GAT(model_config).init)
+    init = jax.jit(gat(model_config).init)
     return init(key, jnp.asarray(example.features), jnp.asarray(example.mask))["params"]
 
 
@@ -208,10 +217,9 @@ def create_train_state(
 ) -> TrainState:
     """A fresh TrainState: GAT parameters initialised from ``key``, Adam state, step 0."""
     get_objective(objective)
-    model = GAT(model_config)
     params = init_params(key, model_config, example_batch)
     return TrainState.create(
-        apply_fn=model.apply,
+        apply_fn=gat(model_config).apply,
         params=params,
         tx=make_optimizer(train_config),
         geometry=geometry,

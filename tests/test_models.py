@@ -12,12 +12,14 @@ import pytest
 from numpy.testing import assert_allclose
 
 from model.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from model.models import GAT, PADDING_LOGIT, VectorAttention, bitonic_argsort
+from model.models import GAT, MLP, PADDING_LOGIT, VectorAttention, bitonic_argsort
 from pipeline.errors import ConfigError
 
-SORTED = ModelConfig(hidden=8, query_mlp=(6, 8), logit_mlp=(8,), update_mlp=(4, 1))  # O(N log N) attention
+# the cpu preset's structure: one-layer logits (O(N log N) sorted attention), residual updates
+SORTED = ModelConfig(hidden=8, query_mlp=(6, 8), logit_mlp=(8,), update_mlp=(4, 1), residual=True)
 DENSE = dataclasses.replace(SORTED, dense_attention=True)  # the same network through the [B, N, N, H] path
-TWO_LAYER_LOGITS = ModelConfig(hidden=8, query_mlp=(8,), logit_mlp=(5, 8), update_mlp=(3, 1))
+# the paper's structure (two-layer logit MLP, no residual), here with 4 heads of 2 dimensions
+TWO_LAYER_LOGITS = ModelConfig(hidden=8, query_mlp=(8,), logit_mlp=(5, 4), update_mlp=(3, 1))
 CONFIGS = {"sorted": SORTED, "dense": DENSE, "two_layer_logits": TWO_LAYER_LOGITS}
 
 
@@ -97,20 +99,28 @@ def attention_reference(params, h, mask, widths, slope):
         layer = params[f"edge_dense_{k}"]
         e = leaky_relu(e, slope) @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
     e = leaky_relu(e, slope)
+    heads = e.shape[-1]
+    per_head = dim // heads
     out = np.zeros_like(h)
     for bb in range(b):
         real = mask[bb]
         if not real.any():
             continue
-        scores = e[bb][:, real, :]  # [N_i, n_real, H]: only real senders
+        scores = e[bb][:, real, :]  # [N_i, n_real, K]: only real senders
         a = np.exp(scores - scores.max(axis=1, keepdims=True))
         a /= a.sum(axis=1, keepdims=True)
-        out[bb] = np.einsum("ijd,jd->id", a, h[bb][real])
+        for d in range(dim):  # dimension d is weighed by the score of its head d // per_head
+            out[bb, :, d] = a[:, :, d // per_head] @ h[bb][real][:, d]
     return out
 
 
-@pytest.mark.parametrize(("widths", "dense"), [((8,), False), ((8,), True), ((5, 8), False)])
+@pytest.mark.parametrize(("widths", "dense"), [((8,), False), ((8,), True), ((5, 8), False), ((5, 2), False)])
 def test_per_node_first_layer_equals_concat_then_dense(widths, dense):
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls (~1e-3 relative)
+        _check_attention_against_reference(widths, dense)
+
+
+def _check_attention_against_reference(widths, dense):
     rng = np.random.default_rng(3)
     h = rng.normal(0, 2, size=(3, 7, 8)).astype(np.float32)
     mask = np.arange(7)[None, :] < np.array([[7], [4], [0]])
@@ -119,6 +129,27 @@ def test_per_node_first_layer_equals_concat_then_dense(widths, dense):
     got = np.asarray(jax.jit(layer.apply)(params, h, mask))
     expected = attention_reference(jax.tree.map(np.asarray, params["params"]), h, mask, widths, 0.2)
     assert_allclose(got[mask], expected[mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sorted", "two_layer_logits"])
+def test_gat_composes_query_two_attention_layers_and_update(name):
+    """Layer 1: query MLP then attention; layer 2: identity query then attention; h += update if residual."""
+    with jax.default_matmul_precision("highest"):  # both sides alike on GPUs, whose default is TF32
+        _check_composition(name)
+
+
+def _check_composition(name):
+    config = CONFIGS[name]
+    features, mask = random_graph(np.random.default_rng(6))
+    params = params_for(name)["params"]
+    h = MLP(config.query_mlp, config.leaky_relu_slope).apply({"params": params["query"]}, features)
+    for layer in ("attention_1", "attention_2"):
+        attention = VectorAttention(config.logit_mlp, config.leaky_relu_slope)
+        update = jax.jit(attention.apply)({"params": params[layer]}, h, mask)
+        h = h + update if config.residual else update
+    expected = MLP(config.update_mlp, config.leaky_relu_slope).apply({"params": params["node_update"]}, h)[..., 0]
+    got = np.asarray(apply(name, params_for(name), features, mask))
+    assert_allclose(got[mask], np.asarray(expected)[mask], rtol=1e-5, atol=1e-6)
 
 
 def _gradient_inputs():
@@ -179,6 +210,8 @@ def test_config_errors_are_one_line():
         get_preset("gpu")
     with pytest.raises(ConfigError, match=r"query_mlp must end with model\.hidden"):
         ModelConfig(hidden=8, query_mlp=(4,), logit_mlp=(8,), update_mlp=(1,))
+    with pytest.raises(ConfigError, match="or a divisor of it"):
+        ModelConfig(hidden=8, query_mlp=(8,), logit_mlp=(3,), update_mlp=(1,))
     with pytest.raises(ConfigError, match=r"unknown config key model\.width"):
         ModelConfig.from_dict({**SORTED.to_dict(), "width": 3})
     with pytest.raises(ConfigError, match="node_buckets"):
