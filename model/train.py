@@ -31,6 +31,7 @@ Reproducibility and resume
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import functools
 import hashlib
@@ -56,6 +57,7 @@ import pyarrow.parquet as pq
 from flax import struct
 from flax.training import train_state
 
+from model.assignment import assignment_loss, hard_hit_weights
 from model.config import ModelConfig, TrainConfig, get_preset
 from model.losses import bce_loss, composite_loss
 from model.models import GAT
@@ -120,7 +122,7 @@ def baseline_loss(logits, batch, geometry, lam, key):
 
 OBJECTIVES: dict[str, Objective] = {}
 #: models the CLI knows that have no objective yet
-PLANNED_MODELS = ("assignment",)
+PLANNED_MODELS: tuple[str, ...] = ()
 
 
 def register_objective(objective: Objective) -> None:
@@ -137,8 +139,27 @@ def get_objective(name: str) -> Objective:
     raise ConfigError(f"unknown model {name!r} (known: {', '.join([*OBJECTIVES, *PLANNED_MODELS])})")
 
 
+def assignment_objective(
+    name: str = "assignment", *, interpolation: float = 50.0, mode: str = "blackbox", half_width_pitch: float = 2.0
+) -> Objective:
+    """The ``assignment`` model (Kortus et al.): hard per-layer windows, blackbox gradient (model.assignment).
+
+    ``interpolation`` is the blackbox lambda (Kortus et al. found 25-75 useful; 50 by default), ``mode``
+    "blackbox" or "straight_through", ``half_width_pitch`` the window half-width in strip pitches (2: a
+    window of up to 5 strips holds a 4-strip cluster).
+    """
+    options = {"interpolation": interpolation, "mode": mode, "half_width_pitch": half_width_pitch}
+    return Objective(
+        name,
+        functools.partial(assignment_loss, **options),
+        functools.partial(hard_hit_weights, **options),
+        uses_lambda=True,
+    )
+
+
 register_objective(Objective("baseline", baseline_loss, sigmoid_weights, uses_lambda=False))
 register_objective(Objective("e2e", e2e_loss, sigmoid_weights, uses_lambda=True))
+register_objective(assignment_objective())
 
 
 # ---- state and steps -------------------------------------------------------------------------------------

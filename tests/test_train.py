@@ -81,7 +81,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 # ---- steps -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("objective", "lam"), [("baseline", 0.0), ("e2e", 0.5)])
+@pytest.mark.parametrize(("objective", "lam"), [("baseline", 0.0), ("e2e", 0.5), ("assignment", 0.0)])
 def test_training_steps_lower_the_loss(dataset, first_batch, objective, lam):
     state = _state(dataset, first_batch, objective, learning_rate=1e-2)
     losses = []
@@ -209,8 +209,6 @@ def test_bad_inputs_raise_the_right_errors(dataset_dir, tmp_path):
         train_run(incomplete, "e2e", out, preset="test")
     with pytest.raises(ConfigError, match="unknown model"):
         train_run(dataset_dir, "transformer", out, preset="test")
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        train_run(dataset_dir, "assignment", out, preset="test")
     with pytest.raises(ConfigError, match="unknown preset"):
         train_run(dataset_dir, "e2e", out, preset="huge")
     with pytest.raises(ConfigError, match="epochs"):
@@ -238,3 +236,17 @@ def test_a_nan_loss_stops_training_with_a_run_error(dataset_dir, tmp_path, monke
     monkeypatch.setitem(OBJECTIVES, "nan_test", Objective("nan_test", nan_loss, sigmoid_weights, uses_lambda=True))
     with pytest.raises(RunError, match="loss is nan at epoch 1"):
         train_run(dataset_dir, "nan_test", tmp_path / "nan", preset="test", epochs=1)
+
+
+def test_assignment_run_trains_and_predicts_hard_selections(dataset_dir, tmp_path):
+    from model.inference import predict_run
+
+    run = tmp_path / "assignment"
+    train_run(dataset_dir, "assignment", run, preset="test", epochs=2)
+    metrics = pl.read_parquet(run / "metrics.parquet")
+    assert metrics.filter(pl.col("split") == "train")["lambda"].to_list() == [0.0, 0.5]
+    tables = predict_run(dataset_dir, run, split="test")
+    assert set(tables["tracks"]["model"].unique()) == {"assignment"}
+    # the clusters come from the hard selection: each layer's weight is a whole number of hits
+    weights = tables["clusters"]["weight"].to_numpy()
+    assert_allclose(weights, np.round(weights))
