@@ -72,6 +72,7 @@ def main() -> None:
     from model.train import assignment_objective, register_objective, train_run
     from pipeline.config import SimConfig
     from pipeline.dataset import open_dataset
+    from pipeline.errors import RunError
     from simulation.dataset import simulate_dataset
 
     data = args.out / "data"
@@ -89,7 +90,11 @@ def main() -> None:
             run = args.out / "runs" / f"{label}-s{seed}"
             t0 = time.perf_counter()
             if not (run / "metrics.parquet").is_file():
-                train_run(data, model=objective, out=run, preset=args.preset, seed=seed)
+                try:
+                    train_run(data, model=objective, out=run, preset=args.preset, seed=seed)
+                except RunError as err:  # a diverged run is a result too: report it, go on
+                    print(f"model={label} seed={seed} diverged=1 error={str(err)!r}", flush=True)
+                    continue
             score, decided, truth, residual = decisions(dataset, run)
             failed = float(np.mean(~np.isfinite(residual)))
             s68 = sigma68(residual) if failed < 1 else float("nan")

@@ -274,6 +274,9 @@ def fit_track(
 
     n_layers_used = jnp.sum(layer_weight >= min_layer_weight)
     finite = jnp.isfinite(radius) & jnp.isfinite(q_over_pt) & jnp.isfinite(xc) & jnp.isfinite(yc)
+    # a fit with fewer than two weighted layers has no circle: report zeros (status says why) rather than
+    # NaN, which would poison a whole batch's loss; the gradients of that branch are finite (tested)
+    xc, yc, radius, pt, q_over_pt = (jnp.where(finite, v, 0) for v in (xc, yc, radius, pt, q_over_pt))
     status = jnp.where(
         n_layers_used < min_layers,
         STATUS_TOO_FEW_LAYERS,

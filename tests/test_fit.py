@@ -294,3 +294,24 @@ def test_q_over_pt_passes_smoothly_through_the_straight_line():
         across_zero = (q_over_pt[5] - q_over_pt[3]) / (sagittas[5] - sagittas[3])
         assert_allclose(slope, finite_difference, rtol=1e-2)
         assert_allclose(slope, across_zero, rtol=2e-2)
+
+
+def test_fit_with_a_single_weighted_layer_is_finite_with_a_failure_status():
+    """Seen in e2e training: all hit weights driven to ~0 but one layer; the loss must not turn NaN."""
+    import jax
+
+    from model.fit import STATUS_OK, fit_track
+
+    y_layers = jnp.linspace(0.0, 1575.0, 16)
+    x_hat = jnp.linspace(-3.0, 3.0, 16)
+    sigma = jnp.full(16, 0.15)
+    layer_weight = jnp.full(16, 1e-8).at[-1].set(2.3e-6)
+
+    def q_over_pt(w):
+        return fit_track(x_hat, y_layers, w, sigma, 1.0).q_over_pt
+
+    fit = fit_track(x_hat, y_layers, layer_weight, sigma, 1.0)
+    assert int(fit.status) != STATUS_OK
+    for value in (fit.xc, fit.yc, fit.radius, fit.pt, fit.q_over_pt):
+        assert np.isfinite(float(value))
+    assert np.all(np.isfinite(np.asarray(jax.grad(q_over_pt)(layer_weight))))
