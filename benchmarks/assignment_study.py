@@ -3,9 +3,9 @@
 Kortus et al. (arXiv 2407.13420) found blackbox interpolation strengths lambda of 25-75 useful and the
 predictions unstable between seeds. This script measures the same for the muon problem: it trains `e2e`
 and `assignment` (one run per blackbox lambda) with several seeds on one dataset and reports, per model,
-the mean over seeds of sigma68(q/pT) (over successful fits) and of the AUC (with the standard error of the mean), and the
-disagreement between seeds' per-hit decisions: the share of test hits on which two seeds decide differently
-(weight > 0.5 for `e2e`, the hard selection for `assignment`), averaged over all pairs of seeds.
+the mean over seeds of sigma68(q/pT) (over successful fits) and of the AUC (with the standard error of
+the mean), and the disagreement between seeds' per-hit decisions: the share of test hits on which two seeds
+decide differently (weight > 0.5 for `e2e`, the hard selection for `assignment`), averaged over all pairs.
 
     python benchmarks/assignment_study.py [--events 20000] [--seeds 0 1 2] [--lambdas 25 75] [--preset cpu]
 
@@ -130,7 +130,8 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r['model']} | {r['seeds']} | {r['sigma68']:.3f} ± {r['sigma68_sem']:.3f} | "
-            f"{r['auc']:.4f} ± {r['auc_sem']:.4f} | {100 * r['disagreement']:.2f} % ± {100 * r['disagreement_std']:.2f} % |"
+            f"{r['auc']:.4f} ± {r['auc_sem']:.4f} | "
+            f"{100 * r['disagreement']:.2f} % ± {100 * r['disagreement_std']:.2f} % |"
         )
 
 

@@ -85,7 +85,6 @@ def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
 def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
     """Write ``out/predictions/{hits,clusters,tracks}.parquet`` for the truth references and every run."""
     from model.inference import predict_run, predict_truth
-
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(data)
@@ -146,7 +145,6 @@ def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
 def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
     """Inference of every run on the test split, the truth references, and the report in ``out``."""
     from analysis.report import write_report
-
     from pipeline.dataset import open_dataset
 
     out = Path(out)

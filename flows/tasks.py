@@ -70,7 +70,6 @@ def predict(data: str, runs: list[str], out: str, dataset_hash: str, run_keys: l
 def write_report(data: str, runs: list[str], out: str) -> dict:
     """Metrics, tables, figures and report.md from the predictions (cheap, never cached)."""
     from analysis.report import write_report as build
-
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(Path(data))

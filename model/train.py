@@ -31,7 +31,6 @@ Reproducibility and resume
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
 import functools
 import hashlib

@@ -38,7 +38,6 @@ Streaming
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -84,7 +84,7 @@ class DetectorConfig:
 
     @property
     def n_strips(self) -> int:
-        return int(math.floor((self.x_max - self.x_min) / self.pitch))
+        return math.floor((self.x_max - self.x_min) / self.pitch)
 
     @property
     def charge_sigma(self) -> float:
