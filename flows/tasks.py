@@ -54,10 +54,11 @@ def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[
 
 @task(name="train-model", cache_key_fn=_cache_key, persist_result=True)
 def train_model(data: str, model: str, out: str, preset: str, seed: int, dataset_hash: str) -> str:
-    """Train one model; ``dataset_hash`` (config hash + seed + events) keys the cache on the data."""
+    """Train one model into ``out`` (returned); ``dataset_hash`` (config hash + seed + events) keys the cache."""
     from model.train import train_run
 
-    return train_run(Path(data), model=model, out=Path(out), preset=preset, seed=seed, resume=Path(out).exists())
+    train_run(Path(data), model=model, out=Path(out), preset=preset, seed=seed, resume=Path(out).exists())
+    return out
 
 
 @task(name="predict", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=2)

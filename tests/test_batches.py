@@ -83,8 +83,10 @@ def tables(dataset):
 
 
 def expected_features(x, y, charge, layer):
-    """Normalisation of the default detector written out by hand: x in [-500, 500], y in [0, 1575], 16 layers."""
-    return np.stack([x / 500.0, (y - 787.5) / 787.5, charge / 1.0, (layer - 7.5) / 7.5], axis=-1)
+    """Normalisation of the default detector written out by hand: x relative to the event's median as
+    asinh(dx / 10 mm) / 4, y in [0, 1575], 16 layers."""
+    x_relative = np.arcsinh((x - np.median(x)) / 10.0) / 4.0
+    return np.stack([x_relative, (y - 787.5) / 787.5, charge / 1.0, (layer - 7.5) / 7.5], axis=-1)
 
 
 def all_batches(dataset, split=None, batch_size=7, **kwargs):
