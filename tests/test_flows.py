@@ -28,9 +28,10 @@ def prefect_server():
 def _task_states_since(t0: float) -> dict[str, list[str]]:
     """Task name -> state names of the task runs that started after t0 (read back from the Prefect API)."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(limit=200)
+        runs = client.read_task_runs(sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
     states: dict[str, list[str]] = {}
     for run in runs:
         started = run.expected_start_time or run.start_time
