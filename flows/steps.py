@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,9 +151,3 @@ def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = Fals
     dataset = open_dataset(data)
     write_report(out, dataset.hits(), dataset.events(), report_context(data, runs))
     return out / "report.md"
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a folder the pipeline owns (used to restart a failed step cleanly)."""
-    if Path(path).exists():
-        shutil.rmtree(path)
