@@ -35,6 +35,8 @@ RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err")
 
 _PREDICTION_SCHEMAS = {"hits": PRED_HITS_SCHEMA, "clusters": PRED_CLUSTERS_SCHEMA, "tracks": PRED_TRACKS_SCHEMA}
 _DATASET_COLUMNS = {"hits": ("event_id", "hit_id", "is_signal"), "events": ("event_id", "pt", "q")}
+#: further dataset hit columns of the optional "where the hit weight goes" table (metrics.hit_weight_table)
+_HIT_WEIGHT_COLUMNS = ("layer", "x", "particle_id")
 _FIGURE_NAMES = {
     "rejection": "roc_rejection.png",
     "scores": "score_histograms.png",
@@ -59,6 +61,8 @@ class ReportResults:
     track_residuals: pl.DataFrame  # track_residual_table
     resolution: pl.DataFrame  # resolution_by_model
     resolution_pt: pl.DataFrame  # resolution_by_pt
+    #: hit_weight_table; None when the dataset hits lack the columns it needs (x, layer, particle_id)
+    hit_weights: pl.DataFrame | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,6 +128,9 @@ def compute_results(
     track_residuals = m.track_residual_table(predictions["tracks"], dataset_events)
     resolution = m.resolution_by_model(track_residuals, n_boot=n_boot, seed=seed)
     resolution_pt = m.resolution_by_pt(track_residuals, n_boot=n_boot, seed=seed)
+    hit_weights = None
+    if set(_HIT_WEIGHT_COLUMNS) <= set(dataset_hits.collect_schema().names()):
+        hit_weights = m.hit_weight_table(predictions["hits"], dataset_hits, predictions["clusters"])
     models = model_order(
         set(classification["model"].to_list())
         | set(cluster_residuals["model"].unique().to_list())
@@ -141,6 +148,7 @@ def compute_results(
         track_residuals=track_residuals,
         resolution=resolution,
         resolution_pt=resolution_pt,
+        hit_weights=hit_weights,
     )
 
 
@@ -436,6 +444,7 @@ def render_markdown(
         lines.append("No classifying model in the predictions (only truth references).")
     lines += ["", _figure_link(figure_paths, "rejection", "Background rejection vs signal efficiency")]
     lines += ["", _figure_link(figure_paths, "scores", "Hit score distributions")]
+    lines += _hit_weight_rows(results)
 
     lines += ["", "## Cluster residuals", ""]
     if results.core_fit is None:
@@ -483,6 +492,38 @@ def render_markdown(
 
     lines += ["", "## Definitions", "", *DEFINITIONS, ""]
     return "\n".join(lines)
+
+
+def _hit_weight_rows(results: ReportResults) -> list[str]:
+    """The "where the hit weight goes" subsection (empty when the table could not be computed)."""
+    table = results.hit_weights
+    if table is None or table.height == 0:
+        return []
+    models = [model for model in results.models if model in set(table["model"].to_list())]
+    cells = {(row["model"], row["origin"], row["distance_class"]): row for row in table.iter_rows(named=True)}
+    classes = table.select("origin", "distance_class").unique(maintain_order=True).rows()
+    headers = ["hit origin", "distance from the muon", "hits"]
+    for model in models:
+        headers += [f"{model}: mean w", f"{model}: Σ w·d per event [mm]"]
+    rows = []
+    for origin, distance in classes:
+        present = [cells.get((model, origin, distance)) for model in models]
+        row: list[Any] = [origin, distance, next((c["n_hits"] for c in present if c), 0)]
+        for cell in present:
+            row += [f"{cell['mean_weight']:.4f}", f"{cell['pull_per_event']:.2f}"] if cell else [None, None]
+        rows.append(row)
+    return [
+        "",
+        "### Where the hit weight goes",
+        "",
+        "A cluster's offset from the muon is Σ w_i (x_i − x_true) / W over the hits of its layer, so a hit pulls "
+        "it by up to its weight w times its distance d = |x − x_true| from the muon's crossing: a noise strip "
+        "300 mm away with w = 0.01 moves a 4-strip cluster by as much as a strip 6 mm away with w = 0.5. Signal "
+        "strips sit on both sides of the crossing (their Σ w·d is the cluster width and largely cancels); "
+        "everything else pulls.",
+        "",
+        *_md_table(headers, rows),
+    ]
 
 
 def _in_model_order(frame: pl.DataFrame, models: list[str]) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ one-line ``error: ...`` on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -128,6 +129,10 @@ def serve() -> None:
 
 
 def main() -> None:
+    # The ephemeral Prefect server's telemetry heartbeat writes to its SQLite database while the first flow
+    # run does, and loses the race ("database is locked", a traceback on the console at every start). It
+    # would only phone home anyway; a user who wants it sets the variable.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         app(standalone_mode=False)
     except MuontrackError as err:

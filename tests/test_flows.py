@@ -57,6 +57,10 @@ def test_end_to_end_caches_and_recomputes(prefect_server, tmp_path):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "summary.json").read_text())
     assert {"truth", "baseline", "e2e"} <= set(summary)
+    # a real dataset carries x, layer and particle_id: the report says where each model's hit weight goes
+    text = report.read_text()
+    assert "### Where the hit weight goes" in text
+    assert "| signal | ≤ 5 mm |" in text and "| noise | > 50 mm |" in text
 
     # second run, same config: dataset shards, training and predictions come from the cache
     t0 = time.time()

@@ -313,3 +313,65 @@ def test_resolution_table_keeps_empty_bins():
     table = m.resolution_by_pt(frame, n_boot=20)
     assert table["n"].to_list() == [3, 0, 0, 0, 0, 0]
     assert table["sigma68"].null_count() == 5
+
+
+# --------------------------------------------------------------------------------------------- hit weights
+
+
+def test_hit_weight_table_matches_a_loop_over_hits():
+    """Mean weight, share above 0.5 and Σ w·|x − x_true| per event against a plain Python loop."""
+    rng = np.random.default_rng(7)
+    n_events, n_layers, n_hits = 5, 4, 30
+    x_true = rng.uniform(-100, 100, (n_events, n_layers))
+    x_true[2, 1] = np.nan  # the muon left this layer: its hits are left out
+    hits = []
+    for event in range(n_events):
+        for hit in range(n_hits):
+            layer = int(rng.integers(n_layers))
+            particle = int(rng.choice([0, -1, 3]))
+            offset = {0: rng.normal(0, 1), -1: rng.uniform(-300, 300), 3: rng.uniform(-40, 40)}[particle]
+            x = np.nan_to_num(x_true[event, layer]) + offset
+            hits.append((event, hit, layer, x, particle == 0 and abs(offset) < 2, particle))
+    dataset_hits = pl.DataFrame(
+        hits, schema=["event_id", "hit_id", "layer", "x", "is_signal", "particle_id"], orient="row"
+    ).with_columns(pl.col("layer").cast(pl.Int16), pl.col("x").cast(pl.Float32))
+    scores = rng.random(len(hits))
+    pred_hits = pl.concat(
+        [
+            pl.DataFrame(
+                {"event_id": dataset_hits["event_id"], "hit_id": dataset_hits["hit_id"], "score": s}
+            ).with_columns(model=pl.lit(name))
+            for name, s in (("e2e", scores), ("truth", dataset_hits["is_signal"].cast(pl.Float64)))
+        ]
+    )
+    clusters = pl.DataFrame(
+        {
+            "event_id": np.repeat(np.arange(n_events), n_layers),
+            "layer": np.tile(np.arange(n_layers), n_events).astype(np.int16),
+            "model": "truth",
+            "x_true": x_true.ravel().astype(np.float32),
+        }
+    )
+    table = m.hit_weight_table(pred_hits.lazy(), dataset_hits.lazy(), clusters.lazy(), edges=(5.0, 50.0))
+    assert set(table["model"]) == {"e2e"}  # truth references have no classifier weights
+
+    expected: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    events = set()
+    for (event, _, layer, x, signal, particle), weight in zip(hits, scores, strict=True):
+        truth_x = np.float32(x_true[event, layer])
+        if not np.isfinite(truth_x):
+            continue
+        events.add(event)
+        distance = abs(float(np.float32(x)) - float(truth_x))
+        origin = "signal" if signal else "noise" if particle == -1 else "extra track"
+        klass = "≤ 5 mm" if distance <= 5 else "5–50 mm" if distance <= 50 else "> 50 mm"
+        expected.setdefault((origin, klass), []).append((weight, distance))
+    assert table.height == len(expected)
+    for row in table.iter_rows(named=True):
+        values = np.array(expected[(row["origin"], row["distance_class"])])
+        assert row["n_hits"] == len(values)
+        assert_allclose(row["mean_weight"], values[:, 0].mean(), rtol=1e-12)
+        assert_allclose(row["frac_above_half"], np.mean(values[:, 0] > 0.5), rtol=1e-12)
+        assert_allclose(row["pull_per_event"], np.sum(values[:, 0] * values[:, 1]) / len(events), rtol=1e-6)
+    order = [m.HIT_ORIGINS.index(origin) for origin in table["origin"]]
+    assert order == sorted(order)
