@@ -113,11 +113,19 @@ def evaluate(
 def run_all(
     preset: Annotated[Preset, typer.Option("--preset", help="Size of the whole job.")] = Preset.cpu,
     out: Annotated[Path, typer.Option("--out", help="Folder for dataset, runs and report.")] = Path("muontrack-out"),
+    model: Annotated[
+        list[ModelName] | None,
+        typer.Option(
+            "--model",
+            help="Model to train and compare; repeat for several. Default: baseline and e2e for cpu, all three "
+            "for test and paper.",
+        ),
+    ] = None,
 ) -> None:
-    """The whole flow: simulate -> train baseline and e2e -> evaluate -> report."""
+    """The whole flow: simulate -> train baseline and e2e (and assignment) -> evaluate -> report."""
     from flows.end_to_end import run_end_to_end
 
-    run_end_to_end(preset=preset.value, out=out)
+    run_end_to_end(preset=preset.value, out=out, models=[m.value for m in model] if model else None)
 
 
 @app.command()

@@ -116,9 +116,9 @@ def evaluate_flow(data: str, runs: list[str], out: str) -> dict:
 
 
 @flow(name="end-to-end", log_prints=True)
-def end_to_end(out: str, preset: str = "cpu", seed: int = 0) -> dict[str, Any]:
-    """simulate -> train baseline and e2e -> evaluate -> report, all under ``out``."""
-    job = steps.job_preset(preset)
+def end_to_end(out: str, preset: str = "cpu", seed: int = 0, models: list[str] | None = None) -> dict[str, Any]:
+    """simulate -> train the preset's models (or ``models``) -> evaluate -> report, all under ``out``."""
+    job = steps.job_preset(preset, models)
     config = SimConfig(shard_events=job.shard_events)
     root = Path(out)
     # Folder names carry what their content depends on, so a changed config or seed writes beside the
@@ -135,17 +135,17 @@ def end_to_end(out: str, preset: str = "cpu", seed: int = 0) -> dict[str, Any]:
     return {"report": str(report / "report.md"), "summary": summary}
 
 
-def run_end_to_end(preset: str, out: Path) -> dict[str, Any]:
+def run_end_to_end(preset: str, out: Path, models: list[str] | None = None) -> dict[str, Any]:
     """The ``muontrack run`` entry point: run the flow and print where the report is and its summary."""
     from analysis.report import format_summary_table
 
-    steps.job_preset(preset)  # a one-line error for an unknown preset, before Prefect starts
+    steps.job_preset(preset, models)  # a one-line error for an unknown preset or model, before Prefect starts
     out = Path(out)
     if out.exists() and not out.is_dir():
         from pipeline.errors import MuontrackError
 
         raise MuontrackError(f"--out {out} is a file, not a folder")
-    result = end_to_end(str(out), preset=preset)
+    result = end_to_end(str(out), preset=preset, models=list(models) if models else None)
     print(format_summary_table(result["summary"]))
     print(f"report: {result['report']}")
     return result

@@ -166,6 +166,7 @@ def test_inspect_a_foreign_folder(tmp_path: Path) -> None:
         ["simulate", "--out", "unused"],
         ["no-such-command"],
         ["train", "--data", "unused", "--model", "gnn", "--out", "unused"],
+        ["run", "--preset", "test", "--model", "gnn", "--out", "unused"],
     ],
 )
 def test_usage_errors_are_one_line(args, tmp_path):
