@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.errors import MuontrackError, RunError
+from pipeline.errors import DatasetError, MuontrackError, RunError
 
 #: the `model` column of the predictions, in report order
 REPORT_MODELS = ("truth", "truth_charge", "baseline", "e2e", "assignment")
@@ -95,10 +95,17 @@ def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
 def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
     """Write ``out/predictions/{hits,clusters,tracks}.parquet`` for the truth references and every run."""
     from model.inference import predict_run, predict_truth
+    from pipeline.batches import SPLIT_FRACTIONS, split_summary
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(data)
     _check_report_out(out)
+    n_test, _ = split_summary(dataset, "test")
+    if n_test == 0:
+        raise DatasetError(
+            f"dataset {data} has no events in the test split ({dataset.n_events} events, of which about "
+            f"{SPLIT_FRACTIONS['test']:.0%} are test events): simulate more events"
+        )
     for run in runs:
         if not Path(run).is_dir():
             raise RunError(f"run folder {run} does not exist")

@@ -176,3 +176,15 @@ def test_usage_errors_are_one_line(args, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "unused").exists()
+
+
+def test_evaluate_a_dataset_without_test_events(tmp_path: Path) -> None:
+    from pipeline.batches import split_mask
+
+    data = tmp_path / "tiny"
+    simulate_dataset(data, n_events=15, seed=3, config=SMALL)
+    assert not split_mask(open_dataset(data).events().collect()["event_id"].to_numpy(), "test").any()
+    result = _run("evaluate", "--data", data, "--run", tmp_path / "no-run", "--out", tmp_path / "report", cwd=tmp_path)
+    _assert_one_line_error(result, "no events in the test split")
+    assert result.returncode == 2
+    assert not (tmp_path / "report").exists()
