@@ -6,7 +6,6 @@ without Prefect.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline import provenance
 from pipeline.errors import DatasetError, MuontrackError, RunError
 
 #: the `model` column of the predictions, in report order
@@ -58,20 +58,8 @@ def job_preset(name: str, models: Sequence[str] | None = None) -> JobPreset:
 
 
 def code_version() -> str:
-    """Package version plus a hash of the project's sources: cache keys change when the code does."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        pkg = version("muontrack")
-    except PackageNotFoundError:
-        pkg = "0+unknown"
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for package in ("simulation", "pipeline", "model", "analysis", "flows"):
-        for source in sorted((root / package).glob("*.py")):
-            digest.update(source.name.encode())
-            digest.update(source.read_bytes())
-    return f"{pkg}+{digest.hexdigest()[:12]}"
+    """Version of all the project's code (pipeline.provenance): cache keys change when any source does."""
+    return provenance.code_version("simulation", "pipeline", "model", "analysis", "flows")
 
 
 def _check_report_out(out: Path) -> None:

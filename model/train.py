@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -41,7 +40,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +59,7 @@ from model.config import ModelConfig, TrainConfig, get_preset
 from model.losses import bce_loss, composite_loss
 from model.models import GAT
 from model.tracker import reconstruct
+from pipeline import provenance
 from pipeline.batches import Batch, BatchStats, Geometry, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import ConfigError, RunError
@@ -322,16 +321,8 @@ def enable_compilation_cache() -> None:
 
 
 def code_version() -> str:
-    """Package version plus a hash of the model and batching sources."""
-    try:
-        package_version = version("muontrack")
-    except PackageNotFoundError:
-        package_version = "0+unknown"
-    digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
-    for source in [*sorted((root / "model").glob("*.py")), root / "pipeline" / "batches.py"]:
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
-    return f"{package_version}+{digest.hexdigest()[:12]}"
+    """Version of the model and batching code (pipeline.provenance), recorded in RUN/config.json."""
+    return provenance.code_version("model", "pipeline/batches.py")
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -13,15 +13,14 @@ Same config + seed => the same rows whatever the number of workers, because the 
 from __future__ import annotations
 
 import functools
-import hashlib
 import multiprocessing
 import os
 import shutil
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from pipeline import provenance
 from pipeline.config import SimConfig
 from pipeline.dataset import (
     MANIFEST_NAME,
@@ -42,19 +41,9 @@ MAX_SEED = 2**64 - 1
 
 @functools.cache
 def code_version() -> str:
-    """``<package version>+<12 hex digits of the simulation sources' SHA-256>``.
-
-    Recorded in the manifest and every shard, so rows can be traced to the code that drew them, and an
-    interrupted dataset is not resumed by different generator code.
-    """
-    try:
-        package_version = version("muontrack")
-    except PackageNotFoundError:
-        package_version = "0+unknown"
-    digest = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
-    return f"{package_version}+{digest.hexdigest()[:12]}"
+    """Version of the simulation code (pipeline.provenance), recorded in the manifest and every shard, so rows
+    can be traced to the code that drew them and an interrupted dataset is not resumed by different code."""
+    return provenance.code_version("simulation")
 
 
 def plan_shards(n_events: int, config: SimConfig) -> list[tuple[int, int, int]]:
