@@ -287,12 +287,16 @@ def epoch_shuffle_seed(seed: int, epoch: int) -> int:
 
 
 def sigma68(residuals: np.ndarray) -> float:
-    """Half-width around the median holding 68 % of the values: the 0.68 quantile of |r - median(r)|."""
+    """Half-width around the median holding 68 % of the values: the 0.68 quantile of |r - median(r)|.
+
+    The definition of analysis.metrics.sigma68 (linear interpolation), for the validation figure of each
+    epoch; non-finite residuals (failed fits) are left out. (model may not import analysis.)
+    """
     residuals = np.asarray(residuals, dtype=np.float64)
     residuals = residuals[np.isfinite(residuals)]
     if residuals.size == 0:
         return math.nan
-    return float(np.quantile(np.abs(residuals - np.median(residuals)), 0.68, method="inverted_cdf"))
+    return float(np.quantile(np.abs(residuals - np.median(residuals)), 0.68, method="linear"))
 
 
 # ---- compilation cache ------------------------------------------------------------------------------------

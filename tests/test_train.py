@@ -133,8 +133,10 @@ def test_sigma68_matches_its_definition():
     residuals = rng.normal(0.3, 2.0, 200_001)
     # for a Gaussian, the central 68.27 % interval is +-1 sigma around the median
     assert abs(sigma68(residuals) - 2.0) < 0.03
-    values = np.array([0.0, 1.0, 2.0, 10.0])  # median 1.5; |r - m| = 1.5, .5, .5, 8.5 -> 0.68 quantile 1.5
-    assert sigma68(values) == 1.5
+    # median 1.5; sorted |r - m| = .5, .5, 1.5, 8.5; linear 0.68 quantile at position 0.68 * 3 = 2.04
+    values = np.array([0.0, 1.0, 2.0, 10.0])
+    assert sigma68(values) == pytest.approx(1.5 + 0.04 * 7.0)
+    assert sigma68(np.append(values, [np.inf, np.nan])) == sigma68(values)  # failed fits are left out
 
 
 # ---- runs ------------------------------------------------------------------------------------------------
