@@ -133,6 +133,7 @@ def assignment_loss(
     The BCE keeps the scores calibrated as hit probabilities (and gives the ROC); the pT term reaches the
     logits only through the solver's blackbox gradient, i.e. by changing which window each layer picks.
     """
+    from model.fit import STATUS_OK
     from model.losses import bce_loss, pt_loss
     from model.tracker import reconstruct
 
@@ -142,5 +143,5 @@ def assignment_loss(
     )
     reco = reconstruct(weights, batch, geometry)
     bce = bce_loss(logits, batch.label, batch.mask)
-    momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask)
+    momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask, reco.status == STATUS_OK)
     return bce + lam * momentum, {"bce": bce, "pt_loss": momentum}

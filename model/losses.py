@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from model.fit import STATUS_OK
 from model.tracker import reconstruct
 from pipeline.batches import Batch, Geometry
 
@@ -18,6 +19,11 @@ from pipeline.batches import Batch, Geometry
 PT_LOSS_SCALE = 0.1
 #: beyond this many units (i.e. a 10 % error) the penalty grows linearly, with a bounded gradient
 PT_LOSS_DELTA = 1.0
+#: what an event whose fit failed costs (model.fit status != 0), and the most any event costs: the Huber
+#: penalty of |r| = 10. Without it an empty selection would be a way out: a failed fit returns q/pT ~ 0,
+#: i.e. r = -1, which costs 9.5, less than a poor fit with |r| > 1 (seen: the `assignment` model learned to
+#: select nothing in every layer, 99.7 % failed fits on the cpu preset)
+FAILED_FIT_LOSS = PT_LOSS_DELTA * (10.0 / PT_LOSS_SCALE - 0.5 * PT_LOSS_DELTA)
 
 
 def bce_loss(logits: Float[ArrayLike, "B N"], labels: Float[ArrayLike, "B N"], mask: Bool[ArrayLike, "B N"]) -> Array:
@@ -32,9 +38,11 @@ def pt_loss(
     q_true: Float[ArrayLike, " B"],
     pt_true: Float[ArrayLike, " B"],
     event_mask: Bool[ArrayLike, " B"],
+    fit_ok: Bool[ArrayLike, " B"] | None = None,
     *,
     scale: float = PT_LOSS_SCALE,
     delta: float = PT_LOSS_DELTA,
+    failed: float = FAILED_FIT_LOSS,
 ) -> Array:
     """Mean Huber penalty of the relative q/pT residual over the real events (``event_mask``).
 
@@ -49,8 +57,12 @@ def pt_loss(
     - Huber: quadratic for |r| < delta * scale (a least-squares fit of the resolution), linear beyond, so the
       gradient per event is bounded by delta / scale and a few garbage fits cannot swamp the batch.
 
-    Events with a failed fit status still count (only ``event_mask`` removes events), so the network cannot
-    lower the loss by dropping hits until a fit fails.
+    - capped at ``failed``, the cost of an event whose fit failed (``fit_ok`` False): no event costs more
+      than a failed fit, so dropping hits until the fit fails never lowers the loss (a failed fit's q/pT is
+      ~0, r = -1, which the Huber term alone would price at only 9.5); beyond the cap (|r| > 10 for the
+      defaults) an event passes no gradient, as garbage fits carry no useful direction anyway.
+
+    Events with a failed fit still count (only ``event_mask`` removes events).
     """
     event_mask = jnp.asarray(event_mask, bool)
     # padded events may hold pT = 0 or NaN: replace them before any arithmetic, so no NaN reaches a gradient
@@ -58,7 +70,9 @@ def pt_loss(
     q_true = jnp.where(event_mask, jnp.asarray(q_true), 1)
     q_over_pt_pred = jnp.where(event_mask, jnp.asarray(q_over_pt_pred), 1)
     residual = q_over_pt_pred * pt_true * q_true - 1
-    penalty = optax.huber_loss(residual / scale, delta=delta)
+    penalty = jnp.minimum(optax.huber_loss(residual / scale, delta=delta), failed)
+    if fit_ok is not None:
+        penalty = jnp.where(jnp.asarray(fit_ok, bool), penalty, failed)
     return jnp.sum(jnp.where(event_mask, penalty, 0)) / jnp.maximum(jnp.sum(event_mask), 1)
 
 
@@ -74,5 +88,5 @@ def composite_loss(
     bce = bce_loss(logits, batch.label, batch.mask)
     weights = jax.nn.sigmoid(jnp.asarray(logits))
     reco = reconstruct(weights, batch, geometry)
-    momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask)
+    momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask, reco.status == STATUS_OK)
     return bce + lam * momentum, {"bce": bce, "pt_loss": momentum}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.testing import assert_allclose
 
-from model.losses import PT_LOSS_DELTA, PT_LOSS_SCALE, bce_loss, composite_loss, pt_loss
+from model.losses import FAILED_FIT_LOSS, PT_LOSS_DELTA, PT_LOSS_SCALE, bce_loss, composite_loss, pt_loss
 from tests.synthetic_events import GEOMETRY, make_batch
 
 
@@ -48,6 +48,31 @@ def test_pt_loss_finite_bounded_gradients_for_garbage():
     # d/d(q/pT) of huber(r / scale) / n_events is at most delta / scale * pT / n_events
     assert np.all(np.abs(grad[:5]) <= PT_LOSS_DELTA / PT_LOSS_SCALE * pt[:5] / 5 * (1 + 1e-6))
     assert grad[5] == 0
+
+
+def test_a_failed_fit_costs_the_most_any_event_costs():
+    pt = np.full(5, 25.0, np.float32)
+    q = np.array([1.0, -1.0, 1.0, 1.0, -1.0], np.float32)
+    residual = np.array([0.05, -1.0, 3.0, 50.0, 0.0])  # good, q/pT ~ 0, poor, garbage, perfect
+    predicted = jnp.asarray(q / pt * (1 + residual), jnp.float32)
+    fit_ok = np.array([True, True, True, True, False])
+    mask = np.ones(5, bool)
+
+    def per_event(values, ok):
+        return np.array(
+            [float(pt_loss(values[i : i + 1], q[i : i + 1], pt[i : i + 1], mask[:1], ok[i : i + 1])) for i in range(5)]
+        )
+
+    costs = per_event(predicted, fit_ok)
+    assert_allclose(costs[:3], huber_reference(residual[:3]), rtol=1e-5)
+    assert_allclose(FAILED_FIT_LOSS, huber_reference(np.array(10.0)), rtol=1e-12)
+    assert costs[3] == costs[4] == np.float32(FAILED_FIT_LOSS)  # garbage is capped; a failed fit is charged the cap
+    assert np.all(costs <= FAILED_FIT_LOSS)  # so failing is never cheaper than any measurement
+    # q/pT ~ 0 from a *failed* fit is no longer the bargain the plain Huber term makes it (9.5 < a poor fit)
+    assert costs[1] < costs[2] < costs[4]
+    # the capped and the failed events pass no gradient; the others do
+    grad = np.asarray(jax.grad(lambda v: pt_loss(v, q, pt, mask, fit_ok))(predicted))
+    assert np.all(grad[[0, 1, 2]] != 0) and np.all(grad[[3, 4]] == 0)
 
 
 def _loss_and_grad(logits, batch, lam):
