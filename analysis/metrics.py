@@ -25,6 +25,8 @@ from scipy.optimize import curve_fit
 SIGMA68_COVERAGE = 0.68
 #: models whose hit weights come from truth labels (no classification metrics)
 TRUTH_MODELS = ("truth", "truth_charge")
+#: models whose clusters are built from a hard selection, not from their hit scores (hit_weight_table skips them)
+HARD_SELECTION_MODELS = ("assignment",)
 #: signal efficiencies at which background rejection is quoted
 SIGNAL_EFFICIENCY_POINTS = (0.90, 0.95)
 #: edges of the true-pT bins [GeV]: [20,25), [25,30), ..., [45,50] (the last bin is closed on both sides)
@@ -501,7 +503,8 @@ def hit_weight_table(
     Returns:
         DataFrame (model, origin, distance_class, n_hits, mean_weight, frac_above_half, pull_per_event [mm]
         = Σ w |x − x_true| / events of the model), sorted by model, origin (HIT_ORIGINS order) and distance.
-        Hits on layers without a muon crossing (x_true NaN) are left out.
+        Hits on layers without a muon crossing (x_true NaN) are left out, and so are the truth references
+        and HARD_SELECTION_MODELS, whose clustering weights are not their scores.
     """
     crossings = (
         pred_clusters.filter((pl.col("model") == "truth") & pl.col("x_true").is_finite())
@@ -513,7 +516,7 @@ def hit_weight_table(
     distance_rank = {f"≤ {near:g} mm": 0, f"{near:g}–{far:g} mm": 1, f"> {far:g} mm": 2}
     origin_rank = {origin: rank for rank, origin in enumerate(HIT_ORIGINS)}
     return (
-        pred_hits.filter(~pl.col("model").is_in(TRUTH_MODELS))
+        pred_hits.filter(~pl.col("model").is_in([*TRUTH_MODELS, *HARD_SELECTION_MODELS]))
         .select("model", "event_id", "hit_id", pl.col("score").cast(pl.Float64).alias("weight"))
         .join(truth, on=["event_id", "hit_id"], how="inner")
         .join(crossings, on=["event_id", "layer"], how="inner")

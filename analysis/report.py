@@ -520,7 +520,8 @@ def _hit_weight_rows(results: ReportResults) -> list[str]:
         "it by up to its weight w times its distance d = |x − x_true| from the muon's crossing: a noise strip "
         "300 mm away with w = 0.01 moves a 4-strip cluster by as much as a strip 6 mm away with w = 0.5. Signal "
         "strips sit on both sides of the crossing (their Σ w·d is the cluster width and largely cancels); "
-        "everything else pulls.",
+        "everything else pulls. Models that cluster a hard selection rather than their scores "
+        f"({', '.join(m.HARD_SELECTION_MODELS)}) are not listed.",
         "",
         *_md_table(headers, rows),
     ]

@@ -341,7 +341,11 @@ def test_hit_weight_table_matches_a_loop_over_hits():
             pl.DataFrame(
                 {"event_id": dataset_hits["event_id"], "hit_id": dataset_hits["hit_id"], "score": s}
             ).with_columns(model=pl.lit(name))
-            for name, s in (("e2e", scores), ("truth", dataset_hits["is_signal"].cast(pl.Float64)))
+            for name, s in (
+                ("e2e", scores),
+                ("assignment", scores),  # clusters from a hard selection: its scores are not its weights
+                ("truth", dataset_hits["is_signal"].cast(pl.Float64)),
+            )
         ]
     )
     clusters = pl.DataFrame(
@@ -353,7 +357,7 @@ def test_hit_weight_table_matches_a_loop_over_hits():
         }
     )
     table = m.hit_weight_table(pred_hits.lazy(), dataset_hits.lazy(), clusters.lazy(), edges=(5.0, 50.0))
-    assert set(table["model"]) == {"e2e"}  # truth references have no classifier weights
+    assert set(table["model"]) == {"e2e"}  # neither truth references nor hard selections
 
     expected: dict[tuple[str, str], list[tuple[float, float]]] = {}
     events = set()
