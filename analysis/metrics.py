@@ -445,15 +445,22 @@ def hit_origin_expr(is_signal: str = "is_signal", particle_id: str = "particle_i
     )
 
 
-def hit_distance_class_expr(distance: str = "distance", edges: tuple[float, float] = HIT_DISTANCE_EDGES) -> pl.Expr:
-    """Class of |x − x_true| [mm]: "≤ a mm", "a–b mm" or "> b mm" for ``edges`` (a, b)."""
+def hit_distance_classes(edges: tuple[float, float] = HIT_DISTANCE_EDGES) -> tuple[str, str, str]:
+    """The labels of the distance classes for ``edges`` (a, b), nearest first: "≤ a mm", "a–b mm", "> b mm"."""
     near, far = edges
+    return f"≤ {near:g} mm", f"{near:g}–{far:g} mm", f"> {far:g} mm"
+
+
+def hit_distance_class_expr(distance: str = "distance", edges: tuple[float, float] = HIT_DISTANCE_EDGES) -> pl.Expr:
+    """Class of |x − x_true| [mm], one of :func:`hit_distance_classes`."""
+    near, far = edges
+    close, middle, remote = hit_distance_classes(edges)
     return (
         pl.when(pl.col(distance) <= near)
-        .then(pl.lit(f"≤ {near:g} mm"))
+        .then(pl.lit(close))
         .when(pl.col(distance) <= far)
-        .then(pl.lit(f"{near:g}–{far:g} mm"))
-        .otherwise(pl.lit(f"> {far:g} mm"))
+        .then(pl.lit(middle))
+        .otherwise(pl.lit(remote))
     )
 
 
@@ -512,8 +519,7 @@ def hit_weight_table(
         .unique(["event_id", "layer"])
     )
     truth = dataset_hits.select("event_id", "hit_id", pl.col("layer").cast(pl.Int32), "x", "is_signal", "particle_id")
-    near, far = edges
-    distance_rank = {f"≤ {near:g} mm": 0, f"{near:g}–{far:g} mm": 1, f"> {far:g} mm": 2}
+    distance_rank = {label: rank for rank, label in enumerate(hit_distance_classes(edges))}
     origin_rank = {origin: rank for rank, origin in enumerate(HIT_ORIGINS)}
     return (
         pred_hits.filter(~pl.col("model").is_in([*TRUTH_MODELS, *HARD_SELECTION_MODELS]))

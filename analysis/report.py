@@ -499,7 +499,8 @@ def _hit_weight_rows(results: ReportResults) -> list[str]:
     table = results.hit_weights
     if table is None or table.height == 0:
         return []
-    models = [model for model in results.models if model in set(table["model"].to_list())]
+    listed = set(table["model"].to_list())
+    models = [model for model in results.models if model in listed]
     cells = {(row["model"], row["origin"], row["distance_class"]): row for row in table.iter_rows(named=True)}
     classes = table.select("origin", "distance_class").unique(maintain_order=True).rows()
     headers = ["hit origin", "distance from the muon", "hits"]

@@ -145,7 +145,7 @@ def run_end_to_end(preset: str, out: Path, models: list[str] | None = None) -> d
         from pipeline.errors import MuontrackError
 
         raise MuontrackError(f"--out {out} is a file, not a folder")
-    result = end_to_end(str(out), preset=preset, models=list(models) if models else None)
+    result = end_to_end(str(out), preset=preset, models=models)
     print(format_summary_table(result["summary"]))
     print(f"report: {result['report']}")
     return result
