@@ -21,16 +21,26 @@ from analysis.metrics import (
 )
 from pipeline.schema import MODEL_NAMES
 
-#: fixed colours and labels so a model looks the same in every figure
+#: a fixed colour, line style, marker and label per known model (pipeline.schema.MODEL_NAMES), so a model looks
+#: the same in every figure; the paper-chain networks share their robust counterparts' family of hues and are
+#: dashed, so the two reconstruction chains read apart at a glance
 MODEL_STYLE = {
-    "truth": {"color": "black", "label": "truth weights"},
-    "truth_charge": {"color": "0.5", "label": "truth × charge"},
-    "baseline": {"color": "tab:blue", "label": "baseline (BCE only)"},
-    "e2e": {"color": "tab:red", "label": "end-to-end"},
-    "assignment": {"color": "tab:green", "label": "assignment (LAP)"},
+    "truth": {"color": "black", "linestyle": "-", "marker": "o", "label": "truth weights"},
+    "truth_charge": {"color": "0.5", "linestyle": "-", "marker": "D", "label": "truth × charge"},
+    "classical": {"color": "tab:green", "linestyle": "-", "marker": "s", "label": "classical (road search + DAF)"},
+    "baseline_paper": {"color": "tab:cyan", "linestyle": "--", "marker": "v", "label": "baseline (BCE), paper reco"},
+    "e2e_paper": {"color": "tab:orange", "linestyle": "--", "marker": "^", "label": "end-to-end, paper reco"},
+    "baseline": {"color": "tab:blue", "linestyle": "-", "marker": "v", "label": "baseline (BCE), robust reco"},
+    "e2e": {"color": "tab:red", "linestyle": "-", "marker": "^", "label": "end-to-end, robust reco"},
+    "assignment": {"color": "tab:purple", "linestyle": ":", "marker": "P", "label": "assignment (LAP)"},
 }
-_EXTRA_COLOURS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+#: colours of models outside MODEL_NAMES (none of MODEL_STYLE's)
+_EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "gold", "teal", "navy")
+#: panels per row of the score histograms
+_MAX_PANELS_PER_ROW = 4
 _DPI = 120
+#: size of a one-panel figure with its legend to the right of the axes (up to 8 models and their numbers)
+_LEGEND_FIGSIZE = (10.0, 4.8)
 
 
 def model_order(models: list[str] | set[str]) -> list[str]:
@@ -39,11 +49,19 @@ def model_order(models: list[str] | set[str]) -> list[str]:
     return known + sorted(set(models) - set(MODEL_NAMES))
 
 
-def _style(model: str) -> dict[str, str]:
+def model_style(model: str) -> dict[str, str]:
+    """color, linestyle, marker and label of a model: MODEL_STYLE's, or a colour picked from the name for an
+    unknown model (the same name always gets the same colour)."""
     if model in MODEL_STYLE:
         return MODEL_STYLE[model]
     index = sum(map(ord, model)) % len(_EXTRA_COLOURS)
-    return {"color": _EXTRA_COLOURS[index], "label": model}
+    return {"color": _EXTRA_COLOURS[index], "linestyle": "-.", "marker": "x", "label": model}
+
+
+def _line_style(model: str) -> dict[str, str]:
+    """Keyword arguments of a line or step histogram of ``model``."""
+    style = model_style(model)
+    return {"color": style["color"], "linestyle": style["linestyle"], "label": style["label"]}
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -51,6 +69,11 @@ def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     return path
+
+
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes: with up to 8 models an inside legend hides the curves."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _empty(ax, message: str) -> None:
@@ -62,45 +85,65 @@ def plot_rejection_vs_efficiency(
 ) -> Path:
     """Background rejection 1/ε_b (log) vs signal efficiency ε_s per model (paper Fig. 4).
 
+    A ROC with a single working point (a hard 0/1 selection such as classical or assignment: points (0, 0),
+    the selection, (1, 1)) is drawn as one marker at that point, not as a line to (1, 1).
+
     Args:
         rocs: {model: (signal_eff, background_eff)} from :func:`analysis.metrics.roc_curve`.
         path: PNG to write.
         min_signal_eff: left edge of the x axis.
     """
-    fig = Figure(figsize=(6.4, 4.8))
+    fig = Figure(figsize=_LEGEND_FIGSIZE)
     ax = fig.add_subplot()
     for model in model_order(rocs):
         signal_eff, background_eff = rocs[model]
         # points with no background left have infinite rejection: not drawable on a log axis
         keep = (background_eff > 0) & (signal_eff >= min_signal_eff)
-        ax.plot(
-            signal_eff[keep], 1.0 / background_eff[keep], color=_style(model)["color"], label=_style(model)["label"]
-        )
+        if signal_eff.size <= 3:
+            # a hard 0/1 selection: (0, 0), its working point, (1, 1); the chords between them are no curve, so
+            # only the working point is drawn ((1, 1) is it only when the selection takes every hit)
+            keep[-1] = keep[-1] and signal_eff.size == 2
+            style = model_style(model)
+            ax.plot(
+                signal_eff[keep],
+                1.0 / background_eff[keep],
+                linestyle="none",
+                marker=style["marker"],
+                color=style["color"],
+                label=f"{style['label']}: 0/1 selection",
+            )
+        else:
+            ax.plot(signal_eff[keep], 1.0 / background_eff[keep], **_line_style(model))
     for target in SIGNAL_EFFICIENCY_POINTS:
         ax.axvline(target, color="0.7", linestyle=":", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlim(min_signal_eff, 1.0)
     ax.set_xlabel("signal hit efficiency $\\varepsilon_s$")
     ax.set_ylabel("background rejection $1/\\varepsilon_b$")
-    ax.set_title("Hit classification")
+    ax.set_title("Hit classification (raw classifier score)")
     ax.grid(True, which="both", alpha=0.3)
     if rocs:
-        ax.legend()
+        _legend_outside(ax)
     else:
         _empty(ax, "no classifying model")
     return _save(fig, path)
 
 
 def plot_score_histograms(hit_scores: pl.DataFrame, path: Path, bins: int = 50) -> Path:
-    """Per-hit score distributions, signal vs background, one panel per model (normalised, log y).
+    """Per-hit classifier score distributions, signal vs background, one panel per model (normalised, log y),
+    at most :data:`_MAX_PANELS_PER_ROW` panels a row.
 
     Args:
         hit_scores: (model, score, is_signal) from :func:`analysis.metrics.hit_score_table`.
     """
     models = model_order(set(hit_scores["model"].unique().to_list()))
     n_panels = max(1, len(models))
-    fig = Figure(figsize=(4.2 * n_panels, 3.8))
-    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    n_columns = min(n_panels, _MAX_PANELS_PER_ROW)
+    n_rows = math.ceil(n_panels / n_columns)
+    fig = Figure(figsize=(4.2 * n_columns, 3.8 * n_rows))
+    axes = fig.subplots(n_rows, n_columns, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_axis_off()
     edges = np.linspace(0.0, 1.0, bins + 1)
     for ax, model in zip(axes, models, strict=False):
         group = hit_scores.filter(pl.col("model") == model)
@@ -117,9 +160,9 @@ def plot_score_histograms(hit_scores: pl.DataFrame, path: Path, bins: int = 50) 
         ax.set_yscale("log")
         bottom, top = ax.get_ylim()
         ax.set_ylim(bottom, top * 30)  # headroom for the legend
-        ax.set_xlabel("predicted hit weight $w_i$")
+        ax.set_xlabel("classifier score")
         ax.set_ylabel("normalised entries")
-        ax.set_title(_style(model)["label"])
+        ax.set_title(model_style(model)["label"])
         ax.legend(loc="upper center")
     if not models:
         _empty(axes[0], "no classifying model")
@@ -141,7 +184,7 @@ def plot_cluster_residuals(
         core: the Gaussian fitted to the truth residuals; the window is μ ± ``window_n_sigma``·σ.
         range_n_sigma: the x axis spans μ ± this many σ; entries beyond are not drawn (counted in the legend).
     """
-    fig = Figure(figsize=(6.4, 4.8))
+    fig = Figure(figsize=_LEGEND_FIGSIZE)
     ax = fig.add_subplot()
     lo, hi = core.mu - range_n_sigma * core.sigma, core.mu + range_n_sigma * core.sigma
     edges = np.linspace(lo, hi, bins + 1)
@@ -154,12 +197,11 @@ def plot_cluster_residuals(
         if residuals.size == 0:
             continue
         outside = int(((residuals < lo) | (residuals > hi)).sum())
-        label = f"{_style(model)['label']} ({100 * outside / residuals.size:.1f}% beyond axis)"
+        label = f"{model_style(model)['label']} ({100 * outside / residuals.size:.1f}% beyond axis)"
+        style = _line_style(model) | {"label": label}
         # normalised to all clusters of the model (not only those on the axis), so tails show as lost area
         weights = np.full(residuals.size, 1.0 / (residuals.size * bin_width))
-        contents, _, _ = ax.hist(
-            residuals, bins=edges, weights=weights, histtype="step", color=_style(model)["color"], label=label
-        )
+        contents, _, _ = ax.hist(residuals, bins=edges, weights=weights, histtype="step", **style)
         drawn.append(contents)
     n_truth = cluster_residuals.filter(pl.col("model") == "truth")["residual"].drop_nulls().len()
     if n_truth:
@@ -174,13 +216,13 @@ def plot_cluster_residuals(
     ax.set_yscale("log")
     positive = np.concatenate(drawn)[np.concatenate(drawn) > 0] if drawn else np.array([])
     if positive.size:
-        # the axis follows the histograms (not the Gaussian's far tails), with headroom for the legend
-        ax.set_ylim(positive.min() / 3, positive.max() * 300)
+        # the axis follows the histograms (not the Gaussian's far tails)
+        ax.set_ylim(positive.min() / 3, positive.max() * 3)
     ax.set_xlim(lo, hi)
     ax.set_xlabel("cluster residual $\\hat{x}_l - x_{\\mathrm{true},l}$ [mm]")
     ax.set_ylabel("fraction of clusters / mm")
     ax.set_title("Cluster position residuals")
-    ax.legend(fontsize="small", loc="upper right")
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -194,7 +236,7 @@ def plot_q_over_pt_residuals(
         resolution: (model, sigma68, sigma68_err) from :func:`analysis.metrics.resolution_by_model`.
         range_sigma68: the x axis spans ± this many times the largest σ68.
     """
-    fig = Figure(figsize=(6.4, 4.8))
+    fig = Figure(figsize=_LEGEND_FIGSIZE)
     ax = fig.add_subplot()
     widths = {row["model"]: row for row in resolution.iter_rows(named=True)}
     largest = max((row["sigma68"] for row in widths.values() if row["sigma68"] is not None), default=None)
@@ -208,11 +250,11 @@ def plot_q_over_pt_residuals(
             if residuals.size == 0:
                 continue
             row = widths[model]
-            label = f"{_style(model)['label']}: σ68 = {format_value_error(row['sigma68'], row['sigma68_err'])}"
-            ax.hist(residuals, bins=edges, density=True, histtype="step", color=_style(model)["color"], label=label)
+            label = f"{model_style(model)['label']}: σ68 = {format_value_error(row['sigma68'], row['sigma68_err'])}"
+            ax.hist(residuals, bins=edges, density=True, histtype="step", **(_line_style(model) | {"label": label}))
         ax.set_xlim(-half_range, half_range)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # headroom for the legend
-        ax.legend(fontsize="small", loc="upper right")
+        ax.set_ylim(bottom=0)
+        _legend_outside(ax)
     ax.set_xlabel("$[(q/p_T)_{reco} - (q/p_T)_{true}] / (q/p_T)_{true}$")
     ax.set_ylabel("normalised entries")
     ax.set_title("Transverse momentum resolution")
@@ -220,42 +262,48 @@ def plot_q_over_pt_residuals(
 
 
 def plot_sigma68_vs_pt(resolution_pt: pl.DataFrame, path: Path) -> Path:
-    """σ68 of the relative q/pT residual vs true pT, error bars from the bootstrap (paper Fig. 6).
+    """σ68 of the relative q/pT residual vs true pT, error bars from the bootstrap (paper Fig. 6). The models
+    stand side by side within each pT bin, whose edges are drawn as grey lines.
 
     Args:
         resolution_pt: (model, pt_lo, pt_hi, n, sigma68, sigma68_err) from
             :func:`analysis.metrics.resolution_by_pt`.
     """
-    fig = Figure(figsize=(6.4, 4.8))
+    fig = Figure(figsize=_LEGEND_FIGSIZE)
     ax = fig.add_subplot()
     models = model_order(set(resolution_pt["model"].unique().to_list()))
     n_models = max(1, len(models))
+    edges = np.unique(resolution_pt.select("pt_lo", "pt_hi").to_numpy())
+    for edge in edges:
+        # the bin edges as lines: with several models side by side, per-point horizontal bars would overlap
+        ax.axvline(edge, color="0.85", linewidth=0.8, zorder=0)
     for index, model in enumerate(models):
         rows = resolution_pt.filter((pl.col("model") == model) & pl.col("sigma68").is_not_null())
         if rows.height == 0:
             continue
         lo, hi = rows["pt_lo"].to_numpy(), rows["pt_hi"].to_numpy()
-        # a small horizontal offset per model keeps overlapping error bars readable
-        offset = (index - (n_models - 1) / 2) * 0.06 * (hi - lo)
-        centre = 0.5 * (lo + hi) + offset
+        # the models side by side within the middle 80 % of each bin, in report order, so error bars never overlap
+        offset = (index + 0.5) / n_models - 0.5
+        centre = 0.5 * (lo + hi) + 0.8 * offset * (hi - lo)
         ax.errorbar(
             centre,
             rows["sigma68"].to_numpy(),
             yerr=rows["sigma68_err"].fill_null(0.0).to_numpy(),
-            xerr=0.5 * (hi - lo),
-            fmt="o",
+            fmt=model_style(model)["marker"],
             markersize=4,
             capsize=2,
-            color=_style(model)["color"],
-            label=_style(model)["label"],
+            color=model_style(model)["color"],
+            label=model_style(model)["label"],
         )
     ax.set_xlabel("true $p_T$ [GeV]")
     ax.set_ylabel("$\\sigma_{68}$ of relative $q/p_T$ residual")
     ax.set_title("Resolution vs transverse momentum")
     ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, axis="y", alpha=0.3)
+    if len(edges):
+        ax.set_xlim(edges[0], edges[-1])
     if models:
-        ax.legend(fontsize="small")
+        _legend_outside(ax)
     return _save(fig, path)
 
 

@@ -10,6 +10,10 @@ Conventions:
   defaults to 'nearest', so every Polars quantile here names ``interpolation="linear"``.
 - ``truth`` and ``truth_charge`` are reference reconstructions from truth labels: they have no hit
   classification metrics (their "score" is the label itself).
+- A prediction hit has two numbers: ``score``, the raw classifier output (sigmoid of the network logit; 1/0
+  for a hard selection), and ``weight``, its weight in the model's final clusters (equal to the score in the
+  paper chain, the refined weight in the robust chain, 1/0 for a hard selection). ROC, AUC and rejections are
+  those of the score; ``auc_weight``, hit efficiency and purity those of the weight.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from scipy.optimize import curve_fit
 SIGMA68_COVERAGE = 0.68
 #: models whose hit weights come from truth labels (no classification metrics)
 TRUTH_MODELS = ("truth", "truth_charge")
-#: models whose clusters are built from a hard selection, not from their hit scores (hit_weight_table skips them)
-HARD_SELECTION_MODELS = ("assignment",)
+#: a hit counts as selected by a model (hit efficiency and purity) when its final weight is at least this
+HIT_SELECTION_THRESHOLD = 0.5
 #: signal efficiencies at which background rejection is quoted
 SIGNAL_EFFICIENCY_POINTS = (0.90, 0.95)
 #: edges of the true-pT bins [GeV]: [20,25), [25,30), ..., [45,50] (the last bin is closed on both sides)
@@ -425,12 +429,48 @@ def binomial_error(fraction: float, n: int) -> float:
     return math.sqrt(fraction * (1.0 - fraction) / n) if n > 0 else float("nan")
 
 
+def binomial_error_expr(fraction: str | pl.Expr, n: str | pl.Expr) -> pl.Expr:
+    """sqrt(f (1 − f) / n) of two columns (:func:`binomial_error`); null where n = 0."""
+    f, count = _as_expr(fraction), _as_expr(n)
+    return pl.when(count > 0).then((f * (1 - f) / count).sqrt())
+
+
+def ratio_with_error(
+    numerator: float, numerator_err: float, denominator: float, denominator_err: float
+) -> tuple[float, float]:
+    """numerator/denominator and its error, propagating both errors as independent; NaNs for a zero or
+    non-finite denominator."""
+    if denominator == 0 or not math.isfinite(denominator):
+        return float("nan"), float("nan")
+    err = math.hypot(numerator_err / denominator, numerator * denominator_err / denominator**2)
+    return numerator / denominator, err
+
+
 def relative_change(new: float, new_err: float, reference: float, reference_err: float) -> tuple[float, float]:
     """(new − reference)/reference and its error, propagating both errors as independent."""
-    if reference == 0 or not math.isfinite(reference):
-        return float("nan"), float("nan")
-    err = math.hypot(new_err / reference, new * reference_err / reference**2)
-    return new / reference - 1.0, err
+    ratio, err = ratio_with_error(new, new_err, reference, reference_err)
+    return ratio - 1.0, err
+
+
+def hit_selected_expr(weight: str = "weight", threshold: float = HIT_SELECTION_THRESHOLD) -> pl.Expr:
+    """True where a hit's final weight selects it (weight >= threshold); null for a null or NaN weight.
+
+    NaN is mapped to null explicitly: Polars orders NaN above every number, so ``NaN >= 0.5`` would be True.
+    """
+    return pl.col(weight).fill_nan(None) >= threshold
+
+
+def hit_efficiency_expr(weight: str = "weight", is_signal: str = "is_signal") -> pl.Expr:
+    """Share of the signal hits that the final weights select (:func:`hit_selected_expr`); null without signal.
+
+    Hits with a null or NaN weight are left out (filter them beforehand to count them).
+    """
+    return hit_selected_expr(weight).filter(pl.col(is_signal)).mean()
+
+
+def hit_purity_expr(weight: str = "weight", is_signal: str = "is_signal") -> pl.Expr:
+    """Share of the hits selected by the final weights that are signal; null when nothing is selected."""
+    return pl.col(is_signal).filter(hit_selected_expr(weight)).cast(pl.Float64).mean()
 
 
 def hit_origin_expr(is_signal: str = "is_signal", particle_id: str = "particle_id") -> pl.Expr:
@@ -470,20 +510,20 @@ def hit_distance_class_expr(distance: str = "distance", edges: tuple[float, floa
 
 
 def hit_score_table(pred_hits: pl.LazyFrame, dataset_hits: pl.LazyFrame) -> pl.DataFrame:
-    """Scores of the classifying models joined to the truth label.
+    """Scores and final weights of the classifying models joined to the truth label.
 
     Args:
-        pred_hits: REPORT/predictions/hits.parquet (event_id, hit_id, model, score).
+        pred_hits: REPORT/predictions/hits.parquet (event_id, hit_id, model, score, weight).
         dataset_hits: the dataset's hits (event_id, hit_id, is_signal, ...).
 
     Returns:
-        DataFrame (model, event_id, hit_id, score float64, is_signal bool) without the truth models; hits
-        with no truth row are dropped (inner join).
+        DataFrame (model, event_id, hit_id, score float64, weight float64, is_signal bool) without the truth
+        models; hits with no truth row are dropped (inner join).
     """
     truth = dataset_hits.select("event_id", "hit_id", "is_signal")
     return (
         pred_hits.filter(~pl.col("model").is_in(TRUTH_MODELS))
-        .select("model", "event_id", "hit_id", pl.col("score").cast(pl.Float64))
+        .select("model", "event_id", "hit_id", pl.col("score").cast(pl.Float64), pl.col("weight").cast(pl.Float64))
         .join(truth, on=["event_id", "hit_id"], how="inner")
         .collect()
     )
@@ -495,14 +535,16 @@ def hit_weight_table(
     pred_clusters: pl.LazyFrame,
     edges: tuple[float, float] = HIT_DISTANCE_EDGES,
 ) -> pl.DataFrame:
-    """Where each classifying model puts its hit weight, by hit origin and distance from the muon.
+    """Where each model puts its final hit weight, by hit origin and distance from the muon.
 
     A cluster's offset from the muon is x̂_l − x_true,l = Σ_i w_i (x_i − x_true,l) / W_l, so a hit pulls the
     cluster by its weight times its distance |x_i − x_true,l|: a far noise strip with a weight of 0.01 moves a
-    4-strip cluster by as much as a near one with 0.5. This table shows which hits do the pulling.
+    4-strip cluster by as much as a near one with 0.5. This table shows which hits do the pulling. The weight is
+    the ``weight`` column (the hit's weight in the final clusters), not the classifier ``score``: in the robust
+    chain the clusters are built from refined weights, and a hard selection clusters its 1/0 choice.
 
     Args:
-        pred_hits: predictions/hits.parquet (event_id, hit_id, model, score).
+        pred_hits: predictions/hits.parquet (event_id, hit_id, model, weight).
         dataset_hits: the dataset's hits (event_id, hit_id, layer, x, is_signal, particle_id).
         pred_clusters: predictions/clusters.parquet; its ``truth`` rows give x_true per event and layer.
         edges: distance class edges [mm] (:func:`hit_distance_class_expr`).
@@ -511,7 +553,7 @@ def hit_weight_table(
         DataFrame (model, origin, distance_class, n_hits, mean_weight, frac_above_half, pull_per_event [mm]
         = Σ w |x − x_true| / events of the model), sorted by model, origin (HIT_ORIGINS order) and distance.
         Hits on layers without a muon crossing (x_true NaN) are left out, and so are the truth references
-        and HARD_SELECTION_MODELS, whose clustering weights are not their scores.
+        (their weights are the labels).
     """
     crossings = (
         pred_clusters.filter((pl.col("model") == "truth") & pl.col("x_true").is_finite())
@@ -522,8 +564,8 @@ def hit_weight_table(
     distance_rank = {label: rank for rank, label in enumerate(hit_distance_classes(edges))}
     origin_rank = {origin: rank for rank, origin in enumerate(HIT_ORIGINS)}
     return (
-        pred_hits.filter(~pl.col("model").is_in([*TRUTH_MODELS, *HARD_SELECTION_MODELS]))
-        .select("model", "event_id", "hit_id", pl.col("score").cast(pl.Float64).alias("weight"))
+        pred_hits.filter(~pl.col("model").is_in(TRUTH_MODELS))
+        .select("model", "event_id", "hit_id", pl.col("weight").cast(pl.Float64))
         .join(truth, on=["event_id", "hit_id"], how="inner")
         .join(crossings, on=["event_id", "layer"], how="inner")
         .with_columns(
@@ -549,32 +591,39 @@ def hit_weight_table(
 
 
 def classification_metrics(hit_scores: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """ROC metrics per model from :func:`hit_score_table`.
+    """Per-model hit metrics from :func:`hit_score_table`: the ROC of the classifier score and the selection
+    made by the final weights.
 
-    Non-finite scores are dropped and counted (``n_bad_scores``); a model lacking signal or background hits
-    gets null metrics.
+    Score metrics (auc, rejections, ε_b) use the hits with a finite ``score``, the others are dropped and
+    counted (``n_bad_scores``). Weight metrics use the hits with a finite ``weight`` (``n_bad_weights``
+    dropped): ``auc_weight`` is the ROC AUC of the weight, a hit is selected when its weight is at least
+    :data:`HIT_SELECTION_THRESHOLD`, ``hit_efficiency`` = selected signal / signal and ``hit_purity`` =
+    selected signal / selected, each with a binomial error. A model lacking signal or background hits gets
+    null AUCs and rejections. A hard 0/1 score or weight has a single-point ROC: its AUC is (ε_s + 1 − ε_b)/2.
 
     Returns:
         (table with columns model, n_signal, n_background, n_bad_scores, auc, auc_err, rejection_at_90,
-        rejection_at_90_err, rejection_at_95, rejection_at_95_err, background_eff_at_90, background_eff_at_95;
-        {model: (signal_eff, background_eff)} for plotting).
+        rejection_at_90_err, background_eff_at_90, rejection_at_95, rejection_at_95_err, background_eff_at_95,
+        n_bad_weights, auc_weight, auc_weight_err, n_selected, hit_efficiency, hit_efficiency_err, hit_purity,
+        hit_purity_err; {model: (signal_eff, background_eff)} of the score, for plotting).
     """
     rows = []
     rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for (model,), group in sorted(hit_scores.partition_by("model", as_dict=True).items()):
-        scores = group["score"].to_numpy()
         labels = group["is_signal"].to_numpy().astype(bool)
-        finite = np.isfinite(scores)
-        scores, labels = scores[finite], labels[finite]
-        n_signal, n_background = int(labels.sum()), int((~labels).sum())
+        scores, weights = group["score"].to_numpy(), group["weight"].to_numpy()
+        finite_score, finite_weight = np.isfinite(scores), np.isfinite(weights)
+        score_labels = labels[finite_score]
+        n_signal, n_background = int(score_labels.sum()), int((~score_labels).sum())
         row: dict[str, object] = {
             "model": model,
             "n_signal": n_signal,
             "n_background": n_background,
-            "n_bad_scores": int((~finite).sum()),
+            "n_bad_scores": int((~finite_score).sum()),
+            "n_bad_weights": int((~finite_weight).sum()),
         }
         if n_signal and n_background:
-            signal_eff, background_eff, _ = roc_curve(scores, labels)
+            signal_eff, background_eff, _ = roc_curve(scores[finite_score], score_labels)
             rocs[model] = (signal_eff, background_eff)
             area = auc_from_roc(signal_eff, background_eff)
             row |= {"auc": area, "auc_err": auc_uncertainty(area, n_signal, n_background)}
@@ -587,6 +636,11 @@ def classification_metrics(hit_scores: pl.DataFrame) -> tuple[pl.DataFrame, dict
                     f"rejection_at_{key}": rejection,
                     f"rejection_at_{key}_err": rejection_uncertainty(rejection, n_background),
                 }
+        weight_labels = labels[finite_weight]
+        n_weight_signal, n_weight_background = int(weight_labels.sum()), int((~weight_labels).sum())
+        if n_weight_signal and n_weight_background:
+            area = auc(weights[finite_weight], weight_labels)
+            row |= {"auc_weight": area, "auc_weight_err": auc_uncertainty(area, n_weight_signal, n_weight_background)}
         rows.append(row)
     schema = {"model": pl.String, "n_signal": pl.Int64, "n_background": pl.Int64, "n_bad_scores": pl.Int64}
     schema |= {"auc": pl.Float64, "auc_err": pl.Float64}
@@ -594,7 +648,24 @@ def classification_metrics(hit_scores: pl.DataFrame) -> tuple[pl.DataFrame, dict
         key = f"{round(100 * target)}"
         schema |= {f"rejection_at_{key}": pl.Float64, f"rejection_at_{key}_err": pl.Float64}
         schema |= {f"background_eff_at_{key}": pl.Float64}
-    return pl.DataFrame(rows, schema=schema), rocs
+    schema |= {"n_bad_weights": pl.Int64, "auc_weight": pl.Float64, "auc_weight_err": pl.Float64}
+    # the selection counts are plain column logic: one group_by, NaN weights left out by hit_selected_expr
+    selection = (
+        hit_scores.group_by("model")
+        .agg(
+            n_selected=hit_selected_expr().sum().cast(pl.Int64),
+            n_weighted_signal=hit_selected_expr().filter(pl.col("is_signal")).count().cast(pl.Int64),
+            hit_efficiency=hit_efficiency_expr(),
+            hit_purity=hit_purity_expr(),
+        )
+        .with_columns(
+            hit_efficiency_err=binomial_error_expr("hit_efficiency", "n_weighted_signal"),
+            hit_purity_err=binomial_error_expr("hit_purity", "n_selected"),
+        )
+        .drop("n_weighted_signal")
+    )
+    table = pl.DataFrame(rows, schema=schema).join(selection, on="model", how="left", maintain_order="left")
+    return table, rocs
 
 
 def cluster_residual_table(pred_clusters: pl.LazyFrame) -> pl.DataFrame:

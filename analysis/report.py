@@ -28,8 +28,23 @@ from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_
 SIGNIFICANCE_THRESHOLD = 2.0
 #: the paper's relative gain in cluster core fraction, end-to-end vs baseline (Coccaro et al., section 4)
 PAPER_CORE_FRACTION_GAIN = 0.127
-#: keys of each model's entry in summary.json (DESIGN.md "Metrics")
-SUMMARY_KEYS = ("auc", "rejection_at_90", "rejection_at_95", "core_fraction", "sigma68", "sigma68_err", "n_events")
+#: keys of each model's entry in summary.json (DESIGN.md "Metrics"): ``auc`` and the rejections are those of the
+#: raw classifier score, ``auc_weight``, ``hit_efficiency`` and ``hit_purity`` those of the final hit weights
+SUMMARY_KEYS = (
+    "auc",
+    "rejection_at_90",
+    "rejection_at_95",
+    "core_fraction",
+    "sigma68",
+    "sigma68_err",
+    "n_events",
+    "auc_weight",
+    "auc_weight_err",
+    "hit_efficiency",
+    "hit_efficiency_err",
+    "hit_purity",
+    "hit_purity_err",
+)
 #: columns of resolution.csv
 RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err")
 
@@ -37,6 +52,52 @@ _PREDICTION_SCHEMAS = {"hits": PRED_HITS_SCHEMA, "clusters": PRED_CLUSTERS_SCHEM
 _DATASET_COLUMNS = {"hits": ("event_id", "hit_id", "is_signal"), "events": ("event_id", "pt", "q")}
 #: further dataset hit columns of the optional "where the hit weight goes" table (metrics.hit_weight_table)
 _HIT_WEIGHT_COLUMNS = ("layer", "x", "particle_id")
+
+
+@dataclass(frozen=True)
+class ComparisonPair:
+    """Two models the report compares, and why."""
+
+    candidate: str
+    reference: str
+    question: str
+    #: the AUC compared: "auc" (raw classifier score) or "auc_weight" (final hit weights)
+    auc_key: str
+    #: whether the paper's core-fraction gain (PAPER_CORE_FRACTION_GAIN) is the yardstick of this pair
+    paper_gain: bool
+
+
+#: the comparisons of the report, in report order (each only when both models are in the predictions)
+COMPARISON_PAIRS = (
+    ComparisonPair(
+        "e2e",
+        "baseline",
+        "the paper's question in the robust reconstruction chain: does training through the reconstruction beat "
+        "BCE alone? (AUC of the raw classifier score)",
+        "auc",
+        paper_gain=True,
+    ),
+    ComparisonPair(
+        "e2e",
+        "classical",
+        "does the learned tracker beat the non-learned reference a physicist would use? (AUC of the final hit "
+        "weights; classical's is the single ROC point of its 0/1 selection, which favours any graded weight)",
+        "auc_weight",
+        paper_gain=False,
+    ),
+    ComparisonPair(
+        "e2e_paper",
+        "baseline_paper",
+        "the faithful reproduction of the paper: weighted-mean clustering and Kasa fit (AUC of the raw classifier "
+        "score)",
+        "auc",
+        paper_gain=True,
+    ),
+)
+#: the model whose σ68 is quoted relative to the charge-centroid limit, and that limit
+RESOLUTION_LIMIT_PAIR = ("e2e", "truth_charge")
+_AUC_LABELS = {"auc": "hit AUC (raw score)", "auc_weight": "hit AUC (final weights)"}
+
 _FIGURE_NAMES = {
     "rejection": "roc_rejection.png",
     "scores": "score_histograms.png",
@@ -170,11 +231,12 @@ def _row(frame: pl.DataFrame, model: str) -> dict[str, Any]:
 
 
 def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | None]]:
-    """{model: {auc, rejection_at_90, rejection_at_95, core_fraction, sigma68, sigma68_err, n_events}}.
+    """{model: {key: value for key in SUMMARY_KEYS}}.
 
-    auc and rejections are null for the truth models; a rejection is also null when no background hit
-    passes at that efficiency (infinite). ``n_events`` counts the events whose track fit succeeded (those
-    that enter σ68).
+    ``auc`` and the rejections are those of the raw classifier score (``score``); ``auc_weight``,
+    ``hit_efficiency`` and ``hit_purity`` (with ``_err``) those of the final hit weights (``weight``). All of
+    them are null for the truth models; a rejection is also null when no background hit passes at that
+    efficiency (infinite). ``n_events`` counts the events whose track fit succeeded (those that enter σ68).
     """
     summary: dict[str, dict[str, float | int | None]] = {}
     for model in results.models:
@@ -190,6 +252,11 @@ def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | N
             "sigma68_err": _finite_or_none(resolution.get("sigma68_err")),
             "n_events": int(resolution.get("n") or 0),
         }
+        summary[model] |= {
+            key: _finite_or_none(classification.get(key))
+            for key in SUMMARY_KEYS
+            if key.startswith(("auc_weight", "hit_efficiency", "hit_purity"))
+        }
     return summary
 
 
@@ -199,15 +266,25 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
     def cell(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    header = f"{'model':<13} {'AUC':>7} {'rej@90%':>9} {'rej@95%':>9} {'core':>7} {'sigma68':>9} {'±':>8} {'events':>7}"
+    width = max([13, *map(len, summary)])
+    header = (
+        f"{'model':<{width}} {'AUC':>7} {'AUC(w)':>7} {'eff(w)':>7} {'pur(w)':>7} {'rej@90%':>9} {'rej@95%':>9} "
+        f"{'core':>7} {'sigma68':>9} {'±':>8} {'events':>7}"
+    )
     lines = [header, "-" * len(header)]
     for model, row in summary.items():
         lines.append(
-            f"{model:<13} {cell(row.get('auc'), '.4f'):>7} {cell(row.get('rejection_at_90'), '.4g'):>9} "
+            f"{model:<{width}} {cell(row.get('auc'), '.4f'):>7} {cell(row.get('auc_weight'), '.4f'):>7} "
+            f"{cell(row.get('hit_efficiency'), '.4f'):>7} {cell(row.get('hit_purity'), '.4f'):>7} "
+            f"{cell(row.get('rejection_at_90'), '.4g'):>9} "
             f"{cell(row.get('rejection_at_95'), '.4g'):>9} {cell(row.get('core_fraction'), '.4f'):>7} "
             f"{cell(row.get('sigma68'), '.4g'):>9} {cell(row.get('sigma68_err'), '.2g'):>8} "
             f"{cell(row.get('n_events'), 'd'):>7}"
         )
+    lines.append(
+        "AUC = raw classifier score; AUC(w), eff(w), pur(w) = final hit weights "
+        f"(selected at w >= {m.HIT_SELECTION_THRESHOLD:g})."
+    )
     return "\n".join(lines)
 
 
@@ -257,58 +334,94 @@ def compare_sentence(
     return f"{candidate} is NOT significantly better than {reference} on {label}: {both}; {outcome}."
 
 
-def comparison_sentences(results: ReportResults, reference: str = "baseline") -> list[str]:
-    """Comparison of every trained model with ``reference`` on each headline metric, plus per-pT-bin counts."""
-    candidates = [model for model in results.models if model not in (*m.TRUTH_MODELS, reference)]
-    if reference not in results.models:
-        return [f"No '{reference}' predictions: no comparison with the sequential baseline."]
-    if not candidates:
-        return [f"Only the '{reference}' model was evaluated: nothing to compare it with."]
-    sentences = []
-    for model in candidates:
-        cls, cls_ref = _row(results.classification, model), _row(results.classification, reference)
-        core, core_ref = _row(results.core, model), _row(results.core, reference)
-        res, res_ref = _row(results.resolution, model), _row(results.resolution, reference)
-        specs = [
-            ("hit AUC", cls, cls_ref, "auc", "auc_err", True),
-            (
-                "background rejection at 90 % signal efficiency",
-                cls,
-                cls_ref,
-                "rejection_at_90",
-                "rejection_at_90_err",
-                True,
-            ),
-            ("cluster core fraction", core, core_ref, "core_fraction", "core_fraction_err", True),
-            ("σ68(q/pT)", res, res_ref, "sigma68", "sigma68_err", False),
-        ]
-        for label, row, row_ref, key, err_key, higher_is_better in specs:
-            sentences.append(
-                compare_sentence(
-                    label,
-                    model,
-                    row.get(key),
-                    row.get(err_key),
-                    reference,
-                    row_ref.get(key),
-                    row_ref.get(err_key),
-                    higher_is_better,
-                )
-            )
-        if core.get("core_fraction") is not None and core_ref.get("core_fraction"):
-            change, change_err = m.relative_change(
-                core["core_fraction"],
-                core["core_fraction_err"],
-                core_ref["core_fraction"],
-                core_ref["core_fraction_err"],
-            )
-            sentences.append(
-                f"Relative change of the core fraction, {model} vs {reference}: "
-                f"{100 * change:+.1f} ± {100 * change_err:.1f} % (the paper reports "
-                f"{100 * PAPER_CORE_FRACTION_GAIN:+.1f} % for its end-to-end model)."
-            )
-        sentences.append(_per_bin_sentence(results.resolution_pt, model, reference))
+def _pair_sentences(results: ReportResults, pair: ComparisonPair) -> list[str]:
+    """The comparison of one pair on its AUC, the cluster core fraction and σ68(q/pT), plus per-pT-bin counts."""
+    model, reference = pair.candidate, pair.reference
+    cls, cls_ref = _row(results.classification, model), _row(results.classification, reference)
+    core, core_ref = _row(results.core, model), _row(results.core, reference)
+    res, res_ref = _row(results.resolution, model), _row(results.resolution, reference)
+    specs = [
+        (_AUC_LABELS[pair.auc_key], cls, cls_ref, pair.auc_key, f"{pair.auc_key}_err", True),
+        ("cluster core fraction", core, core_ref, "core_fraction", "core_fraction_err", True),
+        ("σ68(q/pT)", res, res_ref, "sigma68", "sigma68_err", False),
+    ]
+    sentences = [
+        compare_sentence(
+            label,
+            model,
+            row.get(key),
+            row.get(err_key),
+            reference,
+            row_ref.get(key),
+            row_ref.get(err_key),
+            higher_is_better,
+        )
+        for label, row, row_ref, key, err_key, higher_is_better in specs
+    ]
+    if pair.paper_gain and core.get("core_fraction") is not None and core_ref.get("core_fraction"):
+        change, change_err = m.relative_change(
+            core["core_fraction"],
+            core["core_fraction_err"],
+            core_ref["core_fraction"],
+            core_ref["core_fraction_err"],
+        )
+        sentences.append(
+            f"Relative change of the core fraction, {model} vs {reference}: "
+            f"{100 * change:+.1f} ± {100 * change_err:.1f} % (the paper reports "
+            f"{100 * PAPER_CORE_FRACTION_GAIN:+.1f} % for its end-to-end model)."
+        )
+    sentences.append(_per_bin_sentence(results.resolution_pt, model, reference))
     return sentences
+
+
+def _resolution_limit_sentence(results: ReportResults, model: str, limit: str) -> str:
+    """σ68(q/pT) of ``model`` as a multiple of the ``limit`` reference's."""
+    res, res_limit = _row(results.resolution, model), _row(results.resolution, limit)
+    value, limit_value = res.get("sigma68"), res_limit.get("sigma68")
+    if value is None or not limit_value:
+        return f"σ68(q/pT) of {model} relative to {limit}: not computable (a σ68 is missing or zero)."
+    ratio, ratio_err = m.ratio_with_error(
+        value,
+        res.get("sigma68_err") or 0.0,
+        limit_value,
+        res_limit.get("sigma68_err") or 0.0,
+    )
+    return (
+        f"σ68(q/pT) of {model} / {limit} = {format_value_error(ratio, ratio_err)} ({model} "
+        f"{format_value_error(value, res.get('sigma68_err'))}, {limit} "
+        f"{format_value_error(limit_value, res_limit.get('sigma68_err'))}; errors as independent). "
+        f"1 would be the charge-centroid limit: truth hit selection, charge-weighted clusters."
+    )
+
+
+def comparison_blocks(results: ReportResults) -> list[tuple[str, list[str]]]:
+    """The report's comparisons as (lead line, sentences): each of :data:`COMPARISON_PAIRS` whose two models
+    are both in the predictions, then e2e's σ68 relative to the charge-centroid limit (truth_charge), then the
+    pairs left out."""
+    present = set(results.models)
+    blocks = [
+        (f"**{pair.candidate} vs {pair.reference}**: {pair.question}", _pair_sentences(results, pair))
+        for pair in COMPARISON_PAIRS
+        if {pair.candidate, pair.reference} <= present
+    ]
+    model, limit = RESOLUTION_LIMIT_PAIR
+    if {model, limit} <= present:
+        blocks.append(
+            (
+                f"**{model} vs {limit}**: how far is {model} from the charge-centroid limit?",
+                [_resolution_limit_sentence(results, model, limit)],
+            )
+        )
+    skipped = []
+    for pair in COMPARISON_PAIRS:
+        missing = [name for name in (pair.candidate, pair.reference) if name not in present]
+        if missing:
+            skipped.append(f"{pair.candidate} vs {pair.reference} (no {' and no '.join(missing)} predictions)")
+    if skipped and blocks:
+        blocks.append(("**Not compared** (a model is missing from the predictions)", skipped))
+    elif skipped:
+        blocks.append(("**No comparison**: no pair of models to compare is in the predictions", skipped))
+    return blocks
 
 
 def _per_bin_sentence(resolution_pt: pl.DataFrame, model: str, reference: str) -> str:
@@ -395,7 +508,16 @@ def render_markdown(
         "## Summary",
         "",
     ]
-    headers = ["model", "AUC", "rejection @ 90 %", "rejection @ 95 %", "core fraction", "σ68(q/pT)", "events in σ68"]
+    headers = [
+        "model",
+        "AUC (score)",
+        "AUC (weight)",
+        "rejection @ 90 %",
+        "rejection @ 95 %",
+        "core fraction",
+        "σ68(q/pT)",
+        "events in σ68",
+    ]
     rows = []
     for model, row in summary.items():
         cls = _row(results.classification, model) if model not in m.TRUTH_MODELS else {}
@@ -404,7 +526,8 @@ def render_markdown(
         rows.append(
             [
                 model,
-                format_value_error(cls["auc"], cls["auc_err"]) if cls.get("auc") is not None else None,
+                _value_error_or_none(cls, "auc"),
+                _value_error_or_none(cls, "auc_weight"),
                 _rejection_text(cls.get("rejection_at_90"), cls.get("rejection_at_90_err"), n_background),
                 _rejection_text(cls.get("rejection_at_95"), cls.get("rejection_at_95_err"), n_background),
                 format_value_error(core["core_fraction"], core["core_fraction_err"]) if core else None,
@@ -413,36 +536,62 @@ def render_markdown(
             ]
         )
     lines += _md_table(headers, rows)
+    lines += [
+        "",
+        "AUC (score): the raw classifier score; AUC (weight): the final hit weights (see Hit classification).",
+    ]
     lines += ["", "## Comparison", "", "Generated from the numbers above; significance uses the quoted errors.", ""]
-    lines += [f"- {sentence}" for sentence in comparison_sentences(results)]
+    for lead, sentences in comparison_blocks(results):
+        lines += [f"- {lead}", *(f"  - {sentence}" for sentence in sentences)]
 
     lines += ["", "## Hit classification", ""]
     if results.classification.height:
+        lines += [
+            _SCORE_AND_WEIGHT_SENTENCE + " A hard 0/1 selection (classical, assignment) has a single-point ROC: "
+            "its AUC is (ε_s + 1 − ε_b)/2, and its ε_b at 90 % / 95 % is read off the straight lines from (0, 0) "
+            "through its working point to (1, 1) (hits dropped from or added to the selection at random).",
+            "",
+        ]
         cls_rows = [
             [
                 row["model"],
                 row["n_signal"],
                 row["n_background"],
                 row["n_bad_scores"],
-                format_value_error(row["auc"], row["auc_err"]) if row["auc"] is not None else None,
+                _value_error_or_none(row, "auc"),
                 row["background_eff_at_90"],
                 row["background_eff_at_95"],
+                row["n_bad_weights"],
+                _value_error_or_none(row, "auc_weight"),
+                _value_error_or_none(row, "hit_efficiency"),
+                _value_error_or_none(row, "hit_purity"),
             ]
             for row in _in_model_order(results.classification, results.models)
         ]
+        threshold = f"{m.HIT_SELECTION_THRESHOLD:g}"
         headers = [
             "model",
             "signal hits",
             "background hits",
             "dropped (non-finite score)",
-            "AUC",
+            "AUC (score)",
             "ε_b @ 90 %",
             "ε_b @ 95 %",
+            "dropped (non-finite weight)",
+            "AUC (weight)",
+            f"hit efficiency (w ≥ {threshold})",
+            f"hit purity (w ≥ {threshold})",
         ]
         lines += _md_table(headers, cls_rows)
     else:
         lines.append("No classifying model in the predictions (only truth references).")
     lines += ["", _figure_link(figure_paths, "rejection", "Background rejection vs signal efficiency")]
+    lines += [
+        "",
+        "Background rejection vs signal efficiency of the raw classifier score. A hard 0/1 selection (classical, "
+        "assignment) has a single working point and is drawn as one marker; one with no background hit selected "
+        "(infinite rejection) cannot be drawn on the log axis.",
+    ]
     lines += ["", _figure_link(figure_paths, "scores", "Hit score distributions")]
     lines += _hit_weight_rows(results)
 
@@ -521,11 +670,17 @@ def _hit_weight_rows(results: ReportResults) -> list[str]:
         "it by up to its weight w times its distance d = |x − x_true| from the muon's crossing: a noise strip "
         "300 mm away with w = 0.01 moves a 4-strip cluster by as much as a strip 6 mm away with w = 0.5. Signal "
         "strips sit on both sides of the crossing (their Σ w·d is the cluster width and largely cancels); "
-        "everything else pulls. Models that cluster a hard selection rather than their scores "
-        f"({', '.join(m.HARD_SELECTION_MODELS)}) are not listed.",
+        "everything else pulls. w is the hit's final weight in the model's clusters (the `weight` column: the "
+        "classifier score for the paper chain, the refined weight for the robust chain, the 0/1 choice of a "
+        "hard selection such as classical and assignment).",
         "",
         *_md_table(headers, rows),
     ]
+
+
+def _value_error_or_none(row: dict[str, Any], key: str) -> str | None:
+    """'value ± error' of ``key`` and ``key_err`` in a table row; None (rendered "–") without a value."""
+    return format_value_error(row[key], row.get(f"{key}_err")) if row.get(key) is not None else None
 
 
 def _in_model_order(frame: pl.DataFrame, models: list[str]) -> list[dict[str, Any]]:
@@ -559,6 +714,12 @@ def _figure_link(figure_paths: dict[str, Path], key: str, title: str) -> str:
     return f"![{title}](figures/{path.name})" if path is not None else f"({title}: not drawn)"
 
 
+_SCORE_AND_WEIGHT_SENTENCE = (
+    "AUC (score), the ROC and the rejections are those of the raw classifier score (`score`: the network's "
+    "sigmoid output); AUC (weight), hit efficiency and purity those of the hit's final weight in the model's "
+    "clusters (`weight`). In summary.json `auc` is the raw score's AUC and `auc_weight` the final weights'."
+)
+
 DEFINITIONS = [
     "- **Hit score, ROC**: a hit is selected when its score ≥ threshold. Signal efficiency ε_s = selected "
     "signal hits / signal hits; background efficiency ε_b = selected background hits / background hits, "
@@ -566,6 +727,12 @@ DEFINITIONS = [
     "together), from (0, 0) to (1, 1).",
     "- **AUC**: trapezoidal area under ε_s(ε_b) = P(score_signal > score_background) + ½ P(tie). "
     "Error: Hanley–McNeil (1982), which treats hits as independent.",
+    "- **Hit score, hit weight**: `score` is the classifier output (sigmoid of the network logit; 1/0 for a hard "
+    "selection); `weight` is the hit's weight in the model's final clusters (the score in the paper chain, the "
+    "refined weight after the last reweighting step in the robust chain, 1/0 for a hard selection).",
+    f"- **Hit efficiency, purity**: a hit is selected when its weight is ≥ {m.HIT_SELECTION_THRESHOLD:g}. "
+    "Efficiency = selected signal hits / signal hits, purity = selected signal hits / selected hits; binomial "
+    "errors. **AUC (weight)** is the AUC of the weight, error as for the AUC.",
     "- **Background rejection at ε_s = 90 % / 95 %**: 1/ε_b, with ε_b linearly interpolated between the two "
     "ROC points that bracket the target ε_s (the smallest ε_b if the ROC passes exactly through it). Error: "
     "binomial on the background count only. Infinite (∞, null in summary.json) when no background hit passes.",

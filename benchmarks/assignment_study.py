@@ -40,7 +40,8 @@ def decisions(dataset, run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     buckets = inference_buckets(tuple(config["train_config"]["node_buckets"]), max_hits)
     keys, scores, decided, labels, residuals = [], [], [], [], []
     for batch in iter_batches(dataset, "test", 32, buckets):
-        score, weight, reco = forward(params, device_batch(batch))
+        score, (reco, *_) = forward(params, device_batch(batch))
+        weight = reco.hit_weight
         mask = batch.mask & batch.event_mask[:, None]
         keys.append(batch.event_id[:, None].repeat(batch.mask.shape[1], 1)[mask] * 4096 + batch.hit_id[mask])
         scores.append(np.asarray(score)[mask])

@@ -29,6 +29,7 @@ app = typer.Typer(
 class ModelName(StrEnum):
     baseline = "baseline"
     e2e = "e2e"
+    e2e_paper = "e2e_paper"
     assignment = "assignment"
 
 

@@ -18,10 +18,9 @@ import polars as pl
 from pipeline import provenance
 from pipeline.errors import DatasetError, MuontrackError, RunError
 
-#: the `model` column of the predictions, in report order
-REPORT_MODELS = ("truth", "truth_charge", "baseline", "e2e", "assignment")
-#: the models a job can train (the others are truth references)
-TRAINED_MODELS = ("baseline", "e2e", "assignment")
+#: the models a job can train (each gives one or more rows of the `model` column: `baseline` gives `baseline`
+#: and `baseline_paper`); the truth references and `classical` need no training
+TRAINED_MODELS = ("baseline", "e2e", "e2e_paper", "assignment")
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class JobPreset:
 
     events: int
     train_preset: str
-    models: tuple[str, ...] = ("baseline", "e2e")
+    models: tuple[str, ...] = ("baseline", "e2e", "e2e_paper")
     #: simulation shard size (smaller datasets get smaller shards so resume and workers have units)
     shard_events: int = 20_000
 
@@ -81,7 +80,8 @@ def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
 
 
 def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
-    """Write ``out/predictions/{hits,clusters,tracks}.parquet`` for the truth references and every run."""
+    """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run."""
+    from classical import predict_classical
     from model.inference import predict_run, predict_truth
     from pipeline.batches import SPLIT_FRACTIONS, split_summary
     from pipeline.dataset import open_dataset
@@ -97,8 +97,8 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
     for run in runs:
         if not Path(run).is_dir():
             raise RunError(f"run folder {run} does not exist")
-    tables = [predict_truth(dataset, split="test")]
-    seen: set[str] = set()
+    tables = [predict_truth(dataset, split="test"), predict_classical(dataset, split="test")]
+    seen: set[str] = {"truth", "truth_charge", "classical"}
     for run in runs:
         predictions = predict_run(dataset, Path(run), split="test")
         model_names = set(predictions["tracks"]["model"].unique().to_list())

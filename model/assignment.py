@@ -144,4 +144,4 @@ def assignment_loss(
     reco = reconstruct(weights, batch, geometry)
     bce = bce_loss(logits, batch.label, batch.mask)
     momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask, reco.status == STATUS_OK)
-    return bce + lam * momentum, {"bce": bce, "pt_loss": momentum}
+    return bce + lam * momentum, {"bce": bce, "pt_loss": momentum, "q_over_pt": reco.q_over_pt}

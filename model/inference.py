@@ -3,10 +3,14 @@
 The three tables have exactly the columns and types of pipeline.schema's PRED_HITS_SCHEMA,
 PRED_CLUSTERS_SCHEMA and PRED_TRACKS_SCHEMA (DESIGN.md, "Files"):
 
-- ``hits``: one row per hit of the split (event_id, hit_id, model, score); ``score`` is sigmoid(logit) for a
-  trained model and the truth label (1.0 / 0.0) for the truth references;
+- ``hits``: one row per hit of the split (event_id, hit_id, model, score, weight); ``score`` is
+  sigmoid(logit) for a trained model and the truth label (1.0 / 0.0) for the truth references; ``weight`` the
+  hit's weight in the final clusters of the row's reconstruction chain (model.tracker);
 - ``clusters``: one row per event and layer (event_id, layer, model, x_reco, sigma, weight, x_true) from the
   differentiable clustering with the model's hit weights;
+
+A run gives one row set per entry of its objective's ``reported_as`` (the ``baseline`` network: ``baseline``
+with the robust chain and ``baseline_paper`` with the paper's), all from one forward pass of the network.
 - ``tracks``: one row per event (event_id, model, pt_pred, q_pred, q_over_pt_pred, radius, fit_status).
 
 Unlike training, inference never truncates an event: the node buckets are extended to hold the largest
@@ -26,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from model.config import ModelConfig
-from model.tracker import reconstruct
+from model.tracker import PAPER_CHAIN, Chain, reconstruct
 from model.train import (
     CONFIG_NAME,
     device_batch,
@@ -100,27 +104,42 @@ def _check_same_config(config: dict[str, Any], dataset: Dataset, run_dir: Path) 
 
 
 @functools.cache
-def forward_fn(model_config: ModelConfig, objective: str, geometry: Geometry):
-    """Jitted ``(params, batch) -> (scores, hit weights, Reconstruction)`` of one model (cached per shape)."""
+def forward_fn(
+    model_config: ModelConfig, objective: str, geometry: Geometry, rows: tuple[tuple[str, Chain], ...] | None = None
+):
+    """Jitted ``(params, batch) -> (scores, [Reconstruction per row])`` of one model.
+
+    ``rows``: (name, chain) pairs, by default the objective's ``reported_as``.
+    """
     model = gat(model_config)
     chosen = get_objective(objective)
+    rows = rows or chosen.reported_as
 
     @jax.jit
     def forward(params, batch: Batch):
         logits = model.apply({"params": params}, batch.features, batch.mask)
         scores = jnp.where(batch.mask, jax.nn.sigmoid(logits), 0.0)
         weights = chosen.hit_weights(logits, batch, geometry)
-        return scores, weights, reconstruct(weights, batch, geometry)
+        return scores, [reconstruct(weights, batch, geometry, chain) for _, chain in rows]
 
     return forward
 
 
+#: the truth references: (name, weights use the strip charge, chain). ``truth`` is the paper's reference
+#: (labels as weights, Kasa); ``truth_charge`` the charge centroid of the signal strips, fitted with the robust
+#: chain's circle fit, the limit of a cluster-based fit (no reweighting step: labels need none)
+TRUTH_REFERENCES: tuple[tuple[str, bool, Chain], ...] = (
+    ("truth", False, PAPER_CHAIN),
+    ("truth_charge", True, Chain(fit="hyper")),
+)
+
+
 @functools.cache
-def _truth_forward(geometry: Geometry, use_charge: bool):
+def _truth_forward(geometry: Geometry, use_charge: bool, chain: Chain):
     @jax.jit
     def forward(batch: Batch):
         weights = batch.label * batch.charge if use_charge else batch.label
-        return reconstruct(jnp.where(batch.mask, weights, 0.0), batch, geometry)
+        return reconstruct(jnp.where(batch.mask, weights, 0.0), batch, geometry, chain)
 
     return forward
 
@@ -143,6 +162,7 @@ class _Tables:
                 "event_id": np.broadcast_to(batch.event_id[:, None], nodes.shape)[nodes],
                 "hit_id": batch.hit_id[nodes],
                 "score": np.asarray(scores)[nodes],
+                "weight": np.asarray(reco.hit_weight)[nodes],
             }
         )
         self.clusters.append(
@@ -185,12 +205,18 @@ class _Tables:
 
 
 def predict_run(
-    dataset: Dataset | str | Path, run_dir: str | Path, split: str = "test", batch_size: int | None = None
+    dataset: Dataset | str | Path,
+    run_dir: str | Path,
+    split: str = "test",
+    batch_size: int | None = None,
+    rows: tuple[tuple[str, Chain], ...] | None = None,
 ) -> dict[str, pl.DataFrame]:
     """Prediction tables ``{"hits", "clusters", "tracks"}`` of a trained run on one split of ``dataset``.
 
-    ``model`` is the run's model name. Hit scores are sigmoid(logit); clustering and fit use the model's
-    hit weights (sigmoid(logit) for baseline and e2e). ``batch_size`` defaults to the run's training batch.
+    ``model`` takes the names of the run objective's ``reported_as`` (one row set per reconstruction chain).
+    Hit scores are sigmoid(logit); clustering and fit use the model's hit weights (sigmoid(logit) for the
+    networks, the hard selection for assignment). ``batch_size`` defaults to the run's training batch.
+    ``rows`` replaces the objective's ``(model name, chain)`` pairs (for studies of the reconstruction).
     RunError for a missing or unfinished run, or a run trained on another detector config.
     """
     dataset = _as_dataset(dataset)
@@ -202,28 +228,34 @@ def predict_run(
     train_buckets = tuple(config["train_config"]["node_buckets"])
     batch_size = batch_size or int(config["train_config"]["batch_size"])
     geometry = Geometry.from_detector(dataset.config.detector)
-    forward = forward_fn(model_config, config["model"], geometry)
+    rows = rows or get_objective(config["model"]).reported_as
+    forward = forward_fn(model_config, config["model"], geometry, tuple(rows))
     _, max_hits = split_summary(dataset, split)
-    tables = _Tables(config["model"])
+    tables = [_Tables(name) for name, _ in rows]
     for batch in iter_batches(dataset, split, batch_size, inference_buckets(train_buckets, max_hits)):
-        scores, _, reco = forward(params, device_batch(batch))
-        tables.add(batch, scores, reco)
-    return tables.frames()
+        scores, recos = forward(params, device_batch(batch))
+        for table, reco in zip(tables, recos, strict=True):
+            table.add(batch, scores, reco)
+    return _stack([table.frames() for table in tables])
+
+
+def _stack(frames: list[dict[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
+    return {name: pl.concat([f[name] for f in frames]) for name in ("hits", "clusters", "tracks")}
 
 
 def predict_truth(dataset: Dataset | str | Path, split: str = "test") -> dict[str, pl.DataFrame]:
-    """The truth references on one split: ``truth`` (weights = is_signal) and ``truth_charge`` (is_signal *
-    charge, the charge centroid), as the same three tables as :func:`predict_run`, stacked."""
+    """The truth references (:data:`TRUTH_REFERENCES`) on one split: ``truth`` (weights = is_signal) and
+    ``truth_charge`` (is_signal * charge, the charge centroid), as the same three tables as
+    :func:`predict_run`, stacked."""
     dataset = _as_dataset(dataset)
     enable_compilation_cache()
     geometry = Geometry.from_detector(dataset.config.detector)
     _, max_hits = split_summary(dataset, split)
     # one shape: no network, so the padding costs little, and a second shape would cost a compilation
     buckets = (BUCKET_STEP * max(1, math.ceil(max_hits / BUCKET_STEP)),)
-    truth, truth_charge = _Tables("truth"), _Tables("truth_charge")
+    tables = [_Tables(name) for name, _, _ in TRUTH_REFERENCES]
     for batch in iter_batches(dataset, split, TRUTH_BATCH_SIZE, buckets):
         device = device_batch(batch)
-        truth.add(batch, batch.label, _truth_forward(geometry, False)(device))
-        truth_charge.add(batch, batch.label, _truth_forward(geometry, True)(device))
-    frames = [truth.frames(), truth_charge.frames()]
-    return {name: pl.concat([f[name] for f in frames]) for name in ("hits", "clusters", "tracks")}
+        for table, (_, use_charge, chain) in zip(tables, TRUTH_REFERENCES, strict=True):
+            table.add(batch, batch.label, _truth_forward(geometry, use_charge, chain)(device))
+    return _stack([table.frames() for table in tables])

@@ -12,7 +12,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from model.fit import STATUS_OK
-from model.tracker import reconstruct
+from model.tracker import PAPER_CHAIN, Chain, reconstruct
 from pipeline.batches import Batch, Geometry
 
 #: residual unit of the pT loss: a 10 % error on q/pT costs 0.5 (the BCE of a decent classifier is ~0.1-0.3)
@@ -77,16 +77,21 @@ def pt_loss(
 
 
 def composite_loss(
-    logits: Float[ArrayLike, "B N"], batch: Batch, geometry: Geometry, lam: float | Float[ArrayLike, ""]
+    logits: Float[ArrayLike, "B N"],
+    batch: Batch,
+    geometry: Geometry,
+    lam: float | Float[ArrayLike, ""],
+    chain: Chain = PAPER_CHAIN,
 ) -> tuple[Array, dict[str, Array]]:
-    """BCE(hits) + lam * L_pT(fit of the hits weighted by sigmoid(logits)); returns (loss, {bce, pt_loss}).
+    """BCE(hits) + lam * L_pT(``chain``'s fit of the hits weighted by sigmoid(logits)).
 
-    The pT term is differentiated through the clustering and the circle fit back to the logits. With
+    Returns ``(loss, {"bce", "pt_loss", "q_over_pt"})``, ``q_over_pt`` the reconstructed value per event. The
+    pT term is differentiated through the reconstruction chain (model.tracker) back to the logits. With
     ``lam = 0`` its gradient contribution is exactly 0 (the fit's gradients are finite), so the gradient is
     the BCE gradient alone; the term is still evaluated, so ``pt_loss`` can be logged during the warm-up.
     """
     bce = bce_loss(logits, batch.label, batch.mask)
     weights = jax.nn.sigmoid(jnp.asarray(logits))
-    reco = reconstruct(weights, batch, geometry)
+    reco = reconstruct(weights, batch, geometry, chain)
     momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask, reco.status == STATUS_OK)
-    return bce + lam * momentum, {"bce": bce, "pt_loss": momentum}
+    return bce + lam * momentum, {"bce": bce, "pt_loss": momentum, "q_over_pt": reco.q_over_pt}

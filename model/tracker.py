@@ -1,13 +1,34 @@
 """Differentiable track reconstruction from per-hit weights: clustering per layer, then the circle fit.
 
-Coccaro et al. (arXiv 2512.01647, section 3): the same function serves the end-to-end training (weights =
-sigmoid of the network's logits), the factorised baseline (clustering and fit applied after training),
-the ``truth`` reference (weights = the truth labels) and ``truth_charge`` (labels times strip charge: the
-charge centroid).
+Two chains share this code (:class:`Chain`):
+
+- the **paper chain** (Coccaro et al., arXiv 2512.01647, section 3; :data:`PAPER_CHAIN`): one weighted mean
+  per layer with the hit weights, then the Kasa circle fit. Every hit of a layer pulls its cluster by
+  w x distance, so a background strip a centimetre away with w = 0.3 moves the cluster by millimetres;
+- the **robust chain** (:data:`ROBUST_CHAIN`): the same start, then K reweighting steps of a differentiable
+  deterministic annealing filter, the unrolled form of GenFit's DAF (Fruhwirth & Strandlie, Comput. Phys.
+  Commun. 120 (1999) 197). In step k every hit's weight becomes its prior weight times its soft assignment
+  to the current track in its layer,
+
+      u_i = w_i * sigmoid((c^2 - (d_i / s_k)^2) / 2) = w_i * phi_i / (phi_i + phi_cut),
+
+  with d_i = x_i - x_fit(layer_i) the residual to the fitted circle, phi = exp(-d^2 / 2 s_k^2) and the null
+  (outlier) term phi_cut = exp(-c^2 / 2): a hit ``c`` widths away keeps half its weight, one much further
+  keeps none, and a layer with nothing near the track ends up empty (W_l -> 0 fades it out of the fit).
+  The widths s_k anneal from the centimetres of a bad first fit to a fraction of a millimetre. Then the
+  layer is re-clustered with u (positions optionally weighted by u x charge: the charge centroid of the
+  selected strips) and refitted (Hyper: unbiased on our short arcs). Nothing is stopped: the gradient runs
+  from q/pT through every fit and every assignment back to the prior weights.
+
+The paper chain is the robust chain with no reweighting step (and no charge weighting, Kasa); with one
+infinitely wide step the robust chain returns the paper chain's clusters (tested). The same function serves
+the end-to-end training (w = sigmoid of the logits), the factorised baseline (applied after training), the
+``truth`` reference (w = the truth labels, paper chain) and ``truth_charge`` (labels x charge).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -15,8 +36,36 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from model.cluster import cluster_layers
-from model.fit import fit_track
+from model.fit import FIT_METHODS, fit_track
 from pipeline.batches import Batch, Geometry
+
+
+@dataclass(frozen=True)
+class Chain:
+    """How hit weights become a track (hashable: a static argument under jit)."""
+
+    #: circle fit of the clusters: "kasa" (the paper) or "hyper" (model.fit)
+    fit: str = "kasa"
+    #: residual widths s_k [mm] of the reweighting steps, in order; () is the paper chain
+    widths: tuple[float, ...] = ()
+    #: the null term: a hit this many widths from the track keeps half of its weight
+    cut: float = 3.0
+    #: cluster positions weighted by weight x charge (the charge centroid) instead of the weight alone
+    charge_weighted: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fit not in FIT_METHODS:
+            raise ValueError(f"unknown circle fit {self.fit!r} (known: {', '.join(FIT_METHODS)})")
+        if not all(w > 0 for w in self.widths):
+            raise ValueError(f"reweighting widths must be > 0, got {self.widths!r}")
+        if not self.cut > 0:
+            raise ValueError(f"the null-term cut must be > 0, got {self.cut!r}")
+
+
+#: Coccaro et al.'s reconstruction: weighted mean per layer, Kasa fit
+PAPER_CHAIN = Chain()
+#: the default for `baseline` and `e2e`: five annealed reweighting steps, charge centroids, Hyper fit
+ROBUST_CHAIN = Chain(fit="hyper", widths=(20.0, 5.0, 2.0, 1.0, 0.5), cut=3.0, charge_weighted=True)
 
 
 class Reconstruction(NamedTuple):
@@ -32,24 +81,81 @@ class Reconstruction(NamedTuple):
     q: Float[Array, " B"]  # +1.0 / -1.0
     q_over_pt: Float[Array, " B"]  # signed, smooth [1/GeV]
     status: Int[Array, " B"]  # model.fit.STATUS_* (0: ok)
+    hit_weight: Float[Array, "B N"]  # the weight of each hit in the final clusters (0 on padding)
 
 
-def reconstruct(hit_weights: Float[ArrayLike, "B N"], batch: Batch, geometry: Geometry) -> Reconstruction:
+def soft_assignment(residual: Float[ArrayLike, " N"], width: float, cut: float) -> Float[Array, " N"]:
+    """phi / (phi + phi_cut) with phi = exp(-residual^2 / 2 width^2), phi_cut = exp(-cut^2 / 2), in (0, 1).
+
+    Written as a sigmoid of (cut^2 - (residual / width)^2) / 2: no underflow of phi far from the track, and a
+    finite gradient everywhere.
+    """
+    pull = jnp.asarray(residual) / width
+    return jax.nn.sigmoid(0.5 * (cut * cut - pull * pull))
+
+
+def reconstruct_event(
+    weights: Float[ArrayLike, " N"],
+    x: Float[ArrayLike, " N"],
+    layer: Int[ArrayLike, " N"],
+    charge: Float[ArrayLike, " N"],
+    geometry: Geometry,
+    chain: Chain = PAPER_CHAIN,
+):
+    """One event through ``chain``: ``(x_hat, sigma, layer_weight, TrackFit, final hit weights)``.
+
+    ``charge`` is in units of the mean cluster charge (``Batch.features[..., 2]``); it only matters with
+    ``chain.charge_weighted``. Padding must carry weight 0. Computes in float32, or in float64 when
+    ``weights`` or ``x`` is float64 (under ``jax.enable_x64``).
+    """
+    dtype = jnp.result_type(jnp.asarray(weights).dtype, jnp.asarray(x).dtype, jnp.float32)
+    weights = jnp.asarray(weights, dtype)
+    x = jnp.asarray(x, dtype)
+    layer = jnp.asarray(layer, jnp.int32)
+    layer_y = jnp.asarray(geometry.layer_y, dtype)
+    n_layers = len(geometry.layer_y)
+    charge = jnp.asarray(charge, dtype)
+
+    def cluster_and_fit(hit_weights):
+        positions = hit_weights * charge if chain.charge_weighted else None
+        x_hat, sigma, layer_weight = cluster_layers(x, layer, hit_weights, n_layers, geometry.pitch, positions)
+        fit = fit_track(x_hat, layer_y, layer_weight, sigma, geometry.b_field, method=chain.fit)
+        return x_hat, sigma, layer_weight, fit
+
+    state = (*cluster_and_fit(weights), weights)
+    if not chain.widths:
+        return state
+
+    def reweight(state, width):
+        fit = state[3]
+        residual = x - jnp.take(fit.x_fit, layer)
+        hit_weights = weights * soft_assignment(residual, width, chain.cut)
+        return (*cluster_and_fit(hit_weights), hit_weights), None
+
+    # a scan, not a Python loop: the step is compiled once, whatever K (an unrolled K = 5 chain took minutes
+    # to compile inside the training step)
+    state, _ = jax.lax.scan(reweight, state, jnp.asarray(chain.widths, dtype))
+    return state
+
+
+def reconstruct(
+    hit_weights: Float[ArrayLike, "B N"], batch: Batch, geometry: Geometry, chain: Chain = PAPER_CHAIN
+) -> Reconstruction:
     """Cluster every layer with ``hit_weights`` (>= 0, shape ``[B, N]``) and fit each event's track.
 
     Padded nodes (``batch.mask`` False) get weight 0 whatever ``hit_weights`` holds there. Differentiable
-    in ``hit_weights``; jit with ``geometry`` static or as an argument (only its length is used statically).
+    in ``hit_weights``; jit with ``geometry`` static or as an argument (only its length is used statically),
+    ``chain`` static.
     """
     mask = jnp.asarray(batch.mask, bool)
-    weights = jnp.where(mask, jnp.asarray(hit_weights, jnp.float32), 0)
-    x = jnp.where(mask, jnp.asarray(batch.x, jnp.float32), 0)
+    dtype = jnp.result_type(jnp.asarray(hit_weights).dtype, jnp.asarray(batch.x).dtype, jnp.float32)
+    weights = jnp.where(mask, jnp.asarray(hit_weights, dtype), 0)
+    x = jnp.where(mask, jnp.asarray(batch.x, dtype), 0)
     layer = jnp.where(mask, jnp.asarray(batch.layer, jnp.int32), 0)
-    n_layers = len(geometry.layer_y)
-    x_hat, sigma, layer_weight = jax.vmap(cluster_layers, in_axes=(0, 0, 0, None, None))(
-        x, layer, weights, n_layers, geometry.pitch
-    )
-    layer_y = jnp.asarray(geometry.layer_y, jnp.float32)
-    fit = jax.vmap(fit_track, in_axes=(0, None, 0, 0, None))(x_hat, layer_y, layer_weight, sigma, geometry.b_field)
+    charge = jnp.where(mask, jnp.asarray(batch.features, dtype)[..., 2], 0)
+    x_hat, sigma, layer_weight, fit, final_weights = jax.vmap(
+        lambda w, xs, ls, cs: reconstruct_event(w, xs, ls, cs, geometry, chain)
+    )(weights, x, layer, charge)
     return Reconstruction(
         x_hat=x_hat,
         sigma=sigma,
@@ -61,4 +167,5 @@ def reconstruct(hit_weights: Float[ArrayLike, "B N"], batch: Batch, geometry: Ge
         q=fit.q,
         q_over_pt=fit.q_over_pt,
         status=fit.status,
+        hit_weight=final_weights,
     )

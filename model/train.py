@@ -7,10 +7,11 @@ weight of the pT term) is a traced scalar, so the lambda schedule never recompil
 Objectives (one per ``--model``)
     What a model does between the GAT logits and the loss, and how it turns logits into hit weights for
     clustering and fit at inference, is an :class:`Objective` in a registry (:func:`register_objective`,
-    :func:`get_objective`). ``baseline`` trains on BCE only (lambda = 0 throughout; the pT loss is computed
-    on stopped gradients, for monitoring); ``e2e`` trains on BCE + lambda * L_pT through the differentiable
-    clustering and fit, with lambda = 0 for ``lambda_warmup_epochs`` and ``lambda_pt`` afterwards. Another
-    hit selection (the ``assignment`` model) registers its own objective.
+    :func:`get_objective`). ``baseline`` trains on BCE only (lambda = 0 throughout; the pT loss through the
+    robust chain is computed on stopped gradients, for monitoring) and is reported with both reconstruction
+    chains (model.tracker) as ``baseline`` and ``baseline_paper``; ``e2e`` trains on BCE + lambda * L_pT through
+    the robust chain, ``e2e_paper`` through the paper's, with lambda = 0 for ``lambda_warmup_epochs`` and
+    ``lambda_pt`` afterwards. Another hit selection (the ``assignment`` model) registers its own objective.
 
 RUN folder (DESIGN.md, "Files")
     ``config.json``: model, preset, ModelConfig, TrainConfig, dataset (path, config hash, seed, events),
@@ -58,7 +59,7 @@ from model.assignment import assignment_loss, hard_hit_weights
 from model.config import ModelConfig, TrainConfig, get_preset
 from model.losses import bce_loss, composite_loss
 from model.models import GAT
-from model.tracker import reconstruct
+from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain
 from pipeline import provenance
 from pipeline.batches import Batch, BatchStats, Geometry, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
@@ -71,7 +72,7 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.parquet"
 CHECKPOINT_DIR = "checkpoints"
 
-#: a loss: (logits [B, N], batch, geometry, lam [], key) -> (scalar loss, {"bce": [], "pt_loss": []})
+#: a loss: (logits [B, N], batch, geometry, lam [], key) -> (loss, {"bce": [], "pt_loss": [], "q_over_pt": [B]})
 LossFn = Callable[[jax.Array, Batch, Geometry, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 #: hit weights for clustering and fit: (logits [B, N], batch, geometry) -> weights [B, N] in [0, 1]
 HitWeightsFn = Callable[[jax.Array, Batch, Geometry], jax.Array]
@@ -82,13 +83,21 @@ HitWeightsFn = Callable[[jax.Array, Batch, Geometry], jax.Array]
 
 @dataclass(frozen=True)
 class Objective:
-    """How one ``--model`` trains and what hit weights it hands to the clustering and fit."""
+    """How one ``--model`` trains, what hit weights it hands to the reconstruction, and what it reports."""
 
     name: str
+    #: (logits, batch, geometry, lam, key) -> (loss, {"bce", "pt_loss", "q_over_pt"})
     loss_fn: LossFn
     hit_weights: HitWeightsFn
     #: False: lambda = 0 in every epoch (the pT term never drives training)
     uses_lambda: bool
+    #: the prediction rows of a trained run: (model name, reconstruction chain); the first is the chain the
+    #: model trains through (or, for a model trained on BCE alone, validates with)
+    reported_as: tuple[tuple[str, Chain], ...]
+
+    @property
+    def chain(self) -> Chain:
+        return self.reported_as[0][1]
 
     def lam(self, epoch: int, train_config: TrainConfig) -> float:
         """lambda of 1-based ``epoch``: 0 for the first ``lambda_warmup_epochs``, then ``lambda_pt``."""
@@ -103,19 +112,30 @@ def sigmoid_weights(logits: jax.Array, batch: Batch, geometry: Geometry) -> jax.
     return jnp.where(batch.mask, jax.nn.sigmoid(logits), 0.0)
 
 
-def e2e_loss(logits, batch, geometry, lam, key):
-    """BCE + lam * L_pT through the differentiable clustering and fit (paper eq. for the composite loss)."""
+def end_to_end_loss(logits, batch, geometry, lam, key, *, chain: Chain):
+    """BCE + lam * L_pT through ``chain`` (paper eq. for the composite loss)."""
     del key
-    loss, aux = composite_loss(logits, batch, geometry, lam)
-    return loss, {"bce": aux["bce"], "pt_loss": aux["pt_loss"]}
+    return composite_loss(logits, batch, geometry, lam, chain)
 
 
-def baseline_loss(logits, batch, geometry, lam, key):
-    """BCE only; L_pT is evaluated on stopped gradients so it is logged but never trained on."""
+def baseline_loss(logits, batch, geometry, lam, key, *, chain: Chain):
+    """BCE only; L_pT through ``chain`` is evaluated on stopped gradients, so it is logged but never trained on."""
     del lam, key
-    _, aux = composite_loss(jax.lax.stop_gradient(logits), batch, geometry, jnp.float32(0.0))
     bce = bce_loss(logits, batch.label, batch.mask)
-    return bce, {"bce": bce, "pt_loss": aux["pt_loss"]}
+    _, aux = composite_loss(jax.lax.stop_gradient(logits), batch, geometry, jnp.float32(0.0), chain)
+    return bce, {**aux, "bce": bce}
+
+
+def network_objective(name: str, *, trained_end_to_end: bool, reported_as: tuple[tuple[str, Chain], ...]) -> Objective:
+    """A GAT whose sigmoid scores are the hit weights: trained on BCE (+ lam * L_pT through its first chain)."""
+    loss = end_to_end_loss if trained_end_to_end else baseline_loss
+    return Objective(
+        name,
+        functools.partial(loss, chain=reported_as[0][1]),
+        sigmoid_weights,
+        uses_lambda=trained_end_to_end,
+        reported_as=reported_as,
+    )
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -144,7 +164,7 @@ def assignment_objective(
 
     ``interpolation`` is the blackbox lambda (Kortus et al. found 25-75 useful; 50 by default), ``mode``
     "blackbox" or "straight_through", ``half_width_pitch`` the window half-width in strip pitches (2: a
-    window of up to 5 strips holds a 4-strip cluster).
+    window of up to 5 strips holds a 4-strip cluster). Its selection is clustered with the paper chain.
     """
     options = {"interpolation": interpolation, "mode": mode, "half_width_pitch": half_width_pitch}
     return Objective(
@@ -152,11 +172,19 @@ def assignment_objective(
         functools.partial(assignment_loss, **options),
         functools.partial(hard_hit_weights, **options),
         uses_lambda=True,
+        reported_as=((name, PAPER_CHAIN),),
     )
 
 
-register_objective(Objective("baseline", baseline_loss, sigmoid_weights, uses_lambda=False))
-register_objective(Objective("e2e", e2e_loss, sigmoid_weights, uses_lambda=True))
+# the factorised baseline is one network reported with both chains; each end-to-end model is trained through
+# its own chain (DESIGN.md, the `model` column)
+register_objective(
+    network_objective(
+        "baseline", trained_end_to_end=False, reported_as=(("baseline", ROBUST_CHAIN), ("baseline_paper", PAPER_CHAIN))
+    )
+)
+register_objective(network_objective("e2e", trained_end_to_end=True, reported_as=(("e2e", ROBUST_CHAIN),)))
+register_objective(network_objective("e2e_paper", trained_end_to_end=True, reported_as=(("e2e_paper", PAPER_CHAIN),)))
 register_objective(assignment_objective())
 
 
@@ -268,12 +296,11 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, lam: jax.Array) 
 
 @jax.jit
 def eval_step(state: TrainState, batch: Batch, lam: jax.Array) -> dict:
-    """Loss terms of one batch without updating, plus each event's reconstructed q/pT (for sigma68)."""
+    """Loss terms of one batch without updating, plus each event's q/pT through the objective's chain."""
     objective = get_objective(state.objective)
     logits = state.apply_fn({"params": state.params}, batch.features, batch.mask)
     loss, aux = objective.loss_fn(logits, batch, state.geometry, lam, jax.random.key(0))
-    reco = reconstruct(objective.hit_weights(logits, batch, state.geometry), batch, state.geometry)
-    return {"loss": loss, "bce": aux["bce"], "pt_loss": aux["pt_loss"], "q_over_pt": reco.q_over_pt}
+    return {"loss": loss, "bce": aux["bce"], "pt_loss": aux["pt_loss"], "q_over_pt": aux["q_over_pt"]}
 
 
 def step_key(seed: int, epoch: int, step_in_epoch: int) -> jax.Array:
@@ -356,6 +383,7 @@ def run_config(
             "n_events": dataset.n_events,
         },
         "seed": seed,
+        "reconstruction": dataclasses.asdict(get_objective(model).chain),
         "code_version": code_version(),
     }
 
@@ -371,6 +399,7 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
         "train_config": train,
         "dataset": dataset,
         "seed": config.get("seed"),
+        "reconstruction": config.get("reconstruction"),
     }
 
 
@@ -578,7 +607,7 @@ def train_run(
     resume: bool = False,
     progress: bool = False,
 ) -> str:
-    """Train ``model`` ("baseline", "e2e") on the train split of dataset ``data`` into run folder ``out``.
+    """Train ``model`` ("baseline", "e2e", "e2e_paper", "assignment") on the train split of dataset ``data`` into run folder ``out``.
 
     Validates on the val split after every epoch, checkpoints every epoch and writes metrics.parquet.
     ``epochs`` overrides the preset's. With ``resume`` an interrupted (or finished, for more epochs) run of

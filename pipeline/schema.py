@@ -43,7 +43,10 @@ PRED_HITS_SCHEMA = pa.schema(
         pa.field("event_id", pa.int64()),
         pa.field("hit_id", pa.int32()),
         pa.field("model", pa.string()),
-        pa.field("score", pa.float32()),
+        pa.field("score", pa.float32()),  # the classifier output: sigmoid(logit), or the truth label
+        # the hit's weight in the model's final clusters: the score for the paper chain, the refined (annealed)
+        # weight for the robust chain, 1/0 for a hard selection (classical, assignment), the label for truth
+        pa.field("weight", pa.float32()),
     ]
 )
 
@@ -88,4 +91,13 @@ TRAIN_METRICS_SCHEMA = pa.schema(
 )
 
 #: the `model` column's values in REPORT/predictions
-MODEL_NAMES = ("truth", "truth_charge", "baseline", "e2e", "assignment")
+MODEL_NAMES = (
+    "truth",
+    "truth_charge",
+    "classical",
+    "baseline_paper",
+    "e2e_paper",
+    "baseline",
+    "e2e",
+    "assignment",
+)

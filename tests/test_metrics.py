@@ -319,7 +319,8 @@ def test_resolution_table_keeps_empty_bins():
 
 
 def test_hit_weight_table_matches_a_loop_over_hits():
-    """Mean weight, share above 0.5 and Σ w·|x − x_true| per event against a plain Python loop."""
+    """Mean weight, share above 0.5 and Σ w·|x − x_true| per event against a plain Python loop, on the
+    ``weight`` column (the clusters' weights), not on the classifier ``score``."""
     rng = np.random.default_rng(7)
     n_events, n_layers, n_hits = 5, 4, 30
     x_true = rng.uniform(-100, 100, (n_events, n_layers))
@@ -336,15 +337,19 @@ def test_hit_weight_table_matches_a_loop_over_hits():
         hits, schema=["event_id", "hit_id", "layer", "x", "is_signal", "particle_id"], orient="row"
     ).with_columns(pl.col("layer").cast(pl.Int16), pl.col("x").cast(pl.Float32))
     scores = rng.random(len(hits))
+    # the refined weights of a robust-chain model: unrelated to its scores here, so using the wrong column fails
+    refined = rng.random(len(hits))
+    selection = (rng.random(len(hits)) < 0.3).astype(np.float64)  # a hard selection: score = weight = 1/0
+    labels = dataset_hits["is_signal"].cast(pl.Float64).to_numpy()
     pred_hits = pl.concat(
         [
             pl.DataFrame(
-                {"event_id": dataset_hits["event_id"], "hit_id": dataset_hits["hit_id"], "score": s}
+                {"event_id": dataset_hits["event_id"], "hit_id": dataset_hits["hit_id"], "score": s, "weight": w}
             ).with_columns(model=pl.lit(name))
-            for name, s in (
-                ("e2e", scores),
-                ("assignment", scores),  # clusters from a hard selection: its scores are not its weights
-                ("truth", dataset_hits["is_signal"].cast(pl.Float64)),
+            for name, s, w in (
+                ("e2e", scores, refined),
+                ("assignment", selection, selection),
+                ("truth", labels, labels),
             )
         ]
     )
@@ -357,25 +362,120 @@ def test_hit_weight_table_matches_a_loop_over_hits():
         }
     )
     table = m.hit_weight_table(pred_hits.lazy(), dataset_hits.lazy(), clusters.lazy(), edges=(5.0, 50.0))
-    assert set(table["model"]) == {"e2e"}  # neither truth references nor hard selections
+    assert set(table["model"]) == {"e2e", "assignment"}  # every model but the truth references
 
-    expected: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    events = set()
-    for (event, _, layer, x, signal, particle), weight in zip(hits, scores, strict=True):
-        truth_x = np.float32(x_true[event, layer])
-        if not np.isfinite(truth_x):
-            continue
-        events.add(event)
-        distance = abs(float(np.float32(x)) - float(truth_x))
-        origin = "signal" if signal else "noise" if particle == -1 else "extra track"
-        klass = "≤ 5 mm" if distance <= 5 else "5–50 mm" if distance <= 50 else "> 50 mm"
-        expected.setdefault((origin, klass), []).append((weight, distance))
-    assert table.height == len(expected)
-    for row in table.iter_rows(named=True):
-        values = np.array(expected[(row["origin"], row["distance_class"])])
-        assert row["n_hits"] == len(values)
-        assert_allclose(row["mean_weight"], values[:, 0].mean(), rtol=1e-12)
-        assert_allclose(row["frac_above_half"], np.mean(values[:, 0] > 0.5), rtol=1e-12)
-        assert_allclose(row["pull_per_event"], np.sum(values[:, 0] * values[:, 1]) / len(events), rtol=1e-6)
-    order = [m.HIT_ORIGINS.index(origin) for origin in table["origin"]]
-    assert order == sorted(order)
+    for model, model_weights in (("e2e", refined), ("assignment", selection)):
+        expected: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        events = set()
+        for (event, _, layer, x, signal, particle), weight in zip(hits, model_weights, strict=True):
+            truth_x = np.float32(x_true[event, layer])
+            if not np.isfinite(truth_x):
+                continue
+            events.add(event)
+            distance = abs(float(np.float32(x)) - float(truth_x))
+            origin = "signal" if signal else "noise" if particle == -1 else "extra track"
+            klass = "≤ 5 mm" if distance <= 5 else "5–50 mm" if distance <= 50 else "> 50 mm"
+            expected.setdefault((origin, klass), []).append((weight, distance))
+        rows = table.filter(pl.col("model") == model)
+        assert rows.height == len(expected)
+        for row in rows.iter_rows(named=True):
+            values = np.array(expected[(row["origin"], row["distance_class"])])
+            assert row["n_hits"] == len(values)
+            assert_allclose(row["mean_weight"], values[:, 0].mean(), rtol=1e-12)
+            assert_allclose(row["frac_above_half"], np.mean(values[:, 0] > 0.5), rtol=1e-12)
+            assert_allclose(row["pull_per_event"], np.sum(values[:, 0] * values[:, 1]) / len(events), rtol=1e-6)
+        order = [m.HIT_ORIGINS.index(origin) for origin in rows["origin"]]
+        assert order == sorted(order)
+
+
+# --------------------------------------------------------------------------------------------- hit classification
+
+
+def _hit_scores(models: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray) -> pl.DataFrame:
+    """A hit_score_table: {model: (score, weight)} over the same hits with the truth ``labels``."""
+    return pl.concat(
+        [
+            pl.DataFrame(
+                {
+                    "model": name,
+                    "event_id": np.zeros(labels.size, np.int64),
+                    "hit_id": np.arange(labels.size, dtype=np.int32),
+                    "score": np.asarray(score, np.float64),
+                    "weight": np.asarray(weight, np.float64),
+                    "is_signal": labels,
+                }
+            )
+            for name, (score, weight) in models.items()
+        ]
+    )
+
+
+def test_hit_efficiency_and_purity_match_numpy_counts():
+    labels = np.array([True, True, True, True, False, False, False, False, False, True])
+    # 0.5 is selected (weight >= 0.5); the NaN weight is left out of both counts, not selected
+    weight = np.array([0.9, 0.5, 0.2, np.nan, 0.7, 0.1, 0.49, 0.5, 0.0, 1.0])
+    table, _ = m.classification_metrics(_hit_scores({"e2e": (np.linspace(0, 1, labels.size), weight)}, labels))
+    row = table.row(0, named=True)
+    finite = np.isfinite(weight)
+    selected = np.zeros(labels.size, bool)
+    selected[finite] = weight[finite] >= 0.5
+    n_signal = np.count_nonzero(labels & finite)  # 4
+    n_selected = np.count_nonzero(selected)  # 5
+    n_selected_signal = np.count_nonzero(selected & labels)  # 3
+    assert (n_signal, n_selected, n_selected_signal) == (4, 5, 3)
+    assert row["n_bad_weights"] == 1 and row["n_bad_scores"] == 0
+    assert row["n_selected"] == n_selected
+    assert_allclose(row["hit_efficiency"], n_selected_signal / n_signal, rtol=1e-12)
+    assert_allclose(row["hit_purity"], n_selected_signal / n_selected, rtol=1e-12)
+    assert_allclose(row["hit_efficiency_err"], math.sqrt(0.75 * 0.25 / 4), rtol=1e-12)
+    assert_allclose(row["hit_purity_err"], math.sqrt(0.6 * 0.4 / 5), rtol=1e-12)
+
+
+def test_hit_purity_is_null_when_nothing_is_selected():
+    labels = np.array([True, False, True, False])
+    table, _ = m.classification_metrics(_hit_scores({"e2e": (np.array([0.9, 0.1, 0.8, 0.2]), np.zeros(4))}, labels))
+    row = table.row(0, named=True)
+    assert row["hit_efficiency"] == 0.0 and row["n_selected"] == 0
+    assert row["hit_purity"] is None and row["hit_purity_err"] is None
+
+
+def test_auc_weight_is_the_roc_auc_of_the_weight_column():
+    rng = np.random.default_rng(13)
+    labels = rng.uniform(size=400) < 0.4
+    score = rng.normal(size=400) + np.where(labels, 1.0, -1.0)
+    # a non-monotonic change of the score (the refinement moves hits by their position, not their score)
+    weight = 1.0 / (1.0 + np.exp(-(score + rng.normal(0.0, 2.0, size=400))))
+    table, rocs = m.classification_metrics(_hit_scores({"e2e": (score, weight), "e2e_paper": (score, score)}, labels))
+    rows = {row["model"]: row for row in table.iter_rows(named=True)}
+    n_signal, n_background = int(labels.sum()), int((~labels).sum())
+    expected = m.auc(weight, labels)
+    assert_allclose(rows["e2e"]["auc_weight"], expected, rtol=1e-12)
+    assert_allclose(rows["e2e"]["auc_weight_err"], m.auc_uncertainty(expected, n_signal, n_background), rtol=1e-12)
+    assert_allclose(rows["e2e"]["auc"], m.auc(score, labels), rtol=1e-12)
+    assert abs(rows["e2e"]["auc_weight"] - rows["e2e"]["auc"]) > 0.02
+    # the plotted ROC stays the score's
+    assert_allclose(m.auc_from_roc(*rocs["e2e"]), rows["e2e"]["auc"], rtol=1e-12)
+    # where weight = score (the paper chain) the two AUCs are one number
+    assert rows["e2e_paper"]["auc_weight"] == rows["e2e_paper"]["auc"]
+
+
+def test_hard_selection_auc_is_its_single_working_point():
+    rng = np.random.default_rng(14)
+    labels = rng.uniform(size=500) < 0.5
+    selected = np.where(labels, rng.uniform(size=500) < 0.9, rng.uniform(size=500) < 0.2).astype(np.float64)
+    table, rocs = m.classification_metrics(_hit_scores({"classical": (selected, selected)}, labels))
+    row = table.row(0, named=True)
+    signal_eff, background_eff = selected[labels].mean(), selected[~labels].mean()
+    assert_allclose(row["auc"], (signal_eff + 1.0 - background_eff) / 2.0, rtol=1e-12)
+    assert row["auc_weight"] == row["auc"]
+    assert_allclose(row["hit_efficiency"], signal_eff, rtol=1e-12)
+    assert rocs["classical"][0].size == 3  # (0, 0), the selection, (1, 1)
+
+
+def test_ratio_with_error_by_hand():
+    ratio, err = m.ratio_with_error(0.02, 0.001, 0.01, 0.0005)
+    assert_allclose(ratio, 2.0, rtol=1e-12)
+    assert_allclose(err, 2.0 * math.hypot(0.05, 0.05), rtol=1e-12)  # relative errors in quadrature
+    change, change_err = m.relative_change(0.02, 0.001, 0.01, 0.0005)
+    assert_allclose((change, change_err), (1.0, err), rtol=1e-12)
+    assert all(math.isnan(v) for v in m.ratio_with_error(1.0, 0.1, 0.0, 0.1))

@@ -13,15 +13,30 @@ import pyarrow.parquet as pq
 import pytest
 from numpy.testing import assert_allclose
 
-from analysis.report import RESOLUTION_COLUMNS, SUMMARY_KEYS, format_summary_table, write_report
+from analysis.figures import MODEL_STYLE, format_value_error, model_style
+from analysis.metrics import auc, ratio_with_error
+from analysis.report import (
+    RESOLUTION_COLUMNS,
+    SUMMARY_KEYS,
+    comparison_blocks,
+    compute_results,
+    format_summary_table,
+    write_report,
+)
 from pipeline.errors import MuontrackError
-from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
+from pipeline.schema import MODEL_NAMES, PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 
 N_EVENTS = 400
 N_HITS = 24  # per event, half of them signal
 N_LAYERS = 16
-MODELS = ("truth", "truth_charge", "baseline", "e2e")
+MODELS = MODEL_NAMES  # every model the pipeline writes
+TRUTH_MODELS = ("truth", "truth_charge")
+#: networks whose final weights are their scores (the paper's plain weighted-mean chain)
+PAPER_CHAIN = ("baseline_paper", "e2e_paper")
+#: models whose score and weight are one hard 0/1 selection
+HARD_SELECTIONS = ("classical", "assignment")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PREDICTION_FILES = ("hits", "clusters", "tracks")
 
 
 def _synthetic_truth(rng: np.random.Generator) -> tuple[pl.LazyFrame, pl.LazyFrame]:
@@ -50,11 +65,18 @@ def _write_predictions(
     resolution: dict[str, float],
     separation: dict[str, float],
     core_share: dict[str, float],
+    selection: dict[str, tuple[float, float]],
     seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Predictions whose q/pT resolution, score separation and cluster core share are set per model.
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Predictions whose q/pT resolution, hit scores and weights and cluster core share are set per model.
 
-    Returns the relative q/pT residual each model was given (NaN for failed fits), for independent checks.
+    Scores: the labels for the truth models; a sigmoid of a Gaussian shifted by ±``separation`` for the
+    networks, whose weight is the score in the paper chain and a noisier, sharper function of it in the robust
+    chain; for the hard selections a 0/1 choice taking a signal hit with probability ``selection[0]`` and a
+    background hit with ``selection[1]``, as both score and weight.
+
+    Returns the relative q/pT residual each model was given (NaN for failed fits) and each model's hit weights,
+    for independent checks.
     """
     rng = np.random.default_rng(seed)
     truth_hits = hits.collect()
@@ -62,17 +84,23 @@ def _write_predictions(
     pt = truth_events["pt"].to_numpy()
     q = truth_events["q"].to_numpy()
     signal = truth_hits["is_signal"].to_numpy()
-    hit_rows, cluster_rows, track_rows, residuals = [], [], [], {}
+    hit_rows, cluster_rows, track_rows, residuals, weights = [], [], [], {}, {}
     for model in MODELS:
-        # hit scores: the labels for truth models, otherwise a sigmoid of a shifted Gaussian
-        if model in ("truth", "truth_charge"):
-            score = signal.astype(np.float32)
+        if model in TRUTH_MODELS:
+            score = weight = signal.astype(np.float32)
+        elif model in HARD_SELECTIONS:
+            signal_eff, background_eff = selection[model]
+            chosen = rng.uniform(size=signal.size) < np.where(signal, signal_eff, background_eff)
+            score = weight = chosen.astype(np.float32)
         else:
             logit = rng.normal(size=signal.size) + np.where(signal, separation[model], -separation[model])
             score = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+            refined = 1.0 / (1.0 + np.exp(-3.0 * (logit + rng.normal(size=signal.size))))
+            weight = score if model in PAPER_CHAIN else refined.astype(np.float32)
+        weights[model] = weight
         hit_rows.append(
             pl.DataFrame({"event_id": truth_hits["event_id"], "hit_id": truth_hits["hit_id"]}).with_columns(
-                model=pl.lit(model), score=pl.Series(score)
+                model=pl.lit(model), score=pl.Series(score), weight=pl.Series(weight)
             )
         )
         # clusters: a Gaussian core of 0.1 mm plus wide outliers for the share not in the core
@@ -94,10 +122,10 @@ def _write_predictions(
                 }
             )
         )
-        # tracks: relative q/pT smearing; 2 % failed fits for the trained models
+        # tracks: relative q/pT smearing; 2 % failed fits for the non-truth models
         relative = rng.normal(0.0, resolution[model], N_EVENTS)
         q_over_pt = (q / pt * (1.0 + relative)).astype(np.float32)
-        failed = (rng.uniform(size=N_EVENTS) < 0.02) if model in ("baseline", "e2e") else np.zeros(N_EVENTS, bool)
+        failed = (rng.uniform(size=N_EVENTS) < 0.02) if model not in TRUTH_MODELS else np.zeros(N_EVENTS, bool)
         q_over_pt[failed] = np.nan
         true = q.astype(np.float64) / pt.astype(np.float64)
         residuals[model] = np.where(failed, np.nan, (q_over_pt.astype(np.float64) - true) / true)
@@ -122,20 +150,50 @@ def _write_predictions(
         ("tracks", track_rows, PRED_TRACKS_SCHEMA),
     ):
         pq.write_table(pl.concat(rows).to_arrow().select(schema.names).cast(schema), predictions / f"{name}.parquet")
-    return residuals
+    return residuals, weights
+
+
+def _keep_models(report_dir: Path, models: set[str]) -> None:
+    """Rewrite the prediction files with the rows of ``models`` only."""
+    for name in ("hits", "clusters", "tracks"):
+        path = report_dir / "predictions" / f"{name}.parquet"
+        pl.read_parquet(path).filter(pl.col("model").is_in(sorted(models))).write_parquet(path)
 
 
 GOOD_E2E = {
-    "resolution": {"truth": 0.010, "truth_charge": 0.012, "baseline": 0.040, "e2e": 0.020},
-    "separation": {"baseline": 0.6, "e2e": 1.2},
-    "core_share": {"truth": 1.0, "truth_charge": 1.0, "baseline": 0.7, "e2e": 0.85},
+    "resolution": {
+        "truth": 0.010,
+        "truth_charge": 0.012,
+        "classical": 0.030,
+        "baseline_paper": 0.045,
+        "e2e_paper": 0.025,
+        "baseline": 0.040,
+        "e2e": 0.020,
+        "assignment": 0.050,
+    },
+    "separation": {"baseline_paper": 0.6, "e2e_paper": 1.0, "baseline": 0.6, "e2e": 1.2},
+    "core_share": {
+        "truth": 1.0,
+        "truth_charge": 1.0,
+        "classical": 0.75,
+        "baseline_paper": 0.65,
+        "e2e_paper": 0.8,
+        "baseline": 0.7,
+        "e2e": 0.85,
+        "assignment": 0.7,
+    },
+    "selection": {"classical": (0.9, 0.1), "assignment": (0.85, 0.15)},
 }
-# the same with baseline and e2e swapped
-GOOD_BASELINE = {
-    "resolution": {"truth": 0.010, "truth_charge": 0.012, "baseline": 0.020, "e2e": 0.040},
-    "separation": {"baseline": 1.2, "e2e": 0.6},
-    "core_share": {"truth": 1.0, "truth_charge": 1.0, "baseline": 0.85, "e2e": 0.7},
-}
+
+
+def _swapped(parameters: dict, pairs: tuple[tuple[str, str], ...]) -> dict:
+    """``parameters`` with the settings of each pair of models exchanged."""
+    swap = {a: b for pair in pairs for a, b in (pair, pair[::-1])}
+    return {key: {swap.get(model, model): value for model, value in table.items()} for key, table in parameters.items()}
+
+
+# the same with baseline and e2e (and their paper-chain twins) swapped
+GOOD_BASELINE = _swapped(GOOD_E2E, (("baseline", "e2e"), ("baseline_paper", "e2e_paper")))
 CONTEXT = {
     "dataset": "/data/muons-test",
     "n_events": N_EVENTS,
@@ -152,28 +210,50 @@ def truth() -> tuple[pl.LazyFrame, pl.LazyFrame]:
     return _synthetic_truth(np.random.default_rng(123))
 
 
-def _sentence(report: str, label: str) -> str:
-    """The one comparison bullet about e2e vs baseline on ``label``."""
+def _comparison_lines(report: str) -> list[str]:
+    """The bullets of the report's Comparison section, without their list markers."""
+    section = report.split("## Comparison", 1)[1].split("\n## ", 1)[0]
+    return [line.strip().removeprefix("- ") for line in section.splitlines() if line.strip().startswith("- ")]
+
+
+def _computed_comparisons(report_dir: Path, hits: pl.LazyFrame, events: pl.LazyFrame) -> list[tuple[str, list[str]]]:
+    """comparison_blocks of the predictions in ``report_dir``: the tables without the figures (the slow part of
+    write_report), with few bootstrap replicas."""
+    predictions = {name: pl.scan_parquet(report_dir / "predictions" / f"{name}.parquet") for name in _PREDICTION_FILES}
+    return comparison_blocks(compute_results(predictions, hits, events, n_boot=10))
+
+
+def _sentence(comparisons: list[str], label: str, candidate: str = "e2e", reference: str = "baseline") -> str:
+    """The one comparison sentence about ``candidate`` vs ``reference`` on ``label``."""
     lines = [
-        line for line in report.splitlines() if line.startswith(f"- e2e {label} =") or f"baseline on {label}:" in line
+        line
+        for line in comparisons
+        if (line.startswith(f"{candidate} {label} = ") and f" vs {reference} " in line)
+        or line.startswith(f"{candidate} is NOT better than {reference} on {label}:")
+        or line.startswith(f"{candidate} is NOT significantly better than {reference} on {label}:")
     ]
     assert len(lines) == 1, lines
     return lines[0]
 
 
+def _compared_pairs(report: str) -> set[tuple[str, str]]:
+    """(candidate, reference) of every comparison block of the report."""
+    return set(re.findall(r"^- \*\*(\w+) vs (\w+)\*\*:", report, flags=re.MULTILINE))
+
+
 def test_write_report_files_and_contents(tmp_path, truth):
     hits, events = truth
-    residuals = _write_predictions(tmp_path, hits, events, **GOOD_E2E)
+    residuals, weights = _write_predictions(tmp_path, hits, events, **GOOD_E2E)
     summary = write_report(tmp_path, hits, events, CONTEXT)
 
-    # summary.json: the documented keys for every model; classification metrics only for trained models
+    # summary.json: the documented keys for every model; classification metrics only for the non-truth models
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == summary
     assert list(summary) == list(MODELS)
     for model, row in summary.items():
         assert tuple(row) == SUMMARY_KEYS
-        if model.startswith("truth"):
-            assert row["auc"] is None and row["rejection_at_90"] is None and row["rejection_at_95"] is None
+        if model in TRUTH_MODELS:
+            assert all(row[key] is None for key in SUMMARY_KEYS if key.startswith(("auc", "rejection", "hit_")))
         else:
             assert 0.5 < row["auc"] < 1.0 and row["rejection_at_90"] > 1.0 and row["rejection_at_95"] > 1.0
     # independent NumPy σ68 on the residuals we injected (failed fits excluded)
@@ -184,6 +264,21 @@ def test_write_report_files_and_contents(tmp_path, truth):
         assert summary[model]["n_events"] == good.size
         assert 0 < summary[model]["sigma68_err"] < 0.2 * expected
     assert summary["e2e"]["auc"] > summary["baseline"]["auc"]
+    # the final-weight metrics against NumPy on the injected weights
+    signal = hits.collect()["is_signal"].to_numpy()
+    for model in (name for name in MODELS if name not in TRUTH_MODELS):
+        row, selected = summary[model], weights[model] >= 0.5
+        assert_allclose(row["auc_weight"], auc(weights[model], signal), rtol=1e-9)
+        assert 0 < row["auc_weight_err"] < 0.01
+        assert_allclose(row["hit_efficiency"], np.count_nonzero(selected & signal) / np.count_nonzero(signal))
+        assert_allclose(row["hit_purity"], np.count_nonzero(selected & signal) / np.count_nonzero(selected))
+        n_selected = np.count_nonzero(selected)
+        assert_allclose(row["hit_purity_err"], np.sqrt(row["hit_purity"] * (1 - row["hit_purity"]) / n_selected))
+        if model in (*PAPER_CHAIN, *HARD_SELECTIONS):
+            assert row["auc_weight"] == row["auc"]  # the weight is the score
+        else:
+            assert abs(row["auc_weight"] - row["auc"]) > 0.01
+    assert_allclose(summary["classical"]["hit_efficiency"], 0.9, atol=0.01)
     # the injected core shares come back (truth Gaussian: ±2σ holds 95.45 %)
     assert_allclose(summary["truth"]["core_fraction"], 0.9545, atol=0.01)
     assert_allclose(summary["baseline"]["core_fraction"], 0.7 * 0.9545, atol=0.03)
@@ -205,13 +300,50 @@ def test_write_report_files_and_contents(tmp_path, truth):
         assert (tmp_path / link).read_bytes()[:8] == PNG_MAGIC
     assert "## Definitions" in report
 
+    assert "`auc` is the raw score's AUC and `auc_weight` the final weights'" in report
+
     # the comparison says e2e is better, with a significance
-    assert re.search(r"e2e σ68\(q/pT\) = .* e2e better by \d+\.\dσ", _sentence(report, "σ68(q/pT)"))
-    assert "e2e better by" in _sentence(report, "hit AUC")
+    comparisons = _comparison_lines(report)
+    assert re.search(r"e2e σ68\(q/pT\) = .* e2e better by \d+\.\dσ", _sentence(comparisons, "σ68(q/pT)"))
+    assert "e2e better by" in _sentence(comparisons, "hit AUC (raw score)")
+    # every pair is compared, e2e vs classical on the final weights' AUC
+    assert _compared_pairs(report) == {
+        ("e2e", "baseline"),
+        ("e2e", "classical"),
+        ("e2e_paper", "baseline_paper"),
+        ("e2e", "truth_charge"),
+    }
+    # ... and on the final weights' AUC: the numbers quoted are auc_weight's, not the raw score's
+    versus_classical = _sentence(comparisons, "hit AUC (final weights)", reference="classical")
+    e2e_weights, classical = summary["e2e"], summary["classical"]
+    assert format_value_error(e2e_weights["auc_weight"], e2e_weights["auc_weight_err"]) in versus_classical
+    assert (
+        f"vs classical {format_value_error(classical['auc_weight'], classical['auc_weight_err'])}" in versus_classical
+    )
+    assert "e2e better by" in _sentence(comparisons, "σ68(q/pT)", reference="classical")
+    assert "e2e_paper better by" in _sentence(comparisons, "cluster core fraction", "e2e_paper", "baseline_paper")
+    # the paper's core-fraction gain is quoted for both network pairs, not against the classical tracker
+    gains = [line for line in _comparison_lines(report) if line.startswith("Relative change of the core fraction")]
+    assert [line.split(":")[0].split(", ")[1] for line in gains] == ["e2e vs baseline", "e2e_paper vs baseline_paper"]
+    assert all("+12.7 %" in line for line in gains)
+    # e2e's σ68 as a multiple of the charge-centroid limit
+    ratio = ratio_with_error(
+        summary["e2e"]["sigma68"],
+        summary["e2e"]["sigma68_err"],
+        summary["truth_charge"]["sigma68"],
+        summary["truth_charge"]["sigma68_err"],
+    )
+    assert f"σ68(q/pT) of e2e / truth_charge = {format_value_error(*ratio)} " in report
+    assert_allclose(ratio[0], 0.020 / 0.012, rtol=0.15)
+    assert "Not compared" not in report
+
+    # the σ68-in-pT-bins table has a column for every model, truth references included
+    pt_table = report.split("### σ68 in bins of true pT", 1)[1].strip().splitlines()[0]
+    assert pt_table == "| true pT [GeV] | " + " | ".join(MODELS) + " |"
 
     # the compact table names every model with its σ68
     table = format_summary_table(summary)
-    assert len(table.splitlines()) == 2 + len(MODELS)
+    assert len(table.splitlines()) == 3 + len(MODELS)  # header, rule, models, footnote
     for model in MODELS:
         assert model in table
 
@@ -219,13 +351,12 @@ def test_write_report_files_and_contents(tmp_path, truth):
 def test_comparison_flips_when_baseline_is_better(tmp_path, truth):
     hits, events = truth
     _write_predictions(tmp_path, hits, events, **GOOD_BASELINE)
-    summary = write_report(tmp_path, hits, events, {})
-    assert summary["e2e"]["sigma68"] > summary["baseline"]["sigma68"]
-    report = (tmp_path / "report.md").read_text()
-    for label in ("σ68(q/pT)", "hit AUC", "cluster core fraction"):
-        sentence = _sentence(report, label)
-        assert sentence.startswith(f"- e2e is NOT better than baseline on {label}"), sentence
-        assert "baseline better by" in sentence
+    comparisons = [line for _, lines in _computed_comparisons(tmp_path, hits, events) for line in lines]
+    for candidate, reference in (("e2e", "baseline"), ("e2e_paper", "baseline_paper")):
+        for label in ("σ68(q/pT)", "hit AUC (raw score)", "cluster core fraction"):
+            sentence = _sentence(comparisons, label, candidate, reference)
+            assert sentence.startswith(f"{candidate} is NOT better than {reference} on {label}"), sentence
+            assert f"{reference} better by" in sentence
 
 
 def test_comparison_is_not_a_claim_for_identical_models(tmp_path, truth):
@@ -237,27 +368,71 @@ def test_comparison_is_not_a_claim_for_identical_models(tmp_path, truth):
         table = pl.read_parquet(path)
         copy = table.filter(pl.col("model") == "baseline").with_columns(model=pl.lit("e2e"))
         pl.concat([table.filter(pl.col("model") != "e2e"), copy]).write_parquet(path)
+    _keep_models(tmp_path, {"truth", "baseline", "e2e"})  # fewer figure panels: faster
     summary = write_report(tmp_path, hits, events, {})
     assert summary["e2e"] == summary["baseline"]
-    report = (tmp_path / "report.md").read_text()
-    for label in ("σ68(q/pT)", "hit AUC", "cluster core fraction"):
-        sentence = _sentence(report, label)
-        assert sentence.startswith(f"- e2e is NOT significantly better than baseline on {label}"), sentence
+    comparisons = _comparison_lines((tmp_path / "report.md").read_text())
+    for label in ("σ68(q/pT)", "hit AUC (raw score)", "cluster core fraction"):
+        sentence = _sentence(comparisons, label)
+        assert sentence.startswith(f"e2e is NOT significantly better than baseline on {label}"), sentence
         assert "equal" in sentence
 
 
 def test_truth_only_predictions(tmp_path, truth):
     hits, events = truth
     _write_predictions(tmp_path, hits, events, **GOOD_E2E)
-    for name in ("hits", "clusters", "tracks"):
-        path = tmp_path / "predictions" / f"{name}.parquet"
-        pl.read_parquet(path).filter(pl.col("model").str.starts_with("truth")).write_parquet(path)
+    _keep_models(tmp_path, set(TRUTH_MODELS))
     summary = write_report(tmp_path, hits, events, {"dataset": "x"})
     assert list(summary) == ["truth", "truth_charge"]
-    assert all(row["auc"] is None for row in summary.values())
+    assert all(row["auc"] is None and row["auc_weight"] is None for row in summary.values())
     report = (tmp_path / "report.md").read_text()
-    assert "No 'baseline' predictions" in report
+    assert "**No comparison**" in report and _compared_pairs(report) == set()
+    assert "e2e vs baseline (no e2e and no baseline predictions)" in _comparison_lines(report)
     assert (tmp_path / "figures" / "roc_rejection.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    ("dropped", "pairs"),
+    [
+        ({"classical"}, {("e2e", "baseline"), ("e2e_paper", "baseline_paper"), ("e2e", "truth_charge")}),
+        ({"baseline_paper", "e2e_paper"}, {("e2e", "baseline"), ("e2e", "classical"), ("e2e", "truth_charge")}),
+        ({"e2e", "assignment"}, {("e2e_paper", "baseline_paper")}),
+        ({"truth_charge", "baseline"}, {("e2e", "classical"), ("e2e_paper", "baseline_paper")}),
+    ],
+)
+def test_comparisons_follow_the_models_present(tmp_path, truth, dropped, pairs):
+    hits, events = truth
+    _write_predictions(tmp_path, hits, events, **GOOD_E2E)
+    _keep_models(tmp_path, set(MODELS) - dropped)
+    blocks = _computed_comparisons(tmp_path, hits, events)
+    compared = {match.groups() for lead, _ in blocks if (match := re.match(r"\*\*(\w+) vs (\w+)\*\*:", lead))}
+    assert compared == pairs
+    sentences = {lead: lines for lead, lines in blocks}
+    compared_sentences = [line for lead, lines in blocks if not lead.startswith("**No") for line in lines]
+    # a sentence about e2e vs classical exactly when classical (and e2e) are present
+    classical_sentences = [
+        line for line in compared_sentences if " vs classical " in line or "than classical on" in line
+    ]
+    assert bool(classical_sentences) == (("e2e", "classical") in pairs)
+    ratio_sentences = [line for line in compared_sentences if line.startswith("σ68(q/pT) of e2e / truth_charge = ")]
+    assert len(ratio_sentences) == (("e2e", "truth_charge") in pairs)
+    gains = [line for line in compared_sentences if line.startswith("Relative change of the core fraction")]
+    assert len(gains) == len(pairs & {("e2e", "baseline"), ("e2e_paper", "baseline_paper")})
+    # the pairs left out are named, each once, with the missing model
+    left_out = next((lines for lead, lines in sentences.items() if lead.startswith("**Not compared**")), [])
+    expected_left_out = {("e2e", "baseline"), ("e2e", "classical"), ("e2e_paper", "baseline_paper")} - pairs
+    assert {tuple(line.split(" (")[0].split(" vs ")) for line in left_out} == expected_left_out
+    assert all(any(f"no {model}" in line for model in dropped) for line in left_out)
+
+
+def test_every_known_model_has_its_own_style():
+    assert set(MODEL_STYLE) == set(MODEL_NAMES)
+    looks = {(style["color"], style["linestyle"], style["marker"]) for style in MODEL_STYLE.values()}
+    assert len({style["color"] for style in MODEL_STYLE.values()}) == len(MODEL_NAMES)
+    assert len(looks) == len(MODEL_NAMES)
+    # an unknown model gets a colour of its own, the same every time, and none of the known ones
+    assert model_style("e2e_v2") == model_style("e2e_v2")
+    assert model_style("e2e_v2")["color"] not in {style["color"] for style in MODEL_STYLE.values()}
 
 
 def test_missing_predictions_raise_and_write_nothing(tmp_path, truth):
@@ -274,10 +449,11 @@ def test_missing_predictions_raise_and_write_nothing(tmp_path, truth):
     assert not (tmp_path / "figures").exists()
 
 
-def test_malformed_predictions_raise(tmp_path, truth):
+@pytest.mark.parametrize("column", ["score", "weight"])
+def test_malformed_predictions_raise(tmp_path, truth, column):
     hits, events = truth
     _write_predictions(tmp_path, hits, events, **GOOD_E2E)
-    broken = pl.read_parquet(tmp_path / "predictions" / "hits.parquet").drop("score")
+    broken = pl.read_parquet(tmp_path / "predictions" / "hits.parquet").drop(column)
     broken.write_parquet(tmp_path / "predictions" / "hits.parquet")
-    with pytest.raises(MuontrackError, match="missing columns score"):
+    with pytest.raises(MuontrackError, match=f"missing columns {column}"):
         write_report(tmp_path, hits, events, {})
