@@ -84,6 +84,29 @@ class Reconstruction(NamedTuple):
     hit_weight: Float[Array, "B N"]  # the weight of each hit in the final clusters (0 on padding)
 
 
+@jax.custom_vjp
+def finite_gradient_guard(event_weights: Float[Array, " N"]) -> Float[Array, " N"]:
+    """Identity whose backward pass zeroes an event's whole weight gradient when any entry is not finite.
+
+    The safety net of the reconstruction: a degenerate event (all but one layer empty, a fit through two
+    points) has no useful q/pT gradient, and under vmap a 0 * inf deep inside such a fit was seen to give
+    NaN (one event in a few hundred batches at initialisation), which would poison the whole optimiser step.
+    Finite gradients pass unchanged.
+    """
+    return event_weights
+
+
+def _guard_fwd(event_weights):
+    return event_weights, None
+
+
+def _guard_bwd(_, cotangent):
+    return (jnp.where(jnp.all(jnp.isfinite(cotangent)), cotangent, 0),)
+
+
+finite_gradient_guard.defvjp(_guard_fwd, _guard_bwd)
+
+
 def soft_assignment(residual: Float[ArrayLike, " N"], width: float, cut: float) -> Float[Array, " N"]:
     """phi / (phi + phi_cut) with phi = exp(-residual^2 / 2 width^2), phi_cut = exp(-cut^2 / 2), in (0, 1).
 
@@ -154,7 +177,7 @@ def reconstruct(
     layer = jnp.where(mask, jnp.asarray(batch.layer, jnp.int32), 0)
     charge = jnp.where(mask, jnp.asarray(batch.features, dtype)[..., 2], 0)
     x_hat, sigma, layer_weight, fit, final_weights = jax.vmap(
-        lambda w, xs, ls, cs: reconstruct_event(w, xs, ls, cs, geometry, chain)
+        lambda w, xs, ls, cs: reconstruct_event(finite_gradient_guard(w), xs, ls, cs, geometry, chain)
     )(weights, x, layer, charge)
     return Reconstruction(
         x_hat=x_hat,

@@ -9,7 +9,15 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from model.fit import STATUS_OK, STATUS_TOO_FEW_LAYERS
-from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct, reconstruct_event, soft_assignment
+from model.tracker import (
+    PAPER_CHAIN,
+    ROBUST_CHAIN,
+    Chain,
+    finite_gradient_guard,
+    reconstruct,
+    reconstruct_event,
+    soft_assignment,
+)
 from tests.synthetic_events import GEOMETRY, make_batch
 
 
@@ -195,3 +203,11 @@ def test_robust_chain_under_jit_and_vmap_agrees():
     jitted = jax.jit(reconstruct, static_argnums=(2, 3))(weights, batch, GEOMETRY, ROBUST_CHAIN)
     for a, b in zip(jitted, eager, strict=True):
         assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_finite_gradient_guard_zeroes_only_events_with_non_finite_gradients():
+    weights = jnp.ones((3, 4))
+    upstream = jnp.array([[1.0, 2.0, 3.0, 4.0], [1.0, jnp.nan, 0.0, 0.0], [0.0, 0.0, jnp.inf, 1.0]])
+    _, pullback = jax.vjp(jax.vmap(finite_gradient_guard), weights)
+    (grad,) = pullback(upstream)
+    assert_array_equal(np.asarray(grad), [[1, 2, 3, 4], [0, 0, 0, 0], [0, 0, 0, 0]])

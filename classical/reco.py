@@ -1,0 +1,598 @@
+"""The classical reconstruction of one event and of many (Numba): clusters, road search, DAF, Hyper fit.
+
+Per event (events are independent; :func:`reconstruct_events` runs them in a ``prange``, deterministic):
+
+1. **Clusters** (:mod:`classical.clusters`): contiguous strips per layer, charge centroid.
+2. **Road search**: every pair (cluster on an inner-station layer, cluster on an outer-station layer)
+   defines a straight line; on each layer the cluster nearest to the line counts when it lies within
+   ``road_half_width``. The seeds with most layers are the candidates; each distinct candidate set of
+   clusters is judged by a Hyper circle fit that drops layers off by more than ``seed_cut``: most layers
+   left, then the smallest squared residuals, wins (not the line's residuals: see :func:`road_search`).
+   O(pairs x clusters), plus a few small circle fits per distinct tied cluster set.
+3. **Deterministic annealing filter** (in the style of GenFit's DAF): the Hyper circle of the seed's
+   clusters starts it; then for each temperature ``T`` every cluster ``j`` of layer ``l`` gets
+   ``phi_j = exp(-d_j^2 / (2 T sigma^2))`` (``d_j`` its x residual to the circle on that layer) and the
+   assignment probability ``p_j = phi_j / (sum_k phi_k + phi_cut)``, ``phi_cut = exp(-chi2_cut / (2 T))``
+   (the layer may stay empty), and the circle is refitted with every cluster weighted by ``p``. At the end
+   the probabilities are recomputed with the last circle at the last temperature, and each layer keeps its
+   most probable cluster if ``p > 0.5``, else none. The filter runs twice from the same seed, with a hot
+   schedule (``temperatures``) and a cold one (``restart_temperatures``); the run that keeps more layers
+   (tie: smaller residuals to its circle) wins.
+4. **Final fit**: unweighted Hyper fit of the kept clusters' centroids; pT, charge, q/pT.
+
+Parameters (:class:`ClassicalParams`), chosen on the train split of a 20k-event default dataset (seed 0):
+
+- ``point_sigma = 0.03 mm``, ``chi2_cut = 9``: the charge centroid of a clean muon cluster lies 0.006 mm
+  (sigma68) from the circle through the others, RMS 0.024 mm, 99 % within 0.08 mm; at ``T = 1`` a cluster
+  is kept within about ``3 sigma = 0.09 mm``. Wider (0.1, 0.2 mm) keeps more merged clusters and gave
+  sigma68(q/pT) 0.0105, 0.0109 instead of 0.0098.
+- ``temperatures = 3^10 .. 1``: ``sqrt(T0) * sigma = 7 mm`` covers the road; starting at 81 or 729 left
+  about twice as many fits with |r| > 5 %. ``restart_temperatures = (9, 3, 1)`` halved them again (a hot
+  run can be pulled off a good seed by extra-track clusters within a few mm).
+- ``road_half_width = 5 mm``: the chord through clusters on layers 0 and 15 misses a 20 GeV muon by up to
+  4.7 mm in station 2; 2 and 3 mm lost layers and tails, 4 to 8 mm measured the same.
+- ``split_ratio = 1``: a single charge cloud gives a unimodal strip profile, so any local minimum marks two
+  deposits; splitting raised the hit efficiency from 0.977 to 0.991 and cut the 5 % tails 8x.
+- ``seed_cut = 0.5 mm``: 0.2 to 2 mm measured the same.
+
+Fit status (as model/fit.py): 0 ok, 1 fewer than ``MIN_LAYERS`` layers kept, 2 degenerate, 3 non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numba as nb
+import numpy as np
+
+from classical._jit import jit
+from classical.circle import (
+    STATUS_DEGENERATE,
+    STATUS_OK,
+    STATUS_TOO_FEW_LAYERS,
+    circle_x_at,
+    hyper_fit,
+    track_parameters,
+)
+from classical.clusters import cluster_hits
+from pipeline.config import DetectorConfig
+
+#: a track needs at least this many layers
+MIN_LAYERS = 3
+#: events per prange iteration; each chunk allocates its scratch once
+EVENTS_PER_CHUNK = 64
+#: exp(-x) is 0 in float64 beyond this
+EXP_UNDERFLOW = 745.0
+#: seed roles of the layers
+ROLE_NONE = 0
+ROLE_INNER = 1
+ROLE_OUTER = 2
+
+
+class ClassicalParams(NamedTuple):
+    """Tunable settings of the classical reconstruction (defaults: see the module docstring)."""
+
+    #: [mm] a layer counts for a straight-line seed when its nearest cluster lies this close to the line
+    road_half_width: float = 5.0
+    #: [mm] a candidate seed's layers further than this from its circle are dropped when judging it
+    seed_cut: float = 0.5
+    #: [mm] per-point resolution in the DAF weights
+    point_sigma: float = 0.03
+    #: chi2 of the null (empty layer) option
+    chi2_cut: float = 9.0
+    #: annealing schedule, hot enough at the start (sqrt(T) * point_sigma ~ the road) to leave a wrong seed
+    temperatures: tuple[float, ...] = tuple(3.0**k for k in range(10, -1, -1))
+    #: a second, cold run from the same seed (empty: none); the run that keeps more layers (tie: smaller
+    #: residuals) wins: the hot run can be pulled off a good seed by nearby extra-track clusters
+    restart_temperatures: tuple[float, ...] = (9.0, 3.0, 1.0)
+    #: split a run of strips at a local charge minimum below this fraction of the smaller peak (0: never)
+    split_ratio: float = 1.0
+
+
+class Reconstruction(NamedTuple):
+    """Outputs of :func:`reconstruct_events` (NumPy). ``E`` events, ``L`` layers, ``H`` hits."""
+
+    hit_weight: np.ndarray  # float64 [H]: 1 on the strips of the kept clusters, 0 elsewhere
+    x_reco: np.ndarray  # float64 [E, L]: kept cluster's charge centroid [mm], 0 where none
+    sigma: np.ndarray  # float64 [E, L]: its charge-weighted RMS spread, floored at pitch / sqrt(12)
+    layer_weight: np.ndarray  # float64 [E, L]: 1 where a cluster is kept, else 0
+    radius: np.ndarray  # float64 [E]: fitted radius [mm] (0 unless the fit is OK)
+    pt: np.ndarray  # float64 [E] [GeV]
+    q: np.ndarray  # int8 [E]: +1 / -1
+    q_over_pt: np.ndarray  # float64 [E] [1/GeV]
+    status: np.ndarray  # int8 [E]
+
+
+def seed_roles(detector: DetectorConfig) -> np.ndarray:
+    """Seed role of every layer: ROLE_INNER on the first station, ROLE_OUTER on the last (with a single
+    station: its first and second half), ROLE_NONE elsewhere. int64 [L]."""
+    roles = np.zeros(detector.n_layers, np.int64)
+    counts = detector.layers_per_station
+    if len(counts) >= 2:
+        roles[: counts[0]] = ROLE_INNER
+        roles[detector.n_layers - counts[-1] :] = ROLE_OUTER
+    else:
+        half = max(1, detector.n_layers // 2)
+        roles[:half] = ROLE_INNER
+        roles[half:] = ROLE_OUTER
+    return roles
+
+
+@jit()
+def _road_layers(x0, y0, slope, cl_x, layer_start, layer_y, road_half_width, min_count, chosen):
+    """Nearest cluster of each layer to the line ``x = x0 + slope (y - y0)`` if it lies within the road
+    (``chosen[l]``, -1 where none); returns the number of such layers, or -1 as soon as fewer than
+    ``min_count`` are still possible (then ``chosen`` is incomplete). A layer's clusters are sorted by x."""
+    n_layers = layer_y.shape[0]
+    count = 0
+    for lay in range(n_layers):
+        x_line = x0 + slope * (layer_y[lay] - y0)
+        best = road_half_width
+        chosen[lay] = -1
+        for j in range(layer_start[lay], layer_start[lay + 1]):
+            d = cl_x[j] - x_line
+            if d >= best:
+                break  # the rest lie further right
+            if abs(d) < best:
+                best = abs(d)
+                chosen[lay] = j
+        if chosen[lay] >= 0:
+            count += 1
+        elif count + n_layers - 1 - lay < min_count:
+            return -1
+    return count
+
+
+@jit()
+def _fit_chosen(chosen, cl_x, layer_y, fx, fy, fw):
+    """Unweighted Hyper fit of the chosen cluster of each layer: ``(xc, yc, R, status, n_points, x_first)``."""
+    n = 0
+    for lay in range(layer_y.shape[0]):
+        j = chosen[lay]
+        if j >= 0:
+            fx[n] = cl_x[j]
+            fy[n] = layer_y[lay]
+            fw[n] = 1.0
+            n += 1
+    if n < MIN_LAYERS:
+        return math.nan, math.nan, math.nan, STATUS_TOO_FEW_LAYERS, n, math.nan
+    xc, yc, radius, status = hyper_fit(fx, fy, fw, n)
+    return xc, yc, radius, status, n, fx[0]
+
+
+@jit()
+def _clean_seed(work, cl_x, layer_y, seed_cut, fx, fy, fw):
+    """Fit a circle to the clusters ``work[l]`` (-1: none) and drop the worst layer while its |x residual|
+    exceeds ``seed_cut`` (keeping >= MIN_LAYERS); returns ``(n_layers_left, sum of squared residuals)``
+    (``(0, inf)`` when no circle can be fitted). ``work`` is updated."""
+    n_layers = layer_y.shape[0]
+    while True:
+        xc, yc, radius, status, n, x_first = _fit_chosen(work, cl_x, layer_y, fx, fy, fw)
+        if status != STATUS_OK:
+            return 0, math.inf
+        side = 1.0 if xc >= x_first else -1.0
+        ssr = 0.0
+        worst = -1
+        worst_d = seed_cut
+        for lay in range(n_layers):
+            j = work[lay]
+            if j >= 0:
+                d = abs(cl_x[j] - circle_x_at(xc, yc, radius, side, layer_y[lay]))
+                if not math.isfinite(d):
+                    return 0, math.inf
+                ssr += d * d
+                if d > worst_d:
+                    worst_d = d
+                    worst = lay
+        if worst < 0 or n <= MIN_LAYERS:
+            return n, ssr
+        work[worst] = -1
+
+
+@jit()
+def _judge_candidate(candidate, work, last, chosen, best_n, best_ssr, cl_x, layer_y, seed_cut, fx, fy, fw):
+    """One step of :func:`road_search`: clean ``candidate`` and keep it in ``chosen`` if it
+    beats the best so far (``best_n`` layers, -1 for none yet, with residuals ``best_ssr``); returns the
+    new best ``(n, ssr)``. ``last`` holds the previous candidate."""
+    n_layers = layer_y.shape[0]
+    same = True  # consecutive seeds mostly select the same clusters: judge each set once
+    for lay in range(n_layers):
+        if candidate[lay] != last[lay]:
+            same = False
+        last[lay] = candidate[lay]
+    if same:
+        return best_n, best_ssr
+    for lay in range(n_layers):
+        work[lay] = candidate[lay]
+    n_left, ssr = _clean_seed(work, cl_x, layer_y, seed_cut, fx, fy, fw)
+    if best_n < 0 or n_left > best_n or (n_left == best_n and ssr < best_ssr):
+        for lay in range(n_layers):
+            chosen[lay] = work[lay] if n_left > 0 else candidate[lay]
+        return n_left, ssr
+    return best_n, best_ssr
+
+
+@jit()
+def road_search(cl_x, layer_start, layer_y, seed_role, road_half_width, seed_cut, chosen, scratch, fx, fy, fw):
+    """Best straight-line seed over all (inner, outer) cluster pairs; writes its clusters (one per layer, -1
+    where none) to ``chosen`` and returns their number (0: no seed).
+
+    The seeds with most in-road layers (nearest cluster to the line within ``road_half_width``) are the
+    candidates. Among them the line's own residuals are a poor judge: the muon's sagitta (up to 4.7 mm)
+    lets an outer cluster of a nearby extra track give a line that fits better, and the nearest cluster to
+    a line through the muon is sometimes an extra track's. So each distinct candidate set is cleaned
+    (:func:`_clean_seed`: circle fit, drop layers off by more than ``seed_cut``) and the set with most layers
+    left, then the smallest circle residuals, wins; ``chosen`` gets the cleaned set. One pass: a seed with
+    more in-road layers than all before it restarts the comparison. ``scratch`` is int64 ``[3, L]``;
+    ``fx, fy, fw`` float64 scratch of length >= L.
+    """
+    n_layers = layer_y.shape[0]
+    candidate = scratch[0]
+    work = scratch[1]
+    last = scratch[2]
+    for lay in range(n_layers):
+        chosen[lay] = -1
+        last[lay] = -1
+    best_count = 0
+    best_n = -1
+    best_ssr = math.inf
+    for la in range(n_layers):
+        if seed_role[la] != ROLE_INNER:
+            continue
+        for a in range(layer_start[la], layer_start[la + 1]):
+            for lb in range(n_layers):
+                if seed_role[lb] != ROLE_OUTER:
+                    continue
+                dy = layer_y[lb] - layer_y[la]
+                for b in range(layer_start[lb], layer_start[lb + 1]):
+                    slope = (cl_x[b] - cl_x[a]) / dy
+                    count = _road_layers(
+                        cl_x[a], layer_y[la], slope, cl_x, layer_start, layer_y, road_half_width, best_count, candidate
+                    )
+                    if count < best_count:
+                        continue
+                    if count > best_count:
+                        best_count = count
+                        best_n = -1
+                        best_ssr = math.inf
+                    best_n, best_ssr = _judge_candidate(
+                        candidate, work, last, chosen, best_n, best_ssr, cl_x, layer_y, seed_cut, fx, fy, fw
+                    )
+    n_chosen = 0
+    for lay in range(n_layers):
+        if chosen[lay] >= 0:
+            n_chosen += 1
+    return n_chosen
+
+
+@jit()
+def assignment_probabilities(
+    xc, yc, radius, side, temperature, point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob
+):
+    """DAF weights of every cluster at ``temperature`` for the circle (xc, yc, radius) (see module doc)."""
+    inv = 1.0 / (2.0 * temperature * point_sigma * point_sigma)
+    phi_cut = math.exp(-chi2_cut / (2.0 * temperature))
+    for lay in range(layer_y.shape[0]):
+        lo = layer_start[lay]
+        hi = layer_start[lay + 1]
+        x_circle = circle_x_at(xc, yc, radius, side, layer_y[lay])
+        total = 0.0
+        for j in range(lo, hi):
+            d = cl_x[j] - x_circle
+            arg = d * d * inv
+            phi = math.exp(-arg) if arg < EXP_UNDERFLOW else 0.0  # also 0 for a NaN residual
+            prob[j] = phi
+            total += phi
+        norm = 1.0 / (total + phi_cut)
+        for j in range(lo, hi):
+            prob[j] *= norm
+
+
+@jit()
+def annealing_filter(
+    xc, yc, radius, side, temperatures, point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob, fx, fy, fw, chosen
+):
+    """Run the DAF from the circle (xc, yc, radius) and settle: ``chosen[l]`` = the most probable cluster of
+    layer ``l`` if its probability exceeds 0.5, else -1. ``prob`` gets the final probabilities. With no
+    temperatures ``chosen`` is left as it is (the road's clusters)."""
+    n_layers = layer_y.shape[0]
+    n_clusters = layer_start[n_layers]
+    for j in range(n_clusters):
+        fy[j] = 0.0
+    for lay in range(n_layers):
+        for j in range(layer_start[lay], layer_start[lay + 1]):
+            fx[j] = cl_x[j]
+            fy[j] = layer_y[lay]
+    n_steps = temperatures.shape[0]
+    if n_steps == 0:  # no annealing: keep the road's clusters
+        return
+    for step in range(n_steps):
+        assignment_probabilities(
+            xc, yc, radius, side, temperatures[step], point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob
+        )
+        sw = 0.0
+        swx = 0.0
+        for j in range(n_clusters):
+            fw[j] = prob[j]
+            sw += prob[j]
+            swx += prob[j] * cl_x[j]
+        xc_new, yc_new, radius_new, status = hyper_fit(fx, fy, fw, n_clusters)
+        if status != STATUS_OK:
+            break
+        xc = xc_new
+        yc = yc_new
+        radius = radius_new
+        side = 1.0 if xc >= swx / sw else -1.0
+    assignment_probabilities(
+        xc, yc, radius, side, temperatures[n_steps - 1], point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob
+    )
+    for lay in range(n_layers):
+        chosen[lay] = -1
+        best = 0.5
+        for j in range(layer_start[lay], layer_start[lay + 1]):
+            if prob[j] > best:
+                best = prob[j]
+                chosen[lay] = j
+
+
+@jit()
+def _anneal_from_seed(seed, temperatures, point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob, fx, fy, fw, out):
+    """Run :func:`annealing_filter` from the circle of the clusters ``seed`` with the schedule
+    ``temperatures``; ``out`` gets the settled clusters. Returns their ``(number of layers, sum of squared
+    residuals to their circle)`` (``(0, inf)`` without a circle), by which two runs are compared."""
+    n_layers = layer_y.shape[0]
+    for lay in range(n_layers):
+        out[lay] = seed[lay]
+    xc, yc, radius, status, _, x_first = _fit_chosen(seed, cl_x, layer_y, fx, fy, fw)
+    if status != STATUS_OK:
+        return 0, math.inf
+    side = 1.0 if xc >= x_first else -1.0
+    annealing_filter(
+        xc, yc, radius, side, temperatures, point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob, fx, fy, fw, out
+    )
+    return _clean_seed(out, cl_x, layer_y, math.inf, fx, fy, fw)
+
+
+@jit()
+def reconstruct_event(
+    layer,
+    strip,
+    x,
+    charge,
+    layer_y,
+    seed_role,
+    temperatures,
+    restart_temperatures,
+    road_half_width,
+    seed_cut,
+    point_sigma,
+    chi2_cut,
+    split_ratio,
+    sigma_floor,
+    b_field,
+    keys,
+    order,
+    cl_x,
+    cl_charge,
+    cl_sigma,
+    cl_size,
+    cl_first,
+    layer_start,
+    prob,
+    fx,
+    fy,
+    fw,
+    chosen,
+    seed_scratch,
+    hit_weight,
+    x_reco,
+    sigma,
+    layer_weight,
+):
+    """Reconstruct one event; hit arrays of length ``n``, scratch of length >= n (see
+    :func:`reconstruct_events`). Writes ``hit_weight[n]`` and ``x_reco / sigma / layer_weight[L]`` and
+    returns ``(radius, pt, q, q_over_pt, status)``."""
+    n_layers = layer_y.shape[0]
+    n = layer.shape[0]
+    cluster_hits(
+        layer,
+        strip,
+        x,
+        charge,
+        n_layers,
+        split_ratio,
+        keys,
+        order,
+        cl_x,
+        cl_charge,
+        cl_sigma,
+        cl_size,
+        cl_first,
+        layer_start,
+    )
+    for i in range(n):
+        hit_weight[i] = 0.0
+    for lay in range(n_layers):
+        x_reco[lay] = 0.0
+        sigma[lay] = sigma_floor
+        layer_weight[lay] = 0.0
+
+    n_road = road_search(
+        cl_x, layer_start, layer_y, seed_role, road_half_width, seed_cut, chosen, seed_scratch, fx, fy, fw
+    )
+    if n_road >= MIN_LAYERS and temperatures.shape[0] > 0:
+        seed = seed_scratch[0]
+        alternative = seed_scratch[1]
+        for lay in range(n_layers):
+            seed[lay] = chosen[lay]
+        n_best, ssr_best = _anneal_from_seed(
+            seed, temperatures, point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob, fx, fy, fw, chosen
+        )
+        if restart_temperatures.shape[0] > 0:
+            n_alt, ssr_alt = _anneal_from_seed(
+                seed,
+                restart_temperatures,
+                point_sigma,
+                chi2_cut,
+                cl_x,
+                layer_start,
+                layer_y,
+                prob,
+                fx,
+                fy,
+                fw,
+                alternative,
+            )
+            if n_alt > n_best or (n_alt == n_best and ssr_alt < ssr_best):
+                for lay in range(n_layers):
+                    chosen[lay] = alternative[lay]
+    for lay in range(n_layers):
+        j = chosen[lay]
+        if j >= 0:
+            x_reco[lay] = cl_x[j]
+            sigma[lay] = max(cl_sigma[j], sigma_floor)
+            layer_weight[lay] = 1.0
+            for k in range(cl_first[j], cl_first[j] + cl_size[j]):
+                hit_weight[order[k]] = 1.0
+
+    xc, _, radius, status, _, x_first = _fit_chosen(chosen, cl_x, layer_y, fx, fy, fw)
+    if status != STATUS_OK:
+        return 0.0, 0.0, 1, 0.0, status
+    pt, q, q_over_pt = track_parameters(xc, radius, x_first, b_field)
+    if not (math.isfinite(pt) and math.isfinite(q_over_pt)):
+        return 0.0, 0.0, 1, 0.0, STATUS_DEGENERATE
+    return radius, pt, int(q), q_over_pt, STATUS_OK
+
+
+@jit(parallel=True)
+def reconstruct_events(
+    event_start,
+    layer,
+    strip,
+    x,
+    charge,
+    layer_y,
+    seed_role,
+    temperatures,
+    restart_temperatures,
+    road_half_width,
+    seed_cut,
+    point_sigma,
+    chi2_cut,
+    split_ratio,
+    sigma_floor,
+    b_field,
+):
+    """Reconstruct every event; event ``e``'s hits are rows ``event_start[e] : event_start[e + 1]`` of the
+    flat hit arrays (``layer``, ``strip``: integers; ``x`` [mm], ``charge``: float64). Returns the fields of
+    :class:`Reconstruction` in order."""
+    n_events = event_start.shape[0] - 1
+    n_layers = layer_y.shape[0]
+    hit_weight = np.zeros(layer.shape[0], np.float64)
+    x_reco = np.zeros((n_events, n_layers), np.float64)
+    sigma = np.full((n_events, n_layers), sigma_floor, np.float64)
+    layer_weight = np.zeros((n_events, n_layers), np.float64)
+    radius = np.zeros(n_events, np.float64)
+    pt = np.zeros(n_events, np.float64)
+    q = np.ones(n_events, np.int8)
+    q_over_pt = np.zeros(n_events, np.float64)
+    status = np.zeros(n_events, np.int8)
+    n_chunks = (n_events + EVENTS_PER_CHUNK - 1) // EVENTS_PER_CHUNK
+    for chunk in nb.prange(n_chunks):
+        lo = chunk * EVENTS_PER_CHUNK
+        hi = min(lo + EVENTS_PER_CHUNK, n_events)
+        capacity = 1
+        for e in range(lo, hi):
+            capacity = max(capacity, event_start[e + 1] - event_start[e])
+        keys = np.empty(capacity, np.int64)
+        order = np.empty(capacity, np.int64)
+        cl_x = np.empty(capacity, np.float64)
+        cl_charge = np.empty(capacity, np.float64)
+        cl_sigma = np.empty(capacity, np.float64)
+        cl_size = np.empty(capacity, np.int64)
+        cl_first = np.empty(capacity, np.int64)
+        layer_start = np.empty(n_layers + 1, np.int64)
+        prob = np.empty(capacity, np.float64)
+        fx = np.empty(capacity, np.float64)
+        fy = np.empty(capacity, np.float64)
+        fw = np.empty(capacity, np.float64)
+        chosen = np.empty(n_layers, np.int64)
+        seed_scratch = np.empty((3, n_layers), np.int64)
+        for e in range(lo, hi):
+            a = event_start[e]
+            b = event_start[e + 1]
+            r, p, c, qp, s = reconstruct_event(
+                layer[a:b],
+                strip[a:b],
+                x[a:b],
+                charge[a:b],
+                layer_y,
+                seed_role,
+                temperatures,
+                restart_temperatures,
+                road_half_width,
+                seed_cut,
+                point_sigma,
+                chi2_cut,
+                split_ratio,
+                sigma_floor,
+                b_field,
+                keys,
+                order,
+                cl_x,
+                cl_charge,
+                cl_sigma,
+                cl_size,
+                cl_first,
+                layer_start,
+                prob,
+                fx,
+                fy,
+                fw,
+                chosen,
+                seed_scratch,
+                hit_weight[a:b],
+                x_reco[e],
+                sigma[e],
+                layer_weight[e],
+            )
+            radius[e] = r
+            pt[e] = p
+            q[e] = c
+            q_over_pt[e] = qp
+            status[e] = s
+    return hit_weight, x_reco, sigma, layer_weight, radius, pt, q, q_over_pt, status
+
+
+def reconstruct(
+    event_start,
+    layer,
+    strip,
+    x,
+    charge,
+    detector: DetectorConfig,
+    params: ClassicalParams | None = None,
+) -> Reconstruction:
+    """NumPy-facing :func:`reconstruct_events` for the geometry of ``detector`` (flat hit arrays, sorted by
+    event; ``event_start`` of length ``E + 1``)."""
+    params = ClassicalParams() if params is None else params
+    out = reconstruct_events(
+        np.ascontiguousarray(event_start, dtype=np.int64),
+        np.ascontiguousarray(layer, dtype=np.int64),
+        np.ascontiguousarray(strip, dtype=np.int64),
+        np.ascontiguousarray(x, dtype=np.float64),
+        np.ascontiguousarray(charge, dtype=np.float64),
+        np.ascontiguousarray(detector.layer_y(), dtype=np.float64),
+        seed_roles(detector),
+        np.ascontiguousarray(params.temperatures, dtype=np.float64),
+        np.ascontiguousarray(params.restart_temperatures, dtype=np.float64),
+        float(params.road_half_width),
+        float(params.seed_cut),
+        float(params.point_sigma),
+        float(params.chi2_cut),
+        float(params.split_ratio),
+        float(detector.pitch) / math.sqrt(12.0),
+        float(detector.b_field),
+    )
+    return Reconstruction(*out)

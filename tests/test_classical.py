@@ -1,0 +1,437 @@
+"""The classical reconstruction: Hyper fit against a generalised-eigenvalue reference, clustering against a
+plain loop, exact truth centroids without background, decoy tracks in the muon's road, the prediction
+tables, the one-way imports, and the resolution against a trivially worse reconstruction."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from classical import (
+    STATUS_DEGENERATE,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    ClassicalParams,
+    find_clusters,
+    hyper_circle_fit,
+    predict_classical,
+    read_split,
+    reconstruct,
+)
+from pipeline.batches import split_expr
+from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, SimConfig
+from pipeline.dataset import open_dataset
+from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
+from simulation.dataset import simulate_dataset
+from tests.sim_reference import strip_fraction_erf
+from tests.synthetic_events import DETECTOR, LAYER_Y, crossings
+
+N_LAYERS = DETECTOR.n_layers
+
+
+# ---- references ------------------------------------------------------------------------------------------
+
+
+def hyper_fit_eig(x, y, w=None) -> tuple[float, float, float]:
+    """Hyper fit as the generalised eigenproblem M A = eta N A (Al-Sharadqah & Chernov 2009) in float64:
+    A = (A, B, C, D) of A (x^2 + y^2) + B x + C y + D = 0, M the weighted moment matrix of (z, x, y, 1) and N
+    Hyper's constraint matrix; the circle of the smallest non-negative eta. Solved on points centred on their
+    weighted centroid and scaled to unit RMS radius (the fit is similarity-covariant), so that the
+    eigenproblem is well conditioned."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    w = np.ones_like(x) if w is None else np.asarray(w, np.float64)
+    w = w / w.sum()
+    mx, my = w @ x, w @ y
+    scale = math.sqrt(w @ ((x - mx) ** 2 + (y - my) ** 2))
+    u, v = (x - mx) / scale, (y - my) / scale
+    z = u * u + v * v
+    design = np.stack([z, u, v, np.ones_like(u)], axis=1)
+    moments = (design * w[:, None]).T @ design
+    z_mean, u_mean, v_mean = w @ z, w @ u, w @ v
+    constraint = np.array(
+        [
+            [8.0 * z_mean, 4.0 * u_mean, 4.0 * v_mean, 2.0],
+            [4.0 * u_mean, 1.0, 0.0, 0.0],
+            [4.0 * v_mean, 0.0, 1.0, 0.0],
+            [2.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    eta, vectors = np.linalg.eig(np.linalg.solve(constraint, moments))
+    assert np.all(np.abs(eta.imag) <= 1e-12 * np.abs(eta).max())
+    eta, vectors = eta.real, vectors.real
+    candidates = np.flatnonzero(eta > -1e-12 * np.abs(eta).max())
+    k = candidates[np.argmin(eta[candidates])]
+    a, b, c, d = vectors[:, k]
+    uc, vc = -b / (2.0 * a), -c / (2.0 * a)
+    radius = math.sqrt(b * b + c * c - 4.0 * a * d) / (2.0 * abs(a))
+    return uc * scale + mx, vc * scale + my, radius * scale
+
+
+def q_over_pt_of_circle(xc: float, radius: float, x_track: float) -> float:
+    """q/pT [1/GeV] of a track near x_track moving towards +y (centre on +x: positive charge)."""
+    q = 1.0 if xc > x_track else -1.0
+    return q / (PT_PER_TESLA_METRE * DETECTOR.b_field * radius * 1e-3)
+
+
+def clusters_loop(layer, strip, x, charge, split_ratio):
+    """Plain-Python clustering: (layer, centroid, charge, rms, sorted hit indices) per cluster."""
+    by_layer: dict[int, list[int]] = {}
+    for i in range(len(layer)):
+        by_layer.setdefault(int(layer[i]), []).append(i)
+    out = []
+    for lay in sorted(by_layer):
+        hits = sorted(by_layer[lay], key=lambda i: (strip[i], i))
+        runs = [[hits[0]]]
+        for i in hits[1:]:
+            if strip[i] - strip[runs[-1][-1]] > 1:
+                runs.append([])
+            runs[-1].append(i)
+        for run in runs:
+            pieces, start, k = [], 0, 1
+            while k < len(run) - 1:  # split at the first clear local minimum, as documented in _emit_run
+                q = [charge[i] for i in run]
+                if q[k] < q[k - 1] and q[k] < q[k + 1] and q[k] < split_ratio * min(max(q[start:k]), max(q[k + 1 :])):
+                    cut = k + 1 if q[k - 1] >= q[k + 1] else k
+                    pieces.append(run[start:cut])
+                    start, k = cut, cut + 1
+                    continue
+                k += 1
+            pieces.append(run[start:])
+            for piece in pieces:
+                q = np.array([charge[i] for i in piece], np.float64)
+                xs = np.array([x[i] for i in piece], np.float64)
+                centroid = float(np.sum(q * xs) / np.sum(q))
+                rms = math.sqrt(float(np.sum(q * (xs - centroid) ** 2) / np.sum(q)))
+                out.append((lay, centroid, float(q.sum()), rms, sorted(piece)))
+    return out
+
+
+def sigma68(r: np.ndarray) -> float:
+    return float(np.quantile(np.abs(r - np.median(r)), 0.68))
+
+
+# ---- constructed events ----------------------------------------------------------------------------------
+
+
+def digitise(deposits) -> dict[str, np.ndarray]:
+    """Strips of crossings ``(layer, x [mm], charge, particle)`` with the simulation's Gaussian charge sharing
+    and threshold, summed per strip, in (layer, strip) order; ``particle`` is the strip's main contributor."""
+    sigma = DETECTOR.charge_sigma
+    cells: dict[tuple[int, int], dict[int, float]] = {}
+    for layer, x_cross, charge, particle in deposits:
+        centre = math.floor((x_cross - DETECTOR.x_min) / DETECTOR.pitch)
+        for s in range(centre - 5, centre + 6):
+            lo = DETECTOR.x_min + s * DETECTOR.pitch
+            share = charge * strip_fraction_erf(lo, lo + DETECTOR.pitch, x_cross, sigma)
+            cell = cells.setdefault((layer, s), {})
+            cell[particle] = cell.get(particle, 0.0) + share
+    rows = [
+        (layer, s, sum(c.values()), max(c, key=c.get))
+        for (layer, s), c in sorted(cells.items())
+        if sum(c.values()) > DETECTOR.threshold * DETECTOR.charge_mean
+    ]
+    layer, strip, charge, particle = (np.array(v) for v in zip(*rows, strict=True))
+    return {
+        "layer": layer,
+        "strip": strip,
+        "x": DETECTOR.strip_center(strip),
+        "charge": charge,
+        "particle": particle,
+    }
+
+
+def reconstruct_one(hits: dict[str, np.ndarray], params: ClassicalParams | None = None):
+    return reconstruct(
+        np.array([0, len(hits["layer"])]), hits["layer"], hits["strip"], hits["x"], hits["charge"], DETECTOR, params
+    )
+
+
+# ---- Hyper fit -------------------------------------------------------------------------------------------
+
+
+def _muon_arc(rng, noise):
+    pt = rng.uniform(20.0, 50.0)
+    q = rng.choice([-1.0, 1.0])
+    x = crossings(pt, q, rng.normal(0.0, 100.0), rng.normal(0.0, 0.05)) + rng.normal(0.0, noise, N_LAYERS)
+    return x, LAYER_Y.copy()
+
+
+def test_hyper_fit_matches_the_generalised_eigenvalue_solution_on_noisy_arcs():
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        if trial < 40:  # our tracks: 1.6 m of a 70-170 m circle, noisy points, some weighted
+            x, y = _muon_arc(rng, noise=rng.choice([0.01, 0.1, 1.0]))
+        else:  # generic circles: a partial arc of a small circle
+            radius = rng.uniform(1.0, 100.0)
+            phi = rng.uniform(0.0, rng.uniform(0.5, 6.0), 12)
+            x = 3.0 + radius * np.cos(phi) + rng.normal(0, 0.02 * radius, 12)
+            y = -2.0 + radius * np.sin(phi) + rng.normal(0, 0.02 * radius, 12)
+        w = rng.uniform(0.1, 1.0, len(x)) if trial % 2 else None
+        xc, yc, radius, status = hyper_circle_fit(x, y, w)
+        assert status == STATUS_OK
+        ref = hyper_fit_eig(x, y, w)
+        assert_allclose([xc, yc, radius], ref, rtol=1e-9, atol=1e-9 * ref[2])
+
+
+def test_hyper_fit_is_exact_on_exact_circles():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        pt, q = rng.uniform(20.0, 50.0), rng.choice([-1.0, 1.0])
+        x0, theta0 = rng.normal(0.0, 100.0), rng.normal(0.0, 0.05)
+        radius = pt / (PT_PER_TESLA_METRE * DETECTOR.b_field) * 1e3
+        xc_true = x0 + q * radius * math.cos(theta0)  # the centre is on the +x side for q > 0
+        yc_true = -q * radius * math.sin(theta0)
+        x = crossings(pt, q, x0, theta0)
+        xc, yc, r, status = hyper_circle_fit(x, LAYER_Y, rng.uniform(0.5, 1.0, N_LAYERS))
+        assert status == STATUS_OK
+        assert_allclose([xc, yc, r], [xc_true, yc_true, radius], rtol=1e-9, atol=1e-9 * radius)
+    phi = np.linspace(0.0, 2.0, 7)
+    assert_allclose(hyper_circle_fit(5.0 + 2.0 * np.cos(phi), -1.0 + 2.0 * np.sin(phi))[:3], [5.0, -1.0, 2.0])
+
+
+def test_hyper_fit_reports_degenerate_and_nonfinite_input():
+    y = np.arange(5.0) * 100.0
+    assert hyper_circle_fit(0.3 * y + 2.0, y)[3] == STATUS_DEGENERATE  # collinear
+    assert hyper_circle_fit(np.ones(5), np.ones(5))[3] == STATUS_DEGENERATE  # one point
+    assert hyper_circle_fit(y, y[::-1], np.zeros(5))[3] == STATUS_DEGENERATE  # no weight
+    assert hyper_circle_fit(np.array([0.0, 1.0, np.nan, 3.0]), np.arange(4.0))[3] == STATUS_NONFINITE
+
+
+# ---- clustering ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split_ratio", [0.0, 0.5, 1.0])
+def test_clustering_matches_a_plain_loop_on_random_strip_sets(split_ratio):
+    rng = np.random.default_rng(3)
+    n_split = 0
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        layer = rng.integers(0, 4, n)
+        strip = rng.integers(100, 130, n)  # dense: long runs, duplicates of a strip
+        charge = rng.uniform(0.01, 1.0, n)
+        x = DETECTOR.strip_center(strip)
+        got = find_clusters(layer, strip, x, charge, n_layers=4, split_ratio=split_ratio)
+        want = clusters_loop(layer, strip, x, charge, split_ratio)
+        assert len(got.x) == len(want)
+        n_split += len(want) - len(clusters_loop(layer, strip, x, charge, 0.0))
+        for k, (lay, centroid, q_sum, rms, hits) in enumerate(want):
+            assert got.layer[k] == lay
+            assert got.size[k] == len(hits)
+            assert sorted(got.hits[k].tolist()) == hits
+            assert_allclose([got.x[k], got.charge[k], got.sigma[k]], [centroid, q_sum, rms], rtol=1e-12, atol=1e-12)
+    assert (n_split > 0) == (split_ratio > 0)
+
+
+def test_clustering_keeps_a_single_charge_cloud_whole_and_splits_two():
+    one = digitise([(0, 12.3, 1.0, 0)])
+    assert len(find_clusters(one["layer"], one["strip"], one["x"], one["charge"], 1, 1.0).x) == 1
+    two = digitise([(0, 12.3, 1.0, 0), (0, 14.3, 1.0, 1)])  # 2 mm apart: one run of strips, a valley
+    assert len(find_clusters(two["layer"], two["strip"], two["x"], two["charge"], 1, 0.0).x) == 1
+    split = find_clusters(two["layer"], two["strip"], two["x"], two["charge"], 1, 1.0)
+    assert len(split.x) == 2
+    assert_allclose(split.x, [12.3, 14.3], atol=0.15)
+
+
+# ---- reconstruction --------------------------------------------------------------------------------------
+
+
+def test_decoy_tracks_in_the_road_do_not_steal_the_muon():
+    """A muon of 20 GeV (4.6 mm sagitta) with a decoy track 9 mm inside its bend on station 3, which makes
+    the straight line (muon on station 1, decoy on station 3) follow the muon through station 2, a second
+    decoy 3 mm beside it along station 1, and one 2 mm off (merged strips) on layers 8-10."""
+    pt, q = 20.0, 1.0
+    muon = crossings(pt, q, x0=-30.0, theta0=0.02)
+    deposits = [(lay, muon[lay], 1.0, 0) for lay in range(N_LAYERS)]
+    deposits += [(lay, muon[lay] - 9.0, 1.0, 1) for lay in range(12, 16)]
+    deposits += [(lay, muon[lay] + 3.0 + 0.01 * LAYER_Y[lay], 0.8, 2) for lay in range(8)]
+    deposits += [(lay, muon[lay] + 2.0, 1.2, 3) for lay in range(8, 11)]
+    hits = digitise(deposits)
+
+    # the premise: by the straight line's own residuals the decoy seed beats the muon's
+    clusters = find_clusters(hits["layer"], hits["strip"], hits["x"], hits["charge"], N_LAYERS, 1.0)
+
+    def line_ssr(x_first, x_last):
+        line = x_first + (x_last - x_first) * (LAYER_Y - LAYER_Y[0]) / (LAYER_Y[-1] - LAYER_Y[0])
+        d = [np.min(np.abs(clusters.x[clusters.layer == lay] - line[lay])) for lay in range(N_LAYERS)]
+        return np.sum(np.square(d)), np.sum(np.array(d) < 5.0)
+
+    (ssr_muon, n_muon), (ssr_decoy, n_decoy) = line_ssr(muon[0], muon[-1]), line_ssr(muon[0], muon[-1] - 9.0)
+    assert n_muon == n_decoy == N_LAYERS and ssr_decoy < ssr_muon / 5
+
+    reco = reconstruct_one(hits)
+    assert reco.status[0] == STATUS_OK
+    assert_array_equal(reco.layer_weight[0], np.ones(N_LAYERS))
+    clean = [lay for lay in range(N_LAYERS) if lay not in (8, 9, 10)]
+    selected = reco.hit_weight > 0.5
+    assert_array_equal(selected[np.isin(hits["layer"], clean)], (hits["particle"] == 0)[np.isin(hits["layer"], clean)])
+    assert np.all(hits["particle"][selected] != 1) and np.all(hits["particle"][selected] != 2)
+    assert_allclose(reco.x_reco[0][clean], muon[clean], atol=0.02)
+    assert_allclose(reco.x_reco[0][8:11], muon[8:11], atol=0.2)  # the split cluster: some shared charge
+    assert_allclose(reco.q_over_pt[0], q / pt, rtol=0.03)
+
+
+def test_an_event_without_a_seed_fails_cleanly():
+    hits = digitise([(0, 1.0, 1.0, 0), (1, 1.1, 1.0, 0)])  # two layers of station 1 only
+    reco = reconstruct_one(hits)
+    assert reco.status[0] == 1
+    assert reco.pt[0] == 0.0 and reco.q_over_pt[0] == 0.0 and reco.q[0] == 1
+    assert_array_equal(reco.layer_weight[0], np.zeros(N_LAYERS))
+    assert_allclose(reco.sigma[0], DETECTOR.pitch / math.sqrt(12.0))
+
+
+# ---- datasets --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quiet_dataset(tmp_path_factory):
+    """Muons only: no noise strips or clusters, no extra tracks."""
+    background = BackgroundConfig(noise_strips_per_layer=0.0, noise_clusters_per_layer=0.0, extra_tracks_per_event=0.0)
+    path = tmp_path_factory.mktemp("classical") / "quiet"
+    simulate_dataset(path, n_events=400, seed=5, config=SimConfig(background=background))
+    return open_dataset(path)
+
+
+@pytest.fixture(scope="module")
+def default_dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("classical") / "default"
+    simulate_dataset(path, n_events=2000, seed=0, config=SimConfig(shard_events=1000))
+    return open_dataset(path)
+
+
+def _truth_centroids(dataset, split) -> tuple[np.ndarray, pl.DataFrame, pl.DataFrame]:
+    """float64 [E, L] charge centroid of the signal strips per layer (NaN where none), hits and events."""
+    hits = dataset.hits().filter(split_expr(split)).sort("event_id", "hit_id").collect()
+    events = dataset.events().filter(split_expr(split)).sort("event_id").collect()
+    signal = hits.filter(pl.col("is_signal")).with_columns(pl.col("x", "charge").cast(pl.Float64))
+    per_layer = signal.group_by("event_id", "layer").agg(
+        centroid=(pl.col("charge") * pl.col("x")).sum() / pl.col("charge").sum()
+    )
+    row = {e: i for i, e in enumerate(events["event_id"].to_list())}
+    centroid = np.full((events.height, N_LAYERS), np.nan)
+    for event_id, layer, value in per_layer.iter_rows():
+        centroid[row[event_id], layer] = value
+    return centroid, hits, events
+
+
+def test_without_background_every_layer_is_kept_at_the_truth_charge_centroid(quiet_dataset):
+    centroid, hits, events = _truth_centroids(quiet_dataset, "train")
+    split = read_split(quiet_dataset, "train")
+    reco = reconstruct(split.event_start, split.layer, split.strip, split.x, split.charge, DETECTOR)
+    has_signal = np.isfinite(centroid)
+    assert has_signal.sum(axis=1).min() >= 3 and np.mean(has_signal) > 0.99
+    assert np.all(reco.status == STATUS_OK)
+    assert_array_equal(reco.layer_weight > 0.5, has_signal)
+    assert_allclose(reco.x_reco[has_signal], centroid[has_signal], rtol=0, atol=1e-10)
+    assert_array_equal(reco.hit_weight > 0.5, hits["is_signal"].to_numpy())
+    expected = []
+    for e in range(len(centroid)):
+        layers = np.flatnonzero(has_signal[e])
+        xc, _, radius = hyper_fit_eig(centroid[e, layers], LAYER_Y[layers])
+        expected.append(q_over_pt_of_circle(xc, radius, centroid[e, layers[0]]))
+    assert_allclose(reco.q_over_pt, expected, rtol=1e-8)
+    assert_array_equal(np.sign(reco.q_over_pt), events["q"].to_numpy())
+
+    # the tables carry the same numbers (float32)
+    tables = predict_classical(quiet_dataset, split="train")
+    clusters = tables["clusters"]
+    assert_allclose(clusters["x_reco"].to_numpy().reshape(-1, N_LAYERS), reco.x_reco.astype(np.float32))
+    assert_allclose(tables["tracks"]["q_over_pt_pred"].to_numpy(), reco.q_over_pt.astype(np.float32))
+
+
+def test_prediction_tables_have_the_documented_rows_and_types(default_dataset):
+    tables = predict_classical(default_dataset.path, split="test")
+    hits = default_dataset.hits().filter(split_expr("test")).collect()
+    events = default_dataset.events().filter(split_expr("test")).sort("event_id").collect()
+    for name, schema in (
+        ("hits", PRED_HITS_SCHEMA),
+        ("clusters", PRED_CLUSTERS_SCHEMA),
+        ("tracks", PRED_TRACKS_SCHEMA),
+    ):
+        assert tables[name].schema == pl.from_arrow(schema.empty_table()).schema, name
+        assert tables[name]["model"].unique().to_list() == ["classical"]
+    assert (
+        tables["hits"].select("event_id", "hit_id").equals(hits.select("event_id", "hit_id").sort("event_id", "hit_id"))
+    )
+    assert tables["hits"]["score"].equals(tables["hits"]["weight"])
+    assert set(tables["hits"]["weight"].unique().to_list()) <= {0.0, 1.0}
+    assert_array_equal(tables["tracks"]["event_id"].to_numpy(), events["event_id"].to_numpy())
+    clusters = tables["clusters"]
+    assert_array_equal(clusters["event_id"].to_numpy(), np.repeat(events["event_id"].to_numpy(), N_LAYERS))
+    assert_array_equal(clusters["layer"].to_numpy(), np.tile(np.arange(N_LAYERS), events.height))
+    x_true = np.stack(events["x_true"].to_list()).astype(np.float32)
+    assert_array_equal(clusters["x_true"].to_numpy().reshape(-1, N_LAYERS), x_true)
+    sigma = clusters["sigma"].to_numpy()
+    assert np.all(sigma >= np.float32(DETECTOR.pitch / math.sqrt(12.0)))
+    empty = clusters["weight"].to_numpy() == 0
+    assert np.all(clusters["x_reco"].to_numpy()[empty] == 0)
+    tracks = tables["tracks"]
+    ok = tracks["fit_status"].to_numpy() == STATUS_OK
+    assert_allclose(
+        tracks["pt_pred"].to_numpy()[ok] * tracks["q_over_pt_pred"].to_numpy()[ok],
+        tracks["q_pred"].to_numpy()[ok],
+        rtol=1e-6,
+    )
+    assert_allclose(
+        tracks["pt_pred"].to_numpy()[ok], PT_PER_TESLA_METRE * tracks["radius"].to_numpy()[ok] * 1e-3, rtol=1e-6
+    )
+
+
+def test_resolution_beats_the_centroid_of_all_strips_and_the_road_alone(default_dataset):
+    """sigma68 of the relative q/pT residual, hit efficiency and purity, against two worse reconstructions
+    measured here: the Hyper fit of each layer's charge centroid of all its strips (no pattern recognition),
+    and the road search without the annealing filter (its purity)."""
+    split = "train"
+    _, hits, events = _truth_centroids(default_dataset, split)
+    q_over_pt_true = events["q"].to_numpy() / events["pt"].to_numpy().astype(np.float64)
+    signal = hits["is_signal"].to_numpy()
+
+    def measure(tables):
+        tracks = tables["tracks"]
+        ok = tracks["fit_status"].to_numpy() == STATUS_OK
+        r = (tracks["q_over_pt_pred"].to_numpy().astype(np.float64) - q_over_pt_true) / q_over_pt_true
+        selected = tables["hits"]["weight"].to_numpy() > 0.5
+        efficiency = np.sum(selected & signal) / np.sum(signal)
+        purity = np.sum(selected & signal) / np.sum(selected)
+        return sigma68(r[ok]), efficiency, purity, 1.0 - ok.mean()
+
+    s68, efficiency, purity, failed = measure(predict_classical(default_dataset, split))
+    road_s68, road_efficiency, road_purity, _ = measure(
+        predict_classical(default_dataset, split, ClassicalParams(temperatures=(), restart_temperatures=()))
+    )
+    print(f"classical: sigma68={s68:.5f} efficiency={efficiency:.4f} purity={purity:.4f} failed={failed:.4f}")
+    print(f"road only: sigma68={road_s68:.5f} efficiency={road_efficiency:.4f} purity={road_purity:.4f}")
+
+    all_strips = (
+        hits.with_columns(pl.col("x", "charge").cast(pl.Float64))
+        .group_by("event_id", "layer")
+        .agg(centroid=(pl.col("charge") * pl.col("x")).sum() / pl.col("charge").sum())
+    )
+    naive = {}
+    for (event_id,), group in all_strips.group_by(["event_id"]):
+        group = group.sort("layer")
+        xs, ys = group["centroid"].to_numpy(), LAYER_Y[group["layer"].to_numpy()]
+        xc, _, radius, status = hyper_circle_fit(xs, ys)
+        naive[event_id] = q_over_pt_of_circle(xc, radius, xs[0]) if status == STATUS_OK else np.nan
+    r_naive = np.array([naive.get(e, np.nan) for e in events["event_id"].to_list()]) / q_over_pt_true - 1.0
+    naive_s68 = sigma68(r_naive[np.isfinite(r_naive)])
+    print(f"all-strip centroids: sigma68={naive_s68:.5f} purity={signal.mean():.4f}")
+
+    assert s68 < naive_s68 / 5
+    assert purity > road_purity > signal.mean()
+    assert failed < 0.01 and efficiency > 0.9
+
+
+def test_classical_imports_only_pipeline():
+    code = (
+        "import sys, classical; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'model', 'simulation', 'analysis', 'flows', 'jax'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
