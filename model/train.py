@@ -607,7 +607,7 @@ def train_run(
     resume: bool = False,
     progress: bool = False,
 ) -> str:
-    """Train ``model`` ("baseline", "e2e", "e2e_paper", "assignment") on the train split of dataset ``data`` into run folder ``out``.
+    """Train ``model`` (baseline, e2e, e2e_paper, assignment) on the train split of ``data`` into ``out``.
 
     Validates on the val split after every epoch, checkpoints every epoch and writes metrics.parquet.
     ``epochs`` overrides the preset's. With ``resume`` an interrupted (or finished, for more epochs) run of

@@ -56,7 +56,16 @@ def test_end_to_end_caches_and_recomputes(prefect_server, tmp_path):
     for name in ("summary.json", "resolution.csv", "predictions/hits.parquet", "predictions/tracks.parquet"):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "summary.json").read_text())
-    assert {"truth", "baseline", "e2e", "assignment"} <= set(summary)
+    assert set(summary) == {
+        "truth",
+        "truth_charge",
+        "classical",
+        "baseline_paper",
+        "e2e_paper",
+        "baseline",
+        "e2e",
+        "assignment",
+    }
     # a real dataset carries x, layer and particle_id: the report says where each model's hit weight goes
     text = report.read_text()
     assert "### Where the hit weight goes" in text
@@ -126,8 +135,8 @@ def test_job_preset_rejects_unknown():
 
 
 def test_job_models_default_per_preset_and_follow_the_report_order():
-    assert steps.job_preset("cpu").models == ("baseline", "e2e")
-    assert steps.job_preset("test").models == ("baseline", "e2e", "assignment")
+    assert steps.job_preset("cpu").models == ("baseline", "e2e", "e2e_paper")
+    assert steps.job_preset("test").models == ("baseline", "e2e", "e2e_paper", "assignment")
     chosen = steps.job_preset("cpu", ["assignment", "e2e", "assignment"])
     assert chosen.models == ("e2e", "assignment")
     assert chosen.events == steps.job_preset("cpu").events

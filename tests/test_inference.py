@@ -66,7 +66,8 @@ def test_tables_have_the_documented_columns_and_types(predictions, truth):
         assert set(tables) == {"hits", "clusters", "tracks"}
         for name, schema in SCHEMAS.items():
             assert tables[name].schema == pl.from_arrow(schema.empty_table()).schema, name
-    assert predictions["tracks"]["model"].unique().to_list() == ["baseline"]
+    # one network, two reconstruction chains
+    assert sorted(predictions["tracks"]["model"].unique().to_list()) == ["baseline", "baseline_paper"]
     assert sorted(truth["tracks"]["model"].unique().to_list()) == ["truth", "truth_charge"]
 
 
@@ -74,7 +75,12 @@ def test_one_row_per_test_hit_event_and_layer(predictions, truth, test_hits, tes
     n_layers = 16
     expected_hits = test_hits.select("event_id", "hit_id").sort("event_id", "hit_id")
     assert test_events.height > 10
-    for model, tables in [("baseline", predictions), ("truth", truth), ("truth_charge", truth)]:
+    for model, tables in [
+        ("baseline", predictions),
+        ("baseline_paper", predictions),
+        ("truth", truth),
+        ("truth_charge", truth),
+    ]:
         hits = tables["hits"].filter(pl.col("model") == model)
         assert hits.select("event_id", "hit_id").equals(expected_hits), model
         tracks = tables["tracks"].filter(pl.col("model") == model)

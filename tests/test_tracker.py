@@ -156,7 +156,9 @@ def test_robust_chain_gradient_matches_finite_differences():
     with jax.enable_x64(True):
 
         def q_over_pt(w):
-            return reconstruct_event(w, jnp.asarray(x), jnp.asarray(layer, jnp.int32), jnp.asarray(charge), GEOMETRY, chain)[3].q_over_pt
+            return reconstruct_event(
+                w, jnp.asarray(x), jnp.asarray(layer, jnp.int32), jnp.asarray(charge), GEOMETRY, chain
+            )[3].q_over_pt
 
         w = jnp.asarray(weights, jnp.float64)
         grad = np.asarray(jax.grad(q_over_pt)(w))
@@ -187,7 +189,7 @@ def test_robust_chain_is_finite_on_degenerate_events(case):
     x, layer, charge = _one_event(batch, 0)
 
     def outputs(w):
-        x_hat, sigma, layer_weight, fit, final = reconstruct_event(w, x, layer, charge, GEOMETRY, ROBUST_CHAIN)
+        x_hat, _sigma, _layer_weight, fit, final = reconstruct_event(w, x, layer, charge, GEOMETRY, ROBUST_CHAIN)
         return x_hat, fit.q_over_pt, fit.x_fit, final
 
     values = outputs(jnp.asarray(weights))
