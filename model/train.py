@@ -383,7 +383,7 @@ def run_config(
             "n_events": dataset.n_events,
         },
         "seed": seed,
-        "reconstruction": dataclasses.asdict(get_objective(model).chain),
+        "reconstruction": _config_dict(get_objective(model).chain),
         "code_version": code_version(),
     }
 

@@ -20,6 +20,7 @@ from numpy.testing import assert_allclose
 
 from model.config import get_preset
 from model.inference import load_run
+from model.tracker import Chain
 from model.train import (
     OBJECTIVES,
     Objective,
@@ -241,9 +242,12 @@ def test_bad_inputs_raise_the_right_errors(dataset_dir, tmp_path):
 def test_a_nan_loss_stops_training_with_a_run_error(dataset_dir, tmp_path, monkeypatch):
     def nan_loss(logits, batch, geometry, lam, key):
         loss = jnp.mean(logits) * jnp.nan
-        return loss, {"bce": loss, "pt_loss": loss}
+        return loss, {"bce": loss, "pt_loss": loss, "q_over_pt": jnp.zeros(logits.shape[0])}
 
-    monkeypatch.setitem(OBJECTIVES, "nan_test", Objective("nan_test", nan_loss, sigmoid_weights, uses_lambda=True))
+    nan_objective = Objective(
+        "nan_test", nan_loss, sigmoid_weights, uses_lambda=True, reported_as=(("nan_test", Chain()),)
+    )
+    monkeypatch.setitem(OBJECTIVES, "nan_test", nan_objective)
     with pytest.raises(RunError, match="loss is nan at epoch 1"):
         train_run(dataset_dir, "nan_test", tmp_path / "nan", preset="test", epochs=1)
 
