@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from analysis import metrics
+from classical import predict_classical
 from model.inference import predict_run
 from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain
 from pipeline.dataset import open_dataset
@@ -38,6 +39,19 @@ VARIANTS: dict[str, Chain] = {
     "robust_final_1mm": Chain(fit="hyper", widths=(20.0, 5.0, 2.0, 1.0), charge_weighted=True),
     "robust_cut2": Chain(fit="hyper", widths=SCHEDULE, cut=2.0, charge_weighted=True),
     "robust_cut4": Chain(fit="hyper", widths=SCHEDULE, cut=4.0, charge_weighted=True),
+    "layers_3": Chain(fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(0.3, 0.1, 0.03)),
+    "layers_5": Chain(fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03)),
+    "layers_3_wide": Chain(fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(0.5, 0.2, 0.1)),
+    "layers_5_hits1mm": Chain(
+        fit="hyper", widths=(20.0, 5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03)
+    ),
+    "layers_6_narrow": Chain(
+        fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03, 0.02)
+    ),
+    "layers_5_cut2": Chain(
+        fit="hyper", widths=SCHEDULE, cut=2.5, charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03)
+    ),
+    "layers_4_soft": Chain(fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(0.3, 0.1, 0.05, 0.05)),
 }
 
 
@@ -47,24 +61,31 @@ def main() -> None:
     parser.add_argument("--run", type=Path, action="append", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--chain", action="append", choices=sorted(VARIANTS), help="only these variants")
+    parser.add_argument("--classical", action="store_true", help="also the classical reconstruction of the split")
     args = parser.parse_args()
     dataset = open_dataset(args.data)
     events = dataset.events().select("event_id", "pt", "q")
     names = args.chain or list(VARIANTS)
+    if args.classical:
+        tracks = predict_classical(dataset, split=args.split)["tracks"]
+        _print_row("-", "classical", metrics.track_residual_table(tracks.lazy(), events))
     for run in args.run:
         tracks = predict_run(dataset, run, split=args.split, rows=tuple((name, VARIANTS[name]) for name in names))[
             "tracks"
         ]
         residuals = metrics.track_residual_table(tracks.lazy(), events)
         for name in names:
-            rows = residuals.filter(pl.col("model") == name)
-            ok = rows.filter(pl.col("fit_ok"))["residual"].to_numpy()
-            sigma, err = metrics.bootstrap_sigma68(ok, n_boot=200, seed=0) if ok.size else (np.nan, np.nan)
-            print(
-                f"run={run.name} chain={name} sigma68={sigma:.5f} sigma68_err={err:.5f} "
-                f"failed_fits={1 - ok.size / max(rows.height, 1):.4f} events={rows.height}",
-                flush=True,
-            )
+            _print_row(run.name, name, residuals.filter(pl.col("model") == name))
+
+
+def _print_row(run: str, chain: str, rows: pl.DataFrame) -> None:
+    ok = rows.filter(pl.col("fit_ok"))["residual"].to_numpy()
+    sigma, err = metrics.bootstrap_sigma68(ok, n_boot=200, seed=0) if ok.size else (np.nan, np.nan)
+    print(
+        f"run={run} chain={chain} sigma68={sigma:.5f} sigma68_err={err:.5f} "
+        f"failed_fits={1 - ok.size / max(rows.height, 1):.4f} events={rows.height}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

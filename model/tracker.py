@@ -28,6 +28,7 @@ the end-to-end training (w = sigmoid of the logits), the factorised baseline (ap
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -52,20 +53,43 @@ class Chain:
     cut: float = 3.0
     #: cluster positions weighted by weight x charge (the charge centroid) instead of the weight alone
     charge_weighted: bool = False
+    #: residual widths t_k [mm] of the cluster-level steps that follow the hit-level ones, in order: each
+    #: layer's cluster is kept with its soft assignment to the current circle (a DAF over clusters, the null
+    #: term as for hits); () is none
+    layer_widths: tuple[float, ...] = ()
+
+    @property
+    def steps(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(hit widths, cluster widths) of every step: the hit-level steps with no cluster gate (width inf),
+        then the cluster-level steps, which keep the last hit width."""
+        if not self.widths and not self.layer_widths:
+            return ()
+        last = self.widths[-1] if self.widths else math.inf
+        hit = (*self.widths, *(last,) * len(self.layer_widths))
+        cluster = (*(math.inf,) * len(self.widths), *self.layer_widths)
+        return hit, cluster
 
     def __post_init__(self) -> None:
         if self.fit not in FIT_METHODS:
             raise ValueError(f"unknown circle fit {self.fit!r} (known: {', '.join(FIT_METHODS)})")
-        if not all(w > 0 for w in self.widths):
-            raise ValueError(f"reweighting widths must be > 0, got {self.widths!r}")
+        if not all(w > 0 for w in (*self.widths, *self.layer_widths)):
+            raise ValueError(f"reweighting widths must be > 0, got {self.widths!r}, {self.layer_widths!r}")
         if not self.cut > 0:
             raise ValueError(f"the null-term cut must be > 0, got {self.cut!r}")
 
 
 #: Coccaro et al.'s reconstruction: weighted mean per layer, Kasa fit
 PAPER_CHAIN = Chain()
-#: the default for `baseline` and `e2e`: five annealed reweighting steps, charge centroids, Hyper fit
-ROBUST_CHAIN = Chain(fit="hyper", widths=(20.0, 5.0, 2.0, 1.0, 0.5), cut=3.0, charge_weighted=True)
+#: the default for `baseline` and `e2e`: five annealed hit-level steps, then five cluster-level steps down to the
+#: classical DAF's point resolution (classical.reco: 0.03 mm), charge centroids, Hyper fit. The cut was chosen
+#: on the validation split (benchmarks/reconstruction_study.py; README "Results")
+ROBUST_CHAIN = Chain(
+    fit="hyper",
+    widths=(20.0, 5.0, 2.0, 1.0, 0.5),
+    cut=2.5,
+    charge_weighted=True,
+    layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03),
+)
 
 
 class Reconstruction(NamedTuple):
@@ -146,18 +170,21 @@ def reconstruct_event(
         return x_hat, sigma, layer_weight, fit
 
     state = (*cluster_and_fit(weights), weights)
-    if not chain.widths:
+    if not chain.steps:
         return state
 
-    def reweight(state, width):
-        fit = state[3]
-        residual = x - jnp.take(fit.x_fit, layer)
-        hit_weights = weights * soft_assignment(residual, width, chain.cut)
+    def reweight(state, widths):
+        hit_width, layer_width = widths
+        x_hat, fit = state[0], state[3]
+        assignment = soft_assignment(x - jnp.take(fit.x_fit, layer), hit_width, chain.cut)
+        # a hit-level step has no cluster gate (an infinite width: exactly 1, and no NaN in its gradient)
+        gate = jnp.where(jnp.isinf(layer_width), 1.0, soft_assignment(x_hat - fit.x_fit, layer_width, chain.cut))
+        hit_weights = weights * assignment * jnp.take(gate, layer)
         return (*cluster_and_fit(hit_weights), hit_weights), None
 
     # a scan, not a Python loop: the step is compiled once, whatever K (an unrolled K = 5 chain took minutes
     # to compile inside the training step)
-    state, _ = jax.lax.scan(reweight, state, jnp.asarray(chain.widths, dtype))
+    state, _ = jax.lax.scan(reweight, state, jnp.asarray(chain.steps, dtype).T)
     return state
 
 

@@ -213,3 +213,72 @@ def test_finite_gradient_guard_zeroes_only_events_with_non_finite_gradients():
     _, pullback = jax.vjp(jax.vmap(finite_gradient_guard), weights)
     (grad,) = pullback(upstream)
     assert_array_equal(np.asarray(grad), [[1, 2, 3, 4], [0, 0, 0, 0], [0, 0, 0, 0]])
+
+
+# ---- cluster-level steps (a DAF over the layers' clusters) -------------------------------------------------
+
+
+def test_infinitely_wide_cluster_steps_are_hit_level_steps():
+    """A cluster-level step keeps the last hit-level width; with an infinite cluster width it is that hit step."""
+    batch = make_batch(np.random.default_rng(10), n_events=4, noise_hits=30)
+    weights = np.where(batch.label > 0, 0.8, 0.3).astype(np.float32)
+    hits_only = reconstruct(weights, batch, GEOMETRY, Chain(fit="hyper", widths=(20.0, 2.0, 0.5, 0.5, 0.5), charge_weighted=True))
+    chain = Chain(fit="hyper", widths=(20.0, 2.0, 0.5), charge_weighted=True, layer_widths=(1e12, 1e12))
+    wide = reconstruct(weights, batch, GEOMETRY, chain)
+    assert_allclose(np.asarray(wide.x_hat), np.asarray(hits_only.x_hat), rtol=1e-6, atol=1e-4)
+    # every layer keeps the same share sigmoid(cut^2 / 2) of its weight: the fit sees the same relative weights
+    share = float(jax.nn.sigmoid(4.5))
+    assert_allclose(np.asarray(wide.layer_weight), np.asarray(hits_only.layer_weight) * share, rtol=1e-5)
+    assert_allclose(np.asarray(wide.hit_weight), np.asarray(hits_only.hit_weight) * share, rtol=1e-4, atol=1e-7)
+    assert_allclose(np.asarray(wide.q_over_pt), np.asarray(hits_only.q_over_pt), rtol=1e-4)
+
+
+def test_cluster_steps_drop_a_displaced_cluster_and_keep_the_rest():
+    """Labels as weights, exact clusters of equal charges; layer 9's cluster moved by 0.4 mm (a merged cluster).
+
+    The hit-level steps (0.5 mm at the end) keep it whole; the cluster-level steps (down to 0.03 mm) drop that
+    layer only, and the fit then equals the fit without it.
+    """
+    batch = make_batch(np.random.default_rng(11), n_events=3, noise_hits=0, exact_clusters=True)
+    moved = (batch.layer == 9) & (batch.label > 0) & batch.mask
+    features = batch.features.copy()
+    features[..., 2] = 1.0  # equal charges: every charge centroid is the exact crossing
+    batch = batch._replace(x=np.where(moved, batch.x + 0.4, batch.x).astype(np.float32), features=features)
+    base = Chain(fit="hyper", widths=(5.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), charge_weighted=True)
+    chain = Chain(fit="hyper", widths=(5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03))
+    with jax.enable_x64(True):
+        weights = np.asarray(batch.label, np.float64)
+        reco = reconstruct(weights, batch, GEOMETRY, chain)
+        kept = reconstruct(weights, batch, GEOMETRY, base)
+        without = reconstruct(np.where(batch.layer == 9, 0.0, weights), batch, GEOMETRY, base)
+    layer_weight = np.asarray(reco.layer_weight)
+    assert np.all(np.asarray(kept.layer_weight)[:, 9] > 3.0)  # the hit-level steps keep the displaced cluster
+    assert np.all(layer_weight[:, 9] < 1e-3)
+    # the other layers keep their hit-level weight times the null-term share sigmoid(cut^2 / 2) of a zero residual
+    share = float(jax.nn.sigmoid(4.5))
+    assert_allclose(np.delete(layer_weight, 9, axis=1), np.delete(np.asarray(kept.layer_weight), 9, axis=1) * share, rtol=1e-3)
+    true = batch.q / batch.pt
+    assert_allclose(np.asarray(reco.q_over_pt), np.asarray(without.q_over_pt), rtol=2e-3)
+    assert_allclose(np.asarray(reco.q_over_pt), true, rtol=1e-3)
+    assert np.all(np.abs(np.asarray(kept.q_over_pt) / true - 1) > 5e-3)  # what keeping it costs
+
+
+def test_cluster_steps_gradient_matches_finite_differences():
+    batch = make_batch(np.random.default_rng(12), n_events=1, noise_hits=30)
+    rng = np.random.default_rng(13)
+    weights = np.where(batch.label[0] > 0, rng.uniform(0.6, 1.0, 128), rng.uniform(0, 0.4, 128)) * batch.mask[0]
+    chain = Chain(fit="hyper", widths=(20.0, 3.0, 1.0), charge_weighted=True, layer_widths=(1.0, 0.3))
+    x, layer, charge = (np.asarray(v, np.float64) for v in _one_event(batch, 0))
+    with jax.enable_x64(True):
+
+        def q_over_pt(w):
+            return reconstruct_event(
+                w, jnp.asarray(x), jnp.asarray(layer, jnp.int32), jnp.asarray(charge), GEOMETRY, chain
+            )[3].q_over_pt
+
+        w = jnp.asarray(weights, jnp.float64)
+        grad = np.asarray(jax.grad(q_over_pt)(w))
+        for direction in rng.normal(size=(4, w.size)) * batch.mask[0]:
+            h = 1e-6
+            numeric = (q_over_pt(w + h * direction) - q_over_pt(w - h * direction)) / (2 * h)
+            assert_allclose(grad @ direction, float(numeric), rtol=1e-4, atol=1e-10)
