@@ -222,7 +222,9 @@ def test_infinitely_wide_cluster_steps_are_hit_level_steps():
     """A cluster-level step keeps the last hit-level width; with an infinite cluster width it is that hit step."""
     batch = make_batch(np.random.default_rng(10), n_events=4, noise_hits=30)
     weights = np.where(batch.label > 0, 0.8, 0.3).astype(np.float32)
-    hits_only = reconstruct(weights, batch, GEOMETRY, Chain(fit="hyper", widths=(20.0, 2.0, 0.5, 0.5, 0.5), charge_weighted=True))
+    hits_only = reconstruct(
+        weights, batch, GEOMETRY, Chain(fit="hyper", widths=(20.0, 2.0, 0.5, 0.5, 0.5), charge_weighted=True)
+    )
     chain = Chain(fit="hyper", widths=(20.0, 2.0, 0.5), charge_weighted=True, layer_widths=(1e12, 1e12))
     wide = reconstruct(weights, batch, GEOMETRY, chain)
     assert_allclose(np.asarray(wide.x_hat), np.asarray(hits_only.x_hat), rtol=1e-6, atol=1e-4)
@@ -256,7 +258,9 @@ def test_cluster_steps_drop_a_displaced_cluster_and_keep_the_rest():
     assert np.all(layer_weight[:, 9] < 1e-3)
     # the other layers keep their hit-level weight times the null-term share sigmoid(cut^2 / 2) of a zero residual
     share = float(jax.nn.sigmoid(4.5))
-    assert_allclose(np.delete(layer_weight, 9, axis=1), np.delete(np.asarray(kept.layer_weight), 9, axis=1) * share, rtol=1e-3)
+    assert_allclose(
+        np.delete(layer_weight, 9, axis=1), np.delete(np.asarray(kept.layer_weight), 9, axis=1) * share, rtol=1e-3
+    )
     true = batch.q / batch.pt
     assert_allclose(np.asarray(reco.q_over_pt), np.asarray(without.q_over_pt), rtol=2e-3)
     assert_allclose(np.asarray(reco.q_over_pt), true, rtol=1e-3)
