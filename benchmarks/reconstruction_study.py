@@ -1,67 +1,68 @@
 """Ablation of the reconstruction chain on the hit scores of trained runs: paper vs robust, charge, fit, K.
 
-    python benchmarks/reconstruction_study.py --data DATASET --run RUN [--run RUN ...] [--split test]
+    python -m benchmarks.reconstruction_study --data DATASET [--run RUN ...] [--split test] [--classical] [--references]
 
 For every run and every chain variant below, the run's network scores the split once and each chain turns
 the scores into tracks (model.tracker). One line per (run, chain):
 
-    run=.. model=.. chain=.. sigma68=.. sigma68_err=.. failed_fits=.. events=..
+    run=.. chain=.. sigma68=.. sigma68_err=.. failed_fits=.. events=..
 
 sigma68 of the relative q/pT residual over the successful fits (analysis.metrics), bootstrap error. The
 widths are the annealing schedule [mm]; "charge" weights the cluster positions by the strip charge.
+
+``--classical`` adds the classical reconstruction of the split (run=-); ``--references`` adds, for every
+chain, the hit weights that need no network (run=labels: the truth labels, the best scores a classifier could
+give; run=ones: every strip at weight 1, no classifier at all). Together they bound what the network's scores
+can change in a chain. ``--run`` may then be left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+from dataclasses import replace
 from pathlib import Path
 
+import jax
 import numpy as np
 import polars as pl
 
 from analysis import metrics
 from classical import predict_classical
-from model.inference import predict_run
-from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain
+from model.inference import BUCKET_STEP, predict_run
+from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct
+from model.train import device_batch
+from pipeline.batches import Geometry, iter_batches, split_summary
 from pipeline.dataset import open_dataset
 
-SCHEDULE = ROBUST_CHAIN.widths
 VARIANTS: dict[str, Chain] = {
     "paper": PAPER_CHAIN,
     "paper_hyper": Chain(fit="hyper"),
     "paper_charge": Chain(charge_weighted=True),
-    "robust_kasa_nocharge": Chain(fit="kasa", widths=SCHEDULE),
-    "robust_hyper_nocharge": Chain(fit="hyper", widths=SCHEDULE),
-    "robust_kasa": Chain(fit="kasa", widths=SCHEDULE, charge_weighted=True),
     "robust": ROBUST_CHAIN,
-    "robust_K3": Chain(fit="hyper", widths=(20.0, 5.0, 1.0), charge_weighted=True),
-    "robust_K7": Chain(fit="hyper", widths=(20.0, 10.0, 5.0, 2.0, 1.0, 0.5, 0.5), charge_weighted=True),
-    "robust_final_1mm": Chain(fit="hyper", widths=(20.0, 5.0, 2.0, 1.0), charge_weighted=True),
-    "robust_cut2": Chain(fit="hyper", widths=SCHEDULE, cut=2.0, charge_weighted=True),
-    "robust_cut4": Chain(fit="hyper", widths=SCHEDULE, cut=4.0, charge_weighted=True),
-    "layers_3": Chain(fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(0.3, 0.1, 0.03)),
-    "layers_5": Chain(fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03)),
-    "layers_3_wide": Chain(fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(0.5, 0.2, 0.1)),
-    "layers_5_hits1mm": Chain(
-        fit="hyper", widths=(20.0, 5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03)
-    ),
-    "layers_6_narrow": Chain(
-        fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03, 0.02)
-    ),
-    "layers_5_cut2": Chain(
-        fit="hyper", widths=SCHEDULE, cut=2.5, charge_weighted=True, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03)
-    ),
-    "layers_4_soft": Chain(fit="hyper", widths=SCHEDULE, charge_weighted=True, layer_widths=(0.3, 0.1, 0.05, 0.05)),
+    "robust_kasa": replace(ROBUST_CHAIN, fit="kasa"),
+    "robust_nocharge": replace(ROBUST_CHAIN, charge_weighted=False),
+    "robust_kasa_nocharge": replace(ROBUST_CHAIN, fit="kasa", charge_weighted=False),
+    "hits_only": replace(ROBUST_CHAIN, layer_widths=()),
+    "hits_only_cut3": replace(ROBUST_CHAIN, layer_widths=(), cut=3.0),
+    "hits_K3": replace(ROBUST_CHAIN, widths=(20.0, 5.0, 1.0)),
+    "hits_end_1mm": replace(ROBUST_CHAIN, widths=(20.0, 5.0, 2.0, 1.0)),
+    "clusters_K3": replace(ROBUST_CHAIN, layer_widths=(0.3, 0.1, 0.03)),
+    "clusters_end_50um": replace(ROBUST_CHAIN, layer_widths=(1.0, 0.3, 0.1, 0.07, 0.05)),
+    "clusters_end_20um": replace(ROBUST_CHAIN, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03, 0.02)),
+    "cut2": replace(ROBUST_CHAIN, cut=2.0),
+    "cut3": replace(ROBUST_CHAIN, cut=3.0),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--run", type=Path, action="append", required=True)
+    parser.add_argument("--run", type=Path, action="append", default=[])
     parser.add_argument("--split", default="test")
     parser.add_argument("--chain", action="append", choices=sorted(VARIANTS), help="only these variants")
     parser.add_argument("--classical", action="store_true", help="also the classical reconstruction of the split")
+    parser.add_argument("--references", action="store_true", help="also truth-label and unit hit weights")
     args = parser.parse_args()
     dataset = open_dataset(args.data)
     events = dataset.events().select("event_id", "pt", "q")
@@ -69,6 +70,10 @@ def main() -> None:
     if args.classical:
         tracks = predict_classical(dataset, split=args.split)["tracks"]
         _print_row("-", "classical", metrics.track_residual_table(tracks.lazy(), events))
+    if args.references:
+        for weights, rows in reference_residuals(dataset, args.split, names).items():
+            for name in names:
+                _print_row(weights, name, rows.filter(pl.col("chain") == name))
     for run in args.run:
         tracks = predict_run(dataset, run, split=args.split, rows=tuple((name, VARIANTS[name]) for name in names))[
             "tracks"
@@ -76,6 +81,26 @@ def main() -> None:
         residuals = metrics.track_residual_table(tracks.lazy(), events)
         for name in names:
             _print_row(run.name, name, residuals.filter(pl.col("model") == name))
+
+
+def reference_residuals(dataset, split: str, names: list[str]) -> dict[str, pl.DataFrame]:
+    """{"labels" | "ones": DataFrame(chain, fit_ok, residual)} of the no-network hit weights through each chain."""
+    geometry = Geometry.from_detector(dataset.config.detector)
+    _, max_hits = split_summary(dataset, split)
+    buckets = (BUCKET_STEP * max(1, math.ceil(max_hits / BUCKET_STEP)),)
+    reconstruct_jit = jax.jit(reconstruct, static_argnums=(2, 3))
+    parts: dict[str, list[pl.DataFrame]] = {"labels": [], "ones": []}
+    for batch in iter_batches(dataset, split, 64, buckets):
+        real = batch.event_mask
+        for weights_name, weights in (("labels", batch.label), ("ones", batch.mask.astype(np.float32))):
+            for name in names:
+                reco = reconstruct_jit(weights, device_batch(batch), geometry, VARIANTS[name])
+                fit_ok = np.asarray(reco.status)[real] == 0
+                residual = np.asarray(reco.q_over_pt)[real] * batch.pt[real] * batch.q[real] - 1
+                parts[weights_name].append(
+                    pl.DataFrame({"chain": name, "fit_ok": fit_ok, "residual": np.where(fit_ok, residual, np.nan)})
+                )
+    return {key: pl.concat(frames) for key, frames in parts.items()}
 
 
 def _print_row(run: str, chain: str, rows: pl.DataFrame) -> None:

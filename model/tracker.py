@@ -17,11 +17,21 @@ Two chains share this code (:class:`Chain`):
   keeps none, and a layer with nothing near the track ends up empty (W_l -> 0 fades it out of the fit).
   The widths s_k anneal from the centimetres of a bad first fit to a fraction of a millimetre. Then the
   layer is re-clustered with u (positions optionally weighted by u x charge: the charge centroid of the
-  selected strips) and refitted (Hyper: unbiased on our short arcs). Nothing is stopped: the gradient runs
-  from q/pT through every fit and every assignment back to the prior weights.
+  selected strips) and refitted (Hyper: unbiased on our short arcs).
+
+  The hit-level steps cannot go below the size of a cluster (4 strips, 2 mm): a narrower window would trim a
+  clean cluster's edge strips towards the current fit and bias its centroid. What they cannot see is a
+  cluster into which an extra track's charge merged: its strips all lie near the track, but its centroid is
+  off by tenths of a millimetre, against the 0.006 mm of a clean one. So the chain ends with cluster-level
+  steps, GenFit's DAF over the layers' clusters: each layer's weight is multiplied by the soft assignment
+  of its cluster's residual r_l = x_hat_l - x_fit(l) at widths t_k annealed down to the resolution of a
+  clean centroid (0.03 mm, the classical DAF's point resolution), with the same null term, so a merged
+  cluster fades out of the fit (the hit widths stay at their last value). Nothing is stopped: the gradient
+  runs from q/pT through every fit and every assignment back to the prior weights.
 
 The paper chain is the robust chain with no reweighting step (and no charge weighting, Kasa); with one
-infinitely wide step the robust chain returns the paper chain's clusters (tested). The same function serves
+infinitely wide step the robust chain returns the paper chain's clusters, and an infinitely wide
+cluster-level step is a hit-level step (tested). The same function serves
 the end-to-end training (w = sigmoid of the logits), the factorised baseline (applied after training), the
 ``truth`` reference (w = the truth labels, paper chain) and ``truth_charge`` (labels x charge).
 """
