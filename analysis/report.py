@@ -94,7 +94,7 @@ COMPARISON_PAIRS = (
         paper_gain=True,
     ),
 )
-#: the model whose σ68 is quoted relative to the charge-centroid limit, and that limit
+#: the model whose σ68 is quoted relative to the truth charge centroids, and that reference
 RESOLUTION_LIMIT_PAIR = ("e2e", "truth_charge")
 _AUC_LABELS = {"auc": "hit AUC (raw score)", "auc_weight": "hit AUC (final weights)"}
 
@@ -390,13 +390,15 @@ def _resolution_limit_sentence(results: ReportResults, model: str, limit: str) -
         f"σ68(q/pT) of {model} / {limit} = {format_value_error(ratio, ratio_err)} ({model} "
         f"{format_value_error(value, res.get('sigma68_err'))}, {limit} "
         f"{format_value_error(limit_value, res_limit.get('sigma68_err'))}; errors as independent). "
-        f"1 would be the charge-centroid limit: truth hit selection, charge-weighted clusters."
+        f"1: as good as the charge centroids of the true signal strips on every layer; below 1 is possible, as the "
+        f"robust chain (like classical) drops layers where an extra track's charge merged into the muon's cluster, "
+        f"which {limit} keeps."
     )
 
 
 def comparison_blocks(results: ReportResults) -> list[tuple[str, list[str]]]:
     """The report's comparisons as (lead line, sentences): each of :data:`COMPARISON_PAIRS` whose two models
-    are both in the predictions, then e2e's σ68 relative to the charge-centroid limit (truth_charge), then the
+    are both in the predictions, then e2e's σ68 relative to the truth charge centroids (truth_charge), then the
     pairs left out."""
     present = set(results.models)
     blocks = [
@@ -408,7 +410,7 @@ def comparison_blocks(results: ReportResults) -> list[tuple[str, list[str]]]:
     if {model, limit} <= present:
         blocks.append(
             (
-                f"**{model} vs {limit}**: how far is {model} from the charge-centroid limit?",
+                f"**{model} vs {limit}**: how does {model} compare with the charge centroids of the true signal strips?",
                 [_resolution_limit_sentence(results, model, limit)],
             )
         )

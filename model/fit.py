@@ -255,7 +255,15 @@ def _circle_solve(x: Array, y: Array, w: Array, method: str) -> _CircleSolution:
     tiny = jnp.sqrt(jnp.finfo(x.dtype).tiny)
     centre = _shifted_centre(moments, 0.0, tiny, big)
     if method == "hyper":
-        eta = _hyper_eta(moments, centre, a, b, zc, wn, tiny, big)
+        # Points with no sagitta above rounding (two layers, a straight line) leave Hyper nothing to correct,
+        # and their capped Kasa centre (|c_b| = big) overflows the gradient of the Newton steps (seen: NaN on
+        # a two-layer event). They get eta = 0, and the Newton steps see a benign set of moments instead (the
+        # double `where`: the discarded branch must be finite in value and gradient, not just unselected).
+        curved = centre.finite & (centre.s_bb > eps * caa)
+        benign = _Moments(*(jnp.full_like(z_mean, v) for v in (1.0, 1.0, 0.5, 0.0, 0.0, 0.5)))
+        safe = _Moments(*(jnp.where(curved, v, d) for v, d in zip(moments, benign, strict=True)))
+        eta = _hyper_eta(safe, _shifted_centre(safe, 0.0, tiny, big), a, b, zc, wn, tiny, big)
+        eta = jnp.where(curved, eta, 0)
         centre = _shifted_centre(moments, eta, tiny, big)
     else:
         eta = jnp.zeros_like(z_mean)
