@@ -410,7 +410,8 @@ def comparison_blocks(results: ReportResults) -> list[tuple[str, list[str]]]:
     if {model, limit} <= present:
         blocks.append(
             (
-                f"**{model} vs {limit}**: how does {model} compare with the charge centroids of the true signal strips?",
+                f"**{model} vs {limit}**: how does {model} compare with the charge centroids of the true signal "
+                "strips?",
                 [_resolution_limit_sentence(results, model, limit)],
             )
         )
