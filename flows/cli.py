@@ -71,11 +71,16 @@ def simulate(
 
 
 @app.command()
-def inspect(dataset: Annotated[Path, typer.Argument(help="Dataset folder.")]) -> None:
+def inspect(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-read every shard file (checksums, finite values), cached or not.")
+    ] = False,
+) -> None:
     """Print a Polars summary of a dataset."""
     from pipeline.inspect import summarize_dataset
 
-    typer.echo(summarize_dataset(dataset))
+    typer.echo(summarize_dataset(dataset, verify=verify))
 
 
 @app.command()

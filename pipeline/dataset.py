@@ -385,19 +385,85 @@ class Dataset:
         """All events (EVENTS_SCHEMA), sorted by event_id."""
         return pl.scan_parquet(self.files("events"), glob=False, hive_partitioning=False)
 
-    def verify_checksums(self) -> int:
-        """Recompute every shard file's SHA-256; raise DatasetError at the first mismatch.
+    def verify(self, force: bool = False) -> int:
+        """Check every shard file's SHA-256 against the manifest, and that the hits hold finite x, y and charge.
 
-        Returns the number of files checked.
+        A file already verified in the same state (size, modification and change times, inode) is not read
+        again unless ``force``; any write to a file changes its change time, so a flipped byte is always
+        caught. The states are recorded outside the dataset (:func:`verified_record_path`), which is never
+        written by a reader; the record is best effort. Raises DatasetError at the first bad file; returns the
+        number of files read.
         """
-        checked = 0
+        record_path = verified_record_path(self.path)
+        record = {} if force else _read_verified_record(record_path)
+        fresh: dict[str, Any] = {}
+        read = 0
         for shard in self.manifest["shards"]:
             for table in TABLES:
-                path = self.path / shard[table]["path"]
-                if file_sha256(path) != shard[table]["sha256"]:
-                    raise DatasetError(f"checksum mismatch in {path}: the file changed after it was written")
-                checked += 1
-        return checked
+                entry = shard[table]
+                path = self.path / entry["path"]
+                stamp = _file_stamp(path)
+                if record.get(entry["path"]) != [stamp, entry["sha256"]]:
+                    if file_sha256(path) != entry["sha256"]:
+                        raise DatasetError(f"checksum mismatch in {path}: the file changed after it was written")
+                    if table == "hits":
+                        _check_finite(path)
+                    read += 1
+                fresh[entry["path"]] = [stamp, entry["sha256"]]
+        if fresh != record:
+            _write_verified_record(record_path, fresh)
+        return read
+
+
+def _file_stamp(path: Path) -> list[int]:
+    """What changes when a file's bytes do: size, mtime, ctime (which no utime call can set back), inode."""
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+
+
+def verified_record_path(dataset_dir: Path) -> Path:
+    """Where the verified file states of a dataset are kept: ``$MUONTRACK_CACHE`` (default
+    ``$XDG_CACHE_HOME/muontrack`` or ``~/.cache/muontrack``) ``/verified/<hash of the dataset's path>.json``."""
+    root = os.environ.get("MUONTRACK_CACHE") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "muontrack"
+    )
+    key = hashlib.sha256(str(Path(dataset_dir).resolve()).encode()).hexdigest()[:24]
+    return Path(root) / "verified" / f"{key}.json"
+
+
+def _read_verified_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_verified_record(path: Path, record: dict[str, Any]) -> None:
+    """Atomically, under a name of this process's own (two readers may verify at once); best effort."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+
+
+#: hit columns that must be finite (a NaN there would silently poison training and every metric)
+FINITE_HIT_COLUMNS = ("x", "y", "charge")
+
+
+def _check_finite(hits_path: Path) -> None:
+    counts = (
+        pl.scan_parquet(hits_path, glob=False, hive_partitioning=False)
+        .select([(~pl.col(c).is_finite()).sum().alias(c) for c in FINITE_HIT_COLUMNS])
+        .collect()
+        .row(0, named=True)
+    )
+    for column, count in counts.items():
+        if count:
+            raise DatasetError(f"hits shard {hits_path} holds {count} non-finite values of {column}")
 
 
 def _types(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
@@ -422,14 +488,15 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def open_dataset(path: str | Path) -> Dataset:
+def open_dataset(path: str | Path, verify: bool = True) -> Dataset:
     """Open a complete dataset folder, checking it against its manifest.
 
     Checks (each failure is a one-line DatasetError): the folder exists and has a manifest of this format,
-    every listed shard file exists with the listed size, its footer's row count and column types match the
-    manifest and the schemas, the totals add up, and no unlisted ``part-*.parquet`` file sits in ``hits/``
-    or ``events/`` (it would be read by a glob over the folder). Checksums are checked only by
-    :meth:`Dataset.verify_checksums`, which reads every byte.
+    every listed shard file lies in the dataset's ``hits/`` or ``events/`` and exists with the listed size,
+    its footer's row count and column types match the manifest and the schemas, the totals add up, and no
+    unlisted ``part-*.parquet`` file sits in ``hits/`` or ``events/`` (it would be read by a glob over the
+    folder). With ``verify`` (the default) also :meth:`Dataset.verify`: the checksums and finite hit values,
+    of files not verified before in their present state.
     """
     path = Path(path)
     if not path.exists():
@@ -453,6 +520,12 @@ def open_dataset(path: str | Path) -> Dataset:
         for shard in manifest["shards"]:
             for table in TABLES:
                 file_entry = shard[table]
+                parts = Path(file_entry["path"]).parts
+                if len(parts) != 2 or parts[0] != table or not parts[1].startswith("part-"):
+                    raise DatasetError(
+                        f"{path / MANIFEST_NAME} lists {file_entry['path']!r}, which is not a {table} shard of "
+                        "the dataset folder"
+                    )
                 file_path = path / file_entry["path"]
                 if not file_path.is_file():
                     raise DatasetError(f"dataset {path} is missing shard file {file_entry['path']}")
@@ -480,4 +553,7 @@ def open_dataset(path: str | Path) -> Dataset:
         stray = sorted(p.name for p in (path / table).glob("*.parquet") if p.name not in listed)
         if stray:
             raise DatasetError(f"{path / table} holds {stray[0]}, which the manifest does not list")
-    return Dataset(path=path, manifest=manifest, config=config)
+    dataset = Dataset(path=path, manifest=manifest, config=config)
+    if verify:
+        dataset.verify()
+    return dataset

@@ -115,9 +115,13 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if not denominator or numerator is None else numerator / denominator
 
 
-def summarize_dataset(path: str | Path) -> str:
-    """A plain-text summary of the dataset at ``path`` (refuses missing, incomplete or foreign folders)."""
-    dataset = open_dataset(path)
+def summarize_dataset(path: str | Path, verify: bool = False) -> str:
+    """A plain-text summary of the dataset at ``path`` (refuses missing, incomplete, corrupted or foreign
+    folders). ``verify`` re-reads every shard file (checksums, finite hits) instead of trusting the files
+    verified before in the same state."""
+    dataset = open_dataset(path, verify=not verify)
+    if verify:
+        dataset.verify(force=True)
     events, hits, clusters = (
         frame.row(0, named=True)
         for frame in pl.collect_all([events_summary(dataset), hits_summary(dataset), signal_cluster_summary(dataset)])

@@ -188,3 +188,17 @@ def test_evaluate_a_dataset_without_test_events(tmp_path: Path) -> None:
     _assert_one_line_error(result, "no events in the test split")
     assert result.returncode == 2
     assert not (tmp_path / "report").exists()
+
+
+def test_inspect_refuses_a_flipped_byte_with_one_line(dataset_dir: Path, tmp_path: Path) -> None:
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(dataset_dir, corrupted)
+    assert _run("inspect", "--verify", corrupted, cwd=tmp_path).returncode == 0
+    shard = corrupted / "hits" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one bit inside a data page; the size and the footer stay valid
+    shard.write_bytes(bytes(data))
+    before = _snapshot(corrupted)
+    for arguments in ((corrupted,), ("--verify", corrupted)):
+        _assert_one_line_error(_run("inspect", *arguments, cwd=tmp_path), "checksum mismatch", "part-00000")
+    assert _snapshot(corrupted) == before

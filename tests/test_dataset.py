@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
@@ -24,6 +25,7 @@ from pipeline.dataset import (
     STAGING_DIR,
     STAGING_RECORD,
     Dataset,
+    file_sha256,
     open_dataset,
     write_shard_tables,
 )
@@ -191,7 +193,8 @@ def test_dataset_object(dataset_dir: Path) -> None:
     assert dataset.config == SMALL
     assert (dataset.seed, dataset.n_events) == (SEED, N_EVENTS)
     assert dataset.events().select(pl.len()).collect().item() == N_EVENTS
-    assert dataset.verify_checksums() == 2 * len(plan_shards(N_EVENTS, SMALL))
+    assert dataset.verify(force=True) == 2 * len(plan_shards(N_EVENTS, SMALL))
+    assert dataset.verify() == 0  # verified in this state already: nothing read again
 
 
 # ---- determinism -----------------------------------------------------------------------------------------
@@ -295,7 +298,7 @@ def test_a_write_that_fails_midway_leaves_no_visible_shard(tmp_path: Path, monke
     assert duckdb.sql(f"select count(*) from '{out}/hits/*.parquet'").fetchall()[0][0] > 0
     monkeypatch.undo()
     simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
-    assert open_dataset(out).verify_checksums() == 8
+    assert open_dataset(out).verify(force=True) == 8
 
 
 def test_interrupted_run_refuses_other_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -331,14 +334,46 @@ def test_simulate_shard_skips_a_shard_that_is_already_written(tmp_path: Path, mo
 # ---- refusing bad datasets and bad requests ----------------------------------------------------------------
 
 
-def test_checksum_verification_detects_a_corrupted_file(dataset_copy: Path) -> None:
-    path = dataset_copy / "hits" / "part-00001.parquet"
+def _flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0xFF  # inside a data page: the footer and the size stay valid
     path.write_bytes(bytes(data))
-    dataset = open_dataset(dataset_copy)
-    with pytest.raises(DatasetError, match=r"checksum mismatch in .*part-00001"):
-        dataset.verify_checksums()
+
+
+def test_open_dataset_refuses_a_corrupted_file_also_after_a_verified_open(dataset_copy: Path) -> None:
+    open_dataset(dataset_copy)  # verified, and recorded as such
+    path = dataset_copy / "hits" / "part-00001.parquet"
+    stat = path.stat()
+    _flip_a_byte(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
+    with pytest.raises(DatasetError, match=r"checksum mismatch in .*part-00001") as caught:
+        open_dataset(dataset_copy)
+    assert "\n" not in str(caught.value)
+    assert open_dataset(dataset_copy, verify=False).n_events == N_EVENTS  # structure alone is fine
+
+
+def test_open_dataset_refuses_non_finite_hits_by_name(dataset_copy: Path) -> None:
+    path = dataset_copy / "hits" / "part-00002.parquet"
+    table = pq.read_table(path)
+    x = table.column("x").to_numpy().copy()
+    x[[3, 7]] = [np.nan, np.inf]
+    pq.write_table(table.set_column(table.schema.get_field_index("x"), "x", pa.array(x, pa.float32())), path)
+
+    def fix_entry(manifest):
+        manifest["shards"][2]["hits"].update(bytes=path.stat().st_size, sha256=file_sha256(path))
+
+    _edit_manifest(dataset_copy, fix_entry)  # checksums that match: only the values are wrong
+    with pytest.raises(DatasetError, match=r"part-00002\.parquet holds 2 non-finite values of x"):
+        open_dataset(dataset_copy)
+
+
+@pytest.mark.parametrize(
+    "listed", ["../outside/part-00000.parquet", "/tmp/part-00000.parquet", "events/part-00000.parquet"]
+)
+def test_open_dataset_refuses_manifest_paths_outside_its_table(dataset_copy: Path, listed: str) -> None:
+    _edit_manifest(dataset_copy, lambda m: m["shards"][0]["hits"].update(path=listed))
+    with pytest.raises(DatasetError, match="which is not a hits shard of the dataset folder"):
+        open_dataset(dataset_copy)
 
 
 @pytest.mark.parametrize(
