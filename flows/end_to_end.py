@@ -16,6 +16,7 @@ from prefect import flow
 
 from flows import steps, tasks
 from pipeline.config import SimConfig
+from pipeline.locks import exclusive_writer
 
 
 def _dataset_complete(path: Path) -> bool:
@@ -63,17 +64,18 @@ def simulate_flow(out: str, events: int, seed: int = 0, config_json: str | None 
 
     config = SimConfig.from_dict(json.loads(config_json)) if config_json else SimConfig()
     config_json = config.to_json()
-    refresh = not _dataset_complete(Path(out))
-    prepare_dataset(Path(out), events, seed, config)
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    futures = [
-        tasks.simulate_shard.with_options(refresh_cache=refresh).submit(
-            out, config_json, seed, index, first, n, numba_threads=threads
-        )
-        for index, first, n in plan_shards(events, config)
-    ]
-    entries = [future.result() for future in futures]
-    return tasks.finalize_dataset.with_options(refresh_cache=refresh)(out, config_json, seed, entries)
+    with exclusive_writer(out):
+        refresh = not _dataset_complete(Path(out))
+        prepare_dataset(Path(out), events, seed, config)
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        futures = [
+            tasks.simulate_shard.with_options(refresh_cache=refresh).submit(
+                out, config_json, seed, index, first, n, numba_threads=threads
+            )
+            for index, first, n in plan_shards(events, config)
+        ]
+        entries = [future.result() for future in futures]
+        return tasks.finalize_dataset.with_options(refresh_cache=refresh)(out, config_json, seed, entries)
 
 
 def simulate_on_dask(
@@ -108,9 +110,10 @@ def evaluate_flow(data: str, runs: list[str], out: str) -> dict:
     dataset = open_dataset(Path(data))
     dataset_hash = f"{dataset.manifest['config_hash']}-{dataset.seed}-{dataset.n_events}"
     run_keys = [(Path(r) / "config.json").read_text() if (Path(r) / "config.json").is_file() else "" for r in runs]
-    refresh = not (Path(out) / "predictions" / "tracks.parquet").is_file()
-    tasks.predict.with_options(refresh_cache=refresh)(data, runs, out, dataset_hash, run_keys)
-    summary = tasks.write_report(data, runs, out)
+    with exclusive_writer(out):
+        refresh = not (Path(out) / "predictions" / "tracks.parquet").is_file()
+        tasks.predict.with_options(refresh_cache=refresh)(data, runs, out, dataset_hash, run_keys)
+        summary = tasks.write_report(data, runs, out)
     tasks.publish_artifacts(summary, out)
     return summary
 
@@ -145,7 +148,8 @@ def run_end_to_end(preset: str, out: Path, models: list[str] | None = None) -> d
         from pipeline.errors import MuontrackError
 
         raise MuontrackError(f"--out {out} is a file, not a folder")
-    result = end_to_end(str(out), preset=preset, models=models)
+    with exclusive_writer(out):
+        result = end_to_end(str(out), preset=preset, models=models)
     print(format_summary_table(result["summary"]))
     print(f"report: {result['report']}")
     return result

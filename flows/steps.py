@@ -17,6 +17,7 @@ import polars as pl
 
 from pipeline import provenance
 from pipeline.errors import DatasetError, MuontrackError, RunError
+from pipeline.locks import exclusive_writer
 
 #: the models a job can train (each gives one or more rows of the `model` column: `baseline` gives `baseline`
 #: and `baseline_paper`); the truth references and `classical` need no training
@@ -153,7 +154,8 @@ def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = Fals
     from pipeline.dataset import open_dataset
 
     out = Path(out)
-    predict_all(data, runs, out, progress=progress)
-    dataset = open_dataset(data)
-    write_report(out, dataset.hits(), dataset.events(), report_context(data, runs))
+    with exclusive_writer(out):
+        predict_all(data, runs, out, progress=progress)
+        dataset = open_dataset(data)
+        write_report(out, dataset.hits(), dataset.events(), report_context(data, runs))
     return out / "report.md"

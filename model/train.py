@@ -64,6 +64,7 @@ from pipeline import provenance
 from pipeline.batches import Batch, BatchStats, Geometry, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import ConfigError, RunError
+from pipeline.locks import exclusive_writer
 from pipeline.schema import TRAIN_METRICS_SCHEMA
 
 RUN_FORMAT = "muontrack-run"
@@ -617,6 +618,20 @@ def train_run(
     Raises ConfigError (unknown model or preset, epochs < 1), DatasetError (missing or incomplete dataset),
     RunError (``out`` holds something else, needs ``--resume``, or the loss became NaN).
     """
+    with exclusive_writer(out):
+        return _train_run_locked(data, model, Path(out), preset, epochs, seed, resume, progress)
+
+
+def _train_run_locked(
+    data: str | Path,
+    model: str,
+    out: Path,
+    preset: str,
+    epochs: int | None,
+    seed: int,
+    resume: bool,
+    progress: bool,
+) -> str:
     objective = get_objective(model)
     model_config, train_config = get_preset(preset)
     if epochs is not None:

@@ -34,6 +34,7 @@ from pipeline.dataset import (
     write_staging_record,
 )
 from pipeline.errors import ConfigError, DatasetError
+from pipeline.locks import exclusive_writer
 
 #: the generator seeds each event from a 64-bit mix of (seed, event_id)
 MAX_SEED = 2**64 - 1
@@ -298,6 +299,13 @@ def simulate_dataset(
     """
     _check_arguments(n_events, seed, workers)
     out = Path(out)
+    with exclusive_writer(out):
+        return _simulate_locked(out, n_events, seed, config, workers, progress)
+
+
+def _simulate_locked(
+    out: Path, n_events: int, seed: int, config: SimConfig, workers: int, progress: bool
+) -> dict[str, Any]:
     existing = prepare_dataset(out, n_events, seed, config)
     if existing is not None:
         return existing
