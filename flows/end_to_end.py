@@ -130,7 +130,13 @@ def end_to_end(out: str, preset: str = "cpu", seed: int = 0, models: list[str] |
     data = str(root / "data" / data_key)
     simulate_flow(data, job.events, seed, config.to_json())
     runs = [
-        train_flow(data, model, str(root / "runs" / f"{model}-{job.train_preset}-{data_key}"), job.train_preset, seed)
+        train_flow(
+            data,
+            model,
+            str(root / "runs" / steps.run_folder_name(model, job.train_preset, data_key)),
+            job.train_preset,
+            seed,
+        )
         for model in job.models
     ]
     report = root / "reports" / f"{job.train_preset}-{data_key}"

@@ -57,6 +57,14 @@ def job_preset(name: str, models: Sequence[str] | None = None) -> JobPreset:
     return replace(job, models=tuple(model for model in TRAINED_MODELS if model in models))
 
 
+def run_folder_name(model: str, preset: str, data_key: str) -> str:
+    """The folder of one trained model in ``muontrack run``: what its weights depend on, the training code's
+    version included, so a code change trains into a new folder instead of serving the old checkpoints."""
+    from model.train import code_version as training_code_version
+
+    return f"{model}-{preset}-{data_key}-c{training_code_version().rsplit('+', 1)[-1]}"
+
+
 def code_version() -> str:
     """Version of all the project's code (pipeline.provenance): cache keys change when any source does."""
     return provenance.code_version("simulation", "pipeline", "model", "analysis", "flows")

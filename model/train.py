@@ -390,7 +390,8 @@ def run_config(
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two run configs the same run (the number of epochs, paths and code version may change)."""
+    """What makes two run configs the same run: everything but the number of epochs and the paths. The code
+    version is part of it: checkpoints of other training code are never resumed or served as this code's."""
     train = {k: v for k, v in config.get("train_config", {}).items() if k != "epochs"}
     dataset = {k: v for k, v in config.get("dataset", {}).items() if k != "path"}
     return {
@@ -401,6 +402,7 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
         "dataset": dataset,
         "seed": config.get("seed"),
         "reconstruction": config.get("reconstruction"),
+        "code_version": config.get("code_version"),
     }
 
 

@@ -119,6 +119,16 @@ def test_task_functions_directly(tmp_path):
     assert hits.height == manifest["n_hits"]
 
 
+def test_a_training_code_change_trains_into_another_run_folder(monkeypatch):
+    import model.train
+
+    name = steps.run_folder_name("e2e", "cpu", "abc-n20000-s0")
+    assert name.startswith("e2e-cpu-abc-n20000-s0-c")
+    assert name == steps.run_folder_name("e2e", "cpu", "abc-n20000-s0")
+    monkeypatch.setattr(model.train, "code_version", lambda: "0.1.0+0123456789ab")
+    assert steps.run_folder_name("e2e", "cpu", "abc-n20000-s0") == "e2e-cpu-abc-n20000-s0-c0123456789ab"
+
+
 def test_code_version_tracks_sources():
     version = steps.code_version()
     assert version == steps.code_version()

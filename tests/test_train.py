@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 from numpy.testing import assert_allclose
 
+import model.train as train_module
 from model.config import get_preset
 from model.inference import load_run
 from model.tracker import Chain
@@ -188,7 +189,7 @@ def test_resume_equals_an_uninterrupted_run(resumed_and_straight):
 
 
 @pytest.mark.slow
-def test_existing_runs_are_refused_and_left_untouched(resumed_and_straight, dataset_dir, tmp_path):
+def test_existing_runs_are_refused_and_left_untouched(resumed_and_straight, dataset_dir, tmp_path, monkeypatch):
     resumed, _, _, _ = resumed_and_straight
     before = snapshot(resumed)
     with pytest.raises(RunError, match="finished run"):
@@ -198,6 +199,11 @@ def test_existing_runs_are_refused_and_left_untouched(resumed_and_straight, data
     with pytest.raises(RunError, match="another run"):
         train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=5, resume=True)
     assert "nothing to do" in train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=4, resume=True)
+    # the same settings under other training code: never resumed, never served as this code's result
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "code_version", lambda: "0.1.0+edited")
+        with pytest.raises(RunError, match=r"another run \(different code_version\)"):
+            train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=4, resume=True)
     assert snapshot(resumed) == before
 
     # an unfinished run asks for --resume
