@@ -39,6 +39,26 @@ class Preset(StrEnum):
     paper = "paper"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from flows.steps import code_version
+
+        typer.echo(f"muontrack {code_version()}")
+        raise typer.Exit(code=0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version (package + code hash)."
+        ),
+    ] = False,
+) -> None:
+    """Toy muon detector simulation, end-to-end differentiable tracking and its evaluation."""
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)

@@ -67,7 +67,7 @@ def run_folder_name(model: str, preset: str, data_key: str) -> str:
 
 def code_version() -> str:
     """Version of all the project's code (pipeline.provenance): cache keys change when any source does."""
-    return provenance.code_version("simulation", "pipeline", "model", "analysis", "flows")
+    return provenance.code_version("simulation", "pipeline", "model", "classical", "analysis", "flows")
 
 
 def _check_report_out(out: Path) -> None:

@@ -202,3 +202,11 @@ def test_inspect_refuses_a_flipped_byte_with_one_line(dataset_dir: Path, tmp_pat
     for arguments in ((corrupted,), ("--verify", corrupted)):
         _assert_one_line_error(_run("inspect", *arguments, cwd=tmp_path), "checksum mismatch", "part-00000")
     assert _snapshot(corrupted) == before
+
+
+def test_version(tmp_path: Path) -> None:
+    from flows.steps import code_version
+
+    result = _run("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"muontrack {code_version()}"
