@@ -577,3 +577,21 @@ def test_degenerate_fits_give_finite_values_and_gradients_for_both_methods(metho
     assert all(np.isfinite(float(v)) for v in circle(x_hat, y, weight))
     grads = jax.grad(lambda xx, ww: sum(circle(xx, y, ww)), argnums=(0, 1))(jnp.asarray(x_hat), jnp.asarray(weight))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+@pytest.mark.parametrize("layers", [(0, 1, 14, 15), tuple(range(16))], ids=["4_layers", "16_layers"])
+@pytest.mark.parametrize("pt", [50.0, 200.0])
+def test_hyper_stays_hyper_on_stiff_and_sparse_arcs(layers, pt):
+    """Nearly straight arcs (little sagitta over the frame's scale) are still Hyper fits, not Kasa: the guard
+    that gives eta = 0 to point sets without sagitta (two layers) must not catch them."""
+    rng = np.random.default_rng(int(pt) + len(layers))
+    kappa = PT_PER_TESLA_METRE * DetectorConfig().b_field / (1000.0 * pt)
+    y = LAYER_Y[list(layers)]
+    x = 10.0 + (np.cos(0.02) - np.sqrt(1.0 - (np.sin(0.02) + kappa * y) ** 2)) / kappa
+    x32, y32 = (x + rng.normal(0, 0.05, x.size)).astype(np.float32), y.astype(np.float32)
+    w = np.ones(x.size, np.float32)
+    reference = hyper_reference(x32, y32, w, condition=True)[2]
+    radius = float(hyper_circle_fit(jnp.asarray(x32), jnp.asarray(y32), jnp.asarray(w))[2])
+    kasa = float(kasa_circle_fit(jnp.asarray(x32), jnp.asarray(y32), jnp.asarray(w))[2])
+    assert_allclose(radius, reference, rtol=1e-3)
+    assert abs(kasa / reference - 1) > 2e-3  # where Kasa is off, so the test can tell them apart
