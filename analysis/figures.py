@@ -1,15 +1,23 @@
-"""Figures of the evaluation report (PNG, matplotlib's Agg canvas via ``matplotlib.figure.Figure``, so no
-pyplot state and no display are needed).
+"""Figures of the evaluation report (PNG and PDF, matplotlib's Agg canvas via ``matplotlib.figure.Figure``, so
+no pyplot state and no display are needed).
 
-Each function takes already computed tables (see :mod:`analysis.metrics`), writes one PNG and returns its
-path. Figure numbers refer to Coccaro et al. (arXiv 2512.01647).
+Each function takes already computed tables (see :mod:`analysis.metrics`), writes one PNG and a PDF of the same
+stem beside it, and returns the PNG's path. Every figure is drawn in mplhep's neutral HEP style (``ROOT``: ticks
+inside on all four sides, minor ticks, axis labels at the axis ends) inside a style context, so matplotlib's
+global rcParams are left as they were. Figure numbers refer to Coccaro et al. (arXiv 2512.01647).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ParamSpec
 
+import matplotlib.style
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
@@ -41,6 +49,45 @@ _MAX_PANELS_PER_ROW = 4
 _DPI = 120
 #: size of a one-panel figure with its legend to the right of the axes (up to 8 models and their numbers)
 _LEGEND_FIGSIZE = (10.0, 4.8)
+#: formats written per figure: the PNG under the given name, then a PDF of the same stem beside it
+FIGURE_FORMATS = ("png", "pdf")
+#: changes to mplhep's ROOT style, whose sizes are made for one 10 in × 10 in panel at 26 pt; ours are 4 to 5 in
+#: high with up to 8 legend entries. DejaVu Sans (matplotlib's own) backs up any glyph TeX Gyre Heros lacks.
+_STYLE_OVERRIDES: dict[str, Any] = {
+    "font.size": 13,
+    "font.sans-serif": ["TeX Gyre Heros", "Helvetica", "Arial", "DejaVu Sans"],
+    "axes.linewidth": 1.2,
+    "xtick.major.size": 7,
+    "xtick.minor.size": 3.5,
+    "ytick.major.size": 7,
+    "ytick.minor.size": 3.5,
+}
+
+_P = ParamSpec("_P")
+
+
+def hep_style() -> list[dict[str, Any]]:
+    """The style of every figure, for ``matplotlib.style.context``: mplhep's experiment-neutral HEP style
+    (``mplhep.style.ROOT``), then :data:`_STYLE_OVERRIDES`.
+
+    mplhep is imported here, not at module import (it imports pyplot; about half a second), and its import
+    registers the TeX Gyre fonts the style names.
+    """
+    import mplhep
+
+    return [mplhep.style.ROOT, _STYLE_OVERRIDES]
+
+
+def _hep_styled(plot: Callable[_P, Path]) -> Callable[_P, Path]:
+    """Run a figure function, drawing and saving included, inside the :func:`hep_style` context: fonts are
+    looked up at drawing time, so the save must be inside it too."""
+
+    @functools.wraps(plot)
+    def styled(*args: _P.args, **kwargs: _P.kwargs) -> Path:
+        with matplotlib.style.context(hep_style()):
+            return plot(*args, **kwargs)
+
+    return styled
 
 
 def model_order(models: list[str] | set[str]) -> list[str]:
@@ -64,10 +111,35 @@ def _line_style(model: str) -> dict[str, str]:
     return {"color": style["color"], "linestyle": style["linestyle"], "label": style["label"]}
 
 
+def figure_paths(path: Path) -> list[Path]:
+    """Every file a figure function writes for ``path``: ``path`` itself (PNG), then the same stem in each further
+    format of :data:`FIGURE_FORMATS`."""
+    path = Path(path)
+    return [path, *(path.with_suffix(f".{extension}") for extension in FIGURE_FORMATS[1:])]
+
+
 def _save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as ``path`` (PNG) and as a PDF beside it; returns ``path``.
+
+    Each file is first written under a hidden temporary name in the same folder, then renamed over the final
+    name once all formats are written, so a killed process leaves either the previous figures or the new ones,
+    never a truncated file under a final name (a kill between two renames can leave a new PNG beside an old PDF).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    token = uuid.uuid4().hex[:12]
+    written: list[tuple[Path, Path]] = []
+    try:
+        for target, extension in zip(figure_paths(path), FIGURE_FORMATS, strict=True):
+            temporary = target.with_name(f".{target.name}.{token}.tmp")
+            written.append((temporary, target))
+            fig.savefig(temporary, format=extension, dpi=_DPI)
+        for temporary, target in written:
+            os.replace(temporary, target)
+    finally:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
     return path
 
 
@@ -80,6 +152,7 @@ def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
 
 
+@_hep_styled
 def plot_rejection_vs_efficiency(
     rocs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, min_signal_eff: float = 0.5
 ) -> Path:
@@ -129,6 +202,7 @@ def plot_rejection_vs_efficiency(
     return _save(fig, path)
 
 
+@_hep_styled
 def plot_score_histograms(hit_scores: pl.DataFrame, path: Path, bins: int = 50) -> Path:
     """Per-hit classifier score distributions, signal vs background, one panel per model (normalised, log y),
     at most :data:`_MAX_PANELS_PER_ROW` panels a row.
@@ -160,8 +234,8 @@ def plot_score_histograms(hit_scores: pl.DataFrame, path: Path, bins: int = 50) 
         ax.set_yscale("log")
         bottom, top = ax.get_ylim()
         ax.set_ylim(bottom, top * 30)  # headroom for the legend
-        ax.set_xlabel("classifier score")
-        ax.set_ylabel("normalised entries")
+        ax.set_xlabel("classifier score $s$")
+        ax.set_ylabel("$1/N \\; dN/ds$")
         ax.set_title(model_style(model)["label"])
         ax.legend(loc="upper center")
     if not models:
@@ -169,6 +243,7 @@ def plot_score_histograms(hit_scores: pl.DataFrame, path: Path, bins: int = 50) 
     return _save(fig, path)
 
 
+@_hep_styled
 def plot_cluster_residuals(
     cluster_residuals: pl.DataFrame,
     core: GaussianFit,
@@ -219,13 +294,14 @@ def plot_cluster_residuals(
         # the axis follows the histograms (not the Gaussian's far tails)
         ax.set_ylim(positive.min() / 3, positive.max() * 3)
     ax.set_xlim(lo, hi)
-    ax.set_xlabel("cluster residual $\\hat{x}_l - x_{\\mathrm{true},l}$ [mm]")
-    ax.set_ylabel("fraction of clusters / mm")
+    ax.set_xlabel("cluster residual $r = \\hat{x}_l - x_{\\mathrm{true},l}$ [mm]")
+    ax.set_ylabel("$1/N \\; dN/dr$ [1/mm]")
     ax.set_title("Cluster position residuals")
     _legend_outside(ax)
     return _save(fig, path)
 
 
+@_hep_styled
 def plot_q_over_pt_residuals(
     track_residuals: pl.DataFrame, resolution: pl.DataFrame, path: Path, range_sigma68: float = 5.0, bins: int = 80
 ) -> Path:
@@ -255,12 +331,13 @@ def plot_q_over_pt_residuals(
         ax.set_xlim(-half_range, half_range)
         ax.set_ylim(bottom=0)
         _legend_outside(ax)
-    ax.set_xlabel("$[(q/p_T)_{reco} - (q/p_T)_{true}] / (q/p_T)_{true}$")
-    ax.set_ylabel("normalised entries")
+    ax.set_xlabel("relative residual $r = [(q/p_T)_{reco} - (q/p_T)_{true}]\\,/\\,(q/p_T)_{true}$")
+    ax.set_ylabel("$1/N \\; dN/dr$")
     ax.set_title("Transverse momentum resolution")
     return _save(fig, path)
 
 
+@_hep_styled
 def plot_sigma68_vs_pt(resolution_pt: pl.DataFrame, path: Path) -> Path:
     """σ68 of the relative q/pT residual vs true pT, error bars from the bootstrap (paper Fig. 6). The models
     stand side by side within each pT bin, whose edges are drawn as grey lines.
@@ -295,7 +372,7 @@ def plot_sigma68_vs_pt(resolution_pt: pl.DataFrame, path: Path) -> Path:
             color=model_style(model)["color"],
             label=model_style(model)["label"],
         )
-    ax.set_xlabel("true $p_T$ [GeV]")
+    ax.set_xlabel("$p_T^{true}$ [GeV]")
     ax.set_ylabel("$\\sigma_{68}$ of relative $q/p_T$ residual")
     ax.set_title("Resolution vs transverse momentum")
     ax.set_ylim(bottom=0)
