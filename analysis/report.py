@@ -1,8 +1,13 @@
-"""The evaluation report: REPORT/report.md, REPORT/summary.json, REPORT/resolution.csv, REPORT/figures/*.png.
+"""The evaluation report: REPORT/report.md, REPORT/summary.json, REPORT/resolution.csv, REPORT/figures/*.png and
+the catalog files REPORT/summary.parquet and REPORT/resolution.parquet (:mod:`analysis.catalog`).
 
 :func:`write_report` reads REPORT/predictions/*.parquet, joins them with the dataset's truth, computes every
 metric of DESIGN.md "Metrics" (see :mod:`analysis.metrics`), draws the figures and writes the files. All
 numbers are computed before anything is written, so a bad input leaves an existing report untouched.
+
+:func:`staged_report` makes a whole evaluation (predictions and report) atomic: it is written into a staging
+folder beside REPORT and swapped into place at the end, so a writer killed at any point leaves the previous
+report (or none), never a mixture of old and new files.
 """
 
 from __future__ import annotations
@@ -10,6 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +28,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from analysis import catalog
 from analysis import figures as fig
 from analysis import metrics as m
 from analysis.figures import format_value_error, model_order
@@ -458,6 +469,8 @@ def _md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     def text(value: Any) -> str:
         if value is None:
             return "–"
+        if isinstance(value, list | tuple):
+            return text(", ".join(map(str, value)))
         if isinstance(value, float):
             return f"{value:.6g}"
         return str(value).replace("|", "\\|").replace("\n", " ")
@@ -714,7 +727,9 @@ def _resolution_pt_rows(results: ReportResults) -> list[str]:
 
 def _figure_link(figure_paths: dict[str, Path], key: str, title: str) -> str:
     path = figure_paths.get(key)
-    return f"![{title}](figures/{path.name})" if path is not None else f"({title}: not drawn)"
+    if path is None:
+        return f"({title}: not drawn)"
+    return f"![{title}](figures/{path.name}) ([PDF](figures/{path.with_suffix('.pdf').name}))"
 
 
 _SCORE_AND_WEIGHT_SENTENCE = (
@@ -797,17 +812,43 @@ def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def catalog_frames(
+    results: ReportResults, context: dict[str, Any], report: Path, created: datetime | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rows of summary.parquet and resolution.parquet (:mod:`analysis.catalog`) of a report published at
+    ``report``. The versions and device come from ``context["environment"]`` when it has them."""
+    created = created or datetime.now(UTC)
+    identity = catalog.identity_frame(context, results.models, report, created)
+    metrics = catalog.metrics_frame(results.models, results.classification, results.core, results.resolution)
+    environment = context.get("environment")
+    summary = catalog.summary_frame(identity, metrics, environment if isinstance(environment, dict) else None)
+    return summary, catalog.resolution_frame(identity, results.resolution_pt)
+
+
+def _write_catalog(report_dir: Path, summary: pl.DataFrame, resolution: pl.DataFrame) -> None:
+    catalog.write_parquet_atomic(summary, report_dir / catalog.SUMMARY_FILE)
+    catalog.write_parquet_atomic(resolution, report_dir / catalog.RESOLUTION_FILE)
+
+
 def write_report(
-    report_dir: Path, dataset_hits: pl.LazyFrame, dataset_events: pl.LazyFrame, context: dict[str, Any]
+    report_dir: Path,
+    dataset_hits: pl.LazyFrame,
+    dataset_events: pl.LazyFrame,
+    context: dict[str, Any],
+    published_as: Path | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
-    """Compute every metric and write report.md, summary.json, resolution.csv and figures/ into ``report_dir``.
+    """Compute every metric and write report.md, summary.json, resolution.csv, figures/ and the catalog
+    (summary.parquet, resolution.parquet) into ``report_dir``.
 
     Args:
         report_dir: the REPORT folder; its ``predictions/{hits,clusters,tracks}.parquet`` are read.
         dataset_hits: the dataset's hits (needs event_id, hit_id, is_signal).
         dataset_events: the dataset's events (needs event_id, pt [GeV], q).
         context: free-form description of what was run (e.g. dataset, n_events, config, runs as a list of
-            {model, preset, epochs, seed, training_seconds}); rendered as given.
+            {model, preset, epochs, seed, training_seconds}); rendered as given. The catalog takes its identity
+            columns from it (see :func:`analysis.catalog.identity_frame`).
+        published_as: the folder the report will be read from, when ``report_dir`` is a staging folder
+            (:func:`staged_report`); the catalog's ``report`` column. Default: ``report_dir``.
 
     Returns:
         The summary written to summary.json (see :func:`build_summary`).
@@ -816,14 +857,18 @@ def write_report(
         MuontrackError: missing or malformed predictions or truth; nothing is written then.
     """
     report_dir = Path(report_dir)
+    context = context or {}
     predictions = _scan_predictions(report_dir / "predictions")
     _check_dataset_frame(dataset_hits, "hits")
     _check_dataset_frame(dataset_events, "events")
     results = compute_results(predictions, dataset_hits, dataset_events)
     summary = build_summary(results)
+    catalog_summary, catalog_resolution = catalog_frames(
+        results, context, Path(os.path.abspath(published_as or report_dir))
+    )
 
     figure_paths = write_figures(results, report_dir / "figures")
-    _write_atomic(report_dir / "report.md", render_markdown(results, summary, figure_paths, context or {}))
+    _write_atomic(report_dir / "report.md", render_markdown(results, summary, figure_paths, context))
     _write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     rank = {model: index for index, model in enumerate(results.models)}
     csv_text = (
@@ -833,4 +878,96 @@ def write_report(
         .write_csv()
     )
     _write_atomic(report_dir / "resolution.csv", csv_text)
+    _write_catalog(report_dir, catalog_summary, catalog_resolution)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic publication of a report folder
+# ---------------------------------------------------------------------------------------------------------
+
+#: the hidden folders beside REPORT: ``.NAME.staging-<pid>-<hex>/NAME`` (a report being written) and
+#: ``.NAME.old-<pid>-<hex>/NAME`` (the report being replaced). The report sits one level down so that a glob
+#: over published reports (``reports/*/summary.parquet``) never sees them.
+_STAGING, _OLD = "staging", "old"
+
+
+def _shell_pattern(out: Path, kind: str) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(out.name)}\.{kind}-\d+-[0-9a-f]+")
+
+
+def _new_shell(out: Path, kind: str) -> Path:
+    """A new, empty hidden folder beside ``out`` (same file system: renames out of it are atomic)."""
+    shell = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    shell.mkdir(parents=True)
+    return shell
+
+
+def _shells(out: Path, kind: str) -> list[Path]:
+    """The ``kind`` folders a writer of ``out`` left beside it, oldest first."""
+    if not out.parent.is_dir():
+        return []
+    pattern = _shell_pattern(out, kind)
+    found = [path for path in out.parent.iterdir() if pattern.fullmatch(path.name) and path.is_dir()]
+    return sorted(found, key=lambda path: path.stat().st_mtime_ns)
+
+
+def _discard(path: Path) -> None:
+    """Delete a staging or replaced report folder (a writer killed here leaves it for the next one)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def recover_report_dir(out: Path) -> None:
+    """Finish or undo what a killed writer of ``out`` left beside it. Call with ``out``'s lock held
+    (pipeline.locks.exclusive_writer).
+
+    A writer killed between moving the previous report away and moving the new one in leaves no ``out`` and
+    the previous report in ``.NAME.old-*/NAME``: it is moved back. Every other leftover (staging folders, a
+    replaced report not yet deleted) is deleted.
+    """
+    out = Path(os.path.abspath(out))
+    old = _shells(out, _OLD)
+    if not os.path.lexists(out):
+        previous = [shell / out.name for shell in old if (shell / out.name).is_dir()]
+        if previous:
+            os.rename(previous[-1], out)
+    for shell in [*old, *_shells(out, _STAGING)]:
+        _discard(shell)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move the folder ``new`` to ``out``: rename the current ``out`` away, rename ``new`` in, delete the old one.
+    A kill in between leaves a report at ``out`` or one that :func:`recover_report_dir` moves back."""
+    if not os.path.lexists(out):
+        os.rename(new, out)
+        return
+    old_shell = _new_shell(out, _OLD)
+    os.rename(out, old_shell / out.name)
+    os.rename(new, out)
+    _discard(old_shell)
+
+
+@contextmanager
+def staged_report(out: Path) -> Iterator[Path]:
+    """A fresh folder in which to write the whole report of ``out`` (predictions included), moved to ``out``
+    when the ``with`` block ends without an exception; on an exception ``out`` is left as it was.
+
+    The folder is ``.NAME.staging-<pid>-<hex>/NAME`` beside ``out``; leftovers of killed writers are cleaned up
+    first (:func:`recover_report_dir`). Call with ``out``'s lock held (pipeline.locks.exclusive_writer).
+    """
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise MuontrackError(f"report path {out} is a file, not a folder")
+    recover_report_dir(out)
+    try:
+        shell = _new_shell(out, _STAGING)
+    except OSError as err:
+        raise MuontrackError(f"cannot write beside {out}: {err.strerror or err}") from None
+    try:
+        yield shell / out.name
+        staged = shell / out.name
+        if not staged.is_dir():
+            raise MuontrackError(f"nothing was written for the report {out}")
+        _replace_dir(staged, out)
+    finally:
+        _discard(shell)

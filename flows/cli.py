@@ -2,7 +2,8 @@
 
 Each command is a thin shell around one library function; heavy imports (JAX, Prefect) happen inside the
 command so ``muontrack --help`` and ``muontrack inspect`` start fast. Every :class:`MuontrackError` becomes a
-one-line ``error: ...`` on stderr and exit status 2, never a traceback.
+one-line ``error: ...`` on stderr, never a traceback, with exit status 2 for a usage error (click's own and
+:class:`ConfigError`) and 1 for a failure at run time.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def _options(
     """Toy muon detector simulation, end-to-end differentiable tracking and its evaluation."""
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+def _echo_json(document: object) -> None:
+    """One JSON document on stdout (what a script parses); logs and progress stay on stderr."""
+    import json
+
+    typer.echo(json.dumps(document, indent=2, default=str))
 
 
 @app.command()
@@ -96,8 +99,14 @@ def inspect(
     verify: Annotated[
         bool, typer.Option("--verify", help="Re-read every shard file (checksums, finite values), cached or not.")
     ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")] = False,
 ) -> None:
     """Print a Polars summary of a dataset."""
+    if as_json:
+        from pipeline.inspect import dataset_record
+
+        _echo_json(dataset_record(dataset, verify=verify))
+        return
     from pipeline.inspect import summarize_dataset
 
     typer.echo(summarize_dataset(dataset, verify=verify))
@@ -127,12 +136,49 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder (its test split is evaluated).")],
     run: Annotated[list[Path], typer.Option("--run", help="Run folder; repeat for several models.")],
     out: Annotated[Path, typer.Option("--out", help="Report folder to write.")],
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace a report of other runs or another dataset in --out (same runs: refreshed)."
+        ),
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print the report path and the per-model summary as one JSON document."),
+    ] = False,
 ) -> None:
-    """Evaluate trained runs against the truth reference and write the report."""
+    """Evaluate trained runs against the truth reference and write the report (progress on stderr)."""
+    import json
+
     from flows.steps import evaluate_runs
 
-    report = evaluate_runs(data, run, out, progress=True)
-    typer.echo(f"report: {report}")
+    report = evaluate_runs(data, run, out, progress=True, overwrite=overwrite)
+    if json_output:
+        summary = json.loads((report.parent / "summary.json").read_text())
+        _echo_json({"report": str(report), "summary": summary})
+    else:
+        typer.echo(f"report: {report}")
+
+
+@app.command()
+def results(
+    folders: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Folders searched recursively for reports' summary.parquet (default: the current folder).",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print every column as one JSON list of rows.")] = False,
+) -> None:
+    """Print the results catalog: one row per model of every report found (summary.parquet)."""
+    from analysis.catalog import catalog_records, format_catalog, read_catalog
+
+    catalog = read_catalog(folders or [Path(".")])
+    if json_output:
+        _echo_json(catalog_records(catalog))
+    else:
+        typer.echo(format_catalog(catalog))
 
 
 @app.command(name="run")
@@ -147,11 +193,17 @@ def run_all(
             "for test and paper.",
         ),
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document (report path and summary) instead of the table.")
+    ] = False,
 ) -> None:
     """The whole flow: simulate -> train baseline and e2e (and assignment) -> evaluate -> report."""
     from flows.end_to_end import run_end_to_end
 
-    run_end_to_end(preset=preset.value, out=out, models=[m.value for m in model] if model else None)
+    models = [m.value for m in model] if model else None
+    result = run_end_to_end(preset=preset.value, out=out, models=models, echo=not as_json)
+    if as_json:
+        _echo_json(result)
 
 
 @app.command()
@@ -171,7 +223,12 @@ def main() -> None:
         app(standalone_mode=False)
     except MuontrackError as err:
         typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(err.exit_code)
+    except OSError as err:
+        # what no check anticipated (a disk that fills, a folder that turns read-only): still one line
+        where = f": {err.filename}" if err.filename else ""
+        typer.echo(f"error: {err.strerror or err}{where}", err=True)
+        sys.exit(1)
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except typer.Abort:

@@ -87,6 +87,9 @@ def simulate_on_dask(
     dask_address: str | None = None,
 ) -> dict:
     """The ``simulate`` flow with its shards on Dask (a local cluster, or the cluster at ``dask_address``)."""
+    from flows.logs import quiet_user_errors
+
+    quiet_user_errors()
     runner = dask_task_runner(workers, dask_address)
     return simulate_flow.with_options(task_runner=runner)(out, events, seed, config_json, workers)
 
@@ -103,17 +106,31 @@ def train_flow(data: str, model: str, out: str, preset: str = "cpu", seed: int =
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(data: str, runs: list[str], out: str) -> dict:
-    """Predict with every run on the test split, then build the report and publish it as artifacts."""
+def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True) -> dict:
+    """Predict with every run on the test split, then build the report and publish it as artifacts.
+
+    The predictions and the report are written into a staging folder that replaces ``out`` at the end
+    (analysis.report.staged_report), so a kill leaves the previous report. The predict task is cached and
+    writes nothing on a cache hit: the predictions of the report already in ``out`` are linked into the staging
+    folder first when that report is of these runs on this dataset, and the task is forced to run otherwise.
+    ``overwrite``: replace a report of other runs (``muontrack run`` owns its report folders, whose names carry
+    the dataset key); False refuses it as ``muontrack evaluate`` does without ``--overwrite``.
+    """
+    from analysis.report import staged_report
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(Path(data))
     dataset_hash = f"{dataset.manifest['config_hash']}-{dataset.seed}-{dataset.n_events}"
     run_keys = [(Path(r) / "config.json").read_text() if (Path(r) / "config.json").is_file() else "" for r in runs]
     with exclusive_writer(out):
-        refresh = not (Path(out) / "predictions" / "tracks.parquet").is_file()
-        tasks.predict.with_options(refresh_cache=refresh)(data, runs, out, dataset_hash, run_keys)
-        summary = tasks.write_report(data, runs, out)
+        context = steps.report_context(Path(data), [Path(r) for r in runs])
+        steps.prepare_report_out(Path(out), context, overwrite)
+        with staged_report(Path(out)) as staging:
+            reused = steps.stage_previous_predictions(Path(out), staging, context)
+            tasks.predict.with_options(refresh_cache=not reused)(
+                data, runs, out, dataset_hash, run_keys, staging=str(staging)
+            )
+            summary = tasks.write_report(data, runs, out, staging=str(staging))
     tasks.publish_artifacts(summary, out)
     return summary
 
@@ -144,11 +161,14 @@ def end_to_end(out: str, preset: str = "cpu", seed: int = 0, models: list[str] |
     return {"report": str(report / "report.md"), "summary": summary}
 
 
-def run_end_to_end(preset: str, out: Path, models: list[str] | None = None) -> dict[str, Any]:
-    """The ``muontrack run`` entry point: run the flow and print where the report is and its summary."""
+def run_end_to_end(preset: str, out: Path, models: list[str] | None = None, echo: bool = True) -> dict[str, Any]:
+    """The ``muontrack run`` entry point: run the flow, print (with ``echo``) the summary table and where the
+    report is, and return ``{"report": path of report.md, "summary": summary.json's content}``."""
     from analysis.report import format_summary_table
+    from flows.logs import quiet_user_errors
 
     steps.job_preset(preset, models)  # a one-line error for an unknown preset or model, before Prefect starts
+    quiet_user_errors()
     out = Path(out)
     if out.exists() and not out.is_dir():
         from pipeline.errors import MuontrackError
@@ -156,6 +176,7 @@ def run_end_to_end(preset: str, out: Path, models: list[str] | None = None) -> d
         raise MuontrackError(f"--out {out} is a file, not a folder")
     with exclusive_writer(out):
         result = end_to_end(str(out), preset=preset, models=models)
-    print(format_summary_table(result["summary"]))
-    print(f"report: {result['report']}")
+    if echo:
+        print(format_summary_table(result["summary"]))
+        print(f"report: {result['report']}")
     return result

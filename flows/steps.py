@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import polars as pl
 
 from pipeline import provenance
-from pipeline.errors import DatasetError, MuontrackError, RunError
+from pipeline.errors import ConfigError, DatasetError, MuontrackError, RunError
 from pipeline.locks import exclusive_writer
 
 #: the models a job can train (each gives one or more rows of the `model` column: `baseline` gives `baseline`
@@ -47,13 +50,13 @@ JOB_PRESETS: dict[str, JobPreset] = {
 def job_preset(name: str, models: Sequence[str] | None = None) -> JobPreset:
     """The job of a named preset; ``models`` (in any order, repeats ignored) replaces its list of models."""
     if name not in JOB_PRESETS:
-        raise MuontrackError(f"unknown preset {name!r} (known: {', '.join(JOB_PRESETS)})")
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(JOB_PRESETS)})")
     job = JOB_PRESETS[name]
     if not models:
         return job
     unknown = [model for model in models if model not in TRAINED_MODELS]
     if unknown:
-        raise MuontrackError(f"unknown model {unknown[0]!r} (known: {', '.join(TRAINED_MODELS)})")
+        raise ConfigError(f"unknown model {unknown[0]!r} (known: {', '.join(TRAINED_MODELS)})")
     return replace(job, models=tuple(model for model in TRAINED_MODELS if model in models))
 
 
@@ -70,16 +73,29 @@ def code_version() -> str:
     return provenance.code_version("simulation", "pipeline", "model", "classical", "analysis", "flows")
 
 
-def _check_report_out(out: Path) -> None:
+def _check_report_out(out: Path, context: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+    """Refuse a report folder ``out`` that is a file or a non-empty folder holding no muontrack report; with a
+    ``context`` (report_context), also one holding the report of another evaluation (another dataset or set of
+    runs, as recorded in its summary.parquet) unless ``overwrite``. The same runs on the same data: a refresh."""
+    from analysis.catalog import context_identity, recorded_identity
+
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise MuontrackError(f"report path {out} is a file, not a folder")
-    if (
-        out.is_dir()
-        and any(out.iterdir())
-        and not (out / "summary.json").exists()
-        and not (out / "predictions").is_dir()
-    ):
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "summary.json").exists() and not (out / "predictions").is_dir():
         raise MuontrackError(f"report folder {out} is not empty and holds no muontrack report; choose another --out")
+    if context is None or overwrite:
+        return
+    recorded = recorded_identity(out)
+    if recorded == context_identity(context):
+        return
+    if recorded is None:
+        what = "whose dataset and runs are not recorded (no readable summary.parquet)"
+    else:
+        what = f"of other runs ({recorded.describe()})"
+    raise MuontrackError(f"report folder {out} holds a report {what}; pass --overwrite to replace it")
 
 
 def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
@@ -88,8 +104,54 @@ def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class _PredictionProgress:
+    """Progress of predict_all on stderr: a transient rich bar over each model's test events on a terminal, and
+    one line per model when it is done ("predict baseline, baseline_paper: 2062 events, 3.1 s")."""
+
+    def __init__(self, enabled: bool, n_events: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.enabled = enabled
+        self.n_events = n_events
+        console = Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("events"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not (enabled and console.is_terminal),
+        )
+
+    def __enter__(self) -> _PredictionProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.bar.__exit__(*exc_info)
+
+    def run(self, label: str, predict: Callable[[Callable[[int], None]], dict[str, pl.DataFrame]]):
+        """``predict(on_batch)``, with a bar advanced by ``on_batch(n_events)``; the line names its model rows."""
+        task = self.bar.add_task(f"predict {label}", total=self.n_events)
+        start = time.perf_counter()
+        tables = predict(lambda n: self.bar.advance(task, n))
+        self.bar.remove_task(task)
+        if self.enabled:
+            models = ", ".join(tables["tracks"]["model"].unique(maintain_order=True).to_list())
+            self.bar.console.print(
+                f"predict {models}: {self.n_events} events, {time.perf_counter() - start:.1f} s", highlight=False
+            )
+        return tables
+
+
 def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
-    """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run."""
+    """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run.
+
+    ``progress``: a progress display on stderr (a bar per model on a terminal, one line per model done).
+    """
     from classical import predict_classical
     from model.inference import predict_run, predict_truth
     from pipeline.batches import SPLIT_FRACTIONS, split_summary
@@ -106,16 +168,22 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
     for run in runs:
         if not Path(run).is_dir():
             raise RunError(f"run folder {run} does not exist")
-    tables = [predict_truth(dataset, split="test"), predict_classical(dataset, split="test")]
-    seen: set[str] = {"truth", "truth_charge", "classical"}
-    for run in runs:
-        predictions = predict_run(dataset, Path(run), split="test")
-        model_names = set(predictions["tracks"]["model"].unique().to_list())
-        duplicated = model_names & seen
-        if duplicated:
-            raise RunError(f"two runs are both model {sorted(duplicated)[0]!r}; evaluate one run per model")
-        seen |= model_names
-        tables.append(predictions)
+    with _PredictionProgress(progress, n_test) as display:
+        tables = [
+            display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
+            display.run("classical", lambda step: predict_classical(dataset, split="test")),
+        ]
+        seen: set[str] = {"truth", "truth_charge", "classical"}
+        for run in runs:
+            predictions = display.run(
+                Path(run).name, lambda step, run=run: predict_run(dataset, Path(run), split="test", on_batch=step)
+            )
+            model_names = set(predictions["tracks"]["model"].unique().to_list())
+            duplicated = model_names & seen
+            if duplicated:
+                raise RunError(f"two runs are both model {sorted(duplicated)[0]!r}; evaluate one run per model")
+            seen |= model_names
+            tables.append(predictions)
     pred_dir = out / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     for table in ("hits", "clusters", "tracks"):
@@ -124,7 +192,9 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
 
 
 def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
-    """What the report says was run: dataset and each run's configuration."""
+    """What the report says was run: dataset, code, each run's configuration (with the model rows it gives,
+    ``reported_as``, and the training code version it recorded) and the environment (versions, device)."""
+    from analysis.catalog import environment
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(data)
@@ -147,23 +217,86 @@ def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
             {
                 "run": str(Path(run).resolve()),
                 "model": run_config.get("model"),
+                "reported_as": _reported_as(run_config.get("model")),
                 "preset": run_config.get("preset"),
                 "epochs": (run_config.get("train_config") or {}).get("epochs"),
                 "seed": run_config.get("seed"),
                 "training_seconds": seconds,
+                "code_version": run_config.get("code_version"),
             }
         )
+    context["environment"] = environment()
     return context
 
 
-def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
-    """Inference of every run on the test split, the truth references, and the report in ``out``."""
-    from analysis.report import write_report
+def _reported_as(model: str | None) -> list[str]:
+    """The prediction rows (`model` column) a run of ``model`` gives (``baseline``: baseline, baseline_paper)."""
+    from model.train import get_objective
+
+    if model is None:
+        return []
+    try:
+        return [name for name, _ in get_objective(model).reported_as]
+    except MuontrackError:  # unknown model: its predictions, if any, carry its own name
+        return [model]
+
+
+def prepare_report_out(out: Path, context: dict[str, Any], overwrite: bool) -> None:
+    """With ``out``'s lock held: clean up what a killed writer left beside ``out`` (analysis.report
+    .recover_report_dir), then check that ``out`` may take the report of ``context`` (:func:`_check_report_out`)."""
+    from analysis.report import recover_report_dir
+
+    recover_report_dir(out)
+    _check_report_out(out, context, overwrite)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def stage_previous_predictions(out: Path, staging: Path, context: dict[str, Any]) -> bool:
+    """Link the predictions of the report in ``out`` into the staging folder ``staging`` when that report is of
+    the same evaluation as ``context`` (same dataset and runs, as recorded in its summary.parquet); whether it did.
+
+    ``muontrack run``'s predict task is cached by Prefect and writes nothing on a cache hit: the staged report then
+    keeps these predictions. A prediction written afterwards replaces its link (a new file), never the original.
+    """
+    from analysis.catalog import context_identity, recorded_identity
+
+    source = Path(out) / "predictions"
+    files = [source / f"{name}.parquet" for name in ("hits", "clusters", "tracks")]
+    if not all(path.is_file() for path in files) or recorded_identity(Path(out)) != context_identity(context):
+        return False
+    target = Path(staging) / "predictions"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        _link_or_copy(path, target / path.name)
+    return True
+
+
+def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = False, overwrite: bool = False) -> Path:
+    """Inference of every run on the test split, the truth references, and the report in ``out``.
+
+    The predictions and the report are written into a staging folder that replaces ``out`` at the end
+    (analysis.report.staged_report): a kill leaves the previous report. A folder holding the report of another
+    dataset or set of runs is refused unless ``overwrite``; the same runs on the same data refresh it.
+    ``progress``: a progress display on stderr. Returns the path of report.md.
+    """
+    from analysis.report import staged_report, write_report
     from pipeline.dataset import open_dataset
 
     out = Path(out)
     with exclusive_writer(out):
-        predict_all(data, runs, out, progress=progress)
-        dataset = open_dataset(data)
-        write_report(out, dataset.hits(), dataset.events(), report_context(data, runs))
+        context = report_context(data, runs)
+        prepare_report_out(out, context, overwrite)
+        with staged_report(out) as staging:
+            predict_all(data, runs, staging, progress=progress)
+            start = time.perf_counter()
+            dataset = open_dataset(data)
+            write_report(staging, dataset.hits(), dataset.events(), context, published_as=out)
+            if progress:
+                print(f"write report (metrics, figures, catalog): {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return out / "report.md"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -52,29 +53,63 @@ def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[
     return write_manifest(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
 
 
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task run; this module's logger when called without one (``.fn``)."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
 @task(name="train-model", cache_key_fn=_cache_key, persist_result=True)
 def train_model(data: str, model: str, out: str, preset: str, seed: int, dataset_hash: str) -> str:
-    """Train one model into ``out`` (returned); ``dataset_hash`` (config hash + seed + events) keys the cache."""
-    from model.train import train_run
+    """Train one model into ``out`` (returned); ``dataset_hash`` (config hash + seed + events) keys the cache.
 
-    train_run(Path(data), model=model, out=Path(out), preset=preset, seed=seed, resume=Path(out).exists())
+    Logs one line per finished epoch (losses, val sigma68, seconds) to the task run's log.
+    """
+    from model.train import format_epoch, train_run
+
+    logger = _run_logger()
+    train_run(
+        Path(data),
+        model=model,
+        out=Path(out),
+        preset=preset,
+        seed=seed,
+        resume=Path(out).exists(),
+        on_epoch=lambda info: logger.info(format_epoch(info)),
+    )
     return out
 
 
-@task(name="predict", cache_key_fn=_cache_key, persist_result=True, retries=1, retry_delay_seconds=2)
-def predict(data: str, runs: list[str], out: str, dataset_hash: str, run_keys: list[str]) -> str:
-    """Inference on the test split for the truth references and every run; writes REPORT/predictions/."""
-    return str(steps.predict_all(Path(data), [Path(r) for r in runs], Path(out)))
+def _predict_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The predict task's key: its inputs but the staging folder, which is new in every evaluation."""
+    return _cache_key(context, {name: value for name, value in parameters.items() if name != "staging"})
+
+
+@task(name="predict", cache_key_fn=_predict_cache_key, persist_result=True, retries=1, retry_delay_seconds=2)
+def predict(
+    data: str, runs: list[str], out: str, dataset_hash: str, run_keys: list[str], staging: str | None = None
+) -> str:
+    """Inference on the test split for the truth references and every run; writes the predictions/ of the report
+    ``out``, into its staging folder ``staging`` when given (see flows.end_to_end.evaluate_flow)."""
+    steps.predict_all(Path(data), [Path(r) for r in runs], Path(staging or out))
+    return str(Path(out) / "predictions")
 
 
 @task(name="write-report")
-def write_report(data: str, runs: list[str], out: str) -> dict:
-    """Metrics, tables, figures and report.md from the predictions (cheap, never cached)."""
+def write_report(data: str, runs: list[str], out: str, staging: str | None = None) -> dict:
+    """Metrics, tables, figures, report.md and the catalog from the predictions (cheap, never cached), written
+    into the staging folder ``staging`` of the report ``out`` when given."""
     from analysis.report import write_report as build
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(Path(data))
-    return build(Path(out), dataset.hits(), dataset.events(), steps.report_context(Path(data), [Path(r) for r in runs]))
+    context = steps.report_context(Path(data), [Path(r) for r in runs])
+    return build(Path(staging or out), dataset.hits(), dataset.events(), context, published_as=Path(out))
 
 
 @task(name="publish-artifacts")

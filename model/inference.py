@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,15 +92,26 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
         lambda key: gat(model_config).init(key, jnp.zeros((1, 8, 4)), jnp.ones((1, 8), bool))["params"],
         jax.random.key(0),
     )
-    return config, restore_params(run_dir, abstract, done)
+    try:
+        params = restore_params(run_dir, abstract, done)
+    except Exception as err:  # Orbax raises KeyError, ValueError, OSError, ... for a damaged checkpoint
+        raise RunError(
+            f"run {run_dir}: the checkpoint of epoch {done} is unreadable ({type(err).__name__}); train the run again"
+        ) from None
+    return config, params
 
 
 def _check_same_config(config: dict[str, Any], dataset: Dataset, run_dir: Path) -> None:
-    trained_on = config.get("dataset", {}).get("config_hash")
-    if trained_on != dataset.config.config_hash():
+    """A run applies to datasets of its detector and physics; the shard size does not matter."""
+    trained_on = config.get("dataset", {})
+    if "physics_hash" in trained_on:
+        found, expected, what = trained_on["physics_hash"], dataset.config.physics_hash(), "physics hash"
+    else:  # runs written before the physics hash was recorded
+        found, expected, what = trained_on.get("config_hash"), dataset.config.config_hash(), "config hash"
+    if found != expected:
         raise RunError(
-            f"run {run_dir} was trained on another detector config (config hash {trained_on}, "
-            f"dataset {dataset.path} has {dataset.config.config_hash()})"
+            f"run {run_dir} was trained on another detector config ({what} {found}, "
+            f"dataset {dataset.path} has {expected})"
         )
 
 
@@ -210,6 +222,7 @@ def predict_run(
     split: str = "test",
     batch_size: int | None = None,
     rows: tuple[tuple[str, Chain], ...] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, pl.DataFrame]:
     """Prediction tables ``{"hits", "clusters", "tracks"}`` of a trained run on one split of ``dataset``.
 
@@ -217,6 +230,7 @@ def predict_run(
     Hit scores are sigmoid(logit); clustering and fit use the model's hit weights (sigmoid(logit) for the
     networks, the hard selection for assignment). ``batch_size`` defaults to the run's training batch.
     ``rows`` replaces the objective's ``(model name, chain)`` pairs (for studies of the reconstruction).
+    ``on_batch(n_events)`` is called after each batch (a progress display).
     RunError for a missing or unfinished run, or a run trained on another detector config.
     """
     dataset = _as_dataset(dataset)
@@ -236,6 +250,8 @@ def predict_run(
         scores, recos = forward(params, device_batch(batch))
         for table, reco in zip(tables, recos, strict=True):
             table.add(batch, scores, reco)
+        if on_batch is not None:
+            on_batch(int(batch.event_mask.sum()))
     return _stack([table.frames() for table in tables])
 
 
@@ -243,10 +259,12 @@ def _stack(frames: list[dict[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
     return {name: pl.concat([f[name] for f in frames]) for name in ("hits", "clusters", "tracks")}
 
 
-def predict_truth(dataset: Dataset | str | Path, split: str = "test") -> dict[str, pl.DataFrame]:
+def predict_truth(
+    dataset: Dataset | str | Path, split: str = "test", on_batch: Callable[[int], None] | None = None
+) -> dict[str, pl.DataFrame]:
     """The truth references (:data:`TRUTH_REFERENCES`) on one split: ``truth`` (weights = is_signal) and
     ``truth_charge`` (is_signal * charge, the charge centroid), as the same three tables as
-    :func:`predict_run`, stacked."""
+    :func:`predict_run`, stacked. ``on_batch(n_events)`` is called after each batch (a progress display)."""
     dataset = _as_dataset(dataset)
     enable_compilation_cache()
     geometry = Geometry.from_detector(dataset.config.detector)
@@ -258,4 +276,6 @@ def predict_truth(dataset: Dataset | str | Path, split: str = "test") -> dict[st
         device = device_batch(batch)
         for table, (_, use_charge, chain) in zip(tables, TRUTH_REFERENCES, strict=True):
             table.add(batch, batch.label, _truth_forward(geometry, use_charge, chain)(device))
+        if on_batch is not None:
+            on_batch(int(batch.event_mask.sum()))
     return _stack([table.frames() for table in tables])

@@ -17,9 +17,14 @@ RUN folder (DESIGN.md, "Files")
     ``config.json``: model, preset, ModelConfig, TrainConfig, dataset (path, config hash, seed, events),
     training seed, code version. ``checkpoints/``: Orbax, one step per finished epoch (step = epoch number),
     the last ``keep_checkpoints`` kept; items ``params``, ``opt_state`` and ``meta`` (epoch, global step).
-    ``metrics.parquet`` (TRAIN_METRICS_SCHEMA): one ``train`` and one ``val`` row per epoch; ``loss``,
+    ``metrics.parquet`` (:data:`METRICS_SCHEMA`): one ``train`` and one ``val`` row per epoch; ``loss``,
     ``bce``, ``pt_loss`` are means over the epoch's events (batch means weighted by real events), ``step``
-    the global step at the end of the epoch, ``seconds`` the wall time of that pass.
+    the global step at the end of the epoch, ``seconds`` the wall time of that pass. Train rows also hold
+    ``grad_norm``, the mean over the epoch's steps of the global L2 norm of the (unclipped) gradients, and
+    ``learning_rate``, the rate of the epoch's last optimiser step; val rows hold ``sigma68``, the sigma68
+    of the relative q/pT residual through the objective's chain (null where no event has a finite fit).
+    Columns that do not apply to a row are null. :func:`train_run`'s ``on_epoch`` receives the same
+    figures after each epoch (:func:`format_epoch` makes them one line).
 
 Reproducibility and resume
     Everything random is derived from ``(seed, epoch, step)``, never from consumed state: the init key from
@@ -72,6 +77,18 @@ RUN_FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.parquet"
 CHECKPOINT_DIR = "checkpoints"
+
+#: the per-epoch diagnostics of RUN/metrics.parquet beyond pipeline.schema's TRAIN_METRICS_SCHEMA
+#: (``grad_norm`` and ``learning_rate`` on train rows, ``sigma68`` on val rows, null elsewhere)
+_DIAGNOSTIC_FIELDS = (
+    pa.field("grad_norm", pa.float32()),
+    pa.field("learning_rate", pa.float32()),
+    pa.field("sigma68", pa.float32()),
+)
+#: RUN/metrics.parquet: TRAIN_METRICS_SCHEMA and the diagnostics (those it does not name already)
+METRICS_SCHEMA = pa.schema(
+    [*TRAIN_METRICS_SCHEMA, *(f for f in _DIAGNOSTIC_FIELDS if f.name not in TRAIN_METRICS_SCHEMA.names)]
+)
 
 #: a loss: (logits [B, N], batch, geometry, lam [], key) -> (loss, {"bce": [], "pt_loss": [], "q_over_pt": [B]})
 LossFn = Callable[[jax.Array, Batch, Geometry, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -200,6 +217,17 @@ class TrainState(train_state.TrainState):
 
 
 @functools.cache
+def learning_rate_schedule(train_config: TrainConfig) -> optax.Schedule:
+    """The learning rate of the optimiser step with 0-based count ``n``: constant, or halving every
+    ``lr_half_life_steps`` (the schedule :func:`make_optimizer` hands to Adam; metrics.parquet reads it)."""
+    if train_config.lr_half_life_steps:
+        return optax.exponential_decay(
+            train_config.learning_rate, transition_steps=train_config.lr_half_life_steps, decay_rate=0.5
+        )
+    return optax.constant_schedule(train_config.learning_rate)
+
+
+@functools.cache
 def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
     """Adam after clipping the global gradient norm; the learning rate halves every ``lr_half_life_steps``.
 
@@ -207,11 +235,11 @@ def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
     epochs planned, so resuming or extending a run does not change it. Cached per config: the optimiser is a
     static part of the TrainState, and the same object lets ``train_step`` reuse its compiled programs.
     """
+    # a constant rate goes to Adam as a number, as it always did: a schedule would add a step count to the
+    # optimiser state (and so to the checkpoints) for nothing
     learning_rate: float | optax.Schedule = train_config.learning_rate
     if train_config.lr_half_life_steps:
-        learning_rate = optax.exponential_decay(
-            train_config.learning_rate, transition_steps=train_config.lr_half_life_steps, decay_rate=0.5
-        )
+        learning_rate = learning_rate_schedule(train_config)
     parts = []
     if train_config.grad_clip and train_config.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train_config.grad_clip))
@@ -282,7 +310,8 @@ def device_batch(batch: Batch) -> Batch:
 
 @jax.jit
 def train_step(state: TrainState, batch: Batch, key: jax.Array, lam: jax.Array) -> tuple[TrainState, dict]:
-    """One optimiser step on one batch. ``lam``: weight of L_pT (traced). Metrics are batch means."""
+    """One optimiser step on one batch. ``lam``: weight of L_pT (traced). Metrics are batch means, and
+    ``grad_norm`` the global L2 norm of the gradients before clipping (read only: the update ignores it)."""
     objective = get_objective(state.objective)
 
     def loss_fn(params):
@@ -380,6 +409,7 @@ def run_config(
         "dataset": {
             "path": str(Path(dataset.path).resolve()),
             "config_hash": dataset.config.config_hash(),
+            "physics_hash": dataset.config.physics_hash(),
             "seed": dataset.seed,
             "n_events": dataset.n_events,
         },
@@ -429,15 +459,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_metrics(run_dir: Path) -> pl.DataFrame:
-    """RUN/metrics.parquet (empty frame of TRAIN_METRICS_SCHEMA when absent)."""
+    """RUN/metrics.parquet (empty frame of METRICS_SCHEMA when absent)."""
     path = run_dir / METRICS_NAME
     if not path.is_file():
-        return pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table())
+        return pl.from_arrow(METRICS_SCHEMA.empty_table())
     return pl.read_parquet(path)
 
 
 def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    table = pa.Table.from_pylist(rows, schema=TRAIN_METRICS_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
     _write_atomically(run_dir / METRICS_NAME, lambda p: pq.write_table(table, p, compression="zstd"))
 
 
@@ -587,17 +617,34 @@ def evaluate(
     max_events: int | None = None,
 ) -> tuple[dict[str, float], float]:
     """Mean loss terms over a split (its first ``max_events`` events) and the sigma68 of the q/pT residual."""
-    sums = _Sums()
-    residuals = []
+    outputs, truths = [], []
     for batch in iter_batches(
         dataset, split, train_config.batch_size, train_config.node_buckets, max_events=max_events
     ):
-        metrics = eval_step(state, device_batch(batch), jnp.float32(lam))
-        n_events = int(batch.event_mask.sum())
-        sums.add(metrics, n_events)
-        true = batch.q / batch.pt
-        residuals.append(((np.asarray(metrics["q_over_pt"]) - true) / true)[batch.event_mask])
+        outputs.append(eval_step(state, device_batch(batch), jnp.float32(lam)))
+        truths.append((batch.q / batch.pt, batch.event_mask))
+    sums = _Sums()
+    residuals = []
+    # one device -> host transfer for the whole split (the steps above only queue work)
+    for metrics, (true, event_mask) in zip(jax.device_get(outputs), truths, strict=True):
+        sums.add(metrics, int(event_mask.sum()))
+        residuals.append(((np.asarray(metrics["q_over_pt"]) - true) / true)[event_mask])
     return sums.means(), sigma68(np.concatenate(residuals)) if residuals else math.nan
+
+
+#: what ``train_run(on_epoch=...)`` is called with after every finished epoch (see :func:`_epoch_info`)
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def format_epoch(info: dict[str, Any]) -> str:
+    """One line of progress from an ``on_epoch`` dict: epoch, losses, val sigma68 (if any), lr, grad norm, time."""
+    sigma = info.get("val_sigma68")
+    return (
+        f"{info['model']} epoch {info['epoch']}/{info['epochs']}: train loss {info['train_loss']:.4f}, "
+        f"val loss {info['val_loss']:.4f}"
+        + (f", val sigma68(q/pT) {sigma:.4f}" if sigma is not None else "")
+        + f", lr {info['learning_rate']:.3g}, grad norm {info['grad_norm']:.3g}, {info['seconds']:.1f} s"
+    )
 
 
 def train_run(
@@ -609,6 +656,7 @@ def train_run(
     seed: int = 0,
     resume: bool = False,
     progress: bool = False,
+    on_epoch: EpochCallback | None = None,
 ) -> str:
     """Train ``model`` (baseline, e2e, e2e_paper, assignment) on the train split of ``data`` into ``out``.
 
@@ -617,11 +665,18 @@ def train_run(
     the same configuration continues from its newest checkpoint, giving the same result as an uninterrupted
     run. Returns a one-line summary.
 
+    ``progress`` shows a progress bar and prints one line per epoch (:func:`format_epoch`). ``on_epoch``, if
+    given, is called after each epoch's metrics and checkpoint are written with a dict of that epoch's
+    figures (:func:`_epoch_info`: ``model``, ``epoch``, ``epochs``, ``step``, ``lambda``, ``learning_rate``,
+    ``grad_norm``, ``train_loss``/``bce``/``pt_loss``, ``val_loss``/``bce``/``pt_loss``, ``val_sigma68``
+    (None when null), ``train_seconds``, ``val_seconds``, ``seconds``). It only reads: training is the same
+    with or without it.
+
     Raises ConfigError (unknown model or preset, epochs < 1), DatasetError (missing or incomplete dataset),
     RunError (``out`` holds something else, needs ``--resume``, or the loss became NaN).
     """
     with exclusive_writer(out):
-        return _train_run_locked(data, model, Path(out), preset, epochs, seed, resume, progress)
+        return _train_run_locked(data, model, Path(out), preset, epochs, seed, resume, progress, on_epoch)
 
 
 def _train_run_locked(
@@ -633,6 +688,7 @@ def _train_run_locked(
     seed: int,
     resume: bool,
     progress: bool,
+    on_epoch: EpochCallback | None = None,
 ) -> str:
     objective = get_objective(model)
     model_config, train_config = get_preset(preset)
@@ -669,6 +725,7 @@ def _train_run_locked(
     if done:
         state = restore_checkpoint(manager, state, done)
 
+    schedule = learning_rate_schedule(train_config)
     stats = BatchStats()
     start = time.perf_counter()
     val_means: dict[str, float] = {}
@@ -683,7 +740,9 @@ def _train_run_locked(
         for epoch in range(done + 1, train_config.epochs + 1):
             lam = objective.lam(epoch, train_config)
             bar.update(task, description=f"{model} epoch {epoch}/{train_config.epochs}")
-            sums = _Sums()
+            first_step = int(state.step)
+            step_metrics: list[dict[str, jax.Array]] = []
+            step_events: list[int] = []
             epoch_start = time.perf_counter()
             batches = iter_batches(
                 dataset,
@@ -698,25 +757,50 @@ def _train_run_locked(
                 state, metrics = train_step(
                     state, device_batch(batch), step_key(seed, epoch, step_in_epoch), jnp.float32(lam)
                 )
+                # the metrics stay on the device (no sync per step); they come over once, after the epoch
+                step_metrics.append(metrics)
+                step_events.append(int(batch.event_mask.sum()))
+                if progress:
+                    # the bar shows the loss of the step before, which is done by now: reading it does not
+                    # wait for the step just queued
+                    shown = float(step_metrics[-2]["loss"]) if len(step_metrics) > 1 else math.nan
+                    rate = sum(step_events) / max(time.perf_counter() - epoch_start, 1e-9)
+                    bar.update(task, advance=step_events[-1], loss=shown, rate=rate)
+            sums = _Sums()
+            grad_norms = []
+            for index, (metrics, n_events) in enumerate(zip(jax.device_get(step_metrics), step_events, strict=True)):
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     raise RunError(
-                        f"training diverged: loss is {loss} at epoch {epoch}, step {int(state.step)} "
+                        f"training diverged: loss is {loss} at epoch {epoch}, step {first_step + index + 1} "
                         f"(lambda={lam}); lower the learning rate (the last good checkpoint is epoch {epoch - 1})"
                     )
-                n_events = int(batch.event_mask.sum())
                 sums.add(metrics, n_events)
-                elapsed = time.perf_counter() - epoch_start
-                bar.update(task, advance=n_events, loss=loss, rate=sums.events / max(elapsed, 1e-9))
+                grad_norms.append(float(metrics["grad_norm"]))
             train_seconds = time.perf_counter() - epoch_start
-            rows.append(_metrics_row(epoch, int(state.step), "train", sums.means(), lam, train_seconds))
+            step = int(state.step)
+            diagnostics = {
+                "grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
+                # the rate of the epoch's last step (the schedule is read at the count before that step)
+                "learning_rate": float(schedule(step - 1)),
+            }
+            rows.append(_metrics_row(epoch, step, "train", sums.means(), lam, train_seconds, **diagnostics))
 
             val_start = time.perf_counter()
             val_means, val_sigma = evaluate(state, dataset, "val", train_config, lam)
-            rows.append(_metrics_row(epoch, int(state.step), "val", val_means, lam, time.perf_counter() - val_start))
+            val_seconds = time.perf_counter() - val_start
+            # null, not NaN, when no validation event has a finite fit
+            val_sigma68 = val_sigma if math.isfinite(val_sigma) else None
+            rows.append(_metrics_row(epoch, step, "val", val_means, lam, val_seconds, sigma68=val_sigma68))
             # metrics first, checkpoint second: a crash in between leaves rows that resume drops again
             _write_metrics(out, rows)
             save_checkpoint(manager, state, epoch)
+
+            info = _epoch_info(model, train_config.epochs, train_row=rows[-2], val_row=rows[-1])
+            if progress:
+                bar.console.print(format_epoch(info), markup=False, highlight=False)
+            if on_epoch is not None:
+                on_epoch(info)
 
     minutes = (time.perf_counter() - start) / 60
     truncated = f", {stats.n_truncated} of {stats.n_events} train events truncated" if stats.n_truncated else ""
@@ -728,7 +812,16 @@ def _train_run_locked(
 
 
 def _metrics_row(
-    epoch: int, step: int, split: str, means: dict[str, float], lam: float, seconds: float
+    epoch: int,
+    step: int,
+    split: str,
+    means: dict[str, float],
+    lam: float,
+    seconds: float,
+    *,
+    grad_norm: float | None = None,
+    learning_rate: float | None = None,
+    sigma68: float | None = None,
 ) -> dict[str, Any]:
     return {
         "epoch": epoch,
@@ -739,4 +832,26 @@ def _metrics_row(
         "pt_loss": means["pt_loss"],
         "lambda": lam,
         "seconds": seconds,
+        "grad_norm": grad_norm,
+        "learning_rate": learning_rate,
+        "sigma68": sigma68,
+    }
+
+
+def _epoch_info(model: str, epochs: int, *, train_row: dict[str, Any], val_row: dict[str, Any]) -> dict[str, Any]:
+    """The dict ``on_epoch`` receives: the figures of one epoch's two metrics rows (before float32), flat."""
+    return {
+        "model": model,
+        "epoch": train_row["epoch"],
+        "epochs": epochs,
+        "step": train_row["step"],
+        "lambda": train_row["lambda"],
+        "learning_rate": train_row["learning_rate"],
+        "grad_norm": train_row["grad_norm"],
+        **{f"train_{key}": train_row[key] for key in ("loss", "bce", "pt_loss")},
+        **{f"val_{key}": val_row[key] for key in ("loss", "bce", "pt_loss")},
+        "val_sigma68": val_row["sigma68"],
+        "train_seconds": train_row["seconds"],
+        "val_seconds": val_row["seconds"],
+        "seconds": train_row["seconds"] + val_row["seconds"],
     }

@@ -183,6 +183,12 @@ class SimConfig:
         """A short stable hash of the configuration, for cache keys and dataset identity."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
+    def physics_hash(self) -> str:
+        """A short stable hash of what decides the physics of the rows: the config without ``shard_events``,
+        which only cuts the same events into other files. Trained models are compatible across it."""
+        physics = {key: value for key, value in self.to_dict().items() if key != "shard_events"}
+        return hashlib.sha256(json.dumps(physics, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SimConfig:
         """Build from a (possibly partial) nested dict; missing keys take defaults, unknown keys are errors."""

@@ -20,9 +20,11 @@ shard copied elsewhere still says where it came from.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -86,11 +88,32 @@ def _fsync_and_replace(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
+def staging_name(name: str) -> str:
+    """A file name under ``.staging/`` of this writer's own: the lock keeps a second writer out, and a unique
+    name makes sure that even one that got past it could never finish (rename) another writer's file."""
+    return f"{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def write_failure(err: OSError, dataset_dir: Path) -> DatasetError:
+    """The one-line error for a failed write into a dataset folder (the caller removes its partial file)."""
+    # Arrow's write errors carry the errno only in their text ("[errno 28] No space left on device")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err) or "quota exceeded" in str(err):
+        return DatasetError(
+            f"no space left on the device of {dataset_dir}: free some space and run the same command again "
+            "(the shards already written are kept)"
+        )
+    return DatasetError(f"cannot write into {dataset_dir}: {err.strerror or err}")
+
+
 def _write_json_atomically(data: Mapping[str, Any], target: Path, staging_dir: Path) -> None:
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    temporary = staging_dir / (target.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    _fsync_and_replace(temporary, target)
+    temporary = staging_dir / staging_name(target.name)
+    try:
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        _fsync_and_replace(temporary, target)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise write_failure(err, target.parent) from None
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
@@ -218,27 +241,33 @@ def write_shard_tables(
     _check_shard_contents(tables["hits"], tables["events"], first_event_id)
     n_events = tables["events"].num_rows
     staging_dir = dataset_dir / STAGING_DIR
-    staging_dir.mkdir(parents=True, exist_ok=True)
 
     entry: dict[str, Any] = {"index": shard_index, "first_event_id": first_event_id, "n_events": n_events}
-    staged: dict[str, Path] = {}
-    for table_name, table in tables.items():
-        metadata = shard_metadata(config, seed, table_name, shard_index, first_event_id, n_events, code_version)
-        staged_path = staging_dir / f"{table_name}-{shard_file_name(shard_index)}"
-        sorting = [pq.SortingColumn(0), pq.SortingColumn(1)] if table_name == "hits" else [pq.SortingColumn(0)]
-        pq.write_table(
-            table.replace_schema_metadata(metadata), staged_path, sorting_columns=sorting, **PARQUET_WRITE_OPTIONS
-        )
-        staged[table_name] = staged_path
-        entry[table_name] = {
-            "path": f"{table_name}/{shard_file_name(shard_index)}",
-            "rows": table.num_rows,
-            "bytes": staged_path.stat().st_size,
-            "sha256": file_sha256(staged_path),
-        }
-    for table_name, staged_path in staged.items():
-        (dataset_dir / table_name).mkdir(exist_ok=True)
-        _fsync_and_replace(staged_path, shard_path(dataset_dir, table_name, shard_index))
+    staged = {name: staging_dir / staging_name(f"{name}-{shard_file_name(shard_index)}") for name in tables}
+    try:
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        for table_name, table in tables.items():
+            metadata = shard_metadata(config, seed, table_name, shard_index, first_event_id, n_events, code_version)
+            sorting = [pq.SortingColumn(0), pq.SortingColumn(1)] if table_name == "hits" else [pq.SortingColumn(0)]
+            pq.write_table(
+                table.replace_schema_metadata(metadata),
+                staged[table_name],
+                sorting_columns=sorting,
+                **PARQUET_WRITE_OPTIONS,
+            )
+            entry[table_name] = {
+                "path": f"{table_name}/{shard_file_name(shard_index)}",
+                "rows": table.num_rows,
+                "bytes": staged[table_name].stat().st_size,
+                "sha256": file_sha256(staged[table_name]),
+            }
+        for table_name, staged_path in staged.items():
+            (dataset_dir / table_name).mkdir(exist_ok=True)
+            _fsync_and_replace(staged_path, shard_path(dataset_dir, table_name, shard_index))
+    except OSError as err:
+        for staged_path in staged.values():
+            staged_path.unlink(missing_ok=True)
+        raise write_failure(err, dataset_dir) from None
     return entry
 
 
@@ -488,6 +517,21 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _resume_hint(path: Path) -> str:
+    """How to finish an incomplete dataset: the same `simulate` command, with its settings where known."""
+    try:
+        record = read_staging_record(path)
+    except DatasetError:
+        record = None
+    if record is None:
+        return "run the `muontrack simulate` command that wrote it again to resume it"
+    config = "" if record.get("config_hash") == SimConfig().config_hash() else " --config <its config>"
+    return (
+        f"run `muontrack simulate --events {record.get('n_events')} --seed {record.get('seed')}{config} "
+        f"--out {path}` again to resume it"
+    )
+
+
 def open_dataset(path: str | Path, verify: bool = True) -> Dataset:
     """Open a complete dataset folder, checking it against its manifest.
 
@@ -505,9 +549,7 @@ def open_dataset(path: str | Path, verify: bool = True) -> Dataset:
         raise DatasetError(f"{path} is a file, not a dataset folder")
     if not (path / MANIFEST_NAME).is_file():
         if (path / STAGING_DIR).is_dir() or (path / "hits").is_dir():
-            raise DatasetError(
-                f"incomplete dataset {path} (no {MANIFEST_NAME}): run `muontrack simulate` again to resume it"
-            )
+            raise DatasetError(f"incomplete dataset {path} (no {MANIFEST_NAME}): {_resume_hint(path)}")
         raise DatasetError(f"{path} is not a muontrack dataset (no {MANIFEST_NAME})")
     manifest = _read_manifest(path)
     try:

@@ -115,10 +115,8 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if not denominator or numerator is None else numerator / denominator
 
 
-def summarize_dataset(path: str | Path, verify: bool = False) -> str:
-    """A plain-text summary of the dataset at ``path`` (refuses missing, incomplete, corrupted or foreign
-    folders). ``verify`` re-reads every shard file (checksums, finite hits) instead of trusting the files
-    verified before in the same state."""
+def _summaries(path: str | Path, verify: bool) -> tuple[Dataset, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The dataset and its events, hits and muon-cluster summary rows (one scan per table)."""
     dataset = open_dataset(path, verify=not verify)
     if verify:
         dataset.verify(force=True)
@@ -126,6 +124,33 @@ def summarize_dataset(path: str | Path, verify: bool = False) -> str:
         frame.row(0, named=True)
         for frame in pl.collect_all([events_summary(dataset), hits_summary(dataset), signal_cluster_summary(dataset)])
     )
+    return dataset, events, hits, clusters
+
+
+def dataset_record(path: str | Path, verify: bool = False) -> dict[str, Any]:
+    """What `muontrack inspect --json` prints: the manifest's identity, the config and the summary rows."""
+    dataset, events, hits, clusters = _summaries(path, verify)
+    manifest = dataset.manifest
+    return {
+        "dataset": str(dataset.path.resolve()),
+        "events": dataset.n_events,
+        "hits": dataset.n_hits,
+        "shards": dataset.n_shards,
+        "seed": dataset.seed,
+        "config_hash": manifest.get("config_hash"),
+        "physics_hash": dataset.config.physics_hash(),
+        "code_version": manifest.get("code_version"),
+        "created": manifest.get("created"),
+        "config": dataset.config.to_dict(),
+        "summary": {"events": events, "hits": hits, "muon_clusters": clusters},
+    }
+
+
+def summarize_dataset(path: str | Path, verify: bool = False) -> str:
+    """A plain-text summary of the dataset at ``path`` (refuses missing, incomplete, corrupted or foreign
+    folders). ``verify`` re-reads every shard file (checksums, finite hits) instead of trusting the files
+    verified before in the same state."""
+    dataset, events, hits, clusters = _summaries(path, verify)
     config = dataset.config
     manifest = dataset.manifest
     n_events = events["events"]

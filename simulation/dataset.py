@@ -13,6 +13,7 @@ Same config + seed => the same rows whatever the number of workers, because the 
 from __future__ import annotations
 
 import functools
+import itertools
 import multiprocessing
 import os
 import shutil
@@ -24,10 +25,15 @@ from pipeline import provenance
 from pipeline.config import SimConfig
 from pipeline.dataset import (
     MANIFEST_NAME,
+    META_CONFIG,
+    META_PREFIX,
+    META_SEED,
     STAGING_DIR,
     STAGING_RECORD,
+    TABLES,
     existing_shard_entry,
     open_dataset,
+    read_shard_metadata,
     read_staging_record,
     write_manifest,
     write_shard_tables,
@@ -38,6 +44,9 @@ from pipeline.locks import exclusive_writer
 
 #: the generator seeds each event from a 64-bit mix of (seed, event_id)
 MAX_SEED = 2**64 - 1
+#: the most events one dataset may hold: about 0.8 TB of Parquet with the default detector, and a manifest of
+#: 50 000 shards at the default shard size (memory stays bounded by the shards in flight whatever the count)
+MAX_EVENTS = 10**9
 
 
 @functools.cache
@@ -103,6 +112,8 @@ def _check_arguments(n_events: Any, seed: Any, workers: Any) -> None:
 
     if not is_int(n_events) or n_events < 1:
         raise ConfigError(f"the number of events must be a positive integer, got {n_events!r}")
+    if n_events > MAX_EVENTS:
+        raise ConfigError(f"at most {MAX_EVENTS:,} events per dataset, got {n_events:,}; write several datasets")
     if not is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"the seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     if not is_int(workers) or workers < 1:
@@ -148,15 +159,50 @@ def _prepare_output(out: Path, config: SimConfig, seed: int, n_events: int) -> d
                 f"{out} holds an interrupted dataset with another {'; '.join(differences)}; "
                 "resume it with its own settings or choose another --out"
             )
-        if record.get("code_version") != code_version():
-            raise DatasetError(
-                f"{out} holds an interrupted dataset from simulation code {record.get('code_version')} "
-                f"(this is {code_version()}); remove it or choose another --out"
-            )
+        # Interrupted under other simulation code: resumed all the same, since the shards carry the code
+        # version that drew them and those of other code are drawn again (_start_staging updates the record).
         return None
+    if out.is_dir():
+        shards = _orphan_shards(out)
+        if shards:
+            _check_orphan_shards(out, shards, config, seed, n_events)
+            return None
     if out.is_dir() and any(child.name != STAGING_DIR for child in out.iterdir()):
         raise DatasetError(f"--out {out} is a non-empty folder that holds no muontrack dataset; choose another --out")
     return None
+
+
+def _orphan_shards(out: Path) -> list[Path]:
+    """The shard files of a dataset folder that lost its manifest and staging record (deleted by hand)."""
+    return sorted(path for table in TABLES for path in (out / table).glob("part-*.parquet"))
+
+
+def _check_orphan_shards(out: Path, shards: list[Path], config: SimConfig, seed: int, n_events: int) -> None:
+    """A folder of shards without a manifest is resumable when every shard was drawn for this request: each
+    shard's metadata names its config, seed and event range. Shards of other code are drawn again."""
+    foreign = set(os.listdir(out)) - {*TABLES, STAGING_DIR}
+    if foreign:
+        raise DatasetError(f"--out {out} holds {sorted(foreign)[0]} beside its shards; choose another --out")
+    plan = {index: (first, n) for index, first, n in plan_shards(n_events, config)}
+    for path in shards:
+        try:
+            _, metadata = read_shard_metadata(path)
+        except (OSError, ValueError):
+            # unreadable (cut short by a crash): it is drawn again
+            continue
+        if metadata.get(META_CONFIG) != config.to_json() or metadata.get(META_SEED) != str(seed):
+            raise DatasetError(
+                f"{out} holds shards of another config or seed ({path.relative_to(out)}) and no manifest; "
+                "choose another --out"
+            )
+        index = int(metadata.get(META_PREFIX + "shard_index", -1))
+        first = int(metadata.get(META_PREFIX + "first_event_id", -1))
+        count = int(metadata.get(META_PREFIX + "n_events", -1))
+        if index not in plan or (plan[index][0] != first) or (index < len(plan) - 1 and plan[index][1] != count):
+            raise DatasetError(
+                f"{out} holds shards of another event count ({path.relative_to(out)} has events {first} to "
+                f"{first + count - 1}) and no manifest; run with the dataset's own --events or choose another --out"
+            )
 
 
 def _start_staging(out: Path, config: SimConfig, seed: int, n_events: int) -> None:
@@ -174,7 +220,8 @@ def _start_staging(out: Path, config: SimConfig, seed: int, n_events: int) -> No
             shutil.rmtree(leftover)
         else:
             leftover.unlink()
-    if read_staging_record(out) is None:
+    record = read_staging_record(out)
+    if record is None or record.get("code_version") != code_version():
         write_staging_record(out, config, seed, n_events, code_version())
 
 
@@ -264,14 +311,21 @@ def _run_shards(
         initializer=_limit_numba_threads,
         initargs=(max(1, (os.cpu_count() or 1) // n_processes),),
     )
+    # a few shards queued per process, not the whole plan: memory stays flat in the event count
+    shards = iter(plan)
     try:
-        pending: set[Future] = {pool.submit(simulate_shard, out, config, seed, *shard) for shard in plan}
+        pending: set[Future] = {
+            pool.submit(simulate_shard, out, config, seed, *shard)
+            for shard in itertools.islice(shards, 2 * n_processes)
+        }
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in done:
                 entry = future.result()  # re-raises a worker's exception here
                 entries.append(entry)
                 on_done(entry["n_events"])
+                for shard in itertools.islice(shards, 1):
+                    pending.add(pool.submit(simulate_shard, out, config, seed, *shard))
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise

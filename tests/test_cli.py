@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,7 @@ def test_inspect_a_foreign_folder(tmp_path: Path) -> None:
         ["no-such-command"],
         ["train", "--data", "unused", "--model", "gnn", "--out", "unused"],
         ["run", "--preset", "test", "--model", "gnn", "--out", "unused"],
+        ["simulate", "--events", str(10**12), "--out", "unused"],
     ],
 )
 def test_usage_errors_are_one_line(args, tmp_path):
@@ -186,7 +188,7 @@ def test_evaluate_a_dataset_without_test_events(tmp_path: Path) -> None:
     assert not split_mask(open_dataset(data).events().collect()["event_id"].to_numpy(), "test").any()
     result = _run("evaluate", "--data", data, "--run", tmp_path / "no-run", "--out", tmp_path / "report", cwd=tmp_path)
     _assert_one_line_error(result, "no events in the test split")
-    assert result.returncode == 2
+    assert result.returncode == 1  # a failure at run time, not a usage error
     assert not (tmp_path / "report").exists()
 
 
@@ -210,3 +212,24 @@ def test_version(tmp_path: Path) -> None:
     result = _run("--version", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"muontrack {code_version()}"
+
+
+def test_inspect_json_is_one_document_on_stdout(dataset_dir: Path, tmp_path: Path) -> None:
+    result = _run("inspect", "--json", dataset_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    dataset = open_dataset(dataset_dir)
+    assert record["events"] == dataset.n_events == record["summary"]["events"]["events"]
+    assert record["hits"] == dataset.n_hits == record["summary"]["hits"]["hits"]
+    assert record["config_hash"] == dataset.config.config_hash()
+    assert record["config"] == json.loads(json.dumps(dataset.config.to_dict()))
+
+
+def test_a_runtime_failure_exits_1_and_a_held_folder_names_its_writer(dataset_dir: Path, tmp_path: Path) -> None:
+    from pipeline.locks import exclusive_writer
+
+    out = tmp_path / "busy"
+    with exclusive_writer(out):
+        result = _run("simulate", "--events", 20, "--out", out, cwd=tmp_path)
+    _assert_one_line_error(result, "is being written by another muontrack process", f"pid {os.getpid()}")
+    assert result.returncode == 1

@@ -27,6 +27,8 @@ from pipeline.dataset import (
     Dataset,
     file_sha256,
     open_dataset,
+    read_shard_metadata,
+    staging_name,
     write_shard_tables,
 )
 from pipeline.errors import ConfigError, DatasetError
@@ -291,14 +293,82 @@ def test_a_write_that_fails_midway_leaves_no_visible_shard(tmp_path: Path, monke
 
     monkeypatch.setattr(pq, "write_table", failing)
     out = tmp_path / "dataset"
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DatasetError, match=r"^no space left on the device of .*run the same command again"):
         simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
     assert sorted(p.name for p in (out / "hits").iterdir()) == ["part-00000.parquet"]
+    # the failed writer removed its partial file; only the request's record stays for the resume
+    assert [p.name for p in (out / STAGING_DIR).iterdir()] == [STAGING_RECORD]
     assert pl.scan_parquet(out / "hits" / "*.parquet").select(pl.len()).collect().item() > 0
     assert duckdb.sql(f"select count(*) from '{out}/hits/*.parquet'").fetchall()[0][0] > 0
     monkeypatch.undo()
     simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
     assert open_dataset(out).verify(force=True) == 8
+
+
+def test_a_dataset_whose_manifest_was_deleted_is_resumed(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "orphan"
+    shutil.copytree(dataset_dir, out)
+    (out / MANIFEST_NAME).unlink()
+    with pytest.raises(DatasetError, match=r"incomplete dataset .*muontrack simulate"):
+        open_dataset(out)
+    before = _snapshot(out)
+    # shards of another request are not adopted
+    with pytest.raises(DatasetError, match="shards of another config or seed"):
+        simulate_dataset(out, n_events=N_EVENTS, seed=SEED + 1, config=SMALL)
+    with pytest.raises(DatasetError, match="shards of another event count"):
+        simulate_dataset(out, n_events=N_EVENTS - 8, seed=SEED, config=SMALL)
+    assert _snapshot(out) == before
+    # the same request adopts every shard as it is: nothing is drawn again
+    monkeypatch.setattr(generate_module, "generate_events", lambda *args: pytest.fail("a shard was drawn again"))
+    manifest = simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
+    assert manifest["shards"] == open_dataset(dataset_dir).manifest["shards"]
+    assert {k: v for k, v in _snapshot(out).items() if k != MANIFEST_NAME} == {
+        k: v for k, v in before.items() if k != MANIFEST_NAME
+    }
+
+
+def test_an_interrupted_dataset_is_resumed_by_changed_simulation_code(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import simulation.dataset as simulation_dataset
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, out, first_event_id=16)
+        with pytest.raises(KeyboardInterrupt):
+            simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
+    new_code = "0.1.0+000000000000"
+    monkeypatch.setattr(simulation_dataset, "code_version", lambda: new_code)
+    generated: list[int] = []
+    real_generate = generate_module.generate_events
+
+    def counting(config, seed, first_event_id, n_events):
+        generated.append(first_event_id)
+        return real_generate(config, seed, first_event_id, n_events)
+
+    monkeypatch.setattr(generate_module, "generate_events", counting)
+    manifest = simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
+    # every shard is drawn by the new code, the two of the old code included
+    assert sorted(generated) == [0, 8, 16, 24]
+    assert manifest["code_version"] == new_code
+    for path in (out / "hits").iterdir():
+        assert read_shard_metadata(path)[1]["muontrack.code_version"] == new_code
+
+
+def test_the_event_count_is_bounded(tmp_path: Path) -> None:
+    from simulation.dataset import MAX_EVENTS
+
+    with pytest.raises(ConfigError, match="at most 1,000,000,000 events"):
+        simulate_dataset(tmp_path / "huge", n_events=MAX_EVENTS + 1, seed=0, config=SMALL)
+    assert not (tmp_path / "huge").exists()
+
+
+def test_staging_names_are_unique_per_writer() -> None:
+    names = {staging_name("hits-part-00001.parquet") for _ in range(100)}
+    assert len(names) == 100
+    assert all(name.startswith("hits-part-00001.parquet.") and f".{os.getpid()}-" in name for name in names)
 
 
 def test_interrupted_run_refuses_other_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

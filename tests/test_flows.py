@@ -92,6 +92,40 @@ def test_simulate_flow_matches_library_and_rejects_bad_input(prefect_server, tmp
         assert_frame_equal(a, b)
 
 
+def test_run_reports_a_user_error_in_one_line(prefect_server, tmp_path, capfd):
+    """A MuontrackError inside the flows reaches the caller, without Prefect's tracebacks on the console."""
+    from pipeline.errors import DatasetError
+
+    job = steps.job_preset("test")
+    data = tmp_path / "job" / "data" / f"{SimConfig(shard_events=job.shard_events).config_hash()}-n{job.events}-s0"
+    data.mkdir(parents=True)
+    (data / "notes.txt").write_text("not a dataset")
+    with pytest.raises(DatasetError, match="holds no muontrack dataset"):
+        end_to_end.run_end_to_end("test", tmp_path / "job")
+    console = capfd.readouterr()
+    assert "Traceback" not in console.err + console.out
+    assert "DatasetError" not in console.err + console.out
+    assert (data / "notes.txt").read_text() == "not a dataset"
+
+
+def test_the_user_error_filter_keeps_other_records():
+    import logging
+
+    from flows.logs import UserErrorFilter
+    from pipeline.errors import DatasetError
+
+    def record(message: str, error: BaseException | None = None, level: int = logging.ERROR) -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error is not None else None
+        return logging.LogRecord("prefect.flow_runs", level, __file__, 1, message, None, exc_info)
+
+    keep = UserErrorFilter().filter
+    assert not keep(record("Encountered exception", DatasetError("bad")))
+    assert not keep(record("Finished in state Failed('... DatasetError: bad')", level=logging.INFO))
+    assert keep(record("Encountered exception", ValueError("a bug keeps its traceback")))
+    assert keep(record("Finished in state Failed('... ValueError: bug')", level=logging.INFO))
+    assert keep(record("Finished in state Completed()", level=logging.INFO))
+
+
 def test_task_functions_directly(tmp_path):
     """The tasks' underlying functions, without Prefect (`.fn`)."""
     config = SimConfig(shard_events=50)

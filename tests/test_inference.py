@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
+from polars.testing import assert_frame_equal
 
 from model.inference import inference_buckets, load_run, predict_run, predict_truth
 from model.train import train_run
@@ -165,5 +166,20 @@ def test_missing_or_unfinished_runs_are_refused(run_dir, tmp_path):
     (unfinished / "config.json").write_text(json.dumps(config))
     with pytest.raises(RunError, match="incomplete"):
         load_run(unfinished)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    for item in (damaged / "checkpoints").rglob("*"):
+        if item.is_file():
+            item.unlink()
+    with pytest.raises(RunError, match="checkpoint of epoch 1 is unreadable"):
+        load_run(damaged)
     config, params = load_run(run_dir)
     assert config["model"] == "baseline" and params
+
+
+def test_a_run_applies_to_the_same_physics_cut_into_other_shards(root, run_dir, dataset):
+    resharded = root / "resharded"
+    simulate_dataset(resharded, n_events=300, seed=21, config=SimConfig(shard_events=100))
+    assert open_dataset(resharded).config.config_hash() != dataset.config.config_hash()
+    tracks = predict_run(resharded, run_dir, split="test")["tracks"]
+    assert_frame_equal(tracks, predict_run(dataset, run_dir, split="test")["tracks"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from numpy.testing import assert_allclose
 
+import analysis.report as report_module
 from analysis.figures import MODEL_STYLE, format_value_error, model_style
 from analysis.metrics import auc, ratio_with_error
 from analysis.report import (
@@ -21,6 +24,8 @@ from analysis.report import (
     comparison_blocks,
     compute_results,
     format_summary_table,
+    recover_report_dir,
+    staged_report,
     write_report,
 )
 from pipeline.errors import MuontrackError
@@ -457,3 +462,234 @@ def test_malformed_predictions_raise(tmp_path, truth, column):
     broken.write_parquet(tmp_path / "predictions" / "hits.parquet")
     with pytest.raises(MuontrackError, match=f"missing columns {column}"):
         write_report(tmp_path, hits, events, {})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic reports (analysis.report.staged_report) and evaluate --overwrite
+# ---------------------------------------------------------------------------------------------------------
+
+#: few models: fewer figure panels, faster reports
+FEW_MODELS = frozenset({"truth", "classical", "baseline", "baseline_paper", "e2e"})
+#: a fixed environment, so that the catalog does not ask JAX for its device
+ENVIRONMENT = {
+    "jax_version": "0.0.1",
+    "flax_version": "0.0.2",
+    "numba_version": "0.0.3",
+    "python_version": "3.11.0",
+    "device": "cpu",
+}
+
+
+def catalog_context(seed: int, dataset: str = "/data/muons-test", **changes) -> dict:
+    """A report context as flows.steps.report_context builds it, for the runs of training seed ``seed``."""
+    runs = [
+        {
+            "run": f"/runs/{model}-s{seed}",
+            "model": model,
+            "reported_as": rows,
+            "preset": "test",
+            "epochs": 2,
+            "seed": seed,
+            "training_seconds": 12.5,
+            "code_version": f"0.1.0+train{seed}",
+        }
+        for model, rows in (("baseline", ["baseline", "baseline_paper"]), ("e2e", ["e2e"]))
+    ]
+    context = {
+        "dataset": dataset,
+        "dataset_events": N_EVENTS,
+        "dataset_seed": 7,
+        "dataset_config_hash": "0123abcd",
+        "code_version": "0.1.0+code",
+        "runs": runs,
+        "environment": ENVIRONMENT,
+    }
+    return context | changes
+
+
+def publish_report(
+    out: Path, hits: pl.LazyFrame, events: pl.LazyFrame, context: dict, seed: int = 0, models=FEW_MODELS
+) -> dict:
+    """A whole report (synthetic predictions of ``seed``, then write_report) staged and published at ``out``."""
+    with staged_report(out) as staging:
+        _write_predictions(staging, hits, events, **GOOD_E2E, seed=seed)
+        _keep_models(staging, set(models))
+        return write_report(staging, hits, events, context, published_as=out)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _leftovers(out: Path) -> list[str]:
+    """What writers of ``out`` left beside it (its staging and replaced-report folders)."""
+    return sorted(path.name for path in out.parent.iterdir() if path.name.startswith(f".{out.name}."))
+
+
+def test_a_killed_report_write_leaves_the_previous_report(tmp_path, truth, monkeypatch):
+    hits, events = truth
+    out = tmp_path / "reports" / "job"
+    publish_report(out, hits, events, catalog_context(0))
+    before = _contents(out)
+    assert {"report.md", "summary.json", "summary.parquet", "resolution.parquet", "predictions/hits.parquet"} <= set(
+        before
+    )
+
+    # a writer killed late: the catalog (written after the figures, report.md and summary.json) never comes, and
+    # a kill runs no cleanup
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(report_module, "_write_catalog", killed)
+    monkeypatch.setattr(report_module, "_discard", lambda path: None)
+    with pytest.raises(RuntimeError, match="killed"):
+        publish_report(out, hits, events, catalog_context(1), seed=1)
+    assert _contents(out) == before  # every file of the previous report, byte for byte, and nothing else
+    (staging,) = _leftovers(out)
+    assert re.fullmatch(r"\.job\.staging-\d+-[0-9a-f]+", staging)
+    partial = out.parent / staging / "job"
+    assert (partial / "report.md").is_file() and not (partial / "summary.parquet").exists()
+
+    # the next writer cleans up what the killed one left, and publishes its own report
+    monkeypatch.undo()
+    publish_report(out, hits, events, catalog_context(1), seed=1)
+    assert _leftovers(out) == []
+    assert set(_contents(out)) == set(before)
+    runs = pl.read_parquet(out / "summary.parquet")["run"].drop_nulls().unique().sort().to_list()
+    assert runs == ["/runs/baseline-s1", "/runs/e2e-s1"]
+
+
+def test_a_kill_between_the_renames_leaves_a_recoverable_report(tmp_path, truth, monkeypatch):
+    hits, events = truth
+    out = tmp_path / "job"
+    publish_report(out, hits, events, catalog_context(0), models={"truth", "e2e"})
+    before = _contents(out)
+    rename = report_module.os.rename
+
+    def killed_before_moving_in(source, target):
+        if ".staging-" in str(source):
+            raise RuntimeError("killed")
+        rename(source, target)
+
+    monkeypatch.setattr(report_module.os, "rename", killed_before_moving_in)
+    monkeypatch.setattr(report_module, "_discard", lambda path: None)
+    with pytest.raises(RuntimeError, match="killed"):
+        publish_report(out, hits, events, catalog_context(1), seed=1, models={"truth", "e2e"})
+    monkeypatch.undo()
+    assert not out.exists()
+    assert [name.split("-")[0] for name in _leftovers(out)] == [".job.old", ".job.staging"]
+    recover_report_dir(out)  # what the next writer does first, with the lock held
+    assert _contents(out) == before
+    assert _leftovers(out) == []
+
+
+def test_a_report_file_in_place_of_the_folder_is_refused(tmp_path):
+    out = tmp_path / "report"
+    out.write_text("not a folder")
+    with pytest.raises(MuontrackError, match="is a file"), staged_report(out):
+        pass
+    assert out.read_text() == "not a folder"
+
+
+def test_a_report_without_a_catalog_is_replaced_only_with_overwrite(tmp_path):
+    from flows.steps import _check_report_out
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # a report written before summary.parquet existed
+    with pytest.raises(MuontrackError, match=r"not recorded .*; pass --overwrite to replace it"):
+        _check_report_out(out, catalog_context(0))
+    _check_report_out(out, catalog_context(0), overwrite=True)
+    (out / "summary.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MuontrackError, match="holds no muontrack report"):  # never replaced, even with overwrite
+        _check_report_out(out, catalog_context(0), overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real dataset of N_EVENTS events (event ids 0 .. N_EVENTS - 1), for the synthetic predictions."""
+    from pipeline.config import SimConfig
+    from simulation.dataset import simulate_dataset
+
+    out = tmp_path_factory.mktemp("evaluate") / "data"
+    simulate_dataset(out, n_events=N_EVENTS, seed=3, config=SimConfig())
+    return out
+
+
+def _fake_run(path: Path, seed: int) -> Path:
+    """A run folder as report_context reads it (config.json only: the predictions are faked)."""
+    path.mkdir(parents=True)
+    config = {"format": "muontrack-run", "model": "e2e", "preset": "test", "seed": seed, "train_config": {"epochs": 1}}
+    (path / "config.json").write_text(json.dumps(config | {"code_version": "0.1.0+fake"}))
+    return path
+
+
+def _fake_predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
+    """flows.steps.predict_all with synthetic predictions (no trained network needed)."""
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(data)
+    _write_predictions(out, dataset.hits(), dataset.events().sort("event_id"), **GOOD_E2E)
+    _keep_models(out, {"truth", "classical", "e2e"})
+    if progress:
+        print(f"predict e2e: {N_EVENTS} events, 0.0 s", file=sys.stderr)
+    return out / "predictions"
+
+
+def _muontrack(monkeypatch, capsys, *arguments) -> tuple[int, str, str]:
+    """``muontrack ARGUMENTS`` in this process (so that monkeypatches apply): exit status, stdout, stderr."""
+    from flows import cli
+
+    monkeypatch.setattr(sys, "argv", ["muontrack", *map(str, arguments)])
+    try:
+        cli.main()
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_evaluate_refuses_a_report_of_other_runs_without_overwrite(small_dataset, tmp_path, monkeypatch, capsys):
+    import flows.steps
+
+    monkeypatch.setattr(flows.steps, "predict_all", _fake_predict_all)
+    first, second = _fake_run(tmp_path / "runs" / "e2e-s0", 0), _fake_run(tmp_path / "runs" / "e2e-s1", 1)
+    out = tmp_path / "report"
+    evaluate = ("evaluate", "--data", small_dataset, "--out", out)
+    status, stdout, stderr = _muontrack(monkeypatch, capsys, *evaluate, "--run", first)
+    assert status == 0, stderr
+    assert stdout.strip() == f"report: {out / 'report.md'}"
+    assert "predict e2e" in stderr and "write report" in stderr  # the progress display, on stderr
+
+    # the same runs on the same data: a refresh, allowed
+    assert _muontrack(monkeypatch, capsys, *evaluate, "--run", first)[0] == 0
+    assert _leftovers(out) == []
+    before = _contents(out)
+
+    # other runs: refused in one line naming the folder and --overwrite, the report untouched
+    status, stdout, stderr = _muontrack(monkeypatch, capsys, *evaluate, "--run", second)
+    assert status != 0 and stdout == ""
+    assert "Traceback" not in stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"error: report folder {out} holds a report of other runs") and "--overwrite" in line
+    assert _contents(out) == before
+    # ... and so is another dataset with the same run
+    other_data = tmp_path / "data-copy"
+    shutil.copytree(small_dataset, other_data)
+    status, _, stderr = _muontrack(monkeypatch, capsys, "evaluate", "--data", other_data, "--out", out, "--run", first)
+    assert status != 0 and "holds a report of other runs" in stderr and "--overwrite" in stderr
+    assert _contents(out) == before
+
+    # with --overwrite it replaces the report; --json prints one JSON document on stdout
+    status, stdout, stderr = _muontrack(monkeypatch, capsys, *evaluate, "--run", second, "--overwrite", "--json")
+    assert status == 0, stderr
+    document = json.loads(stdout)
+    assert document["report"] == str(out / "report.md")
+    assert list(document["summary"]) == ["truth", "classical", "e2e"]
+    assert document["summary"] == json.loads((out / "summary.json").read_text())
+    catalog = pl.read_parquet(out / "summary.parquet")
+    assert catalog.filter(pl.col("model") == "e2e")["run"].to_list() == [str(second.resolve())]
+    assert catalog["dataset"].unique().to_list() == [str(small_dataset.resolve())]
+    assert _leftovers(out) == []

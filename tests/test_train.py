@@ -5,8 +5,10 @@ Uses the 'test' preset on a tiny simulated dataset (module-scoped, a few hundred
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import polars as pl
 import pytest
 from numpy.testing import assert_allclose
@@ -23,11 +26,14 @@ from model.config import get_preset
 from model.inference import load_run
 from model.tracker import Chain
 from model.train import (
+    METRICS_SCHEMA,
     OBJECTIVES,
     Objective,
     create_train_state,
     device_batch,
+    format_epoch,
     get_objective,
+    learning_rate_schedule,
     read_metrics,
     sigma68,
     sigmoid_weights,
@@ -128,6 +134,31 @@ def test_lambda_drives_e2e_but_not_baseline(dataset, first_batch):
     assert_allclose(float(e2e_metrics_0["loss"]), float(e2e_metrics_0["bce"]), rtol=1e-6)
 
 
+def test_train_step_reports_the_global_norm_of_the_gradients(dataset, first_batch):
+    state = _state(dataset, first_batch, "e2e")
+    key, lam = jax.random.key(3), jnp.float32(0.5)
+    objective = get_objective("e2e")
+
+    @jax.jit
+    def gradients(params):
+        def loss(params):
+            logits = state.apply_fn({"params": params}, first_batch.features, first_batch.mask)
+            return objective.loss_fn(logits, first_batch, state.geometry, lam, key)[0]
+
+        return jax.grad(loss)(params)
+
+    grads = gradients(state.params)
+    after, metrics = train_step(state, first_batch, key, lam)
+    assert float(metrics["grad_norm"]) > 0
+    assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-5)
+    # read only: the update is the optimiser's update of those gradients (clipped, Adam)
+    updates, _ = state.tx.update(grads, state.opt_state, state.params)
+    for a, b in zip(
+        jax.tree.leaves(after.params), jax.tree.leaves(optax.apply_updates(state.params, updates)), strict=True
+    ):
+        assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 def test_lambda_schedule():
     _, train_config = get_preset("test")
     warmup = train_config.lambda_warmup_epochs
@@ -174,7 +205,7 @@ def test_resume_equals_an_uninterrupted_run(resumed_and_straight):
         assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
     metrics_resumed, metrics_straight = read_metrics(resumed), read_metrics(straight)
-    assert metrics_resumed.schema == pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table()).schema
+    assert metrics_resumed.schema == pl.from_arrow(METRICS_SCHEMA.empty_table()).schema
     assert metrics_resumed.height == 6  # a train and a val row per epoch
     assert metrics_resumed.drop("seconds").equals(metrics_straight.drop("seconds"))
     assert metrics_resumed.head(4).drop("seconds").equals(first_part.drop("seconds"))
@@ -270,3 +301,115 @@ def test_assignment_run_trains_and_predicts_hard_selections(dataset_dir, tmp_pat
     # the clusters come from the hard selection: each layer's weight is a whole number of hits
     weights = tables["clusters"]["weight"].to_numpy()
     assert_allclose(weights, np.round(weights))
+
+
+# ---- per-epoch diagnostics and progress -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diagnosed_runs(dataset_dir, tmp_path_factory):
+    """Two 2-epoch e2e runs of one seed under a decaying learning rate: one reporting to an ``on_epoch``
+    callback, one with the CLI's progress display (and no callback)."""
+    model_config, train_config = get_preset("test")
+    train_config = dataclasses.replace(train_config, lr_half_life_steps=10)
+    root = tmp_path_factory.mktemp("diagnosed")
+    calls: list[dict] = []
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "get_preset", lambda name: (model_config, train_config))
+        train_run(dataset_dir, "e2e", root / "callback", preset="test", epochs=2, seed=7, on_epoch=calls.append)
+        with contextlib.redirect_stdout(printed):
+            train_run(dataset_dir, "e2e", root / "progress", preset="test", epochs=2, seed=7, progress=True)
+    return {
+        "train_config": train_config,
+        "callback": root / "callback",
+        "progress": root / "progress",
+        "calls": calls,
+        "printed": printed.getvalue(),
+    }
+
+
+def test_metrics_hold_grad_norm_learning_rate_and_val_sigma68_per_epoch(diagnosed_runs):
+    metrics = read_metrics(diagnosed_runs["callback"])
+    assert METRICS_SCHEMA.names[: len(TRAIN_METRICS_SCHEMA)] == TRAIN_METRICS_SCHEMA.names
+    assert metrics.schema == pl.from_arrow(METRICS_SCHEMA.empty_table()).schema
+    for column in ("grad_norm", "learning_rate", "sigma68"):
+        assert metrics.schema[column] == pl.Float32
+    train = metrics.filter(pl.col("split") == "train").sort("epoch")
+    val = metrics.filter(pl.col("split") == "val").sort("epoch")
+    assert train["epoch"].to_list() == val["epoch"].to_list() == [1, 2]
+    # one value per epoch: the training figures on train rows, sigma68 on val rows, null elsewhere
+    assert train["grad_norm"].null_count() == train["learning_rate"].null_count() == val["sigma68"].null_count() == 0
+    assert val["grad_norm"].null_count() == val["learning_rate"].null_count() == train["sigma68"].null_count() == 2
+
+    grad_norm = train["grad_norm"].to_numpy()
+    assert np.all(np.isfinite(grad_norm)) and np.all(grad_norm > 0)
+    # the optimiser's own schedule at the count of each epoch's last step; it decays from epoch to epoch
+    schedule = learning_rate_schedule(diagnosed_runs["train_config"])
+    expected = [np.float32(schedule(step - 1)) for step in train["step"].to_list()]
+    assert train["learning_rate"].to_list() == expected
+    assert expected[1] < expected[0] < diagnosed_runs["train_config"].learning_rate
+    sigma = val["sigma68"].to_numpy()
+    assert np.all(np.isfinite(sigma)) and np.all(sigma > 0)
+
+
+def test_on_epoch_is_called_once_per_epoch_with_its_figures(diagnosed_runs):
+    calls = diagnosed_runs["calls"]
+    assert [info["epoch"] for info in calls] == [1, 2]
+    metrics = read_metrics(diagnosed_runs["callback"])
+    for info in calls:
+        rows = metrics.filter(pl.col("epoch") == info["epoch"])
+        train = rows.filter(pl.col("split") == "train").row(0, named=True)
+        val = rows.filter(pl.col("split") == "val").row(0, named=True)
+        assert info["model"] == "e2e" and info["epochs"] == 2 and info["step"] == train["step"]
+        for key, value in [
+            ("train_loss", train["loss"]),
+            ("train_bce", train["bce"]),
+            ("train_pt_loss", train["pt_loss"]),
+            ("val_loss", val["loss"]),
+            ("val_bce", val["bce"]),
+            ("val_pt_loss", val["pt_loss"]),
+            ("val_sigma68", val["sigma68"]),
+            ("grad_norm", train["grad_norm"]),
+            ("learning_rate", train["learning_rate"]),
+            ("lambda", train["lambda"]),
+            ("train_seconds", train["seconds"]),
+            ("val_seconds", val["seconds"]),
+        ]:
+            assert_allclose(info[key], value, rtol=1e-6, err_msg=key)
+        assert info["seconds"] == pytest.approx(info["train_seconds"] + info["val_seconds"])
+        line = format_epoch(info)
+        assert line.startswith(f"e2e epoch {info['epoch']}/2: train loss {info['train_loss']:.4f}")
+        assert f"val sigma68(q/pT) {info['val_sigma68']:.4f}" in line and line.endswith(" s")
+
+
+def test_progress_prints_one_line_per_epoch_and_the_weights_do_not_depend_on_reporting(diagnosed_runs):
+    printed = [line for line in diagnosed_runs["printed"].splitlines() if ": train loss " in line]
+    assert [line.split(":")[0] for line in printed] == ["e2e epoch 1/2", "e2e epoch 2/2"]
+    # the callback and the display only read: the same seed gives bit-identical weights and the same figures
+    _, with_callback = load_run(diagnosed_runs["callback"])
+    _, with_progress = load_run(diagnosed_runs["progress"])
+    for a, b in zip(jax.tree.leaves(with_callback), jax.tree.leaves(with_progress), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (
+        read_metrics(diagnosed_runs["callback"])
+        .drop("seconds")
+        .equals(read_metrics(diagnosed_runs["progress"]).drop("seconds"))
+    )
+
+
+def test_val_sigma68_is_null_when_no_fit_succeeds(dataset_dir, tmp_path, monkeypatch):
+    def no_fit_loss(logits, batch, geometry, lam, key):
+        bce = jnp.mean(jnp.where(batch.mask, logits, 0.0) ** 2)
+        return bce, {"bce": bce, "pt_loss": bce, "q_over_pt": jnp.full(logits.shape[0], jnp.nan)}
+
+    objective = Objective(
+        "no_fit_test", no_fit_loss, sigmoid_weights, uses_lambda=False, reported_as=(("no_fit_test", Chain()),)
+    )
+    monkeypatch.setitem(OBJECTIVES, "no_fit_test", objective)
+    calls: list[dict] = []
+    train_run(dataset_dir, "no_fit_test", tmp_path / "run", preset="test", epochs=1, on_epoch=calls.append)
+    val = read_metrics(tmp_path / "run").filter(pl.col("split") == "val")
+    assert val["sigma68"].to_list() == [None]
+    assert len(calls) == 1 and calls[0]["val_sigma68"] is None
+    assert "sigma68" not in format_epoch(calls[0])

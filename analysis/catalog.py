@@ -1,0 +1,403 @@
+"""The results catalog: REPORT/summary.parquet and REPORT/resolution.parquet, and reading them back.
+
+Every evaluation writes, beside summary.json, one row per model (``summary.parquet``: the rows of
+summary.json with the errors the report quotes) and one row per model and true-pT bin
+(``resolution.parquet``: the rows of resolution.csv), each with the identity of the evaluation: the report
+folder, when it was written, the dataset, the code, and the training run behind the row (null for the
+references ``truth``, ``truth_charge`` and ``classical``). The schemas are explicit, so the files of any
+number of reports concatenate in one scan even where a column is all null in one of them::
+
+    pl.scan_parquet("muontrack-out/reports/*/summary.parquet")
+
+A report being written lives in a hidden folder one level deeper (``reports/.NAME.staging-…/NAME/``, see
+:func:`analysis.report.staged_report`), so that glob only ever sees published reports.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from analysis.metrics import TRUTH_MODELS
+from pipeline.errors import MuontrackError
+from pipeline.schema import MODEL_NAMES
+
+SUMMARY_FILE = "summary.parquet"
+RESOLUTION_FILE = "resolution.parquet"
+
+#: what a row is about: the evaluation (report, dataset, code) and the training run behind the model
+IDENTITY_SCHEMA = pl.Schema(
+    {
+        "report": pl.String,
+        "created": pl.Datetime("us", "UTC"),
+        "dataset": pl.String,
+        "dataset_config_hash": pl.String,
+        "dataset_seed": pl.Int64,
+        "dataset_events": pl.Int64,
+        "code_version": pl.String,
+        "model": pl.String,
+        "preset": pl.String,
+        "train_seed": pl.Int64,
+        "epochs": pl.Int64,
+        "run": pl.String,
+        "run_code_version": pl.String,
+    }
+)
+#: the per-model metrics with their errors (summary.json's plus the errors only report.md quoted so far);
+#: AUC and rejections are those of the raw classifier score, null for the truth references; a rejection is
+#: null where it is infinite (no background hit passes)
+METRICS_SCHEMA = pl.Schema(
+    {
+        "auc": pl.Float64,
+        "auc_err": pl.Float64,
+        "rejection_at_90": pl.Float64,
+        "rejection_at_90_err": pl.Float64,
+        "rejection_at_95": pl.Float64,
+        "rejection_at_95_err": pl.Float64,
+        "core_fraction": pl.Float64,
+        "core_fraction_err": pl.Float64,
+        "sigma68": pl.Float64,
+        "sigma68_err": pl.Float64,
+        "n_events": pl.Int64,
+    }
+)
+#: where the evaluation ran
+ENVIRONMENT_SCHEMA = pl.Schema(
+    {
+        "jax_version": pl.String,
+        "flax_version": pl.String,
+        "numba_version": pl.String,
+        "python_version": pl.String,
+        "device": pl.String,
+    }
+)
+#: REPORT/summary.parquet: one row per model
+SUMMARY_SCHEMA = pl.Schema({**IDENTITY_SCHEMA, **METRICS_SCHEMA, **ENVIRONMENT_SCHEMA})
+#: the bin columns of resolution.csv (analysis.report.RESOLUTION_COLUMNS without ``model``)
+BIN_SCHEMA = pl.Schema(
+    {"pt_lo": pl.Float64, "pt_hi": pl.Float64, "n": pl.Int64, "sigma68": pl.Float64, "sigma68_err": pl.Float64}
+)
+#: REPORT/resolution.parquet: one row per model and true-pT bin
+RESOLUTION_SCHEMA = pl.Schema({**IDENTITY_SCHEMA, **BIN_SCHEMA})
+
+_CLASSIFICATION_COLUMNS = tuple(name for name in METRICS_SCHEMA if name.startswith(("auc", "rejection")))
+_VERSION_PACKAGES = {"jax_version": "jax", "flax_version": "flax", "numba_version": "numba"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_description() -> str | None:
+    """The JAX device predictions run on: its platform, and its kind where that says more ("gpu: NVIDIA H200")."""
+    try:
+        import jax
+
+        device = jax.devices()[0]
+    except Exception:  # no usable backend: the catalog still gets written
+        return None
+    kind = str(getattr(device, "device_kind", "") or "")
+    return device.platform if kind.lower() in ("", device.platform) else f"{device.platform}: {kind}"
+
+
+def environment() -> dict[str, str | None]:
+    """The versions and device of this process (the columns of :data:`ENVIRONMENT_SCHEMA`)."""
+    versions: dict[str, str | None] = {key: _package_version(package) for key, package in _VERSION_PACKAGES.items()}
+    return versions | {"python_version": platform.python_version(), "device": device_description()}
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _run_of(model: str, runs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The run entry of the context whose predictions carry the row ``model`` ({} for the references).
+
+    A run lists its rows in ``reported_as`` (the ``baseline`` network gives ``baseline`` and
+    ``baseline_paper``); an entry without that list gives the row of its own model name.
+    """
+    for run in runs:
+        if model in (run.get("reported_as") or [run.get("model")]):
+            return run
+    return {}
+
+
+def identity_frame(context: Mapping[str, Any], models: Sequence[str], report: Path, created: datetime) -> pl.DataFrame:
+    """One row per model of :data:`IDENTITY_SCHEMA` from the report context (as built by
+    ``flows.steps.report_context``: dataset, dataset_config_hash, dataset_seed, dataset_events, code_version and
+    runs as a list of {run, model, reported_as, preset, epochs, seed, code_version}); missing keys give nulls."""
+    runs = [run for run in context.get("runs") or [] if isinstance(run, Mapping)]
+    rows = []
+    for model in models:
+        run = _run_of(model, runs)
+        rows.append(
+            {
+                "report": str(report),
+                "created": created,
+                "dataset": _str_or_none(context.get("dataset")),
+                "dataset_config_hash": _str_or_none(context.get("dataset_config_hash")),
+                "dataset_seed": _int_or_none(context.get("dataset_seed")),
+                "dataset_events": _int_or_none(context.get("dataset_events")),
+                "code_version": _str_or_none(context.get("code_version")),
+                "model": model,
+                "preset": _str_or_none(run.get("preset")),
+                "train_seed": _int_or_none(run.get("seed")),
+                "epochs": _int_or_none(run.get("epochs")),
+                "run": _str_or_none(run.get("run")),
+                "run_code_version": _str_or_none(run.get("code_version")),
+            }
+        )
+    return pl.DataFrame(rows, schema=IDENTITY_SCHEMA)
+
+
+def finite_or_null(column: str) -> pl.Expr:
+    """``column`` where finite, null where NaN or infinite (summary.json's convention)."""
+    return pl.when(pl.col(column).is_finite()).then(pl.col(column)).otherwise(None).alias(column)
+
+
+def _conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
+    """``frame`` with exactly the columns of ``schema``, in order and of its types (missing ones null)."""
+    present = set(frame.columns)
+    return frame.select(
+        (pl.col(name) if name in present else pl.lit(None)).cast(dtype).alias(name) for name, dtype in schema.items()
+    )
+
+
+def metrics_frame(
+    models: Sequence[str], classification: pl.DataFrame, core: pl.DataFrame, resolution: pl.DataFrame
+) -> pl.DataFrame:
+    """One row per model (in ``models`` order) of ``model`` and :data:`METRICS_SCHEMA`, from the report's tables
+    (analysis.metrics classification_metrics, core_fraction_table, resolution_by_model)."""
+    base = pl.DataFrame({"model": list(models)}, schema={"model": pl.String})
+    scores = classification.select("model", *_CLASSIFICATION_COLUMNS).filter(~pl.col("model").is_in(TRUTH_MODELS))
+    frame = (
+        base.join(scores, on="model", how="left", maintain_order="left")
+        .join(core.select("model", "core_fraction", "core_fraction_err"), on="model", how="left", maintain_order="left")
+        .join(
+            resolution.select("model", "sigma68", "sigma68_err", n_events="n"),
+            on="model",
+            how="left",
+            maintain_order="left",
+        )
+        .with_columns(pl.col("n_events").fill_null(0))
+    )
+    frame = _conform(frame, pl.Schema({"model": pl.String, **METRICS_SCHEMA}))
+    return frame.with_columns(finite_or_null(name) for name, dtype in METRICS_SCHEMA.items() if dtype == pl.Float64)
+
+
+def summary_frame(
+    identity: pl.DataFrame, metrics: pl.DataFrame, env: Mapping[str, str | None] | None = None
+) -> pl.DataFrame:
+    """The rows of summary.parquet: ``identity`` (:func:`identity_frame`) joined on ``model`` with ``metrics``
+    (:func:`metrics_frame`), plus ``env`` (:func:`environment` when None), typed as :data:`SUMMARY_SCHEMA`."""
+    env = environment() if env is None else env
+    frame = identity.join(metrics, on="model", how="left", maintain_order="left").with_columns(
+        pl.lit(env.get(name), dtype=dtype).alias(name) for name, dtype in ENVIRONMENT_SCHEMA.items()
+    )
+    return _conform(frame, SUMMARY_SCHEMA)
+
+
+def resolution_frame(identity: pl.DataFrame, resolution_pt: pl.DataFrame) -> pl.DataFrame:
+    """The rows of resolution.parquet: each model's row of ``identity`` with its bins of ``resolution_pt``
+    (analysis.metrics.resolution_by_pt), in identity's model order then pt_lo, typed as :data:`RESOLUTION_SCHEMA`."""
+    rank = identity.select("model").with_row_index("rank")
+    frame = (
+        identity.join(resolution_pt, on="model", how="inner")
+        .join(rank, on="model", how="left")
+        .sort("rank", "pt_lo")
+        .with_columns(finite_or_null("sigma68"), finite_or_null("sigma68_err"))
+    )
+    return _conform(frame, RESOLUTION_SCHEMA)
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    """Write ``frame`` to ``path`` through a temporary file beside it (never a partial file at ``path``)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    frame.write_parquet(temporary, compression="zstd")
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The identity of a report: what "the same evaluation" means
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluationIdentity:
+    """The dataset and the set of training runs an evaluation was made of."""
+
+    dataset: str | None
+    dataset_config_hash: str | None
+    dataset_seed: int | None
+    dataset_events: int | None
+    runs: frozenset[str]
+
+    def describe(self) -> str:
+        """One line: the dataset (with its seed and size) and the run folders' names."""
+        details = [f"seed {self.dataset_seed}"] if self.dataset_seed is not None else []
+        details += [f"{self.dataset_events} events"] if self.dataset_events is not None else []
+        dataset = f"dataset {self.dataset}" + (f" ({', '.join(details)})" if details else "")
+        runs = ", ".join(sorted(Path(run).name for run in self.runs)) or "none"
+        return f"{dataset}, runs {runs}"
+
+
+def context_identity(context: Mapping[str, Any]) -> EvaluationIdentity:
+    """The identity of the evaluation a report context describes (see :func:`identity_frame`)."""
+    runs = [run for run in context.get("runs") or [] if isinstance(run, Mapping)]
+    return EvaluationIdentity(
+        dataset=_str_or_none(context.get("dataset")),
+        dataset_config_hash=_str_or_none(context.get("dataset_config_hash")),
+        dataset_seed=_int_or_none(context.get("dataset_seed")),
+        dataset_events=_int_or_none(context.get("dataset_events")),
+        runs=frozenset(str(run["run"]) for run in runs if run.get("run") is not None),
+    )
+
+
+def recorded_identity(report_dir: Path) -> EvaluationIdentity | None:
+    """The identity recorded in ``report_dir/summary.parquet``; None when the folder has no readable catalog
+    (no report, or one written before the catalog existed)."""
+    path = Path(report_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        frame = pl.read_parquet(
+            path, columns=["dataset", "dataset_config_hash", "dataset_seed", "dataset_events", "run"]
+        )
+    except (pl.exceptions.PolarsError, OSError):
+        return None
+    datasets = frame.select("dataset", "dataset_config_hash", "dataset_seed", "dataset_events").unique()
+    if datasets.height != 1:
+        return None
+    dataset, config_hash, seed, events = datasets.row(0)
+    return EvaluationIdentity(
+        dataset=dataset,
+        dataset_config_hash=config_hash,
+        dataset_seed=seed,
+        dataset_events=events,
+        runs=frozenset(frame["run"].drop_nulls().to_list()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the catalog back (muontrack results)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def find_summaries(folders: Iterable[Path]) -> list[Path]:
+    """Every ``summary.parquet`` under ``folders`` (recursively; hidden folders such as a report being written
+    are skipped), sorted.
+
+    Raises:
+        MuontrackError: a folder does not exist, or none holds a summary.parquet.
+    """
+    folders = [Path(folder) for folder in folders]
+    found: set[Path] = set()
+    for folder in folders:
+        if not folder.is_dir():
+            raise MuontrackError(f"{folder}: no such folder")
+        for parent, subfolders, files in os.walk(folder):
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+            if SUMMARY_FILE in files:
+                found.add((Path(parent) / SUMMARY_FILE).resolve())
+    if not found:
+        where = ", ".join(str(folder) for folder in folders)
+        raise MuontrackError(f"no {SUMMARY_FILE} under {where} (evaluate first: muontrack evaluate or muontrack run)")
+    return sorted(found)
+
+
+def model_rank_expr(column: str = "model") -> pl.Expr:
+    """The rank of a model in the report order (pipeline.schema.MODEL_NAMES; unknown models last)."""
+    rank = {model: index for index, model in enumerate(MODEL_NAMES)}
+    return pl.col(column).replace_strict(rank, default=len(rank), return_dtype=pl.Int64)
+
+
+def scan_summaries(paths: Sequence[Path]) -> pl.LazyFrame:
+    """The summary.parquet files as one LazyFrame of :data:`SUMMARY_SCHEMA`, oldest report first, models in report
+    order (a column missing from an older file reads as null; extra columns are ignored)."""
+    return (
+        pl.scan_parquet(
+            [str(path) for path in paths],
+            schema=SUMMARY_SCHEMA,
+            missing_columns="insert",
+            extra_columns="ignore",
+        )
+        .with_columns(_rank=model_rank_expr())
+        .sort("created", "report", "_rank")
+        .drop("_rank")
+    )
+
+
+def read_catalog(folders: Iterable[Path]) -> pl.DataFrame:
+    """Every summary row found under ``folders`` (:func:`find_summaries`, :func:`scan_summaries`).
+
+    Raises:
+        MuontrackError: no folder, no summary.parquet, or an unreadable one.
+    """
+    paths = find_summaries(folders)
+    try:
+        return scan_summaries(paths).collect()
+    except (pl.exceptions.PolarsError, OSError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MuontrackError(f"cannot read the catalog of {len(paths)} summary.parquet files: {message}") from None
+
+
+def compact_table(catalog: pl.DataFrame) -> pl.DataFrame:
+    """The columns of the catalog worth reading at a glance, rounded for display."""
+    return catalog.select(
+        pl.col("report").str.split("/").list.last(),
+        pl.col("created").dt.strftime("%Y-%m-%d %H:%M"),
+        "model",
+        pl.col("run").str.split("/").list.last(),
+        "dataset_seed",
+        "train_seed",
+        "epochs",
+        pl.col("auc").round(4),
+        pl.col("core_fraction").round(4),
+        pl.col("sigma68").round_sig_figs(4),
+        pl.col("sigma68_err").round_sig_figs(2),
+        "n_events",
+    )
+
+
+def format_catalog(catalog: pl.DataFrame) -> str:
+    """The catalog as a readable text table (:func:`compact_table`, every row)."""
+    with pl.Config(
+        tbl_rows=-1,
+        tbl_cols=-1,
+        tbl_width_chars=1000,
+        fmt_str_lengths=200,
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        tbl_formatting="ASCII_MARKDOWN",
+    ):
+        return str(compact_table(catalog))
+
+
+def catalog_records(catalog: pl.DataFrame) -> list[dict[str, Any]]:
+    """The catalog rows as JSON-ready dicts (``created`` as an ISO 8601 string)."""
+    return catalog.with_columns(pl.col("created").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")).to_dicts()

@@ -1,0 +1,230 @@
+"""The results catalog (analysis/catalog.py): REPORT/summary.parquet and REPORT/resolution.parquet, read across
+reports in one Polars query, and `muontrack results`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from numpy.testing import assert_allclose
+
+from analysis.catalog import find_summaries
+from analysis.report import staged_report, write_report
+from pipeline.errors import MuontrackError
+from tests.test_report import (
+    ENVIRONMENT,
+    GOOD_E2E,
+    _keep_models,
+    _synthetic_truth,
+    _write_predictions,
+    catalog_context,
+    publish_report,
+)
+
+#: the catalog's contract, written out here (not imported) so that a change of the schema fails this test
+SUMMARY_COLUMNS = {
+    "report": pl.String,
+    "created": pl.Datetime("us", "UTC"),
+    "dataset": pl.String,
+    "dataset_config_hash": pl.String,
+    "dataset_seed": pl.Int64,
+    "dataset_events": pl.Int64,
+    "code_version": pl.String,
+    "model": pl.String,
+    "preset": pl.String,
+    "train_seed": pl.Int64,
+    "epochs": pl.Int64,
+    "run": pl.String,
+    "run_code_version": pl.String,
+    "auc": pl.Float64,
+    "auc_err": pl.Float64,
+    "rejection_at_90": pl.Float64,
+    "rejection_at_90_err": pl.Float64,
+    "rejection_at_95": pl.Float64,
+    "rejection_at_95_err": pl.Float64,
+    "core_fraction": pl.Float64,
+    "core_fraction_err": pl.Float64,
+    "sigma68": pl.Float64,
+    "sigma68_err": pl.Float64,
+    "n_events": pl.Int64,
+    "jax_version": pl.String,
+    "flax_version": pl.String,
+    "numba_version": pl.String,
+    "python_version": pl.String,
+    "device": pl.String,
+}
+IDENTITY_COLUMNS = dict(list(SUMMARY_COLUMNS.items())[:13])
+RESOLUTION_COLUMNS = IDENTITY_COLUMNS | {
+    "pt_lo": pl.Float64,
+    "pt_hi": pl.Float64,
+    "n": pl.Int64,
+    "sigma68": pl.Float64,
+    "sigma68_err": pl.Float64,
+}
+#: the models of report "a" (report order)
+MODELS_A = ["truth", "truth_charge", "classical", "baseline_paper", "baseline", "e2e"]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT with two published reports: reports/a (runs of seed 0) and reports/b (runs of seed 1, truth and e2e
+    only, no dataset config hash: an all-null column)."""
+    hits, events = _synthetic_truth(np.random.default_rng(5))
+    out = tmp_path_factory.mktemp("catalog") / "muontrack-out"
+    publish_report(out / "reports" / "a", hits, events, catalog_context(0), models=MODELS_A)
+    publish_report(
+        out / "reports" / "b",
+        hits,
+        events,
+        catalog_context(1, dataset_config_hash=None, runs=[catalog_context(1)["runs"][1]]),
+        seed=1,
+        models={"truth", "e2e"},
+    )
+    return out
+
+
+def test_summary_parquet_has_the_catalog_columns_and_the_summary_rows(reports):
+    folder = reports / "reports" / "a"
+    catalog = pl.read_parquet(folder / "summary.parquet")
+    assert dict(catalog.schema) == SUMMARY_COLUMNS
+    summary = json.loads((folder / "summary.json").read_text())
+    assert catalog["model"].to_list() == list(summary) == MODELS_A
+    # the same numbers as summary.json, plus the errors it lacks
+    for row in catalog.iter_rows(named=True):
+        expected = summary[row["model"]]
+        for key in ("auc", "rejection_at_90", "rejection_at_95", "core_fraction", "sigma68", "sigma68_err", "n_events"):
+            assert row[key] == expected[key], (row["model"], key)
+        if row["model"] in ("truth", "truth_charge"):
+            assert row["auc"] is None and row["auc_err"] is None and row["rejection_at_90_err"] is None
+        else:
+            assert 0 < row["auc_err"] < 0.05 and row["rejection_at_90_err"] > 0 and row["rejection_at_95_err"] > 0
+        assert 0 < row["core_fraction_err"] < 0.05
+    # identity: the report folder, the dataset, and the run behind each model row (none for the references)
+    first = catalog.row(0, named=True)
+    assert first["report"] == str(folder)
+    assert first["created"].tzinfo is not None
+    assert abs((datetime.now(UTC) - first["created"]).total_seconds()) < 600
+    dataset = (first["dataset"], first["dataset_config_hash"], first["dataset_seed"], first["dataset_events"])
+    assert dataset == ("/data/muons-test", "0123abcd", 7, 400)
+    assert first["code_version"] == "0.1.0+code"
+    runs = dict(zip(catalog["model"], catalog["run"], strict=True))
+    assert runs == {
+        "truth": None,
+        "truth_charge": None,
+        "classical": None,
+        "baseline_paper": "/runs/baseline-s0",  # the baseline network through the paper chain
+        "baseline": "/runs/baseline-s0",
+        "e2e": "/runs/e2e-s0",
+    }
+    e2e = catalog.filter(pl.col("model") == "e2e").row(0, named=True)
+    assert (e2e["preset"], e2e["train_seed"], e2e["epochs"], e2e["run_code_version"]) == ("test", 0, 2, "0.1.0+train0")
+    assert {key: e2e[key] for key in ENVIRONMENT} == ENVIRONMENT
+    # resolution.parquet: the rows of resolution.csv, with the identity columns
+    resolution = pl.read_parquet(folder / "resolution.parquet")
+    assert dict(resolution.schema) == RESOLUTION_COLUMNS
+    with (folder / "resolution.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert resolution.height == len(rows) == 6 * len(MODELS_A)
+    assert resolution["model"].to_list() == [row["model"] for row in rows]
+    assert resolution["n"].to_list() == [int(row["n"]) for row in rows]
+    assert_allclose(resolution["sigma68"].to_numpy(), [float(row["sigma68"]) for row in rows], rtol=1e-12)
+    assert resolution.filter(pl.col("model") == "e2e")["run"].unique().to_list() == ["/runs/e2e-s0"]
+
+
+def test_the_environment_is_measured_when_the_context_lacks_it(tmp_path):
+    hits, events = _synthetic_truth(np.random.default_rng(6))
+    _write_predictions(tmp_path, hits, events, **GOOD_E2E)
+    _keep_models(tmp_path, {"truth", "e2e"})
+    write_report(tmp_path, hits, events, {})
+    catalog = pl.read_parquet(tmp_path / "summary.parquet")
+    assert dict(catalog.schema) == SUMMARY_COLUMNS
+    row = catalog.row(0, named=True)
+    assert row["python_version"] == ".".join(map(str, sys.version_info[:3]))
+    assert row["jax_version"] and row["flax_version"] and row["numba_version"] and row["device"]
+    assert row["dataset"] is None and row["run"] is None
+
+
+def test_two_reports_in_one_glob_query(reports):
+    glob = str(reports / "reports" / "*" / "summary.parquet")
+    # b has no dataset config hash at all: its column is null, still a String, and the files concatenate
+    b = pl.read_parquet(reports / "reports" / "b" / "summary.parquet")
+    assert b["dataset_config_hash"].null_count() == b.height and b.schema["dataset_config_hash"] == pl.String
+    per_report = (
+        pl.scan_parquet(glob)
+        .filter(pl.col("model") == "e2e")
+        .select(pl.col("report").str.split("/").list.last(), "train_seed", "run", "dataset_config_hash", "sigma68")
+        .sort("report")
+        .collect()
+    )
+    assert per_report["report"].to_list() == ["a", "b"]
+    assert per_report["train_seed"].to_list() == [0, 1]
+    assert per_report["run"].to_list() == ["/runs/e2e-s0", "/runs/e2e-s1"]
+    assert per_report["dataset_config_hash"].to_list() == ["0123abcd", None]
+    assert per_report["sigma68"].null_count() == 0
+    assert pl.scan_parquet(glob).select(pl.len()).collect().item() == len(MODELS_A) + 2
+    resolution = pl.scan_parquet(str(reports / "reports" / "*" / "resolution.parquet"))
+    assert resolution.group_by("report").len().collect().height == 2
+
+
+def test_a_report_being_written_is_not_in_the_glob(reports, tmp_path):
+    """A staged report lives one level down in a hidden folder: reports/*/summary.parquet cannot see it."""
+    hits, events = _synthetic_truth(np.random.default_rng(7))
+    root = tmp_path / "out"
+    publish_report(root / "reports" / "a", hits, events, catalog_context(0), models={"truth", "e2e"})
+    out = root / "reports" / "a"
+    glob = str(root / "reports" / "*" / "summary.parquet")
+    with staged_report(out) as staging:
+        _write_predictions(staging, hits, events, **GOOD_E2E)
+        _keep_models(staging, {"truth", "e2e"})
+        write_report(staging, hits, events, catalog_context(1), published_as=out)
+        assert (staging / "summary.parquet").is_file()
+        assert pl.scan_parquet(glob).select("run").collect()["run"].drop_nulls().to_list() == ["/runs/e2e-s0"]
+        assert find_summaries([root]) == [out / "summary.parquet"]
+    assert pl.scan_parquet(glob).select("run").collect()["run"].drop_nulls().to_list() == ["/runs/e2e-s1"]
+
+
+def _muontrack(*arguments: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).with_name("muontrack")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
+    return subprocess.run(
+        [*command, *map(str, arguments)], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_results_json_lists_every_model_of_every_report(reports):
+    result = _muontrack("results", reports, "--json", cwd=reports)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(Path(row["report"]).name, row["model"]) for row in rows] == [
+        *(("a", model) for model in MODELS_A),
+        ("b", "truth"),
+        ("b", "e2e"),
+    ]
+    assert set(rows[0]) == set(SUMMARY_COLUMNS)
+    assert datetime.fromisoformat(rows[0]["created"]).tzinfo is not None
+    # the default folder is the current one; the text table names the reports and models
+    text = _muontrack("results", cwd=reports / "reports")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.strip().splitlines()
+    assert "model" in lines[0] and "sigma68" in lines[0]
+    assert len(lines) == 2 + len(MODELS_A) + 2  # header, rule, one line per row
+    assert sum(line.split("|")[1].strip() == "b" for line in lines[2:]) == 2
+
+
+def test_results_without_reports_is_a_one_line_error(tmp_path):
+    for arguments in ((tmp_path,), (tmp_path / "missing",), ()):
+        result = _muontrack("results", *arguments, cwd=tmp_path)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: ")
+    assert "missing: no such folder" in _muontrack("results", tmp_path / "missing", cwd=tmp_path).stderr
+    with pytest.raises(MuontrackError, match=r"no summary\.parquet under"):
+        find_summaries([tmp_path])
