@@ -235,14 +235,32 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, out: Path, first_event_id: in
     monkeypatch.setattr(generate_module, "generate_events", dying)
 
 
+def _simulate_until(monkeypatch: pytest.MonkeyPatch, out: Path, first_event_id: int) -> None:
+    """simulate_dataset of the reference request into ``out``, killed at ``first_event_id``."""
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, out, first_event_id=first_event_id)
+        with pytest.raises(KeyboardInterrupt):
+            simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
+
+
+def _count_generated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The first event ids of the shards generated from now on (the list fills as they are drawn)."""
+    generated: list[int] = []
+    real_generate = generate_module.generate_events
+
+    def counting(config, seed, first_event_id, n_events):
+        generated.append(first_event_id)
+        return real_generate(config, seed, first_event_id, n_events)
+
+    monkeypatch.setattr(generate_module, "generate_events", counting)
+    return generated
+
+
 def test_interrupted_run_is_invisible_refused_and_resumed(
     dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "interrupted"
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, out, first_event_id=16)
-        with pytest.raises(KeyboardInterrupt):
-            simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
+    _simulate_until(monkeypatch, out, first_event_id=16)
 
     # only complete shards are visible, and no manifest
     assert not (out / MANIFEST_NAME).exists()
@@ -260,14 +278,7 @@ def test_interrupted_run_is_invisible_refused_and_resumed(
 
     # resuming generates only the missing shards and keeps the complete one byte for byte
     kept = _snapshot(out / "hits")["part-00000.parquet"]
-    generated: list[int] = []
-    real_generate = generate_module.generate_events
-
-    def counting(config, seed, first_event_id, n_events):
-        generated.append(first_event_id)
-        return real_generate(config, seed, first_event_id, n_events)
-
-    monkeypatch.setattr(generate_module, "generate_events", counting)
+    generated = _count_generated(monkeypatch)
     manifest = simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
     assert sorted(generated) == [8, 16, 24]
     assert _snapshot(out / "hits")["part-00000.parquet"] == kept
@@ -335,20 +346,10 @@ def test_an_interrupted_dataset_is_resumed_by_changed_simulation_code(
     import simulation.dataset as simulation_dataset
 
     out = tmp_path / "interrupted"
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, out, first_event_id=16)
-        with pytest.raises(KeyboardInterrupt):
-            simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
+    _simulate_until(monkeypatch, out, first_event_id=16)
     new_code = "0.1.0+000000000000"
     monkeypatch.setattr(simulation_dataset, "code_version", lambda: new_code)
-    generated: list[int] = []
-    real_generate = generate_module.generate_events
-
-    def counting(config, seed, first_event_id, n_events):
-        generated.append(first_event_id)
-        return real_generate(config, seed, first_event_id, n_events)
-
-    monkeypatch.setattr(generate_module, "generate_events", counting)
+    generated = _count_generated(monkeypatch)
     manifest = simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
     # every shard is drawn by the new code, the two of the old code included
     assert sorted(generated) == [0, 8, 16, 24]
