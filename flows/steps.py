@@ -98,12 +98,6 @@ def _check_report_out(out: Path, context: dict[str, Any] | None = None, overwrit
     raise MuontrackError(f"report folder {out} holds a report {what}; pass --overwrite to replace it")
 
 
-def _write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.write_parquet(tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
 class _PredictionProgress:
     """Progress of predict_all on stderr: a transient rich bar over each model's test events on a terminal, and
     one line per model when it is done ("predict baseline, baseline_paper: 2062 events, 3.1 s")."""
@@ -152,6 +146,7 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
 
     ``progress``: a progress display on stderr (a bar per model on a terminal, one line per model done).
     """
+    from analysis.catalog import write_parquet_atomic
     from classical import predict_classical
     from model.inference import predict_run, predict_truth
     from pipeline.batches import SPLIT_FRACTIONS, split_summary
@@ -187,7 +182,7 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
     pred_dir = out / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     for table in ("hits", "clusters", "tracks"):
-        _write_parquet_atomic(pl.concat([t[table] for t in tables], how="vertical"), pred_dir / f"{table}.parquet")
+        write_parquet_atomic(pl.concat([t[table] for t in tables], how="vertical"), pred_dir / f"{table}.parquet")
     return pred_dir
 
 
