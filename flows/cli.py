@@ -34,6 +34,12 @@ class ModelName(StrEnum):
     assignment = "assignment"
 
 
+class EstimatorName(StrEnum):
+    blackbox = "blackbox"
+    identity = "identity"
+    perturbed = "perturbed"
+
+
 class Preset(StrEnum):
     test = "test"
     cpu = "cpu"
@@ -121,12 +127,24 @@ def train(
     epochs: Annotated[int | None, typer.Option("--epochs", help="Override the preset's epochs.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    estimator: Annotated[
+        EstimatorName | None,
+        typer.Option("--estimator", help="assignment: gradient estimator through the solver (default: blackbox)."),
+    ] = None,
 ) -> None:
     """Train a tracker on a dataset."""
     from model.train import train_run
 
     summary = train_run(
-        data, model=model.value, out=out, preset=preset.value, epochs=epochs, seed=seed, resume=resume, progress=True
+        data,
+        model=model.value,
+        out=out,
+        preset=preset.value,
+        epochs=epochs,
+        seed=seed,
+        resume=resume,
+        progress=True,
+        estimator=estimator.value if estimator else None,
     )
     typer.echo(f"trained {model.value} -> {out} ({summary})")
 

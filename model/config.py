@@ -15,6 +15,10 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
+#: TrainConfig.estimator's choices and TrainConfig.perturbation_noise's (model.assignment implements them)
+ESTIMATORS = ("blackbox", "identity", "perturbed")
+NOISES = ("gumbel", "normal")
+
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -98,6 +102,15 @@ class TrainConfig:
     #: the learning rate halves every this many optimiser steps (None: constant). A function of the step
     #: count alone (kept in the optimiser state), so a resumed run follows the same schedule
     lr_half_life_steps: int | None = None
+    #: the ``assignment`` model's gradient estimator through its per-layer solver: "blackbox" (Kortus et al.),
+    #: "identity" (with cost projection, Sahoo et al.) or "perturbed" (Berthet et al.); model.assignment
+    estimator: str = "blackbox"
+    #: blackbox: lambda, the step along one event's dL/dz at which the solver is called again
+    solver_lambda: float = 30.0
+    #: perturbed: draws per event, noise scale in units of window cost, and noise ("gumbel" or "normal")
+    perturbation_samples: int = 32
+    perturbation_sigma: float = 0.5
+    perturbation_noise: str = "gumbel"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.epochs, int) and self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs!r}")
@@ -120,6 +133,17 @@ class TrainConfig:
         _check(
             self.lr_half_life_steps is None or self.lr_half_life_steps >= 1,
             "train.lr_half_life_steps must be >= 1 or None",
+        )
+        _check(
+            self.estimator in ESTIMATORS,
+            f"train.estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}",
+        )
+        _check(self.solver_lambda > 0, f"train.solver_lambda must be > 0, got {self.solver_lambda!r}")
+        _check(self.perturbation_samples >= 1, "train.perturbation_samples must be >= 1")
+        _check(self.perturbation_sigma > 0, "train.perturbation_sigma must be > 0")
+        _check(
+            self.perturbation_noise in NOISES,
+            f"train.perturbation_noise must be one of {', '.join(NOISES)}, got {self.perturbation_noise!r}",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,9 +20,11 @@ RUN folder (DESIGN.md, "Files")
     ``metrics.parquet`` (:data:`METRICS_SCHEMA`): one ``train`` and one ``val`` row per epoch; ``loss``,
     ``bce``, ``pt_loss`` are means over the epoch's events (batch means weighted by real events), ``step``
     the global step at the end of the epoch, ``seconds`` the wall time of that pass. Train rows also hold
-    ``grad_norm``, the mean over the epoch's steps of the global L2 norm of the (unclipped) gradients, and
-    ``learning_rate``, the rate of the epoch's last optimiser step; val rows hold ``sigma68``, the sigma68
-    of the relative q/pT residual through the objective's chain (null where no event has a finite fit).
+    the epoch's means of ``grad_norm`` (the global L2 norm of the unclipped gradients) and of where the
+    gradient reaching the logits comes from (:func:`train_step`: ``bce_grad``, ``solver_grad``,
+    ``solver_grad_nonzero``), and ``learning_rate``, the rate of the epoch's last optimiser step; val rows
+    hold ``sigma68``, the sigma68 of the relative q/pT residual through the objective's chain (null where no
+    event has a finite fit). The ``assignment`` model adds ``hamming`` and ``selected_layers`` to both.
     Columns that do not apply to a row are null. :func:`train_run`'s ``on_epoch`` receives the same
     figures after each epoch (:func:`format_epoch` makes them one line).
 
@@ -60,7 +62,7 @@ import pyarrow.parquet as pq
 from flax import struct
 from flax.training import train_state
 
-from model.assignment import assignment_loss, hard_hit_weights
+from model.assignment import DEFAULT_ESTIMATOR, Estimator, assignment_loss, hard_hit_weights
 from model.config import ModelConfig, TrainConfig, get_preset
 from model.losses import bce_loss, composite_loss
 from model.models import GAT
@@ -78,12 +80,20 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.parquet"
 CHECKPOINT_DIR = "checkpoints"
 
-#: the per-epoch diagnostics of RUN/metrics.parquet beyond pipeline.schema's TRAIN_METRICS_SCHEMA
-#: (``grad_norm`` and ``learning_rate`` on train rows, ``sigma68`` on val rows, null elsewhere)
+#: the per-epoch diagnostics of RUN/metrics.parquet beyond pipeline.schema's TRAIN_METRICS_SCHEMA (module
+#: docstring; null where they do not apply)
 _DIAGNOSTIC_FIELDS = (
     pa.field("grad_norm", pa.float32()),
     pa.field("learning_rate", pa.float32()),
     pa.field("sigma68", pa.float32()),
+    # the assignment model's Hamming term and the share of layers with hits that got a window (both splits)
+    pa.field("hamming", pa.float32()),
+    pa.field("selected_layers", pa.float32()),
+    # train rows: mean |dL/dlogit| per hit from the BCE and from the solver (or chain), and the share of hits
+    # where the latter is not 0 (train_step)
+    pa.field("bce_grad", pa.float32()),
+    pa.field("solver_grad", pa.float32()),
+    pa.field("solver_grad_nonzero", pa.float32()),
 )
 #: RUN/metrics.parquet: TRAIN_METRICS_SCHEMA and the diagnostics (those it does not name already)
 METRICS_SCHEMA = pa.schema(
@@ -112,6 +122,8 @@ class Objective:
     #: the prediction rows of a trained run: (model name, reconstruction chain); the first is the chain the
     #: model trains through (or, for a model trained on BCE alone, validates with)
     reported_as: tuple[tuple[str, Chain], ...]
+    #: for objectives that differentiate through a solver: the same objective with another gradient estimator
+    with_estimator: Callable[[Estimator], Objective] | None = None
 
     @property
     def chain(self) -> Chain:
@@ -166,31 +178,31 @@ def register_objective(objective: Objective) -> None:
     OBJECTIVES[objective.name] = objective
 
 
-def get_objective(name: str) -> Objective:
-    """The registered objective of a model name; ConfigError for unknown or not yet implemented models."""
+def get_objective(name: str, estimator: Estimator | None = None) -> Objective:
+    """The registered objective of a model name (with ``estimator`` where it has a solver); ConfigError for
+    unknown or not yet implemented models."""
     if name in OBJECTIVES:
-        return OBJECTIVES[name]
+        objective = OBJECTIVES[name]
+        if estimator is not None and objective.with_estimator is not None:
+            return objective.with_estimator(estimator)
+        return objective
     if name in PLANNED_MODELS:
         raise ConfigError(f"model {name!r} is not implemented yet")
     raise ConfigError(f"unknown model {name!r} (known: {', '.join([*OBJECTIVES, *PLANNED_MODELS])})")
 
 
-def assignment_objective(
-    name: str = "assignment", *, interpolation: float = 50.0, mode: str = "blackbox", half_width_pitch: float = 2.0
-) -> Objective:
-    """The ``assignment`` model (Kortus et al.): hard per-layer windows, blackbox gradient (model.assignment).
-
-    ``interpolation`` is the blackbox lambda (Kortus et al. found 25-75 useful; 50 by default), ``mode``
-    "blackbox" or "straight_through", ``half_width_pitch`` the window half-width in strip pitches (2: a
-    window of up to 5 strips holds a 4-strip cluster). Its selection is clustered with the paper chain.
-    """
-    options = {"interpolation": interpolation, "mode": mode, "half_width_pitch": half_width_pitch}
+@functools.cache
+def assignment_objective(estimator: Estimator = DEFAULT_ESTIMATOR) -> Objective:
+    """The ``assignment`` model (Kortus et al.): one hard window per layer, the gradient through the solver by
+    ``estimator`` (model.assignment). Its selection is reconstructed with the robust chain. One instance per
+    estimator, so a train step compiled for it is reused."""
     return Objective(
-        name,
-        functools.partial(assignment_loss, **options),
-        functools.partial(hard_hit_weights, **options),
+        "assignment",
+        functools.partial(assignment_loss, estimator=estimator),
+        hard_hit_weights,
         uses_lambda=True,
-        reported_as=((name, PAPER_CHAIN),),
+        reported_as=(("assignment", ROBUST_CHAIN),),
+        with_estimator=assignment_objective,
     )
 
 
@@ -214,6 +226,8 @@ class TrainState(train_state.TrainState):
 
     geometry: Geometry = struct.field(pytree_node=False)
     objective: str = struct.field(pytree_node=False)
+    #: the gradient estimator of objectives with a solver (TrainConfig.estimator and its options)
+    estimator: Estimator = struct.field(pytree_node=False, default=DEFAULT_ESTIMATOR)
 
 
 @functools.cache
@@ -300,6 +314,7 @@ def create_train_state(
         tx=make_optimizer(train_config),
         geometry=geometry,
         objective=objective,
+        estimator=Estimator.from_train_config(train_config),
     )
 
 
@@ -308,29 +323,60 @@ def device_batch(batch: Batch) -> Batch:
     return batch._replace(event_id=np.arange(len(batch.event_id), dtype=np.int32))
 
 
+#: the optional loss terms an objective may report in its aux dict (None in the metrics where it does not)
+OPTIONAL_TERMS = ("hamming", "selected_layers")
+
+
 @jax.jit
 def train_step(state: TrainState, batch: Batch, key: jax.Array, lam: jax.Array) -> tuple[TrainState, dict]:
-    """One optimiser step on one batch. ``lam``: weight of L_pT (traced). Metrics are batch means, and
-    ``grad_norm`` the global L2 norm of the gradients before clipping (read only: the update ignores it)."""
-    objective = get_objective(state.objective)
+    """One optimiser step on one batch. ``lam``: weight of L_pT (traced).
 
-    def loss_fn(params):
-        logits = state.apply_fn({"params": params}, batch.features, batch.mask)
+    Metrics are batch means: the loss terms, ``grad_norm`` (the global L2 norm of the gradients before
+    clipping), and where the gradient reaching the logits comes from: ``bce_grad`` and ``solver_grad`` are the
+    mean |dL/dlogit| per real hit of the BCE and of everything else (the path through the solver or the
+    reconstruction chain), ``solver_grad_nonzero`` the share of real hits where the latter is not 0.
+    """
+    objective = get_objective(state.objective, state.estimator)
+
+    def logits_fn(params):
+        return state.apply_fn({"params": params}, batch.features, batch.mask)
+
+    def loss_fn(logits):
         return objective.loss_fn(logits, batch, state.geometry, lam, key)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    logits, network_vjp = jax.vjp(logits_fn, state.params)
+    (loss, aux), logit_grad = jax.value_and_grad(loss_fn, has_aux=True)(logits)
+    (grads,) = network_vjp(logit_grad)
     state = state.apply_gradients(grads=grads)
-    metrics = {"loss": loss, "bce": aux["bce"], "pt_loss": aux["pt_loss"], "grad_norm": optax.tree.norm(grads)}
+    bce_grad = jax.grad(bce_loss)(logits, batch.label, batch.mask)
+    solver_grad = logit_grad - bce_grad
+    n_hits = jnp.maximum(jnp.sum(batch.mask), 1)
+    metrics = {
+        "loss": loss,
+        "bce": aux["bce"],
+        "pt_loss": aux["pt_loss"],
+        "grad_norm": optax.tree.norm(grads),
+        "bce_grad": jnp.sum(jnp.where(batch.mask, jnp.abs(bce_grad), 0.0)) / n_hits,
+        "solver_grad": jnp.sum(jnp.where(batch.mask, jnp.abs(solver_grad), 0.0)) / n_hits,
+        "solver_grad_nonzero": jnp.sum(batch.mask & (solver_grad != 0)) / n_hits,
+        **{term: aux[term] for term in OPTIONAL_TERMS if term in aux},
+    }
     return state, metrics
 
 
 @jax.jit
 def eval_step(state: TrainState, batch: Batch, lam: jax.Array) -> dict:
     """Loss terms of one batch without updating, plus each event's q/pT through the objective's chain."""
-    objective = get_objective(state.objective)
+    objective = get_objective(state.objective, state.estimator)
     logits = state.apply_fn({"params": state.params}, batch.features, batch.mask)
     loss, aux = objective.loss_fn(logits, batch, state.geometry, lam, jax.random.key(0))
-    return {"loss": loss, "bce": aux["bce"], "pt_loss": aux["pt_loss"], "q_over_pt": aux["q_over_pt"]}
+    return {
+        "loss": loss,
+        "bce": aux["bce"],
+        "pt_loss": aux["pt_loss"],
+        "q_over_pt": aux["q_over_pt"],
+        **{term: aux[term] for term in OPTIONAL_TERMS if term in aux},
+    }
 
 
 def step_key(seed: int, epoch: int, step_in_epoch: int) -> jax.Array:
@@ -575,24 +621,35 @@ def _prepare_run_dir(out: Path, config: dict[str, Any], resume: bool) -> int:
 # ---- the training loop -----------------------------------------------------------------------------------
 
 
+#: the batch-mean metrics averaged over an epoch's events into its metrics row (those a model reports)
+_EPOCH_MEANS = (
+    "loss",
+    "bce",
+    "pt_loss",
+    *OPTIONAL_TERMS,
+    "grad_norm",
+    "bce_grad",
+    "solver_grad",
+    "solver_grad_nonzero",
+)
+
+
 @dataclass
 class _Sums:
-    """Event-weighted running sums of batch-mean metrics."""
+    """Event-weighted running sums of batch-mean metrics (of those in :data:`_EPOCH_MEANS` a batch reports)."""
 
-    loss: float = 0.0
-    bce: float = 0.0
-    pt_loss: float = 0.0
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
     events: int = 0
 
     def add(self, metrics: dict[str, Any], n_events: int) -> None:
-        self.loss += float(metrics["loss"]) * n_events
-        self.bce += float(metrics["bce"]) * n_events
-        self.pt_loss += float(metrics["pt_loss"]) * n_events
+        for key in _EPOCH_MEANS:
+            if key in metrics:
+                self.sums[key] = self.sums.get(key, 0.0) + float(metrics[key]) * n_events
         self.events += n_events
 
     def means(self) -> dict[str, float]:
         n = max(self.events, 1)
-        return {"loss": self.loss / n, "bce": self.bce / n, "pt_loss": self.pt_loss / n}
+        return {key: total / n for key, total in self.sums.items()}
 
 
 def _progress(enabled: bool):
@@ -657,13 +714,14 @@ def train_run(
     resume: bool = False,
     progress: bool = False,
     on_epoch: EpochCallback | None = None,
+    estimator: str | None = None,
 ) -> str:
     """Train ``model`` (baseline, e2e, e2e_paper, assignment) on the train split of ``data`` into ``out``.
 
     Validates on the val split after every epoch, checkpoints every epoch and writes metrics.parquet.
-    ``epochs`` overrides the preset's. With ``resume`` an interrupted (or finished, for more epochs) run of
-    the same configuration continues from its newest checkpoint, giving the same result as an uninterrupted
-    run. Returns a one-line summary.
+    ``epochs`` overrides the preset's, ``estimator`` its gradient estimator (the ``assignment`` model's). With
+    ``resume`` an interrupted (or finished, for more epochs) run of the same configuration continues from its
+    newest checkpoint, giving the same result as an uninterrupted run. Returns a one-line summary.
 
     ``progress`` shows a progress bar and prints one line per epoch (:func:`format_epoch`). ``on_epoch``, if
     given, is called after each epoch's metrics and checkpoint are written with a dict of that epoch's
@@ -676,7 +734,7 @@ def train_run(
     RunError (``out`` holds something else, needs ``--resume``, or the loss became NaN).
     """
     with exclusive_writer(out):
-        return _train_run_locked(data, model, Path(out), preset, epochs, seed, resume, progress, on_epoch)
+        return _train_run_locked(data, model, Path(out), preset, epochs, seed, resume, progress, on_epoch, estimator)
 
 
 def _train_run_locked(
@@ -689,9 +747,12 @@ def _train_run_locked(
     resume: bool,
     progress: bool,
     on_epoch: EpochCallback | None = None,
+    estimator: str | None = None,
 ) -> str:
     objective = get_objective(model)
     model_config, train_config = get_preset(preset)
+    if estimator is not None:
+        train_config = dataclasses.replace(train_config, estimator=estimator)
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
@@ -767,7 +828,6 @@ def _train_run_locked(
                     rate = sum(step_events) / max(time.perf_counter() - epoch_start, 1e-9)
                     bar.update(task, advance=step_events[-1], loss=shown, rate=rate)
             sums = _Sums()
-            grad_norms = []
             for index, (metrics, n_events) in enumerate(zip(jax.device_get(step_metrics), step_events, strict=True)):
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
@@ -776,15 +836,13 @@ def _train_run_locked(
                         f"(lambda={lam}); lower the learning rate (the last good checkpoint is epoch {epoch - 1})"
                     )
                 sums.add(metrics, n_events)
-                grad_norms.append(float(metrics["grad_norm"]))
             train_seconds = time.perf_counter() - epoch_start
             step = int(state.step)
-            diagnostics = {
-                "grad_norm": float(np.mean(grad_norms)) if grad_norms else math.nan,
-                # the rate of the epoch's last step (the schedule is read at the count before that step)
-                "learning_rate": float(schedule(step - 1)),
-            }
-            rows.append(_metrics_row(epoch, step, "train", sums.means(), lam, train_seconds, **diagnostics))
+            # the rate of the epoch's last step (the schedule is read at the count before that step)
+            learning_rate = float(schedule(step - 1))
+            rows.append(
+                _metrics_row(epoch, step, "train", sums.means(), lam, train_seconds, learning_rate=learning_rate)
+            )
 
             val_start = time.perf_counter()
             val_means, val_sigma = evaluate(state, dataset, "val", train_config, lam)
@@ -819,22 +877,19 @@ def _metrics_row(
     lam: float,
     seconds: float,
     *,
-    grad_norm: float | None = None,
     learning_rate: float | None = None,
     sigma68: float | None = None,
 ) -> dict[str, Any]:
+    """One row of metrics.parquet; the means a model did not report are null."""
     return {
         "epoch": epoch,
         "step": step,
         "split": split,
-        "loss": means["loss"],
-        "bce": means["bce"],
-        "pt_loss": means["pt_loss"],
         "lambda": lam,
         "seconds": seconds,
-        "grad_norm": grad_norm,
         "learning_rate": learning_rate,
         "sigma68": sigma68,
+        **{key: means.get(key) for key in _EPOCH_MEANS},
     }
 
 

@@ -35,6 +35,7 @@ from model.train import (
     get_objective,
     learning_rate_schedule,
     read_metrics,
+    read_run_config,
     sigma68,
     sigmoid_weights,
     train_run,
@@ -42,6 +43,7 @@ from model.train import (
 )
 from pipeline.batches import Geometry, iter_batches
 from pipeline.config import SimConfig
+from pipeline.dataset import open_dataset
 from pipeline.errors import ConfigError, DatasetError, RunError
 from pipeline.schema import TRAIN_METRICS_SCHEMA
 from simulation.dataset import simulate_dataset
@@ -67,10 +69,12 @@ def first_batch(dataset):
     return device_batch(next(iter_batches(dataset, "train", train_config.batch_size, train_config.node_buckets)))
 
 
-def _state(dataset, batch, objective, learning_rate=None):
+def _state(dataset, batch, objective, learning_rate=None, estimator=None):
     model_config, train_config = get_preset("test")
     if learning_rate is not None:
         train_config = dataclasses.replace(train_config, learning_rate=learning_rate)
+    if estimator is not None:
+        train_config = dataclasses.replace(train_config, estimator=estimator)
     geometry = Geometry.from_detector(dataset.config.detector)
     return create_train_state(
         jax.random.key(0), model_config, train_config, batch, geometry=geometry, objective=objective
@@ -108,6 +112,49 @@ def test_training_steps_lower_the_loss(dataset, first_batch, objective, lam, war
     # rate, oscillates on one batch: not asserted here)
     assert np.mean(losses[-5:]) < 0.96 * losses[0]
     assert int(state.step) == 40 + warmup_steps
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        "blackbox",
+        "perturbed",
+        pytest.param(
+            "identity",
+            # measured, not wished away: with the pT term on, identity passes dL/dz through unbounded, and the
+            # robust chain's dL/dz for a far window reaches 1e4 (the BCE's gradient is 1e-4); the loss rises
+            marks=pytest.mark.xfail(strict=True, reason="identity diverges once the pT term is on"),
+        ),
+    ],
+)
+def test_assignment_steps_lower_the_loss_without_shrinking_the_selection(dataset, first_batch, estimator):
+    state = _state(dataset, first_batch, "assignment", learning_rate=1e-2, estimator=estimator)
+    assert state.estimator.kind == estimator
+    losses, selected = [], []
+    for step in range(30):  # the warm-up (Hamming and BCE), then the pT term as well
+        lam = jnp.float32(0.0 if step < 15 else 0.5)
+        state, metrics = train_step(state, first_batch, jax.random.key(step), lam)
+        losses.append((float(metrics["bce"]) + float(metrics["hamming"]), float(metrics["loss"])))
+        selected.append(float(metrics["selected_layers"]))
+        assert 0 < float(metrics["solver_grad_nonzero"]) <= 1 and float(metrics["solver_grad"]) > 0
+    warmup, full = np.array(losses[:15]), np.array(losses[15:])
+    assert np.all(np.isfinite(np.concatenate([warmup, full])))
+    assert np.mean(warmup[-3:, 0]) < 0.97 * warmup[0, 0]
+    # the share of layers that choose a window (not "no hit") does not shrink: no collapse towards nothing
+    assert min(selected[-3:]) >= selected[0]
+    assert np.mean(full[-3:, 1]) < full[0, 1]
+
+
+def test_gradient_split_is_exact_for_a_model_trained_on_the_bce_alone(dataset, first_batch):
+    state = _state(dataset, first_batch, "baseline")
+    _, metrics = train_step(state, first_batch, jax.random.key(0), jnp.float32(0.5))
+    assert float(metrics["bce_grad"]) > 0
+    # baseline's pT term sees stopped gradients: nothing but the BCE reaches the logits, not even rounding
+    assert float(metrics["solver_grad"]) == 0.0 and float(metrics["solver_grad_nonzero"]) == 0.0
+    assert "hamming" not in metrics and "selected_layers" not in metrics
+    # e2e's pT term reaches the logits through the chain once lambda > 0
+    _, e2e = train_step(_state(dataset, first_batch, "e2e"), first_batch, jax.random.key(0), jnp.float32(0.5))
+    assert float(e2e["solver_grad"]) > 0 and float(e2e["solver_grad_nonzero"]) > 0.5
 
 
 def test_lambda_drives_e2e_but_not_baseline(dataset, first_batch):
@@ -289,18 +336,34 @@ def test_a_nan_loss_stops_training_with_a_run_error(dataset_dir, tmp_path, monke
         train_run(dataset_dir, "nan_test", tmp_path / "nan", preset="test", epochs=1)
 
 
-def test_assignment_run_trains_and_predicts_hard_selections(dataset_dir, tmp_path):
+def test_assignment_run_records_its_estimator_diagnostics_and_predicts_one_window_per_layer(dataset_dir, tmp_path):
+    from model.assignment import HALF_WIDTH_PITCH
     from model.inference import predict_run
 
     run = tmp_path / "assignment"
-    train_run(dataset_dir, "assignment", run, preset="test", epochs=2)
-    metrics = pl.read_parquet(run / "metrics.parquet")
-    assert metrics.filter(pl.col("split") == "train")["lambda"].to_list() == [0.0, 0.5]
+    train_run(dataset_dir, "assignment", run, preset="test", epochs=2, estimator="identity")
+    assert read_run_config(run)["train_config"]["estimator"] == "identity"
+    metrics = read_metrics(run)
+    train = metrics.filter(pl.col("split") == "train")
+    assert train["lambda"].to_list() == [0.0, 0.5]
+    # the collapse diagnostics, per epoch: every layer with hits got a window, and the solver passed gradients
+    assert metrics["selected_layers"].to_list() == [1.0] * 4
+    assert metrics["hamming"].null_count() == 0
+    for column in ("solver_grad", "solver_grad_nonzero", "bce_grad"):
+        assert train[column].null_count() == 0 and (train[column] > 0).all()
     tables = predict_run(dataset_dir, run, split="test")
     assert set(tables["tracks"]["model"].unique()) == {"assignment"}
-    # the clusters come from the hard selection: each layer's weight is a whole number of hits
-    weights = tables["clusters"]["weight"].to_numpy()
-    assert_allclose(weights, np.round(weights))
+    # the hits that carry weight on a layer all lie in one window (|x - x_c| <= 2 pitches of its centre)
+    pitch = open_dataset(dataset_dir).config.detector.pitch
+    hits = open_dataset(dataset_dir).hits().select("event_id", "hit_id", "layer", "x").collect()
+    spans = (
+        hits.join(tables["hits"], on=["event_id", "hit_id"])
+        .filter(pl.col("weight") > 0)
+        .group_by("event_id", "layer")
+        .agg(span=pl.col("x").max() - pl.col("x").min())
+    )
+    assert spans.height > 0
+    assert spans["span"].max() <= 2 * HALF_WIDTH_PITCH * pitch + 1e-4
 
 
 # ---- per-epoch diagnostics and progress -------------------------------------------------------------------
