@@ -24,9 +24,9 @@ One ``key=value`` line per run:
 Then one ``key=value`` line per (model, estimator) and a Markdown table of the same: the mean over seeds of
 sigma68 and AUC with the standard error of the mean, sigma68 relative to e2e's mean, the failed-fit shares of
 the seeds, the mean diagnostics, and the seed disagreement: for each pair of seeds the share of test hits
-(all of them, matched on event_id and hit_id) that the two runs decide differently (decision = final hit
-weight > 0.5: the hard selection for `assignment`), averaged over the pairs, with the standard deviation of
-that average over 200 bootstrap resamplings of the test events.
+(all of them, matched on event_id and hit_id) that the two runs decide differently (decision: the hit's
+weight in its chain's last fit > 0.5), averaged over the pairs, with the standard deviation of that average
+over 200 bootstrap resamplings of the test events.
 
 Last (unless ``--no-report``), the report of ``muontrack evaluate`` (flows.steps.evaluate_runs) for the first
 seed in OUT/report-s{seed}: `e2e` and `assignment` with the preset's estimator (the report holds one run per
