@@ -1,7 +1,8 @@
 """The results catalog: REPORT/summary.parquet and REPORT/resolution.parquet, and reading them back.
 
-Every evaluation writes, beside summary.json, one row per model (``summary.parquet``: the rows of
-summary.json with the errors the report quotes) and one row per model and true-pT bin
+Every evaluation writes, beside summary.json, one row per model (``summary.parquet``: summary.json's score,
+core-fraction and σ68 figures with the errors the report quotes; not the final-weight figures ``auc_weight``,
+``hit_efficiency`` and ``hit_purity``) and one row per model and true-pT bin
 (``resolution.parquet``: the rows of resolution.csv), each with the identity of the evaluation: the report
 folder, when it was written, the dataset, the code, and the training run behind the row (null for the
 references ``truth``, ``truth_charge`` and ``classical``). The schemas are explicit, so the files of any
@@ -27,6 +28,7 @@ from typing import Any
 import polars as pl
 
 from analysis.metrics import TRUTH_MODELS
+from pipeline.atomic import write_atomic
 from pipeline.errors import MuontrackError
 from pipeline.schema import MODEL_NAMES
 
@@ -51,9 +53,9 @@ IDENTITY_SCHEMA = pl.Schema(
         "run_code_version": pl.String,
     }
 )
-#: the per-model metrics with their errors (summary.json's plus the errors only report.md quoted so far);
-#: AUC and rejections are those of the raw classifier score, null for the truth references; a rejection is
-#: null where it is infinite (no background hit passes)
+#: the per-model metrics with their errors (summary.json's score, core-fraction and σ68 figures, and the errors
+#: that summary.json leaves out); AUC and rejections are those of the raw classifier score, null for the truth
+#: references; a rejection is null where it is infinite (no background hit passes)
 METRICS_SCHEMA = pl.Schema(
     {
         "auc": pl.Float64,
@@ -237,9 +239,7 @@ def resolution_frame(identity: pl.DataFrame, resolution_pt: pl.DataFrame) -> pl.
 
 def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
     """Write ``frame`` to ``path`` through a temporary file beside it (never a partial file at ``path``)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    frame.write_parquet(temporary, compression="zstd")
-    os.replace(temporary, path)
+    write_atomic(path, lambda temporary: frame.write_parquet(temporary, compression="zstd"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec
@@ -27,6 +25,7 @@ from analysis.metrics import (
     SIGNAL_EFFICIENCY_POINTS,
     GaussianFit,
 )
+from pipeline.atomic import replacing
 from pipeline.schema import MODEL_NAMES
 
 #: a fixed colour, line style, marker and label per known model (pipeline.schema.MODEL_NAMES), so a model looks
@@ -128,18 +127,9 @@ def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    token = uuid.uuid4().hex[:12]
-    written: list[tuple[Path, Path]] = []
-    try:
-        for target, extension in zip(figure_paths(path), FIGURE_FORMATS, strict=True):
-            temporary = target.with_name(f".{target.name}.{token}.tmp")
-            written.append((temporary, target))
+    with replacing(figure_paths(path)) as temporaries:
+        for temporary, extension in zip(temporaries, FIGURE_FORMATS, strict=True):
             fig.savefig(temporary, format=extension, dpi=_DPI)
-        for temporary, target in written:
-            os.replace(temporary, target)
-    finally:
-        for temporary, _ in written:
-            temporary.unlink(missing_ok=True)
     return path
 
 
@@ -158,7 +148,7 @@ def plot_rejection_vs_efficiency(
 ) -> Path:
     """Background rejection 1/ε_b (log) vs signal efficiency ε_s per model (paper Fig. 4).
 
-    A ROC with a single working point (a hard 0/1 selection such as classical or assignment: points (0, 0),
+    A ROC with a single working point (a hard 0/1 selection such as classical's: points (0, 0),
     the selection, (1, 1)) is drawn as one marker at that point, not as a line to (1, 1).
 
     Args:

@@ -1,5 +1,5 @@
-"""Metrics of the evaluation (DESIGN.md "Metrics"): ROC/AUC of hit scores, cluster residual core fraction,
-q/pT resolution σ68 overall and in bins of true pT.
+"""Metrics of the evaluation (docs/contracts.md, "Metric definitions"): ROC/AUC of hit scores, cluster residual
+core fraction, q/pT resolution σ68 overall and in bins of true pT.
 
 Column logic is written as functions returning ``pl.Expr``; each prediction table is read with one
 ``scan ... collect``. Sorting, interpolation, bootstrap and fits run in NumPy/SciPy on the collected columns.
@@ -11,8 +11,9 @@ Conventions:
 - ``truth`` and ``truth_charge`` are reference reconstructions from truth labels: they have no hit
   classification metrics (their "score" is the label itself).
 - A prediction hit has two numbers: ``score``, the raw classifier output (sigmoid of the network logit; 1/0
-  for a hard selection), and ``weight``, its weight in the model's final clusters (equal to the score in the
-  paper chain, the refined weight in the robust chain, 1/0 for a hard selection). ROC, AUC and rejections are
+  for classical's hard selection), and ``weight``, its weight in the model's final clusters (equal to the score
+  in the paper chain, the refined weight in the robust chain, for assignment that of its 0/1 selection, 1/0 for
+  classical). ROC, AUC and rejections are
   those of the score; ``auc_weight``, hit efficiency and purity those of the weight.
 """
 
@@ -25,10 +26,13 @@ import numpy as np
 import polars as pl
 from scipy.optimize import curve_fit
 
-#: fraction of events inside ± σ68 around the median
-SIGMA68_COVERAGE = 0.68
+from pipeline import stats
+from pipeline.models import get_model
+
+#: fraction of events inside ± σ68 around the median (pipeline.stats, shared with training)
+SIGMA68_COVERAGE = stats.SIGMA68_COVERAGE
 #: models whose hit weights come from truth labels (no classification metrics)
-TRUTH_MODELS = ("truth", "truth_charge")
+TRUTH_MODELS = get_model("truth").rows
 #: a hit counts as selected by a model (hit efficiency and purity) when its final weight is at least this
 HIT_SELECTION_THRESHOLD = 0.5
 #: signal efficiencies at which background rejection is quoted
@@ -129,8 +133,7 @@ def sigma68(residuals: np.ndarray | pl.Series) -> float:
     Raises:
         ValueError: no non-NaN residual.
     """
-    r = _finite_1d(residuals, "sigma68")
-    return float(np.quantile(np.abs(r - np.median(r)), SIGMA68_COVERAGE, method="linear"))
+    return stats.sigma68(_finite_1d(residuals, "sigma68"))
 
 
 def bootstrap_sigma68(

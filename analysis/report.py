@@ -1,9 +1,10 @@
-"""The evaluation report: REPORT/report.md, REPORT/summary.json, REPORT/resolution.csv, REPORT/figures/*.png and
-the catalog files REPORT/summary.parquet and REPORT/resolution.parquet (:mod:`analysis.catalog`).
+"""The evaluation report: REPORT/report.md, REPORT/summary.json, REPORT/resolution.csv, REPORT/figures/ (PNG and
+PDF) and the catalog files REPORT/summary.parquet and REPORT/resolution.parquet (:mod:`analysis.catalog`).
 
 :func:`write_report` reads REPORT/predictions/*.parquet, joins them with the dataset's truth, computes every
-metric of DESIGN.md "Metrics" (see :mod:`analysis.metrics`), draws the figures and writes the files. All
-numbers are computed before anything is written, so a bad input leaves an existing report untouched.
+metric of docs/contracts.md, "Metric definitions" (see :mod:`analysis.metrics`), draws the figures and writes
+the files. All numbers are computed before anything is written, so a bad input leaves an existing report
+untouched.
 
 :func:`staged_report` makes a whole evaluation (predictions and report) atomic: it is written into a staging
 folder beside REPORT and swapped into place at the end, so a writer killed at any point leaves the previous
@@ -32,6 +33,7 @@ from analysis import catalog
 from analysis import figures as fig
 from analysis import metrics as m
 from analysis.figures import format_value_error, model_order
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import MuontrackError
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 
@@ -39,8 +41,9 @@ from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_
 SIGNIFICANCE_THRESHOLD = 2.0
 #: the paper's relative gain in cluster core fraction, end-to-end vs baseline (Coccaro et al., section 4)
 PAPER_CORE_FRACTION_GAIN = 0.127
-#: keys of each model's entry in summary.json (DESIGN.md "Metrics"): ``auc`` and the rejections are those of the
-#: raw classifier score, ``auc_weight``, ``hit_efficiency`` and ``hit_purity`` those of the final hit weights
+#: keys of each model's entry in summary.json (docs/contracts.md, "summary.json"): ``auc`` and the rejections are
+#: those of the raw classifier score, ``auc_weight``, ``hit_efficiency`` and ``hit_purity`` those of the final
+#: hit weights
 SUMMARY_KEYS = (
     "auc",
     "rejection_at_90",
@@ -789,12 +792,6 @@ def _version() -> str:
         return "(version unknown)"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
     """Draw every figure into ``figures_dir``; returns {figure key: path} of those drawn."""
     paths = {
@@ -868,8 +865,8 @@ def write_report(
     )
 
     figure_paths = write_figures(results, report_dir / "figures")
-    _write_atomic(report_dir / "report.md", render_markdown(results, summary, figure_paths, context))
-    _write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(report_dir / "report.md", render_markdown(results, summary, figure_paths, context))
+    write_text_atomic(report_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     rank = {model: index for index, model in enumerate(results.models)}
     csv_text = (
         results.resolution_pt.with_columns(rank=pl.col("model").replace_strict(rank, default=len(rank)))
@@ -877,7 +874,7 @@ def write_report(
         .select(RESOLUTION_COLUMNS)
         .write_csv()
     )
-    _write_atomic(report_dir / "resolution.csv", csv_text)
+    write_text_atomic(report_dir / "resolution.csv", csv_text)
     _write_catalog(report_dir, catalog_summary, catalog_resolution)
     return summary
 

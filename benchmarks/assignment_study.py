@@ -50,7 +50,8 @@ from analysis import metrics
 from flows.steps import evaluate_runs
 from model.config import ESTIMATORS, get_preset
 from model.inference import predict_run
-from model.train import read_metrics, train_run
+from model.run_folder import read_metrics
+from model.train import train_run
 from pipeline.dataset import open_dataset
 from pipeline.errors import RunError
 

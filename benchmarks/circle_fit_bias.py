@@ -13,7 +13,7 @@ with r = (q/pT_fit - q/pT_true) / (q/pT_true) per track: bias = mean(r), bias_er
 statistical error), rms = sqrt(mean(r^2)), n the number of tracks, not_ok the number with a fit status != 0
 (all tracks enter the averages). The same tracks go through both methods.
 
-    python benchmarks/circle_fit_bias.py [--trials 20000] [--sigmas 0.005 0.1 0.3] [--pts 20 30 40 50]
+    python -m benchmarks.circle_fit_bias [--trials 20000] [--sigmas 0.005 0.1 0.3] [--pts 20 30 40 50]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Throughput and quality of the classical reconstruction (``classical``).
 
-    python benchmarks/classical.py [--data DATASET] [--events N] [--split SPLIT] [--seed S]
+    python -m benchmarks.classical [--data DATASET] [--events N] [--split SPLIT] [--seed S]
 
 Without ``--data`` it simulates N events (default 20 000, seed S) into a temporary folder first. It reads
 the split's hits (``--split``: train, val, test or all; default all) once, keeps the first N events, warms
@@ -18,8 +18,9 @@ measurement:
   fits with status 0; tail5: share of those with |r| > 0.05; efficiency: share of the signal strips
   selected; purity: share of the selected strips that are signal; failed: share of fits with status > 0.
 
-The script runs itself as ``python -m benchmarks.classical`` from the repository root: run as a file, its
-own folder would come first on sys.path and its name would shadow the ``classical`` package.
+Run as a file (``python benchmarks/classical.py``), the script runs itself again as ``python -m
+benchmarks.classical`` from the repository root: as a file its own folder would come first on sys.path and its
+name would shadow the ``classical`` package.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ import polars as pl
 from analysis import metrics
 from classical import predict_classical
 from model.inference import BUCKET_STEP, predict_run
+from model.steps import device_batch
 from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct
-from model.train import device_batch
 from pipeline.batches import Geometry, iter_batches, split_summary
 from pipeline.dataset import open_dataset
 

@@ -1,6 +1,6 @@
 """Throughput and memory of `simulate_dataset`, against a plain Parquet write of the same rows.
 
-    python benchmarks/simulation.py [--events N] [--workers K] [--seed S]
+    python -m benchmarks.simulation [--events N] [--workers K] [--seed S]
 
 For each worker count (1 then 2, or only K), one line:
 
@@ -31,9 +31,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-# This script's own folder comes first on sys.path, where its name would shadow the `simulation` package.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _peak_rss_mb(who: int) -> float:
@@ -89,7 +86,7 @@ def main() -> None:
         print(measure(args.events, args.workers or 1, args.seed), flush=True)
         return
     for workers in [args.workers] if args.workers else [1, 2]:
-        command = [sys.executable, __file__, "--in-process", "--events", str(args.events)]
+        command = [sys.executable, "-m", "benchmarks.simulation", "--in-process", "--events", str(args.events)]
         command += ["--workers", str(workers), "--seed", str(args.seed)]
         subprocess.run(command, check=True)
 

@@ -1,18 +1,18 @@
 """Training and inference throughput of the GAT tracker on synthetic batches, and the machine's matmul speed.
 
-    python benchmarks/training.py [--preset P] [--nodes N] [--batch B] [--steps S]
+    python -m benchmarks.training [--preset P] [--nodes N] [--batch B] [--steps S]
 
 One line per preset (wrapped here):
 
     preset=.. nodes=.. batch=.. train_events_per_s=.. infer_events_per_s=..
     step_gflops=.. matmul_gflops=.. peak_rss_mb=..
 
-- train_events_per_s: events per second of ``model.train.train_step`` (e2e objective, lambda > 0, so the
+- train_events_per_s: events per second of ``model.steps.train_step`` (e2e objective, lambda > 0, so the
   gradient flows through clustering and fit), the mean over S steps after one compiling step.
 - infer_events_per_s: events per second of the inference forward pass (GAT, sigmoid, clustering, fit).
 - step_gflops: 12 * N^2 * H^2 * B / (train step time) / 1e9, the edge MLP's FLOPs of forward and backward
-  of both GAT layers as counted by DESIGN.md (a preset without a per-edge dense layer, like ``cpu``, does
-  fewer real FLOPs than this count).
+  of both GAT layers as counted in docs/contracts.md, "Benchmarks" (a preset without a per-edge dense layer,
+  like ``cpu``, does fewer real FLOPs than this count).
 - matmul_gflops: 2 * 2048^3 / time of a jitted dense 2048 x 2048 float32 product (best of 5), same process.
 - peak_rss_mb: peak resident memory of the process (each preset runs in its own fresh process).
 
@@ -27,10 +27,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-# This script's own folder comes first on sys.path; keep it from shadowing project packages.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 DEFAULTS = {"cpu": {"nodes": 160, "batch": None, "steps": 5}, "paper": {"nodes": 200, "batch": 1, "steps": 1}}
 
@@ -96,7 +92,7 @@ def measure(preset: str, nodes: int, batch_size: int | None, steps: int) -> str:
 
     from model.config import get_preset
     from model.inference import forward_fn
-    from model.train import create_train_state, train_step
+    from model.steps import create_train_state, train_step
     from pipeline.batches import Geometry
     from pipeline.config import DetectorConfig
 
@@ -159,7 +155,7 @@ def main() -> None:
         return
     # each preset in a fresh process: its peak memory and compile caches are its own
     for preset in ("cpu", "paper"):
-        command = [sys.executable, __file__, "--preset", preset]
+        command = [sys.executable, "-m", "benchmarks.training", "--preset", preset]
         for name in ("nodes", "batch", "steps"):
             if getattr(args, name) is not None:
                 command += [f"--{name}", str(getattr(args, name))]

@@ -29,8 +29,8 @@ import math
 
 import numpy as np
 
-from classical._jit import jit
 from pipeline.config import PT_PER_TESLA_METRE
+from pipeline.jit import jit
 
 #: fit status codes (as model/fit.py)
 STATUS_OK = 0

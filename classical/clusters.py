@@ -12,20 +12,36 @@ from typing import NamedTuple
 
 import numpy as np
 
-from classical._jit import jit
+from pipeline.jit import argsort_small, jit
+
+
+class ClusterBuffers(NamedTuple):
+    """Scratch and outputs of :func:`cluster_hits` (arrays of length >= the event's hits; ``layer_start``
+    of length ``n_layers + 1``); see :func:`cluster_hits` for their meaning."""
+
+    keys: np.ndarray  # int64: (layer, strip) sort key of each hit
+    order: np.ndarray  # int64: the hits sorted by (layer, strip)
+    x: np.ndarray  # float64: charge centroid [mm]
+    charge: np.ndarray  # float64: charge sum
+    sigma: np.ndarray  # float64: charge-weighted RMS spread [mm]
+    size: np.ndarray  # int64: strips
+    first: np.ndarray  # int64: position of the first strip in ``order``
+    layer_start: np.ndarray  # int64 [n_layers + 1]
 
 
 @jit()
-def argsort_small(keys, n, order):
-    """Stable insertion argsort of ``keys[:n]`` into ``order[:n]``: an event's strips arrive sorted by
-    (layer, strip) already, where this is linear and beats np.argsort."""
-    for i in range(n):
-        key = keys[i]
-        j = i
-        while j > 0 and keys[order[j - 1]] > key:
-            order[j] = order[j - 1]
-            j -= 1
-        order[j] = i
+def new_cluster_buffers(capacity, n_layers):
+    """Uninitialised :class:`ClusterBuffers` for events of up to ``capacity`` hits."""
+    return ClusterBuffers(
+        np.empty(capacity, np.int64),
+        np.empty(capacity, np.int64),
+        np.empty(capacity, np.float64),
+        np.empty(capacity, np.float64),
+        np.empty(capacity, np.float64),
+        np.empty(capacity, np.int64),
+        np.empty(capacity, np.int64),
+        np.empty(n_layers + 1, np.int64),
+    )
 
 
 @jit()
@@ -65,31 +81,24 @@ def _emit_run(order, charge, start, end, split_ratio, cl_first, cl_size, n_clust
 
 
 @jit()
-def cluster_hits(
-    layer,
-    strip,
-    x,
-    charge,
-    n_layers,
-    split_ratio,
-    keys,
-    order,
-    cl_x,
-    cl_charge,
-    cl_sigma,
-    cl_size,
-    cl_first,
-    layer_start,
-):
+def cluster_hits(layer, strip, x, charge, n_layers, split_ratio, buffers):
     """Cluster one event's hits (``layer``, ``strip``, ``x`` [mm], ``charge``; all of one length ``n``);
     ``split_ratio``: see :func:`_emit_run` (0: runs of contiguous strips are never split).
 
-    Scratch/outputs (length >= n, ``layer_start`` length ``n_layers + 1``): ``order`` gets the hits sorted
-    by (layer, strip); cluster ``k`` holds the hits ``order[cl_first[k] : cl_first[k] + cl_size[k]]`` and has
-    centroid ``cl_x[k]``, charge sum ``cl_charge[k]`` and spread ``cl_sigma[k]``; clusters are sorted by
-    layer, then strip, and those of layer ``l`` are ``layer_start[l] : layer_start[l + 1]``. Hits with a
-    layer outside ``[0, n_layers)`` are ignored. Returns the number of clusters.
+    ``buffers`` (:class:`ClusterBuffers`, length >= n): ``order`` gets the hits sorted by (layer, strip);
+    cluster ``k`` holds the hits ``order[first[k] : first[k] + size[k]]`` and has centroid ``x[k]``, charge
+    sum ``charge[k]`` and spread ``sigma[k]``; clusters are sorted by layer, then strip, and those of layer
+    ``l`` are ``layer_start[l] : layer_start[l + 1]``. Hits with a layer outside ``[0, n_layers)`` are
+    ignored. Returns the number of clusters.
     """
+    keys = buffers.keys
+    order = buffers.order
+    cl_x = buffers.x
+    cl_charge = buffers.charge
+    cl_sigma = buffers.sigma
+    cl_size = buffers.size
+    cl_first = buffers.first
+    layer_start = buffers.layer_start
     n = layer.shape[0]
     n_strip_key = np.int64(1) << np.int64(32)
     for i in range(n):
@@ -158,28 +167,9 @@ def find_clusters(layer, strip, x, charge, n_layers: int, split_ratio: float = 0
     strip = np.ascontiguousarray(strip, dtype=np.int64)
     x = np.ascontiguousarray(x, dtype=np.float64)
     charge = np.ascontiguousarray(charge, dtype=np.float64)
-    n = layer.shape[0]
-    keys = np.empty(n, np.int64)
-    order = np.empty(n, np.int64)
-    cl_x, cl_charge, cl_sigma = (np.empty(n, np.float64) for _ in range(3))
-    cl_size, cl_first = (np.empty(n, np.int64) for _ in range(2))
-    layer_start = np.empty(n_layers + 1, np.int64)
-    m = cluster_hits(
-        layer,
-        strip,
-        x,
-        charge,
-        n_layers,
-        split_ratio,
-        keys,
-        order,
-        cl_x,
-        cl_charge,
-        cl_sigma,
-        cl_size,
-        cl_first,
-        layer_start,
-    )
+    buffers = new_cluster_buffers(layer.shape[0], n_layers)
+    m = cluster_hits(layer, strip, x, charge, n_layers, split_ratio, buffers)
+    order, cl_x, cl_charge, cl_sigma, cl_size, cl_first, layer_start = buffers[1:]
     cl_layer = np.repeat(np.arange(n_layers), np.diff(layer_start))
     hits = [order[cl_first[c] : cl_first[c] + cl_size[c]].copy() for c in range(m)]
     return Clusters(cl_layer, cl_x[:m].copy(), cl_charge[:m].copy(), cl_sigma[:m].copy(), cl_size[:m].copy(), hits)

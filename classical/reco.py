@@ -46,7 +46,6 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-from classical._jit import jit
 from classical.circle import (
     STATUS_DEGENERATE,
     STATUS_OK,
@@ -55,8 +54,9 @@ from classical.circle import (
     hyper_fit,
     track_parameters,
 )
-from classical.clusters import cluster_hits
+from classical.clusters import ClusterBuffers, cluster_hits, new_cluster_buffers
 from pipeline.config import DetectorConfig
+from pipeline.jit import chunk_bounds, jit, largest_span
 
 #: a track needs at least this many layers
 MIN_LAYERS = 3
@@ -102,6 +102,48 @@ class Reconstruction(NamedTuple):
     q: np.ndarray  # int8 [E]: +1 / -1
     q_over_pt: np.ndarray  # float64 [E] [1/GeV]
     status: np.ndarray  # int8 [E]
+
+
+class RecoSettings(NamedTuple):
+    """What :func:`reconstruct_events` needs of the geometry and the :class:`ClassicalParams`, as Numba types."""
+
+    layer_y: np.ndarray  # float64 [L]: layer planes [mm]
+    seed_role: np.ndarray  # int64 [L]: see :func:`seed_roles`
+    temperatures: np.ndarray  # float64: the hot annealing schedule
+    restart_temperatures: np.ndarray  # float64: the cold one
+    road_half_width: float
+    seed_cut: float
+    point_sigma: float
+    chi2_cut: float
+    split_ratio: float
+    sigma_floor: float  # [mm] pitch / sqrt(12): the smallest reported cluster spread
+    b_field: float  # [T]
+
+
+class EventScratch(NamedTuple):
+    """Scratch of :func:`reconstruct_event` for events of up to ``capacity`` hits (see :func:`new_event_scratch`)."""
+
+    clusters: ClusterBuffers
+    prob: np.ndarray  # float64 [capacity]: DAF probability of each cluster
+    fx: np.ndarray  # float64 [capacity]: points of the circle fits
+    fy: np.ndarray  # float64 [capacity]
+    fw: np.ndarray  # float64 [capacity]
+    chosen: np.ndarray  # int64 [L]: the cluster kept on each layer, -1 where none
+    seed_scratch: np.ndarray  # int64 [3, L]: see :func:`road_search`
+
+
+@jit()
+def new_event_scratch(capacity, n_layers):
+    """Uninitialised :class:`EventScratch`."""
+    return EventScratch(
+        new_cluster_buffers(capacity, n_layers),
+        np.empty(capacity, np.float64),
+        np.empty(capacity, np.float64),
+        np.empty(capacity, np.float64),
+        np.empty(capacity, np.float64),
+        np.empty(n_layers, np.int64),
+        np.empty((3, n_layers), np.int64),
+    )
 
 
 def seed_roles(detector: DetectorConfig) -> np.ndarray:
@@ -337,161 +379,119 @@ def annealing_filter(
 
 
 @jit()
-def _anneal_from_seed(seed, temperatures, point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob, fx, fy, fw, out):
+def _anneal_from_seed(seed, temperatures, settings, scratch, out):
     """Run :func:`annealing_filter` from the circle of the clusters ``seed`` with the schedule
     ``temperatures``; ``out`` gets the settled clusters. Returns their ``(number of layers, sum of squared
     residuals to their circle)`` (``(0, inf)`` without a circle), by which two runs are compared."""
-    n_layers = layer_y.shape[0]
-    for lay in range(n_layers):
+    layer_y = settings.layer_y
+    cl_x = scratch.clusters.x
+    fx, fy, fw = scratch.fx, scratch.fy, scratch.fw
+    for lay in range(layer_y.shape[0]):
         out[lay] = seed[lay]
     xc, yc, radius, status, _, x_first = _fit_chosen(seed, cl_x, layer_y, fx, fy, fw)
     if status != STATUS_OK:
         return 0, math.inf
     side = 1.0 if xc >= x_first else -1.0
     annealing_filter(
-        xc, yc, radius, side, temperatures, point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob, fx, fy, fw, out
+        xc,
+        yc,
+        radius,
+        side,
+        temperatures,
+        settings.point_sigma,
+        settings.chi2_cut,
+        cl_x,
+        scratch.clusters.layer_start,
+        layer_y,
+        scratch.prob,
+        fx,
+        fy,
+        fw,
+        out,
     )
     return _clean_seed(out, cl_x, layer_y, math.inf, fx, fy, fw)
 
 
 @jit()
-def reconstruct_event(
-    layer,
-    strip,
-    x,
-    charge,
-    layer_y,
-    seed_role,
-    temperatures,
-    restart_temperatures,
-    road_half_width,
-    seed_cut,
-    point_sigma,
-    chi2_cut,
-    split_ratio,
-    sigma_floor,
-    b_field,
-    keys,
-    order,
-    cl_x,
-    cl_charge,
-    cl_sigma,
-    cl_size,
-    cl_first,
-    layer_start,
-    prob,
-    fx,
-    fy,
-    fw,
-    chosen,
-    seed_scratch,
-    hit_weight,
-    x_reco,
-    sigma,
-    layer_weight,
-):
-    """Reconstruct one event; hit arrays of length ``n``, scratch of length >= n (see
-    :func:`reconstruct_events`). Writes ``hit_weight[n]`` and ``x_reco / sigma / layer_weight[L]`` and
-    returns ``(radius, pt, q, q_over_pt, status)``."""
-    n_layers = layer_y.shape[0]
-    n = layer.shape[0]
-    cluster_hits(
-        layer,
-        strip,
-        x,
-        charge,
-        n_layers,
-        split_ratio,
-        keys,
-        order,
-        cl_x,
-        cl_charge,
-        cl_sigma,
-        cl_size,
-        cl_first,
-        layer_start,
+def _choose_clusters(settings, scratch):
+    """Steps 2 and 3 of the module doc on the clustered event: the road search seeds the DAF, which runs
+    with the hot schedule and again with the cold one (the run that keeps more layers, tie: smaller
+    residuals, wins). ``scratch.chosen`` gets the kept cluster of each layer (-1: none); with no
+    temperatures, or a road of fewer than MIN_LAYERS layers, it keeps the road's clusters."""
+    layer_y = settings.layer_y
+    chosen = scratch.chosen
+    n_road = road_search(
+        scratch.clusters.x,
+        scratch.clusters.layer_start,
+        layer_y,
+        settings.seed_role,
+        settings.road_half_width,
+        settings.seed_cut,
+        chosen,
+        scratch.seed_scratch,
+        scratch.fx,
+        scratch.fy,
+        scratch.fw,
     )
-    for i in range(n):
+    if n_road < MIN_LAYERS or settings.temperatures.shape[0] == 0:
+        return
+    seed = scratch.seed_scratch[0]
+    alternative = scratch.seed_scratch[1]
+    for lay in range(layer_y.shape[0]):
+        seed[lay] = chosen[lay]
+    n_best, ssr_best = _anneal_from_seed(seed, settings.temperatures, settings, scratch, chosen)
+    if settings.restart_temperatures.shape[0] == 0:
+        return
+    n_alt, ssr_alt = _anneal_from_seed(seed, settings.restart_temperatures, settings, scratch, alternative)
+    if n_alt > n_best or (n_alt == n_best and ssr_alt < ssr_best):
+        for lay in range(layer_y.shape[0]):
+            chosen[lay] = alternative[lay]
+
+
+@jit()
+def reconstruct_event(layer, strip, x, charge, settings, scratch, hit_weight, x_reco, sigma, layer_weight):
+    """Reconstruct one event (hit arrays of length ``n``; ``settings``: :class:`RecoSettings`; ``scratch``:
+    :class:`EventScratch` of capacity >= n). Writes ``hit_weight[n]`` and ``x_reco / sigma / layer_weight[L]``
+    and returns ``(radius, pt, q, q_over_pt, status)``."""
+    layer_y = settings.layer_y
+    n_layers = layer_y.shape[0]
+    clusters = scratch.clusters
+    chosen = scratch.chosen
+    cluster_hits(layer, strip, x, charge, n_layers, settings.split_ratio, clusters)
+    _choose_clusters(settings, scratch)
+    for i in range(layer.shape[0]):
         hit_weight[i] = 0.0
     for lay in range(n_layers):
-        x_reco[lay] = 0.0
-        sigma[lay] = sigma_floor
-        layer_weight[lay] = 0.0
-
-    n_road = road_search(
-        cl_x, layer_start, layer_y, seed_role, road_half_width, seed_cut, chosen, seed_scratch, fx, fy, fw
-    )
-    if n_road >= MIN_LAYERS and temperatures.shape[0] > 0:
-        seed = seed_scratch[0]
-        alternative = seed_scratch[1]
-        for lay in range(n_layers):
-            seed[lay] = chosen[lay]
-        n_best, ssr_best = _anneal_from_seed(
-            seed, temperatures, point_sigma, chi2_cut, cl_x, layer_start, layer_y, prob, fx, fy, fw, chosen
-        )
-        if restart_temperatures.shape[0] > 0:
-            n_alt, ssr_alt = _anneal_from_seed(
-                seed,
-                restart_temperatures,
-                point_sigma,
-                chi2_cut,
-                cl_x,
-                layer_start,
-                layer_y,
-                prob,
-                fx,
-                fy,
-                fw,
-                alternative,
-            )
-            if n_alt > n_best or (n_alt == n_best and ssr_alt < ssr_best):
-                for lay in range(n_layers):
-                    chosen[lay] = alternative[lay]
-    for lay in range(n_layers):
         j = chosen[lay]
+        x_reco[lay] = 0.0
+        sigma[lay] = settings.sigma_floor
+        layer_weight[lay] = 0.0
         if j >= 0:
-            x_reco[lay] = cl_x[j]
-            sigma[lay] = max(cl_sigma[j], sigma_floor)
+            x_reco[lay] = clusters.x[j]
+            sigma[lay] = max(clusters.sigma[j], settings.sigma_floor)
             layer_weight[lay] = 1.0
-            for k in range(cl_first[j], cl_first[j] + cl_size[j]):
-                hit_weight[order[k]] = 1.0
+            for k in range(clusters.first[j], clusters.first[j] + clusters.size[j]):
+                hit_weight[clusters.order[k]] = 1.0
 
-    xc, _, radius, status, _, x_first = _fit_chosen(chosen, cl_x, layer_y, fx, fy, fw)
+    xc, _, radius, status, _, x_first = _fit_chosen(chosen, clusters.x, layer_y, scratch.fx, scratch.fy, scratch.fw)
     if status != STATUS_OK:
         return 0.0, 0.0, 1, 0.0, status
-    pt, q, q_over_pt = track_parameters(xc, radius, x_first, b_field)
+    pt, q, q_over_pt = track_parameters(xc, radius, x_first, settings.b_field)
     if not (math.isfinite(pt) and math.isfinite(q_over_pt)):
         return 0.0, 0.0, 1, 0.0, STATUS_DEGENERATE
     return radius, pt, int(q), q_over_pt, STATUS_OK
 
 
 @jit(parallel=True)
-def reconstruct_events(
-    event_start,
-    layer,
-    strip,
-    x,
-    charge,
-    layer_y,
-    seed_role,
-    temperatures,
-    restart_temperatures,
-    road_half_width,
-    seed_cut,
-    point_sigma,
-    chi2_cut,
-    split_ratio,
-    sigma_floor,
-    b_field,
-):
+def reconstruct_events(event_start, layer, strip, x, charge, settings):
     """Reconstruct every event; event ``e``'s hits are rows ``event_start[e] : event_start[e + 1]`` of the
-    flat hit arrays (``layer``, ``strip``: integers; ``x`` [mm], ``charge``: float64). Returns the fields of
-    :class:`Reconstruction` in order."""
+    flat hit arrays (``layer``, ``strip``: integers; ``x`` [mm], ``charge``: float64); ``settings``:
+    :class:`RecoSettings`. Returns the fields of :class:`Reconstruction` in order."""
     n_events = event_start.shape[0] - 1
-    n_layers = layer_y.shape[0]
+    n_layers = settings.layer_y.shape[0]
     hit_weight = np.zeros(layer.shape[0], np.float64)
     x_reco = np.zeros((n_events, n_layers), np.float64)
-    sigma = np.full((n_events, n_layers), sigma_floor, np.float64)
+    sigma = np.full((n_events, n_layers), settings.sigma_floor, np.float64)
     layer_weight = np.zeros((n_events, n_layers), np.float64)
     radius = np.zeros(n_events, np.float64)
     pt = np.zeros(n_events, np.float64)
@@ -500,25 +500,8 @@ def reconstruct_events(
     status = np.zeros(n_events, np.int8)
     n_chunks = (n_events + EVENTS_PER_CHUNK - 1) // EVENTS_PER_CHUNK
     for chunk in nb.prange(n_chunks):
-        lo = chunk * EVENTS_PER_CHUNK
-        hi = min(lo + EVENTS_PER_CHUNK, n_events)
-        capacity = 1
-        for e in range(lo, hi):
-            capacity = max(capacity, event_start[e + 1] - event_start[e])
-        keys = np.empty(capacity, np.int64)
-        order = np.empty(capacity, np.int64)
-        cl_x = np.empty(capacity, np.float64)
-        cl_charge = np.empty(capacity, np.float64)
-        cl_sigma = np.empty(capacity, np.float64)
-        cl_size = np.empty(capacity, np.int64)
-        cl_first = np.empty(capacity, np.int64)
-        layer_start = np.empty(n_layers + 1, np.int64)
-        prob = np.empty(capacity, np.float64)
-        fx = np.empty(capacity, np.float64)
-        fy = np.empty(capacity, np.float64)
-        fw = np.empty(capacity, np.float64)
-        chosen = np.empty(n_layers, np.int64)
-        seed_scratch = np.empty((3, n_layers), np.int64)
+        lo, hi = chunk_bounds(chunk, EVENTS_PER_CHUNK, n_events)
+        scratch = new_event_scratch(largest_span(event_start, lo, hi, 1), n_layers)
         for e in range(lo, hi):
             a = event_start[e]
             b = event_start[e + 1]
@@ -527,31 +510,8 @@ def reconstruct_events(
                 strip[a:b],
                 x[a:b],
                 charge[a:b],
-                layer_y,
-                seed_role,
-                temperatures,
-                restart_temperatures,
-                road_half_width,
-                seed_cut,
-                point_sigma,
-                chi2_cut,
-                split_ratio,
-                sigma_floor,
-                b_field,
-                keys,
-                order,
-                cl_x,
-                cl_charge,
-                cl_sigma,
-                cl_size,
-                cl_first,
-                layer_start,
-                prob,
-                fx,
-                fy,
-                fw,
-                chosen,
-                seed_scratch,
+                settings,
+                scratch,
                 hit_weight[a:b],
                 x_reco[e],
                 sigma[e],
@@ -577,22 +537,25 @@ def reconstruct(
     """NumPy-facing :func:`reconstruct_events` for the geometry of ``detector`` (flat hit arrays, sorted by
     event; ``event_start`` of length ``E + 1``)."""
     params = ClassicalParams() if params is None else params
+    settings = RecoSettings(
+        layer_y=np.ascontiguousarray(detector.layer_y(), dtype=np.float64),
+        seed_role=seed_roles(detector),
+        temperatures=np.ascontiguousarray(params.temperatures, dtype=np.float64),
+        restart_temperatures=np.ascontiguousarray(params.restart_temperatures, dtype=np.float64),
+        road_half_width=float(params.road_half_width),
+        seed_cut=float(params.seed_cut),
+        point_sigma=float(params.point_sigma),
+        chi2_cut=float(params.chi2_cut),
+        split_ratio=float(params.split_ratio),
+        sigma_floor=float(detector.pitch) / math.sqrt(12.0),
+        b_field=float(detector.b_field),
+    )
     out = reconstruct_events(
         np.ascontiguousarray(event_start, dtype=np.int64),
         np.ascontiguousarray(layer, dtype=np.int64),
         np.ascontiguousarray(strip, dtype=np.int64),
         np.ascontiguousarray(x, dtype=np.float64),
         np.ascontiguousarray(charge, dtype=np.float64),
-        np.ascontiguousarray(detector.layer_y(), dtype=np.float64),
-        seed_roles(detector),
-        np.ascontiguousarray(params.temperatures, dtype=np.float64),
-        np.ascontiguousarray(params.restart_temperatures, dtype=np.float64),
-        float(params.road_half_width),
-        float(params.seed_cut),
-        float(params.point_sigma),
-        float(params.chi2_cut),
-        float(params.split_ratio),
-        float(detector.pitch) / math.sqrt(12.0),
-        float(detector.b_field),
+        settings,
     )
     return Reconstruction(*out)

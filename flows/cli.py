@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import MuontrackError
+from pipeline.models import ESTIMATORS, TRAINED_MODELS
 
 app = typer.Typer(
     name="muontrack",
@@ -27,17 +28,9 @@ app = typer.Typer(
 )
 
 
-class ModelName(StrEnum):
-    baseline = "baseline"
-    e2e = "e2e"
-    e2e_paper = "e2e_paper"
-    assignment = "assignment"
-
-
-class EstimatorName(StrEnum):
-    blackbox = "blackbox"
-    identity = "identity"
-    perturbed = "perturbed"
+#: ``--model``'s and ``--estimator``'s choices: the trained models and estimators of pipeline.models (no JAX)
+ModelName = StrEnum("ModelName", {name: name for name in TRAINED_MODELS})
+EstimatorName = StrEnum("EstimatorName", {name: name for name in ESTIMATORS})
 
 
 class Preset(StrEnum):
@@ -79,7 +72,10 @@ def simulate(
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to write (resumed if incomplete).")],
     seed: Annotated[int, typer.Option("--seed", help="Dataset seed; same config + seed => same rows.")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Parallel shard writers.")] = 1,
-    config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file overriding defaults.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="JSON or TOML config file; its simulation section overrides the defaults."),
+    ] = None,
     dask_address: Annotated[
         str | None, typer.Option("--dask-address", help="Run the shards on this Dask cluster (tcp://HOST:PORT).")
     ] = None,
@@ -87,6 +83,7 @@ def simulate(
     """Simulate muon events and write them as a Parquet dataset."""
     from pipeline.config import SimConfig
 
+    # the file's model and train sections are for `train` and `run`: one file can serve the three commands
     sim_config = SimConfig.from_file(config) if config is not None else SimConfig()
     if dask_address:
         from flows.end_to_end import simulate_on_dask
@@ -131,8 +128,17 @@ def train(
         EstimatorName | None,
         typer.Option("--estimator", help="assignment: gradient estimator through the solver (default: blackbox)."),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="JSON or TOML config file: its model and train sections override the preset's values (--epochs "
+            "and --estimator override the file's).",
+        ),
+    ] = None,
 ) -> None:
     """Train a tracker on a dataset."""
+    overrides = _training_overrides(config, preset.value) if config is not None else None
     from model.train import train_run
 
     summary = train_run(
@@ -145,8 +151,26 @@ def train(
         resume=resume,
         progress=True,
         estimator=estimator.value if estimator else None,
+        overrides=overrides,
     )
     typer.echo(f"trained {model.value} -> {out} ({summary})")
+
+
+def _training_overrides(path: Path, preset: str) -> dict:
+    """The model and train sections of config file ``path`` (``train --config``), checked over ``preset`` before
+    JAX loads (train_run applies them). A simulation section is refused: the dataset fixes the simulation."""
+    from model.config import configure
+    from pipeline.config import read_config_file
+    from pipeline.errors import ConfigError
+
+    sections = read_config_file(path)
+    if "simulation" in sections:
+        raise ConfigError(
+            f"config file {path} has a simulation section, which `muontrack train` cannot apply: the dataset "
+            "--data fixes the simulation (use the section with `muontrack simulate` or `muontrack run`)"
+        )
+    configure(preset, sections)
+    return sections
 
 
 @app.command()
@@ -214,12 +238,21 @@ def run_all(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document (report path and summary) instead of the table.")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="JSON or TOML config file: its simulation, model and train sections override the preset's values.",
+        ),
+    ] = None,
 ) -> None:
-    """The whole flow: simulate -> train baseline and e2e (and assignment) -> evaluate -> report."""
+    """The whole flow: simulate -> train the preset's models (or --model's) -> evaluate -> report."""
     from flows.end_to_end import run_end_to_end
+    from pipeline.config import read_config_file
 
     models = [m.value for m in model] if model else None
-    result = run_end_to_end(preset=preset.value, out=out, models=models, echo=not as_json)
+    sections = read_config_file(config) if config is not None else None
+    result = run_end_to_end(preset=preset.value, out=out, models=models, echo=not as_json, overrides=sections)
     if as_json:
         _echo_json(result)
 

@@ -8,7 +8,7 @@ first, point the CLI at it, then serve::
     muontrack serve
 
 ``serve`` keeps running, executing scheduled and manually triggered runs (``prefect deployment run
-'end-to-end/nightly-cpu'``).
+'end-to-end/on-demand-test'``).
 """
 
 from __future__ import annotations

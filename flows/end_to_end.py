@@ -27,6 +27,21 @@ def _run_complete(path: Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "metrics.parquet").is_file()
 
 
+def _job_configs(job: steps.JobPreset, overrides: dict | None) -> tuple[SimConfig, dict | None, str]:
+    """A job's dataset config, training overrides and training label (model.config.preset_label: the preset's
+    name, with a hash when ``overrides`` change its values) from the sections of a config file (``overrides``,
+    pipeline.config.read_config_file): ``simulation`` over the job's dataset config, ``model`` and ``train``
+    over its training preset. ConfigError (one line) for a bad section, key or value."""
+    from model.config import configure, preset_label
+
+    overrides = overrides or {}
+    sim_config = SimConfig.from_dict(
+        overrides.get("simulation", {}), "simulation", base=SimConfig(shard_events=job.shard_events)
+    )
+    training = {name: section for name, section in overrides.items() if name != "simulation"} or None
+    return sim_config, training, preset_label(job.train_preset, *configure(job.train_preset, training))
+
+
 def shared_prefect_api() -> str:
     """Make sure process-based Dask workers talk to ONE Prefect API instead of each starting its own.
 
@@ -95,14 +110,18 @@ def simulate_on_dask(
 
 
 @flow(name="train", log_prints=True)
-def train_flow(data: str, model: str, out: str, preset: str = "cpu", seed: int = 0) -> str:
-    """Train one model on a dataset."""
+def train_flow(
+    data: str, model: str, out: str, preset: str = "cpu", seed: int = 0, overrides: dict | None = None
+) -> str:
+    """Train one model on a dataset; ``overrides``: the model and train sections of a config file."""
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(Path(data))
     dataset_hash = f"{dataset.manifest['config_hash']}-{dataset.seed}-{dataset.n_events}"
     refresh = not _run_complete(Path(out))
-    return tasks.train_model.with_options(refresh_cache=refresh)(data, model, out, preset, seed, dataset_hash)
+    return tasks.train_model.with_options(refresh_cache=refresh)(
+        data, model, out, preset, seed, dataset_hash, overrides
+    )
 
 
 @flow(name="evaluate", log_prints=True)
@@ -136,10 +155,13 @@ def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True) 
 
 
 @flow(name="end-to-end", log_prints=True)
-def end_to_end(out: str, preset: str = "cpu", seed: int = 0, models: list[str] | None = None) -> dict[str, Any]:
-    """simulate -> train the preset's models (or ``models``) -> evaluate -> report, all under ``out``."""
+def end_to_end(
+    out: str, preset: str = "cpu", seed: int = 0, models: list[str] | None = None, overrides: dict | None = None
+) -> dict[str, Any]:
+    """simulate -> train the preset's models (or ``models``) -> evaluate -> report, all under ``out``;
+    ``overrides``: the sections of a config file (simulation, model, train) applied over the preset's values."""
     job = steps.job_preset(preset, models)
-    config = SimConfig(shard_events=job.shard_events)
+    config, training, label = _job_configs(job, overrides)
     root = Path(out)
     # Folder names carry what their content depends on, so a changed config or seed writes beside the
     # old results (and recomputes only what depends on the change) instead of clashing with them.
@@ -150,24 +172,29 @@ def end_to_end(out: str, preset: str = "cpu", seed: int = 0, models: list[str] |
         train_flow(
             data,
             model,
-            str(root / "runs" / steps.run_folder_name(model, job.train_preset, data_key)),
+            str(root / "runs" / steps.run_folder_name(model, label, data_key)),
             job.train_preset,
             seed,
+            training,
         )
         for model in job.models
     ]
-    report = root / "reports" / f"{job.train_preset}-{data_key}"
+    report = root / "reports" / f"{label}-{data_key}"
     summary = evaluate_flow(data, runs, str(report))
     return {"report": str(report / "report.md"), "summary": summary}
 
 
-def run_end_to_end(preset: str, out: Path, models: list[str] | None = None, echo: bool = True) -> dict[str, Any]:
+def run_end_to_end(
+    preset: str, out: Path, models: list[str] | None = None, echo: bool = True, overrides: dict | None = None
+) -> dict[str, Any]:
     """The ``muontrack run`` entry point: run the flow, print (with ``echo``) the summary table and where the
-    report is, and return ``{"report": path of report.md, "summary": summary.json's content}``."""
+    report is, and return ``{"report": path of report.md, "summary": summary.json's content}``. ``overrides``:
+    the sections of a config file (pipeline.config.read_config_file) applied over the preset's values."""
     from analysis.report import format_summary_table
     from flows.logs import quiet_user_errors
 
-    steps.job_preset(preset, models)  # a one-line error for an unknown preset or model, before Prefect starts
+    # a one-line error for an unknown preset or model or a bad config file, before Prefect starts
+    _job_configs(steps.job_preset(preset, models), overrides)
     quiet_user_errors()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -175,7 +202,7 @@ def run_end_to_end(preset: str, out: Path, models: list[str] | None = None, echo
 
         raise MuontrackError(f"--out {out} is a file, not a folder")
     with exclusive_writer(out):
-        result = end_to_end(str(out), preset=preset, models=models)
+        result = end_to_end(str(out), preset=preset, models=models, overrides=overrides)
     if echo:
         print(format_summary_table(result["summary"]))
         print(f"report: {result['report']}")

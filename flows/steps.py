@@ -21,10 +21,10 @@ import polars as pl
 from pipeline import provenance
 from pipeline.errors import ConfigError, DatasetError, MuontrackError, RunError
 from pipeline.locks import exclusive_writer
+from pipeline.models import CPU_JOB_MODELS, REFERENCE_ROWS, TRAINED_MODELS
 
-#: the models a job can train (each gives one or more rows of the `model` column: `baseline` gives `baseline`
-#: and `baseline_paper`); the truth references and `classical` need no training
-TRAINED_MODELS = ("baseline", "e2e", "e2e_paper", "assignment")
+# TRAINED_MODELS (pipeline.models): the models a job can train (each gives one or more rows of the `model`
+# column: `baseline` gives `baseline` and `baseline_paper`); the truth references and `classical` need no training
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class JobPreset:
 
     events: int
     train_preset: str
-    models: tuple[str, ...] = ("baseline", "e2e", "e2e_paper")
+    models: tuple[str, ...] = CPU_JOB_MODELS
     #: simulation shard size (smaller datasets get smaller shards so resume and workers have units)
     shard_events: int = 20_000
 
@@ -63,7 +63,7 @@ def job_preset(name: str, models: Sequence[str] | None = None) -> JobPreset:
 def run_folder_name(model: str, preset: str, data_key: str) -> str:
     """The folder of one trained model in ``muontrack run``: what its weights depend on, the training code's
     version included, so a code change trains into a new folder instead of serving the old checkpoints."""
-    from model.train import code_version as training_code_version
+    from model.run_folder import code_version as training_code_version
 
     return f"{model}-{preset}-{data_key}-c{training_code_version().rsplit('+', 1)[-1]}"
 
@@ -168,7 +168,7 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
             display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
             display.run("classical", lambda step: predict_classical(dataset, split="test")),
         ]
-        seen: set[str] = {"truth", "truth_charge", "classical"}
+        seen: set[str] = set(REFERENCE_ROWS)
         for run in runs:
             predictions = display.run(
                 Path(run).name, lambda step, run=run: predict_run(dataset, Path(run), split="test", on_batch=step)
@@ -226,7 +226,7 @@ def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
 
 def _reported_as(model: str | None) -> list[str]:
     """The prediction rows (`model` column) a run of ``model`` gives (``baseline``: baseline, baseline_paper)."""
-    from model.train import get_objective
+    from model.objectives import get_objective
 
     if model is None:
         return []

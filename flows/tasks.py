@@ -65,8 +65,11 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 @task(name="train-model", cache_key_fn=_cache_key, persist_result=True)
-def train_model(data: str, model: str, out: str, preset: str, seed: int, dataset_hash: str) -> str:
-    """Train one model into ``out`` (returned); ``dataset_hash`` (config hash + seed + events) keys the cache.
+def train_model(
+    data: str, model: str, out: str, preset: str, seed: int, dataset_hash: str, overrides: dict | None = None
+) -> str:
+    """Train one model into ``out`` (returned); ``dataset_hash`` (config hash + seed + events) keys the cache,
+    with the other inputs (``overrides``: a config file's model and train sections, model.train.train_run).
 
     Logs one line per finished epoch (losses, val sigma68, seconds) to the task run's log.
     """
@@ -81,6 +84,7 @@ def train_model(data: str, model: str, out: str, preset: str, seed: int, dataset
         seed=seed,
         resume=Path(out).exists(),
         on_epoch=lambda info: logger.info(format_epoch(info)),
+        overrides=overrides,
     )
     return out
 

@@ -11,10 +11,10 @@ cost is bounded, ``c_j = 1 - sigmoid(logit_j)`` in [0, 1] (Kortus et al.), and a
 ``C_w = sum_{j in w} (c_j - 1/2)``: a hit the network believes in (p > 1/2) makes its window cheaper, any
 other hit dearer, so the window centred on the muon's cluster beats one on its edge. Each layer also has a
 "no hit" option of fixed cost ``NO_HIT_COST`` = 1/4, so a layer whose hits the network all rejects can keep
-none; it is not free, as the empty selection was when the network learned to choose it everywhere (every
-fit failed). Per layer that has hits the solver takes the cheapest choice: exactly one, never nothing. Its
-output is a one-hot ``z`` over the candidates of each layer; the selected hits are ``y = z @ M`` with ``M``
-the candidates' membership.
+none; it is not free, or the network could learn to choose it everywhere (every fit failing). Per layer
+that has hits the solver takes the cheapest choice: exactly one, never nothing. Its output is a one-hot
+``z`` over the candidates of each layer; the selected hits are ``y = z @ M`` with ``M`` the candidates'
+membership.
 
 Gradient estimators (``Estimator.kind``), all for ``dL/dC`` given ``g = dL/dz``:
 
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 from optax import perturbations
 
-from model.config import ESTIMATORS, TrainConfig
+from model.config import ESTIMATORS, NOISES, TrainConfig
 from model.fit import STATUS_OK
 from model.losses import bce_loss, pt_loss
 from model.tracker import ROBUST_CHAIN, reconstruct
@@ -64,6 +64,8 @@ NO_HIT_COST = 0.25
 PROJECTION_FLOOR = 0.1
 #: the noise distributions of the perturbed estimator (by TrainConfig.perturbation_noise)
 NOISE_DISTRIBUTIONS = {"gumbel": perturbations.Gumbel, "normal": perturbations.Normal}
+if tuple(NOISE_DISTRIBUTIONS) != NOISES:  # the names are pipeline.models' (TrainConfig checks against them)
+    raise AssertionError(f"NOISE_DISTRIBUTIONS {tuple(NOISE_DISTRIBUTIONS)} != pipeline.models.NOISES {NOISES}")
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,22 @@ query MLP [4, 8, ..., 512] is ``query_mlp=(8, ..., 512)``, its attention logit M
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config import STRICT, check, load_config
 from pipeline.errors import ConfigError
+from pipeline.models import ESTIMATORS, NOISES
 
-#: TrainConfig.estimator's choices and TrainConfig.perturbation_noise's (model.assignment implements them)
-ESTIMATORS = ("blackbox", "identity", "perturbed")
-NOISES = ("gumbel", "normal")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+# ESTIMATORS and NOISES (pipeline.models, the registry of names): TrainConfig.estimator's choices and
+# TrainConfig.perturbation_noise's (model.assignment implements them)
 
 
 def _positive_widths(name: str, widths: tuple[int, ...]) -> None:
-    _check(
+    check(
         isinstance(widths, tuple) and len(widths) >= 1 and all(isinstance(v, int) and v >= 1 for v in widths),
         f"model.{name} must be a non-empty tuple of positive integers, got {widths!r}",
     )
@@ -35,6 +34,8 @@ def _positive_widths(name: str, widths: tuple[int, ...]) -> None:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of the two-layer graph attention network (models.GAT)."""
+
+    __pydantic_config__ = STRICT
 
     #: node embedding size H (512 in the paper)
     hidden: int
@@ -57,28 +58,31 @@ class ModelConfig:
     residual: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.hidden, int) and self.hidden >= 1, f"model.hidden must be >= 1, got {self.hidden!r}")
+        check(isinstance(self.hidden, int) and self.hidden >= 1, f"model.hidden must be >= 1, got {self.hidden!r}")
         for name in ("query_mlp", "logit_mlp", "update_mlp"):
             _positive_widths(name, getattr(self, name))
-        _check(self.query_mlp[-1] == self.hidden, "model.query_mlp must end with model.hidden")
-        _check(
+        check(self.query_mlp[-1] == self.hidden, "model.query_mlp must end with model.hidden")
+        check(
             self.hidden % self.logit_mlp[-1] == 0,
             "model.logit_mlp must end with model.hidden (one score per dimension) or a divisor of it (heads)",
         )
-        _check(self.update_mlp[-1] == 1, "model.update_mlp must end with 1 (one logit per hit)")
-        _check(0 <= self.leaky_relu_slope < 1, "model.leaky_relu_slope must be in [0, 1)")
+        check(self.update_mlp[-1] == 1, "model.update_mlp must end with 1 (one logit per hit)")
+        check(0 <= self.leaky_relu_slope < 1, "model.leaky_relu_slope must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data, "model")
+        """Build from a JSON-like dict (pipeline.config.load_config): all required keys, lists for tuples."""
+        return load_config(cls, data, "model")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Optimisation settings (model.train)."""
+
+    __pydantic_config__ = STRICT
 
     epochs: int
     #: events per batch
@@ -113,35 +117,35 @@ class TrainConfig:
     perturbation_noise: str = "gumbel"
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.epochs, int) and self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs!r}")
-        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size!r}")
-        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate!r}")
-        _check(self.lambda_pt >= 0, f"train.lambda_pt must be >= 0, got {self.lambda_pt!r}")
-        _check(self.lambda_warmup_epochs >= 0, "train.lambda_warmup_epochs must be >= 0")
-        _check(
+        check(isinstance(self.epochs, int) and self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs!r}")
+        check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size!r}")
+        check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate!r}")
+        check(self.lambda_pt >= 0, f"train.lambda_pt must be >= 0, got {self.lambda_pt!r}")
+        check(self.lambda_warmup_epochs >= 0, "train.lambda_warmup_epochs must be >= 0")
+        check(
             len(self.node_buckets) >= 1
             and all(b >= 1 for b in self.node_buckets)
             and all(a < b for a, b in zip(self.node_buckets, self.node_buckets[1:], strict=False)),
             f"train.node_buckets must be increasing positive sizes, got {self.node_buckets!r}",
         )
-        _check(
+        check(
             self.max_train_events is None or self.max_train_events >= 1,
             "train.max_train_events must be >= 1 or None",
         )
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-        _check(self.grad_clip > 0, "train.grad_clip must be > 0")
-        _check(
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        check(self.grad_clip > 0, "train.grad_clip must be > 0")
+        check(
             self.lr_half_life_steps is None or self.lr_half_life_steps >= 1,
             "train.lr_half_life_steps must be >= 1 or None",
         )
-        _check(
+        check(
             self.estimator in ESTIMATORS,
             f"train.estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}",
         )
-        _check(self.solver_lambda > 0, f"train.solver_lambda must be > 0, got {self.solver_lambda!r}")
-        _check(self.perturbation_samples >= 1, "train.perturbation_samples must be >= 1")
-        _check(self.perturbation_sigma > 0, "train.perturbation_sigma must be > 0")
-        _check(
+        check(self.solver_lambda > 0, f"train.solver_lambda must be > 0, got {self.solver_lambda!r}")
+        check(self.perturbation_samples >= 1, "train.perturbation_samples must be >= 1")
+        check(self.perturbation_sigma > 0, "train.perturbation_sigma must be > 0")
+        check(
             self.perturbation_noise in NOISES,
             f"train.perturbation_noise must be one of {', '.join(NOISES)}, got {self.perturbation_noise!r}",
         )
@@ -151,22 +155,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data, "train")
-
-
-def _from_dict(cls: type, data: Any, section: str) -> Any:
-    """Build ``cls`` from a JSON-like dict (lists become tuples); unknown or missing keys are ConfigErrors."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section {section} must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key {section}.{unknown[0]} (known: {', '.join(sorted(fields))})")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a missing required field
-        raise ConfigError(f"config section {section} is incomplete: {err}") from None
+        """Build from a JSON-like dict (pipeline.config.load_config): all required keys, lists for tuples."""
+        return load_config(cls, data, "train")
 
 
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
@@ -189,9 +179,7 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     # that dominates the cost (12 N^2 H^2 flops per event)
     "cpu": (
         ModelConfig(hidden=32, query_mlp=(16, 32), logit_mlp=(32,), update_mlp=(16, 8, 1), residual=True),
-        # three networks (baseline, e2e, e2e_paper) fit the ten-minute job: 6 epochs of 6000 events, about 2.5 min
-        # each on 2 cores. A high rate learns the BCE fast; halving it every 300 steps keeps the end-to-end
-        # phase, whose pT gradients are large, stable
+        # sized for the ten-minute job; a high rate learns the BCE fast, halving it keeps the pT phase stable
         TrainConfig(
             epochs=6,
             batch_size=32,
@@ -228,3 +216,30 @@ def get_preset(name: str) -> tuple[ModelConfig, TrainConfig]:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})") from None
+
+
+def configure(preset: str, overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The preset's (model, training) configuration with ``overrides`` applied: the ``model`` and ``train``
+    sections of a config file (pipeline.config.read_config_file), each holding only the values to change.
+
+    ConfigError (one line, naming the key: ``unknown config key train.epohcs``) for an unknown preset, section
+    or key, a wrong type, or values the dataclasses' rules refuse.
+    """
+    model_config, train_config = get_preset(preset)
+    if not overrides:
+        return model_config, train_config
+    unknown = sorted(set(overrides) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]} for training (known: model, train)")
+    model_config = load_config(ModelConfig, overrides.get("model", {}), "model", base=model_config)
+    train_config = load_config(TrainConfig, overrides.get("train", {}), "train", base=train_config)
+    return model_config, train_config
+
+
+def preset_label(preset: str, model_config: ModelConfig, train_config: TrainConfig) -> str:
+    """``preset``, or ``preset-<hash>`` when the configuration differs from the preset's (a config file's
+    overrides): names what was trained, in run and report folders."""
+    if (model_config, train_config) == get_preset(preset):
+        return preset
+    identity = json.dumps([model_config.to_dict(), train_config.to_dict()], sort_keys=True, separators=(",", ":"))
+    return f"{preset}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"

@@ -1,17 +1,17 @@
 """Inference: prediction tables of a trained run, and of the truth references, on one split of a dataset.
 
 The three tables have exactly the columns and types of pipeline.schema's PRED_HITS_SCHEMA,
-PRED_CLUSTERS_SCHEMA and PRED_TRACKS_SCHEMA (DESIGN.md, "Files"):
+PRED_CLUSTERS_SCHEMA and PRED_TRACKS_SCHEMA (docs/contracts.md, "Report folder"):
 
 - ``hits``: one row per hit of the split (event_id, hit_id, model, score, weight); ``score`` is
   sigmoid(logit) for a trained model and the truth label (1.0 / 0.0) for the truth references; ``weight`` the
   hit's weight in the final clusters of the row's reconstruction chain (model.tracker);
 - ``clusters``: one row per event and layer (event_id, layer, model, x_reco, sigma, weight, x_true) from the
   differentiable clustering with the model's hit weights;
+- ``tracks``: one row per event (event_id, model, pt_pred, q_pred, q_over_pt_pred, radius, fit_status).
 
 A run gives one row set per entry of its objective's ``reported_as`` (the ``baseline`` network: ``baseline``
 with the robust chain and ``baseline_paper`` with the paper's), all from one forward pass of the network.
-- ``tracks``: one row per event (event_id, model, pt_pred, q_pred, q_over_pt_pred, radius, fit_status).
 
 Unlike training, inference never truncates an event: the node buckets are extended to hold the largest
 event of the split. Rows are sorted by event_id (then hit_id or layer).
@@ -31,20 +31,14 @@ import numpy as np
 import polars as pl
 
 from model.config import ModelConfig
+from model.objectives import get_objective
+from model.run_folder import CONFIG_NAME, latest_epoch, read_run_config, restore_params
+from model.steps import abstract_params, device_batch, enable_compilation_cache, gat
 from model.tracker import PAPER_CHAIN, Chain, reconstruct
-from model.train import (
-    CONFIG_NAME,
-    device_batch,
-    enable_compilation_cache,
-    gat,
-    get_objective,
-    latest_epoch,
-    read_run_config,
-    restore_params,
-)
 from pipeline.batches import Batch, Geometry, check_buckets, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import ConfigError, RunError
+from pipeline.models import get_model
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 
 #: node budgets rounded up to this when a split holds events larger than the run's buckets
@@ -88,12 +82,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
         model_config = ModelConfig.from_dict(config["model_config"])
     except (KeyError, ConfigError) as err:
         raise RunError(f"run {run_dir} has an unreadable model config: {err}") from None
-    abstract = jax.eval_shape(
-        lambda key: gat(model_config).init(key, jnp.zeros((1, 8, 4)), jnp.ones((1, 8), bool))["params"],
-        jax.random.key(0),
-    )
     try:
-        params = restore_params(run_dir, abstract, done)
+        params = restore_params(run_dir, abstract_params(model_config), done)
     except Exception as err:  # Orbax raises KeyError, ValueError, OSError, ... for a damaged checkpoint
         raise RunError(
             f"run {run_dir}: the checkpoint of epoch {done} is unreadable ({type(err).__name__}); train the run again"
@@ -144,6 +134,8 @@ TRUTH_REFERENCES: tuple[tuple[str, bool, Chain], ...] = (
     ("truth", False, PAPER_CHAIN),
     ("truth_charge", True, Chain(fit="hyper")),
 )
+if tuple(name for name, _, _ in TRUTH_REFERENCES) != get_model("truth").rows:  # pipeline.models names them
+    raise AssertionError(f"TRUTH_REFERENCES do not match pipeline.models' truth rows {get_model('truth').rows}")
 
 
 @functools.cache

@@ -21,8 +21,7 @@ PT_LOSS_SCALE = 0.1
 PT_LOSS_DELTA = 1.0
 #: what an event whose fit failed costs (model.fit status != 0), and the most any event costs: the Huber
 #: penalty of |r| = 10. Without it an empty selection would be a way out: a failed fit returns q/pT ~ 0,
-#: i.e. r = -1, which costs 9.5, less than a poor fit with |r| > 1 (seen: the `assignment` model learned to
-#: select nothing in every layer, 99.7 % failed fits on the cpu preset)
+#: i.e. r = -1, which costs 9.5, less than a poor fit with |r| > 1
 FAILED_FIT_LOSS = PT_LOSS_DELTA * (10.0 / PT_LOSS_SCALE - 0.5 * PT_LOSS_DELTA)
 
 
@@ -47,7 +46,7 @@ def pt_loss(
     """Mean Huber penalty of the relative q/pT residual over the real events (``event_mask``).
 
     r = (q/pT)_pred / (q/pT)_true - 1 = (q/pT)_pred * pT_true * q_true - 1, the residual whose width is the
-    figure of merit (DESIGN.md), and L_pT = mean(huber(r / scale, delta)). Why this form:
+    figure of merit (docs/contracts.md, "Metric definitions"), and L_pT = mean(huber(r / scale, delta)). Why this form:
 
     - relative, not absolute: sigma(pT) grows like pT^2, so an absolute pT (or q/pT) loss would weight the
       20-50 GeV range unevenly; r is dimensionless and comparable across it;

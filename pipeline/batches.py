@@ -16,9 +16,9 @@ Node features (fixed normalisation, :func:`node_features`)
     - ``x``: relative to the event, ``asinh((x - median_x) / X_RELATIVE_SCALE) / X_RELATIVE_COMPRESSION`` where
       ``median_x`` is the median x of the event's fired strips. The muon leaves about half of an event's
       strips, so the median sits in its road; the asinh keeps millimetre differences near the road
-      resolvable (1 mm -> 0.025) while hits half a metre away stay O(1). An absolute ``x / half_width``
-      made the road a band 0.001 wide that the small networks could not resolve (AUC 0.85 on the cpu
-      preset); the shift also makes the inputs translation invariant, as the physics is;
+      resolvable (1 mm -> 0.025) while hits half a metre away stay O(1), where an absolute
+      ``x / half_width`` would squeeze the road into a band 0.001 wide that the small networks cannot
+      resolve; the shift also makes the inputs translation invariant, as the physics is;
     - ``y``: the layer plane mapped linearly from [first layer, last layer] to [-1, 1];
     - ``charge``: ``charge / charge_mean`` (a strip's share of a mean cluster charge, mostly in [0, 1]);
     - ``layer``: the layer index mapped linearly from [0, L-1] to [-1, 1].

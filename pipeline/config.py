@@ -11,29 +11,44 @@ Units: mm, GeV, tesla, radians. Layers are planes at fixed ``y``; strips measure
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from pipeline.errors import ConfigError
 
+T = TypeVar("T")
+
 #: pT [GeV] = PT_PER_TESLA_METRE * B [T] * R [m]
 PT_PER_TESLA_METRE = 0.299792458
 
 
-def _check(condition: bool, message: str) -> None:
+#: the config files' sections (see :func:`read_config_file`)
+CONFIG_SECTIONS = ("simulation", "model", "train")
+
+#: pydantic's settings for every config dataclass (read by :func:`load_config`): no unknown key, no type
+#: coercion (``"0.5"`` is not a number, ``1.0`` not an integer, ``1`` not a boolean), no NaN or infinity
+STRICT: dict[str, Any] = {"extra": "forbid", "strict": True, "allow_inf_nan": False}
+
+
+def check(condition: bool, message: str) -> None:
+    """A config dataclass's domain rule (its ``__post_init__``): ConfigError ``message`` unless ``condition``."""
     if not condition:
         raise ConfigError(message)
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Geometry and response of the strip detector (defaults of DESIGN.md)."""
+    """Geometry and response of the strip detector (its defaults: README, "The detector")."""
+
+    __pydantic_config__ = STRICT
 
     layers_per_station: tuple[int, ...] = (8, 4, 4)
     #: y of the first layer of each station [mm]
@@ -60,23 +75,23 @@ class DetectorConfig:
     multiple_scattering: bool = True
 
     def __post_init__(self) -> None:
-        _check(len(self.layers_per_station) >= 1, "detector.layers_per_station must not be empty")
-        _check(all(n >= 1 for n in self.layers_per_station), "detector.layers_per_station entries must be >= 1")
-        _check(
+        check(len(self.layers_per_station) >= 1, "detector.layers_per_station must not be empty")
+        check(all(n >= 1 for n in self.layers_per_station), "detector.layers_per_station entries must be >= 1")
+        check(
             len(self.station_y) == len(self.layers_per_station),
             "detector.station_y needs one entry per station in detector.layers_per_station",
         )
-        _check(self.layer_spacing > 0, "detector.layer_spacing must be > 0 mm")
-        _check(self.x_max > self.x_min, "detector.x_max must be greater than detector.x_min")
-        _check(self.pitch > 0, "detector.pitch must be > 0 mm")
-        _check(self.b_field > 0, "detector.b_field must be > 0 T")
-        _check(self.charge_sigma_pitch > 0, "detector.charge_sigma_pitch must be > 0")
-        _check(self.charge_mean > 0, "detector.charge_mean must be > 0")
-        _check(self.charge_rms >= 0, "detector.charge_rms must be >= 0")
-        _check(0 < self.threshold < 1, "detector.threshold must be in (0, 1) (a fraction of charge_mean)")
-        _check(self.x_over_x0 >= 0, "detector.x_over_x0 must be >= 0")
+        check(self.layer_spacing > 0, "detector.layer_spacing must be > 0 mm")
+        check(self.x_max > self.x_min, "detector.x_max must be greater than detector.x_min")
+        check(self.pitch > 0, "detector.pitch must be > 0 mm")
+        check(self.b_field > 0, "detector.b_field must be > 0 T")
+        check(self.charge_sigma_pitch > 0, "detector.charge_sigma_pitch must be > 0")
+        check(self.charge_mean > 0, "detector.charge_mean must be > 0")
+        check(self.charge_rms >= 0, "detector.charge_rms must be >= 0")
+        check(0 < self.threshold < 1, "detector.threshold must be in (0, 1) (a fraction of charge_mean)")
+        check(self.x_over_x0 >= 0, "detector.x_over_x0 must be >= 0")
         ys = self.layer_y()
-        _check(bool(np.all(np.diff(ys) > 0)), "detector stations overlap: layer y positions must increase")
+        check(bool(np.all(np.diff(ys) > 0)), "detector stations overlap: layer y positions must increase")
 
     @property
     def n_layers(self) -> int:
@@ -109,6 +124,8 @@ class DetectorConfig:
 class MuonConfig:
     """The signal muon: one per event, entering station 1."""
 
+    __pydantic_config__ = STRICT
+
     pt_min: float = 20.0
     pt_max: float = 50.0
     #: Gaussian spread of the muon's x at the first layer [mm]
@@ -117,15 +134,17 @@ class MuonConfig:
     theta0_sigma: float = 0.05
 
     def __post_init__(self) -> None:
-        _check(self.pt_min > 0, "muon.pt_min must be > 0 GeV")
-        _check(self.pt_max > self.pt_min, "muon.pt_max must be greater than muon.pt_min (pT range reversed?)")
-        _check(self.x0_sigma >= 0, "muon.x0_sigma must be >= 0 mm")
-        _check(0 <= self.theta0_sigma < 0.5, "muon.theta0_sigma must be in [0, 0.5) rad")
+        check(self.pt_min > 0, "muon.pt_min must be > 0 GeV")
+        check(self.pt_max > self.pt_min, "muon.pt_max must be greater than muon.pt_min (pT range reversed?)")
+        check(self.x0_sigma >= 0, "muon.x0_sigma must be >= 0 mm")
+        check(0 <= self.theta0_sigma < 0.5, "muon.theta0_sigma must be in [0, 0.5) rad")
 
 
 @dataclass(frozen=True)
 class BackgroundConfig:
     """Noise and extra tracks. Defaults give roughly as many background as signal hits."""
+
+    __pydantic_config__ = STRICT
 
     #: mean number of isolated noise strips per layer (Poisson), anywhere on the layer
     noise_strips_per_layer: float = 1.0
@@ -142,25 +161,27 @@ class BackgroundConfig:
     extra_track_spread: float = 20.0
 
     def __post_init__(self) -> None:
-        _check(self.noise_strips_per_layer >= 0, "background.noise_strips_per_layer must be >= 0")
-        _check(self.noise_clusters_per_layer >= 0, "background.noise_clusters_per_layer must be >= 0")
-        _check(self.extra_tracks_per_event >= 0, "background.extra_tracks_per_event must be >= 0")
-        _check(self.extra_track_pt_min > 0, "background.extra_track_pt_min must be > 0 GeV")
-        _check(
+        check(self.noise_strips_per_layer >= 0, "background.noise_strips_per_layer must be >= 0")
+        check(self.noise_clusters_per_layer >= 0, "background.noise_clusters_per_layer must be >= 0")
+        check(self.extra_tracks_per_event >= 0, "background.extra_tracks_per_event must be >= 0")
+        check(self.extra_track_pt_min > 0, "background.extra_track_pt_min must be > 0 GeV")
+        check(
             self.extra_track_pt_max >= self.extra_track_pt_min,
             "background.extra_track_pt_max must be >= background.extra_track_pt_min",
         )
-        _check(self.extra_track_layers_min >= 1, "background.extra_track_layers_min must be >= 1")
-        _check(
+        check(self.extra_track_layers_min >= 1, "background.extra_track_layers_min must be >= 1")
+        check(
             self.extra_track_layers_max >= self.extra_track_layers_min,
             "background.extra_track_layers_max must be >= background.extra_track_layers_min",
         )
-        _check(self.extra_track_spread >= 0, "background.extra_track_spread must be >= 0 mm")
+        check(self.extra_track_spread >= 0, "background.extra_track_spread must be >= 0 mm")
 
 
 @dataclass(frozen=True)
 class SimConfig:
     """Everything that determines the rows of a dataset (together with the seed)."""
+
+    __pydantic_config__ = STRICT
 
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     muon: MuonConfig = field(default_factory=MuonConfig)
@@ -169,7 +190,7 @@ class SimConfig:
     shard_events: int = 20_000
 
     def __post_init__(self) -> None:
-        _check(self.shard_events >= 1, "shard_events must be >= 1")
+        check(self.shard_events >= 1, "shard_events must be >= 1")
 
     # ---- (de)serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -190,66 +211,128 @@ class SimConfig:
         return hashlib.sha256(json.dumps(physics, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SimConfig:
-        """Build from a (possibly partial) nested dict; missing keys take defaults, unknown keys are errors."""
-        return _from_dict(cls, data, prefix="")
+    def from_dict(cls, data: dict[str, Any], prefix: str = "", base: SimConfig | None = None) -> SimConfig:
+        """Build from a (possibly partial) nested dict: missing keys take ``base``'s values (the defaults without
+        it), unknown keys and wrong types are ConfigErrors naming the key (``prefix.detector.pitch``)."""
+        return load_config(cls, data, prefix, base)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SimConfig:
-        """Read a JSON (``.json``) or TOML (``.toml``) config file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+    def from_file(cls, path: str | Path, base: SimConfig | None = None) -> SimConfig:
+        """The ``simulation`` section of a config file (:func:`read_config_file`) applied over ``base`` (or the
+        defaults); its ``model`` and ``train`` sections are for training."""
+        return cls.from_dict(read_config_file(path).get("simulation", {}), "simulation", base)
+
+
+def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a config file, JSON (``.json``, or any other suffix) or TOML (``.toml``): a mapping of optional
+    sections ``simulation`` (SimConfig's fields: detector, muon, background, shard_events), ``model`` and
+    ``train`` (ModelConfig's and TrainConfig's fields, model.config.configure). Each section holds only the
+    values to change. Returns the sections found, not yet validated (:func:`load_config` does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
         text = path.read_text()
-        try:
-            if path.suffix == ".toml":
-                import tomllib
+        if path.suffix == ".toml":
+            import tomllib
 
-                data = tomllib.loads(text)
-            else:
-                data = json.loads(text)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of settings")
-        return cls.from_dict(data)
-
-
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        f = fields[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value, prefix=f"{key}.")
+            data = tomllib.loads(text)
         else:
-            kwargs[name] = _coerce(key, value, default)
-    return cls(**kwargs)
+            data = json.loads(text)
+    except (ValueError, TypeError) as err:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"config file {path} is not valid {kind}: {message}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections ({', '.join(CONFIG_SECTIONS)})")
+    sim_keys = {f.name for f in dataclasses.fields(SimConfig)}
+    for key, value in data.items():
+        if key in sim_keys:
+            raise ConfigError(
+                f"config key {key} of {path} belongs in the simulation section ([simulation.{key}] in TOML, "
+                f'{{"simulation": {{"{key}": ...}}}} in JSON)'
+            )
+        if key not in CONFIG_SECTIONS:
+            raise ConfigError(f"unknown config key {key} in {path} (known sections: {', '.join(CONFIG_SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {key} must be a mapping of keys to values, got {value!r}")
+    return data
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Coerce a JSON value to the type of the field's default, with a one-line error."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"config key {key} must be a finite number, got {value!r}")
-        return float(value)
-    if isinstance(default, tuple):
-        if not isinstance(value, list | tuple) or not value:
-            raise ConfigError(f"config key {key} must be a non-empty list, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, default[0]) for i, v in enumerate(value))
-    return value
+def load_config(cls: type[T], data: Any, prefix: str = "", base: T | None = None) -> T:
+    """Build the config dataclass ``cls`` from a JSON-like mapping ``data`` (lists for tuples), validated by
+    pydantic against the dataclass's field types (``STRICT``), then by its ``__post_init__`` (domain rules).
+
+    ``data`` may be partial: its keys replace ``base``'s values (nested sections key by key), and with no
+    ``base`` the missing keys take the dataclass's defaults. The first unknown key, wrong type or missing
+    required key becomes a one-line ConfigError naming its full key path, ``prefix`` first
+    (``unknown config key train.epohcs``, ``config key detector.pitch must be a number, got 'abc'``).
+    The result is the plain dataclass, equal to one built by hand with the same values.
+    """
+    section = prefix or "<root>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {section} must be a mapping of keys to values, got {data!r}")
+    if base is not None:
+        data = _merged(dataclasses.asdict(base), data)  # type: ignore[call-overload]
+    import pydantic
+
+    try:
+        # JSON mode: lists are accepted for tuples (strict Python mode wants tuples); default=str turns a TOML
+        # date into a string, so it fails the field's type check instead of the serialisation
+        return _adapter(cls).validate_json(json.dumps(data, default=str))
+    except pydantic.ValidationError as err:
+        raise ConfigError(_describe(cls, err.errors()[0], prefix)) from None
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides``' values, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@functools.cache
+def _adapter(cls: type) -> Any:
+    import pydantic
+
+    return pydantic.TypeAdapter(cls)
+
+
+_EXPECTED = {
+    "float": "a number",
+    "finite": "a finite number",
+    "int": "an integer",
+    "bool": "true or false",
+    "string": "a string",
+    "tuple": "a list",
+    "list": "a list",
+}
+
+
+def _describe(cls: type, error: dict[str, Any], prefix: str) -> str:
+    """One line for pydantic's ``error``, with the dotted key path (``prefix.detector.station_y[1]``)."""
+    path, owner, known = prefix, cls, None
+    for part in error["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        path = f"{path}.{part}" if path else str(part)
+        fields = {f.name: f for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else {}
+        known = sorted(fields)
+        hint = typing.get_type_hints(owner).get(part) if part in fields else None
+        owner = hint if dataclasses.is_dataclass(hint) else None
+    kind, value = error["type"], error.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"unknown config key {path} (known: {', '.join(known or [])})"
+    if kind in ("missing", "missing_keyword_argument", "missing_argument"):
+        return f"config key {path} is missing (it has no default)"
+    if kind in ("dataclass_type", "dataclass_exact_type", "dict_type", "model_type"):
+        return f"config section {path or '<root>'} must be a mapping of keys to values, got {value!r}"
+    expected = _EXPECTED.get("finite" if kind == "finite_number" else kind.split("_")[0])
+    if expected is not None:
+        return f"config key {path} must be {expected}, got {value!r}"
+    return f"config key {path}: {error['msg'].lower()}, got {value!r}"

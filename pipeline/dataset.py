@@ -1,6 +1,6 @@
 """The dataset file contract: writing shards atomically, the manifest, and reading a dataset back.
 
-A dataset is a folder (DESIGN.md, "Files")::
+A dataset is a folder (docs/contracts.md, "Dataset folder")::
 
     DATASET/manifest.json               config, seed, code version, shard list with row counts and checksums
     DATASET/hits/part-NNNNN.parquet     one row per fired strip (HITS_SCHEMA)
@@ -24,7 +24,6 @@ import errno
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import replacing, unique_name, write_atomic, write_json_atomic
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.schema import EVENTS_SCHEMA, HITS_SCHEMA
@@ -81,17 +81,10 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _fsync_and_replace(source: Path, target: Path) -> None:
-    """Flush ``source`` to disk, then atomically move it to ``target`` (same filesystem)."""
-    with open(source, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(source, target)
-
-
 def staging_name(name: str) -> str:
     """A file name under ``.staging/`` of this writer's own: the lock keeps a second writer out, and a unique
     name makes sure that even one that got past it could never finish (rename) another writer's file."""
-    return f"{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    return unique_name(name, hidden=False)
 
 
 def write_failure(err: OSError, dataset_dir: Path) -> DatasetError:
@@ -106,13 +99,11 @@ def write_failure(err: OSError, dataset_dir: Path) -> DatasetError:
 
 
 def _write_json_atomically(data: Mapping[str, Any], target: Path, staging_dir: Path) -> None:
-    temporary = staging_dir / staging_name(target.name)
+    """``data`` as ``target``, written under ``staging_dir`` and flushed to disk before the rename."""
     try:
         staging_dir.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        _fsync_and_replace(temporary, target)
+        write_json_atomic(target, data, fsync=True, staging_dir=staging_dir)
     except OSError as err:
-        temporary.unlink(missing_ok=True)
         raise write_failure(err, target.parent) from None
 
 
@@ -243,30 +234,30 @@ def write_shard_tables(
     staging_dir = dataset_dir / STAGING_DIR
 
     entry: dict[str, Any] = {"index": shard_index, "first_event_id": first_event_id, "n_events": n_events}
-    staged = {name: staging_dir / staging_name(f"{name}-{shard_file_name(shard_index)}") for name in tables}
+    targets = [shard_path(dataset_dir, table_name, shard_index) for table_name in tables]
     try:
         staging_dir.mkdir(parents=True, exist_ok=True)
-        for table_name, table in tables.items():
-            metadata = shard_metadata(config, seed, table_name, shard_index, first_event_id, n_events, code_version)
-            sorting = [pq.SortingColumn(0), pq.SortingColumn(1)] if table_name == "hits" else [pq.SortingColumn(0)]
-            pq.write_table(
-                table.replace_schema_metadata(metadata),
-                staged[table_name],
-                sorting_columns=sorting,
-                **PARQUET_WRITE_OPTIONS,
-            )
-            entry[table_name] = {
-                "path": f"{table_name}/{shard_file_name(shard_index)}",
-                "rows": table.num_rows,
-                "bytes": staged[table_name].stat().st_size,
-                "sha256": file_sha256(staged[table_name]),
-            }
-        for table_name, staged_path in staged.items():
-            (dataset_dir / table_name).mkdir(exist_ok=True)
-            _fsync_and_replace(staged_path, shard_path(dataset_dir, table_name, shard_index))
+        # written under .staging/ (names of this writer's own), flushed to disk, then renamed into place; the
+        # staged files are removed when anything fails (pipeline.atomic.replacing)
+        with replacing(targets, fsync=True, staging_dir=staging_dir) as staged:
+            for (table_name, table), staged_path in zip(tables.items(), staged, strict=True):
+                metadata = shard_metadata(config, seed, table_name, shard_index, first_event_id, n_events, code_version)
+                sorting = [pq.SortingColumn(0), pq.SortingColumn(1)] if table_name == "hits" else [pq.SortingColumn(0)]
+                pq.write_table(
+                    table.replace_schema_metadata(metadata),
+                    staged_path,
+                    sorting_columns=sorting,
+                    **PARQUET_WRITE_OPTIONS,
+                )
+                entry[table_name] = {
+                    "path": f"{table_name}/{shard_file_name(shard_index)}",
+                    "rows": table.num_rows,
+                    "bytes": staged_path.stat().st_size,
+                    "sha256": file_sha256(staged_path),
+                }
+            for target in targets:
+                target.parent.mkdir(exist_ok=True)
     except OSError as err:
-        for staged_path in staged.values():
-            staged_path.unlink(missing_ok=True)
         raise write_failure(err, dataset_dir) from None
     return entry
 
@@ -470,13 +461,11 @@ def _read_verified_record(path: Path) -> dict[str, Any]:
 
 def _write_verified_record(path: Path, record: dict[str, Any]) -> None:
     """Atomically, under a name of this process's own (two readers may verify at once); best effort."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(record))
-        os.replace(temporary, path)
+        write_atomic(path, lambda temporary: temporary.write_text(json.dumps(record)))
     except OSError:
-        temporary.unlink(missing_ok=True)
+        pass
 
 
 #: hit columns that must be finite (a NaN there would silently poison training and every metric)

@@ -1,4 +1,4 @@
-"""Arrow schemas of every Parquet table the project writes (the file contract of DESIGN.md).
+"""Arrow schemas of every Parquet table the project writes (the file contract: docs/contracts.md).
 
 Readers check files against these schemas; writers cast to them, so a dataset is readable by pyarrow,
 Polars and DuckDB with the documented column names and types.
@@ -7,6 +7,8 @@ Polars and DuckDB with the documented column names and types.
 from __future__ import annotations
 
 import pyarrow as pa
+
+from pipeline.models import REPORT_ROWS
 
 #: one row per fired strip
 HITS_SCHEMA = pa.schema(
@@ -43,9 +45,9 @@ PRED_HITS_SCHEMA = pa.schema(
         pa.field("event_id", pa.int64()),
         pa.field("hit_id", pa.int32()),
         pa.field("model", pa.string()),
-        pa.field("score", pa.float32()),  # the classifier output: sigmoid(logit), or the truth label
+        pa.field("score", pa.float32()),  # the classifier output: sigmoid(logit); the truth label; classical's 1/0
         # the hit's weight in the model's final clusters: the score for the paper chain, the refined (annealed)
-        # weight for the robust chain, 1/0 for a hard selection (classical, assignment), the label for truth
+        # weight for the robust chain (for assignment: of its 0/1 selection), 1/0 for classical, the label for truth
         pa.field("weight", pa.float32()),
     ]
 )
@@ -90,14 +92,5 @@ TRAIN_METRICS_SCHEMA = pa.schema(
     ]
 )
 
-#: the `model` column's values in REPORT/predictions
-MODEL_NAMES = (
-    "truth",
-    "truth_charge",
-    "classical",
-    "baseline_paper",
-    "e2e_paper",
-    "baseline",
-    "e2e",
-    "assignment",
-)
+#: the `model` column's values in REPORT/predictions, in report order (pipeline.models, the registry of models)
+MODEL_NAMES = REPORT_ROWS

@@ -52,8 +52,9 @@ MAX_EVENTS = 10**9
 @functools.cache
 def code_version() -> str:
     """Version of the simulation code (pipeline.provenance), recorded in the manifest and every shard, so rows
-    can be traced to the code that drew them and an interrupted dataset is not resumed by different code."""
-    return provenance.code_version("simulation")
+    can be traced to the code that drew them and an interrupted dataset is not resumed by different code.
+    It covers pipeline/jit.py too: the simulation's jit options and its shared Numba helpers live there."""
+    return provenance.code_version("simulation", "pipeline/jit.py")
 
 
 def plan_shards(n_events: int, config: SimConfig) -> list[tuple[int, int, int]]:
@@ -365,7 +366,7 @@ def _simulate_locked(
         return existing
     plan = plan_shards(n_events, config)
     if not progress:
-        entries = _run_shards(out, config, seed, plan, workers, on_done=lambda n: None)
+        entries = _run_shards(out, config, seed, plan, workers, on_done=lambda _done: None)
     else:
         from rich.console import Console
         from rich.progress import (

@@ -7,7 +7,8 @@ of events, each event with its own generator seeded by :func:`event_seed`):
 2. simulate the event (muon, extra tracks, noise, digitisation) into a slot of that bounded size;
 3. compact the hits into dense columns at the prefix sums of the per-event hit counts.
 
-Physics and units (mm, GeV, T, rad) are described in :mod:`simulation.kernels`; in short: a muon with
+Physics and units (mm, GeV, T, rad) are described in :mod:`simulation.physics`, the digitisation in
+:mod:`simulation.digitisation`, the background in :mod:`simulation.events`; in short: a muon with
 pT ~ U[pt_min, pt_max], charge +-1, x0 ~ N(0, x0_sigma) and angle theta0 ~ N(0, theta0_sigma) to the y axis
 on the first layer follows exact circles between the layer planes (a positive charge bends towards +x for
 B > 0 along +z), with a Highland kick after each layer; every crossing deposits a gamma-fluctuating charge
@@ -21,20 +22,20 @@ import numpy as np
 
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError
-from simulation.kernels import (
+from simulation.digitisation import HitColumns, charge_half_window
+from simulation.events import (
+    HitTable,
     KernelParams,
-    charge_half_window,
+    MuonTruth,
     compact_hits_kernel,
     event_deposit_bounds,
-    event_seed_kernel,
     simulate_events_kernel,
 )
+from simulation.rng import event_seed_kernel
 
 _UINT64_LIMIT = 2**64
 #: events simulated per block (scratch memory ~ 4 kB per event)
 _BLOCK_EVENTS = 2048
-#: per-hit columns that the simulation pass fills (the compaction adds event_id, hit_id, x, y)
-_SCRATCH_COLUMNS = ("layer", "strip", "charge", "is_signal", "particle_id")
 _INT64_LIMIT = 2**63
 
 #: column name -> dtype of the hits table (pipeline.schema.HITS_SCHEMA)
@@ -146,12 +147,14 @@ def generate_events(
     n_layers = layer_y.shape[0]
     seed_u64 = np.uint64(seed)
 
-    pt = np.empty(n_events, dtype=np.float32)
-    q = np.empty(n_events, dtype=np.int8)
-    x0 = np.empty(n_events, dtype=np.float32)
-    theta0 = np.empty(n_events, dtype=np.float32)
-    n_hits = np.empty(n_events, dtype=np.int32)
-    x_true = np.empty((n_events, n_layers), dtype=np.float32)
+    truth = MuonTruth(
+        pt=np.empty(n_events, dtype=EVENT_DTYPES["pt"]),
+        q=np.empty(n_events, dtype=EVENT_DTYPES["q"]),
+        x0=np.empty(n_events, dtype=EVENT_DTYPES["x0"]),
+        theta0=np.empty(n_events, dtype=EVENT_DTYPES["theta0"]),
+        x_true=np.empty((n_events, n_layers), dtype=EVENT_DTYPES["x_true"]),
+    )
+    n_hits = np.empty(n_events, dtype=EVENT_DTYPES["n_hits"])
 
     # Pass 1 bounds every event's hits. The hit columns are allocated for that bound but only the dense
     # prefix is written (untouched pages of a large np.empty are never backed by memory) and returned as
@@ -159,8 +162,8 @@ def generate_events(
     bounds = event_deposit_bounds(seed_u64, np.int64(first_event_id), np.int64(n_events), params, n_layers)
     block_starts = range(0, n_events, _BLOCK_EVENTS)
     capacity = max((int(bounds[b : b + _BLOCK_EVENTS].sum()) for b in block_starts), default=0)
-    scratch = {name: np.empty(capacity, dtype=HIT_DTYPES[name]) for name in _SCRATCH_COLUMNS}
-    hits = {name: np.empty(int(bounds.sum()), dtype=dtype) for name, dtype in HIT_DTYPES.items()}
+    slots = HitColumns(*(np.empty(capacity, dtype=HIT_DTYPES[name]) for name in HitColumns._fields))
+    hits = HitTable(*(np.empty(int(bounds.sum()), dtype=HIT_DTYPES[name]) for name in HitTable._fields))
     total_hits = 0
     for start in block_starts:
         stop = min(start + _BLOCK_EVENTS, n_events)
@@ -174,13 +177,9 @@ def generate_events(
             params,
             layer_y,
             deposit_offsets,
-            *scratch.values(),
+            slots,
             n_hits[start:stop],
-            pt[start:stop],
-            q[start:stop],
-            x0[start:stop],
-            theta0[start:stop],
-            x_true[start:stop],
+            MuonTruth(*(column[start:stop] for column in truth)),
         )
         hit_offsets = np.full(stop - start + 1, total_hits, dtype=np.int64)
         hit_offsets[1:] += np.cumsum(n_hits[start:stop])
@@ -191,18 +190,18 @@ def generate_events(
             layer_y,
             params.x_min,
             params.pitch,
-            *scratch.values(),
-            *hits.values(),
+            slots,
+            hits,
         )
         total_hits = int(hit_offsets[-1])
-    hits = {name: column[:total_hits] for name, column in hits.items()}
+    hits = {name: column[:total_hits] for name, column in zip(HitTable._fields, hits, strict=True)}
     events = {
         "event_id": np.arange(first_event_id, first_event_id + n_events, dtype=np.int64),
-        "pt": pt,
-        "q": q,
-        "x0": x0,
-        "theta0": theta0,
+        "pt": truth.pt,
+        "q": truth.q,
+        "x0": truth.x0,
+        "theta0": truth.theta0,
         "n_hits": n_hits,
-        "x_true": x_true,
+        "x_true": truth.x_true,
     }
     return hits, events

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import get_preset
-from model.train import create_train_state, device_batch, train_step
+from model.steps import create_train_state, device_batch, train_step
 from pipeline.batches import Geometry, iter_batches
 from pipeline.dataset import open_dataset
 

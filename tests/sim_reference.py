@@ -29,7 +29,7 @@ def splitmix64_mix_ref(z: int) -> int:
 
 
 def event_seed_ref(seed: int, event_id: int) -> int:
-    """mix(mix(seed + G) + (event_id + 1) * G) mod 2**64, as documented in simulation.kernels."""
+    """mix(mix(seed + G) + (event_id + 1) * G) mod 2**64, as documented in simulation.rng."""
     stream = splitmix64_mix_ref(seed + GOLDEN_GAMMA)
     return splitmix64_mix_ref(stream + (event_id + 1) * GOLDEN_GAMMA)
 

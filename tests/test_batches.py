@@ -114,7 +114,8 @@ def test_split_polars_matches_numpy():
     frame = pl.DataFrame({"event_id": event_id})
     hashed = frame.select(batches.event_hash_expr()).to_series().to_numpy()
     assert_array_equal(hashed, event_hash(event_id))
-    assert hashed.min() >= 0 and hashed.max() < 2**32
+    assert hashed.min() >= 0
+    assert hashed.max() < 2**32
     for split in SPLIT_FRACTIONS:
         assert_array_equal(frame.select(split_expr(split)).to_series().to_numpy(), split_mask(event_id, split))
 
@@ -249,8 +250,10 @@ def test_streaming_reads_one_shard_at_a_time(dataset, monkeypatch):
 def test_geometry_from_detector(dataset):
     geometry = Geometry.from_detector(dataset.config.detector)
     assert geometry.n_layers == 16
-    assert geometry.layer_y[:2] == (0.0, 25.0) and geometry.layer_y[8] == 750.0
-    assert geometry.pitch == 0.5 and geometry.b_field == 1.0
+    assert geometry.layer_y[:2] == (0.0, 25.0)
+    assert geometry.layer_y[8] == 750.0
+    assert geometry.pitch == 0.5
+    assert geometry.b_field == 1.0
 
 
 def test_bad_arguments_are_config_errors(dataset):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +17,7 @@ from numpy.testing import assert_allclose
 from analysis.catalog import find_summaries
 from analysis.report import staged_report, write_report
 from pipeline.errors import MuontrackError
+from tests.helpers import assert_one_line_error, placeholder_figures, run_muontrack
 from tests.test_report import (
     ENVIRONMENT,
     GOOD_E2E,
@@ -78,15 +78,16 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     only, no dataset config hash: an all-null column)."""
     hits, events = _synthetic_truth(np.random.default_rng(5))
     out = tmp_path_factory.mktemp("catalog") / "muontrack-out"
-    publish_report(out / "reports" / "a", hits, events, catalog_context(0), models=MODELS_A)
-    publish_report(
-        out / "reports" / "b",
-        hits,
-        events,
-        catalog_context(1, dataset_config_hash=None, runs=[catalog_context(1)["runs"][1]]),
-        seed=1,
-        models={"truth", "e2e"},
-    )
+    with placeholder_figures():  # the catalog does not read the figures
+        publish_report(out / "reports" / "a", hits, events, catalog_context(0), models=MODELS_A)
+        publish_report(
+            out / "reports" / "b",
+            hits,
+            events,
+            catalog_context(1, dataset_config_hash=None, runs=[catalog_context(1)["runs"][1]]),
+            seed=1,
+            models={"truth", "e2e"},
+        )
     return out
 
 
@@ -102,9 +103,13 @@ def test_summary_parquet_has_the_catalog_columns_and_the_summary_rows(reports):
         for key in ("auc", "rejection_at_90", "rejection_at_95", "core_fraction", "sigma68", "sigma68_err", "n_events"):
             assert row[key] == expected[key], (row["model"], key)
         if row["model"] in ("truth", "truth_charge"):
-            assert row["auc"] is None and row["auc_err"] is None and row["rejection_at_90_err"] is None
+            assert row["auc"] is None
+            assert row["auc_err"] is None
+            assert row["rejection_at_90_err"] is None
         else:
-            assert 0 < row["auc_err"] < 0.05 and row["rejection_at_90_err"] > 0 and row["rejection_at_95_err"] > 0
+            assert 0 < row["auc_err"] < 0.05
+            assert row["rejection_at_90_err"] > 0
+            assert row["rejection_at_95_err"] > 0
         assert 0 < row["core_fraction_err"] < 0.05
     # identity: the report folder, the dataset, and the run behind each model row (none for the references)
     first = catalog.row(0, named=True)
@@ -138,6 +143,7 @@ def test_summary_parquet_has_the_catalog_columns_and_the_summary_rows(reports):
     assert resolution.filter(pl.col("model") == "e2e")["run"].unique().to_list() == ["/runs/e2e-s0"]
 
 
+@pytest.mark.usefixtures("placeholder_figures")
 def test_the_environment_is_measured_when_the_context_lacks_it(tmp_path):
     hits, events = _synthetic_truth(np.random.default_rng(6))
     _write_predictions(tmp_path, hits, events, **GOOD_E2E)
@@ -147,15 +153,20 @@ def test_the_environment_is_measured_when_the_context_lacks_it(tmp_path):
     assert dict(catalog.schema) == SUMMARY_COLUMNS
     row = catalog.row(0, named=True)
     assert row["python_version"] == ".".join(map(str, sys.version_info[:3]))
-    assert row["jax_version"] and row["flax_version"] and row["numba_version"] and row["device"]
-    assert row["dataset"] is None and row["run"] is None
+    assert row["jax_version"]
+    assert row["flax_version"]
+    assert row["numba_version"]
+    assert row["device"]
+    assert row["dataset"] is None
+    assert row["run"] is None
 
 
 def test_two_reports_in_one_glob_query(reports):
     glob = str(reports / "reports" / "*" / "summary.parquet")
     # b has no dataset config hash at all: its column is null, still a String, and the files concatenate
     b = pl.read_parquet(reports / "reports" / "b" / "summary.parquet")
-    assert b["dataset_config_hash"].null_count() == b.height and b.schema["dataset_config_hash"] == pl.String
+    assert b["dataset_config_hash"].null_count() == b.height
+    assert b.schema["dataset_config_hash"] == pl.String
     per_report = (
         pl.scan_parquet(glob)
         .filter(pl.col("model") == "e2e")
@@ -173,7 +184,8 @@ def test_two_reports_in_one_glob_query(reports):
     assert resolution.group_by("report").len().collect().height == 2
 
 
-def test_a_report_being_written_is_not_in_the_glob(reports, tmp_path):
+@pytest.mark.usefixtures("placeholder_figures")
+def test_a_report_being_written_is_not_in_the_glob(tmp_path):
     """A staged report lives one level down in a hidden folder: reports/*/summary.parquet cannot see it."""
     hits, events = _synthetic_truth(np.random.default_rng(7))
     root = tmp_path / "out"
@@ -190,16 +202,8 @@ def test_a_report_being_written_is_not_in_the_glob(reports, tmp_path):
     assert pl.scan_parquet(glob).select("run").collect()["run"].drop_nulls().to_list() == ["/runs/e2e-s1"]
 
 
-def _muontrack(*arguments: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).with_name("muontrack")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
-    return subprocess.run(
-        [*command, *map(str, arguments)], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
 def test_results_json_lists_every_model_of_every_report(reports):
-    result = _muontrack("results", reports, "--json", cwd=reports)
+    result = run_muontrack("results", reports, "--json", cwd=reports)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [(Path(row["report"]).name, row["model"]) for row in rows] == [
@@ -210,21 +214,17 @@ def test_results_json_lists_every_model_of_every_report(reports):
     assert set(rows[0]) == set(SUMMARY_COLUMNS)
     assert datetime.fromisoformat(rows[0]["created"]).tzinfo is not None
     # the default folder is the current one; the text table names the reports and models
-    text = _muontrack("results", cwd=reports / "reports")
+    text = run_muontrack("results", cwd=reports / "reports")
     assert text.returncode == 0, text.stderr
     lines = text.stdout.strip().splitlines()
-    assert "model" in lines[0] and "sigma68" in lines[0]
+    assert "model" in lines[0]
+    assert "sigma68" in lines[0]
     assert len(lines) == 2 + len(MODELS_A) + 2  # header, rule, one line per row
     assert sum(line.split("|")[1].strip() == "b" for line in lines[2:]) == 2
 
 
 def test_results_without_reports_is_a_one_line_error(tmp_path):
-    for arguments in ((tmp_path,), (tmp_path / "missing",), ()):
-        result = _muontrack("results", *arguments, cwd=tmp_path)
-        assert result.returncode != 0
-        assert "Traceback" not in result.stderr
-        (line,) = result.stderr.strip().splitlines()
-        assert line.startswith("error: ")
-    assert "missing: no such folder" in _muontrack("results", tmp_path / "missing", cwd=tmp_path).stderr
+    for arguments, fragments in (((tmp_path,), ()), ((tmp_path / "missing",), ("missing: no such folder",)), ((), ())):
+        assert_one_line_error(run_muontrack("results", *arguments, cwd=tmp_path), *fragments)
     with pytest.raises(MuontrackError, match=r"no summary\.parquet under"):
         find_summaries([tmp_path])

@@ -263,7 +263,8 @@ def test_decoy_tracks_in_the_road_do_not_steal_the_muon():
         return np.sum(np.square(d)), np.sum(np.array(d) < 5.0)
 
     (ssr_muon, n_muon), (ssr_decoy, n_decoy) = line_ssr(muon[0], muon[-1]), line_ssr(muon[0], muon[-1] - 9.0)
-    assert n_muon == n_decoy == N_LAYERS and ssr_decoy < ssr_muon / 5
+    assert n_muon == n_decoy == N_LAYERS
+    assert ssr_decoy < ssr_muon / 5
 
     reco = reconstruct_one(hits)
     assert reco.status[0] == STATUS_OK
@@ -271,7 +272,8 @@ def test_decoy_tracks_in_the_road_do_not_steal_the_muon():
     clean = [lay for lay in range(N_LAYERS) if lay not in (8, 9, 10)]
     selected = reco.hit_weight > 0.5
     assert_array_equal(selected[np.isin(hits["layer"], clean)], (hits["particle"] == 0)[np.isin(hits["layer"], clean)])
-    assert np.all(hits["particle"][selected] != 1) and np.all(hits["particle"][selected] != 2)
+    assert np.all(hits["particle"][selected] != 1)
+    assert np.all(hits["particle"][selected] != 2)
     assert_allclose(reco.x_reco[0][clean], muon[clean], atol=0.02)
     assert_allclose(reco.x_reco[0][8:11], muon[8:11], atol=0.2)  # the split cluster: some shared charge
     assert_allclose(reco.q_over_pt[0], q / pt, rtol=0.03)
@@ -281,7 +283,9 @@ def test_an_event_without_a_seed_fails_cleanly():
     hits = digitise([(0, 1.0, 1.0, 0), (1, 1.1, 1.0, 0)])  # two layers of station 1 only
     reco = reconstruct_one(hits)
     assert reco.status[0] == 1
-    assert reco.pt[0] == 0.0 and reco.q_over_pt[0] == 0.0 and reco.q[0] == 1
+    assert reco.pt[0] == 0.0
+    assert reco.q_over_pt[0] == 0.0
+    assert reco.q[0] == 1
     assert_array_equal(reco.layer_weight[0], np.zeros(N_LAYERS))
     assert_allclose(reco.sigma[0], DETECTOR.pitch / math.sqrt(12.0))
 
@@ -325,7 +329,8 @@ def test_without_background_every_layer_is_kept_at_the_truth_charge_centroid(qui
     split = read_split(quiet_dataset, "train")
     reco = reconstruct(split.event_start, split.layer, split.strip, split.x, split.charge, DETECTOR)
     has_signal = np.isfinite(centroid)
-    assert has_signal.sum(axis=1).min() >= 3 and np.mean(has_signal) > 0.99
+    assert has_signal.sum(axis=1).min() >= 3
+    assert np.mean(has_signal) > 0.99
     assert np.all(reco.status == STATUS_OK)
     assert_array_equal(reco.layer_weight > 0.5, has_signal)
     assert_allclose(reco.x_reco[has_signal], centroid[has_signal], rtol=0, atol=1e-10)
@@ -425,7 +430,8 @@ def test_resolution_beats_the_centroid_of_all_strips_and_the_road_alone(default_
 
     assert s68 < naive_s68 / 5
     assert purity > road_purity > signal.mean()
-    assert failed < 0.01 and efficiency > 0.9
+    assert failed < 0.01
+    assert efficiency > 0.9
 
 
 def test_classical_imports_only_pipeline():

@@ -3,12 +3,10 @@ no traceback, and existing files left untouched on bad input."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,43 +15,15 @@ from polars.testing import assert_frame_equal
 from pipeline.config import SimConfig
 from pipeline.dataset import MANIFEST_NAME, open_dataset
 from simulation.dataset import simulate_dataset
+from tests.helpers import assert_one_line_error, run_muontrack, snapshot
 
 SMALL = SimConfig(shard_events=8)
-
-
-def _muontrack() -> list[str]:
-    script = Path(sys.executable).with_name("muontrack")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
-
-
-def _run(*arguments: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*_muontrack(), *map(str, arguments)], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
-    return {
-        str(path.relative_to(folder)): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
-
-
-def _assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode != 0, result
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
 def small_config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "small.json"
-    path.write_text(json.dumps({"shard_events": 8}))
+    path.write_text(json.dumps({"simulation": {"shard_events": 8}}))
     return path
 
 
@@ -69,7 +39,7 @@ def test_simulate_writes_the_same_rows_as_the_library(
 ) -> None:
     out = tmp_path / "from-cli"
     arguments = ("--events", 20, "--seed", 5, "--out", out, "--workers", 2, "--config", small_config_file)
-    result = _run("simulate", *arguments, cwd=tmp_path)
+    result = run_muontrack("simulate", *arguments, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert f"wrote 20 events, {open_dataset(dataset_dir).manifest['n_hits']} hits" in result.stdout
@@ -79,7 +49,7 @@ def test_simulate_writes_the_same_rows_as_the_library(
 
 
 def test_inspect_prints_a_summary(dataset_dir: Path, tmp_path: Path) -> None:
-    result = _run("inspect", dataset_dir, cwd=tmp_path)
+    result = run_muontrack("inspect", dataset_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "signal fraction" in result.stdout
     assert SMALL.config_hash() in result.stdout
@@ -87,34 +57,38 @@ def test_inspect_prints_a_summary(dataset_dir: Path, tmp_path: Path) -> None:
 
 
 def test_negative_event_count(tmp_path: Path) -> None:
-    result = _run("simulate", "--events", -5, "--out", tmp_path / "out", cwd=tmp_path)
-    _assert_one_line_error(result, "number of events", "-5")
+    result = run_muontrack("simulate", "--events", -5, "--out", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(result, "number of events", "-5")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
     ("config", "fragments"),
     [
-        ({"detector": {"pitchh": 0.4}}, ("unknown config key detector.pitchh",)),
-        ({"muon": {"pt_min": 50.0, "pt_max": 20.0}}, ("muon.pt_max", "reversed")),
-        ({"shard_events": "many"}, ("shard_events", "integer")),
+        ({"simulation": {"detector": {"pitchh": 0.4}}}, ("unknown config key simulation.detector.pitchh",)),
+        ({"simulation": {"muon": {"pt_min": 50.0, "pt_max": 20.0}}}, ("muon.pt_max", "reversed")),
+        ({"simulation": {"shard_events": "many"}}, ("simulation.shard_events must be an integer", "'many'")),
+        ({"simulation": {"detector": {"pitch": "abc"}}}, ("config key simulation.detector.pitch must be a number",)),
+        # the top level of the file holds sections: the former top-level SimConfig form says where its keys go
+        ({"detector": {"pitch": 0.4}}, ("config key detector", "belongs in the simulation section")),
+        ({"simulaton": {}}, ("unknown config key simulaton", "known sections: simulation, model, train")),
     ],
 )
 def test_bad_config_file(config: dict, fragments: tuple[str, ...], tmp_path: Path) -> None:
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config))
-    result = _run("simulate", "--events", 10, "--out", tmp_path / "out", "--config", config_file, cwd=tmp_path)
-    _assert_one_line_error(result, *fragments)
+    result = run_muontrack("simulate", "--events", 10, "--out", tmp_path / "out", "--config", config_file, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out").exists()
 
 
 def test_out_is_a_file(tmp_path: Path) -> None:
     target = tmp_path / "results.txt"
     target.write_text("precious")
-    before = _snapshot(tmp_path)
-    result = _run("simulate", "--events", 10, "--out", target, cwd=tmp_path)
-    _assert_one_line_error(result, "is a file")
-    assert _snapshot(tmp_path) == before
+    before = snapshot(tmp_path)
+    result = run_muontrack("simulate", "--events", 10, "--out", target, cwd=tmp_path)
+    assert_one_line_error(result, "is a file")
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -128,18 +102,18 @@ def test_out_is_a_file(tmp_path: Path) -> None:
 def test_out_holds_another_dataset(arguments: tuple[str, ...], dataset_dir: Path, tmp_path: Path) -> None:
     existing = tmp_path / "existing"
     shutil.copytree(dataset_dir, existing)
-    before = _snapshot(existing)
+    before = snapshot(existing)
     args = ["simulate", "--out", existing, *arguments]
     if "--events" not in arguments:
         args += ["--events", "20"]
-    result = _run(*args, cwd=tmp_path)
-    _assert_one_line_error(result, "already holds a dataset with another", "choose another --out")
-    assert _snapshot(existing) == before
+    result = run_muontrack(*args, cwd=tmp_path)
+    assert_one_line_error(result, "already holds a dataset with another", "choose another --out")
+    assert snapshot(existing) == before
 
 
 def test_inspect_a_missing_path(tmp_path: Path) -> None:
-    result = _run("inspect", tmp_path / "nowhere", cwd=tmp_path)
-    _assert_one_line_error(result, "does not exist")
+    result = run_muontrack("inspect", tmp_path / "nowhere", cwd=tmp_path)
+    assert_one_line_error(result, "does not exist")
 
 
 def test_inspect_an_incomplete_dataset(dataset_dir: Path, tmp_path: Path) -> None:
@@ -147,17 +121,17 @@ def test_inspect_an_incomplete_dataset(dataset_dir: Path, tmp_path: Path) -> Non
     shutil.copytree(dataset_dir, incomplete)
     (incomplete / MANIFEST_NAME).unlink()
     (incomplete / ".staging").mkdir()
-    before = _snapshot(incomplete)
-    result = _run("inspect", incomplete, cwd=tmp_path)
-    _assert_one_line_error(result, "incomplete dataset", "muontrack simulate")
-    assert _snapshot(incomplete) == before
+    before = snapshot(incomplete)
+    result = run_muontrack("inspect", incomplete, cwd=tmp_path)
+    assert_one_line_error(result, "incomplete dataset", "muontrack simulate")
+    assert snapshot(incomplete) == before
 
 
 def test_inspect_a_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / MANIFEST_NAME).write_text(json.dumps({"format": "album"}))
-    result = _run("inspect", tmp_path / "photos", cwd=tmp_path)
-    _assert_one_line_error(result, "not a muontrack dataset")
+    result = run_muontrack("inspect", tmp_path / "photos", cwd=tmp_path)
+    assert_one_line_error(result, "not a muontrack dataset")
 
 
 @pytest.mark.parametrize(
@@ -175,7 +149,8 @@ def test_usage_errors_are_one_line(args, tmp_path):
     result = subprocess.run(["muontrack", *args], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "unused").exists()
 
@@ -186,8 +161,10 @@ def test_evaluate_a_dataset_without_test_events(tmp_path: Path) -> None:
     data = tmp_path / "tiny"
     simulate_dataset(data, n_events=15, seed=3, config=SMALL)
     assert not split_mask(open_dataset(data).events().collect()["event_id"].to_numpy(), "test").any()
-    result = _run("evaluate", "--data", data, "--run", tmp_path / "no-run", "--out", tmp_path / "report", cwd=tmp_path)
-    _assert_one_line_error(result, "no events in the test split")
+    result = run_muontrack(
+        "evaluate", "--data", data, "--run", tmp_path / "no-run", "--out", tmp_path / "report", cwd=tmp_path
+    )
+    assert_one_line_error(result, "no events in the test split")
     assert result.returncode == 1  # a failure at run time, not a usage error
     assert not (tmp_path / "report").exists()
 
@@ -195,27 +172,27 @@ def test_evaluate_a_dataset_without_test_events(tmp_path: Path) -> None:
 def test_inspect_refuses_a_flipped_byte_with_one_line(dataset_dir: Path, tmp_path: Path) -> None:
     corrupted = tmp_path / "corrupted"
     shutil.copytree(dataset_dir, corrupted)
-    assert _run("inspect", "--verify", corrupted, cwd=tmp_path).returncode == 0
+    assert run_muontrack("inspect", "--verify", corrupted, cwd=tmp_path).returncode == 0
     shard = corrupted / "hits" / "part-00000.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x01  # one bit inside a data page; the size and the footer stay valid
     shard.write_bytes(bytes(data))
-    before = _snapshot(corrupted)
+    before = snapshot(corrupted)
     for arguments in ((corrupted,), ("--verify", corrupted)):
-        _assert_one_line_error(_run("inspect", *arguments, cwd=tmp_path), "checksum mismatch", "part-00000")
-    assert _snapshot(corrupted) == before
+        assert_one_line_error(run_muontrack("inspect", *arguments, cwd=tmp_path), "checksum mismatch", "part-00000")
+    assert snapshot(corrupted) == before
 
 
 def test_version(tmp_path: Path) -> None:
     from flows.steps import code_version
 
-    result = _run("--version", cwd=tmp_path)
+    result = run_muontrack("--version", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"muontrack {code_version()}"
 
 
 def test_inspect_json_is_one_document_on_stdout(dataset_dir: Path, tmp_path: Path) -> None:
-    result = _run("inspect", "--json", dataset_dir, cwd=tmp_path)
+    result = run_muontrack("inspect", "--json", dataset_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     dataset = open_dataset(dataset_dir)
@@ -225,11 +202,11 @@ def test_inspect_json_is_one_document_on_stdout(dataset_dir: Path, tmp_path: Pat
     assert record["config"] == json.loads(json.dumps(dataset.config.to_dict()))
 
 
-def test_a_runtime_failure_exits_1_and_a_held_folder_names_its_writer(dataset_dir: Path, tmp_path: Path) -> None:
+def test_a_runtime_failure_exits_1_and_a_held_folder_names_its_writer(tmp_path: Path) -> None:
     from pipeline.locks import exclusive_writer
 
     out = tmp_path / "busy"
     with exclusive_writer(out):
-        result = _run("simulate", "--events", 20, "--out", out, cwd=tmp_path)
-    _assert_one_line_error(result, "is being written by another muontrack process", f"pid {os.getpid()}")
+        result = run_muontrack("simulate", "--events", 20, "--out", out, cwd=tmp_path)
+    assert_one_line_error(result, "is being written by another muontrack process", f"pid {os.getpid()}")
     assert result.returncode == 1

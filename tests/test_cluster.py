@@ -54,7 +54,8 @@ def test_truth_weights_give_the_plain_mean_of_signal_strips():
             assert_allclose(x_hat[ell], signal.mean(), rtol=1e-6, atol=1e-4)
             assert_allclose(sigma[ell], max(signal.std(), FLOOR), rtol=1e-5)
         else:
-            assert x_hat[ell] == 0.0 and sigma[ell] == pytest.approx(FLOOR)
+            assert x_hat[ell] == 0.0
+            assert sigma[ell] == pytest.approx(FLOOR)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -100,7 +101,8 @@ def test_gradients_finite_for_empty_and_vanishing_layers():
         return jnp.stack([x_hat, sigma, total])
 
     jac_x, jac_w = jax.jacobian(summary, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(weights))
-    assert np.all(np.isfinite(np.asarray(jac_x))) and np.all(np.isfinite(np.asarray(jac_w)))
+    assert np.all(np.isfinite(np.asarray(jac_x)))
+    assert np.all(np.isfinite(np.asarray(jac_w)))
     values = np.asarray(summary(jnp.asarray(x), jnp.asarray(weights)))
     assert np.all(np.isfinite(values))
     assert_allclose(values[:, [1, 3, 4, 5]], [[0] * 4, [FLOOR] * 4, [0, 0, 0, 0]], atol=1e-12 + 1e-6 * FLOOR)

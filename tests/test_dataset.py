@@ -34,8 +34,9 @@ from pipeline.dataset import (
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.inspect import summarize_dataset
 from simulation.dataset import finalize_dataset, plan_shards, prepare_dataset, simulate_dataset, simulate_shard
+from tests.helpers import snapshot
 
-# Written out from DESIGN.md ("Files"), independently of pipeline/schema.py.
+# Written out from docs/contracts.md ("Dataset folder"), independently of pipeline/schema.py.
 HITS_COLUMNS_DUCKDB = {
     "event_id": "BIGINT",
     "hit_id": "INTEGER",
@@ -81,15 +82,6 @@ EVENTS_COLUMNS_POLARS = {
 SMALL = SimConfig(shard_events=8)
 N_EVENTS = 30  # 4 shards: 8 + 8 + 8 + 6
 SEED = 11
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
-    """Every file under ``folder`` with its mtime and SHA-256, to prove that nothing was touched."""
-    return {
-        str(path.relative_to(folder)): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
 
 
 def _rows(dataset_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -277,11 +269,11 @@ def test_interrupted_run_is_invisible_refused_and_resumed(
     (out / "events" / "part-00001.parquet").unlink()
 
     # resuming generates only the missing shards and keeps the complete one byte for byte
-    kept = _snapshot(out / "hits")["part-00000.parquet"]
+    kept = snapshot(out / "hits")["part-00000.parquet"]
     generated = _count_generated(monkeypatch)
     manifest = simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
     assert sorted(generated) == [8, 16, 24]
-    assert _snapshot(out / "hits")["part-00000.parquet"] == kept
+    assert snapshot(out / "hits")["part-00000.parquet"] == kept
     assert manifest["n_events"] == N_EVENTS
     assert not (out / STAGING_DIR).exists()
 
@@ -324,24 +316,24 @@ def test_a_dataset_whose_manifest_was_deleted_is_resumed(
     (out / MANIFEST_NAME).unlink()
     with pytest.raises(DatasetError, match=r"incomplete dataset .*muontrack simulate"):
         open_dataset(out)
-    before = _snapshot(out)
+    before = snapshot(out)
     # shards of another request are not adopted
     with pytest.raises(DatasetError, match="shards of another config or seed"):
         simulate_dataset(out, n_events=N_EVENTS, seed=SEED + 1, config=SMALL)
     with pytest.raises(DatasetError, match="shards of another event count"):
         simulate_dataset(out, n_events=N_EVENTS - 8, seed=SEED, config=SMALL)
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     # the same request adopts every shard as it is: nothing is drawn again
-    monkeypatch.setattr(generate_module, "generate_events", lambda *args: pytest.fail("a shard was drawn again"))
+    monkeypatch.setattr(generate_module, "generate_events", lambda *_: pytest.fail("a shard was drawn again"))
     manifest = simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
     assert manifest["shards"] == open_dataset(dataset_dir).manifest["shards"]
-    assert {k: v for k, v in _snapshot(out).items() if k != MANIFEST_NAME} == {
+    assert {k: v for k, v in snapshot(out).items() if k != MANIFEST_NAME} == {
         k: v for k, v in before.items() if k != MANIFEST_NAME
     }
 
 
 def test_an_interrupted_dataset_is_resumed_by_changed_simulation_code(
-    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import simulation.dataset as simulation_dataset
 
@@ -378,7 +370,7 @@ def test_interrupted_run_refuses_other_settings(tmp_path: Path, monkeypatch: pyt
         _interrupt_at(patch, out, first_event_id=8)
         with pytest.raises(KeyboardInterrupt):
             simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
-    before = _snapshot(out)
+    before = snapshot(out)
     with pytest.raises(DatasetError, match="interrupted dataset with another seed"):
         simulate_dataset(out, n_events=N_EVENTS, seed=SEED + 1, config=SMALL)
     with pytest.raises(DatasetError, match="interrupted dataset with another event count"):
@@ -386,16 +378,16 @@ def test_interrupted_run_refuses_other_settings(tmp_path: Path, monkeypatch: pyt
     other_config = SimConfig(shard_events=8, muon=MuonConfig(pt_min=10.0))
     with pytest.raises(DatasetError, match="interrupted dataset with another config"):
         simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=other_config)
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_simulate_shard_skips_a_shard_that_is_already_written(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "dataset"
     first = simulate_shard(out, SMALL, SEED, 1, 8, 8)
-    before = _snapshot(out / "hits")
-    monkeypatch.setattr(generate_module, "generate_events", lambda *args: pytest.fail("shard regenerated"))
+    before = snapshot(out / "hits")
+    monkeypatch.setattr(generate_module, "generate_events", lambda *_: pytest.fail("shard regenerated"))
     assert simulate_shard(out, SMALL, SEED, 1, 8, 8) == first
-    assert _snapshot(out / "hits") == before
+    assert snapshot(out / "hits") == before
     # another seed is not "the same shard": it is regenerated
     monkeypatch.undo()
     other = simulate_shard(out, SMALL, SEED + 1, 1, 8, 8)
@@ -493,10 +485,10 @@ def test_open_dataset_refuses_a_shard_with_another_schema(dataset_copy: Path) ->
 
 
 def test_complete_dataset_is_returned_untouched_for_the_same_request(dataset_copy: Path) -> None:
-    before = _snapshot(dataset_copy)
+    before = snapshot(dataset_copy)
     manifest = simulate_dataset(dataset_copy, n_events=N_EVENTS, seed=SEED, config=SMALL, workers=2)
     assert manifest == json.loads((dataset_copy / MANIFEST_NAME).read_text())
-    assert _snapshot(dataset_copy) == before
+    assert snapshot(dataset_copy) == before
 
 
 @pytest.mark.parametrize(
@@ -508,11 +500,11 @@ def test_complete_dataset_is_returned_untouched_for_the_same_request(dataset_cop
     ],
 )
 def test_complete_dataset_refuses_another_request(dataset_copy: Path, request_: dict, message: str) -> None:
-    before = _snapshot(dataset_copy)
+    before = snapshot(dataset_copy)
     arguments = {"n_events": N_EVENTS, "seed": SEED, "config": SMALL} | request_
     with pytest.raises(DatasetError, match=f"{message}.*choose another --out"):
         simulate_dataset(dataset_copy, **arguments)
-    assert _snapshot(dataset_copy) == before
+    assert snapshot(dataset_copy) == before
 
 
 def test_simulate_refuses_bad_arguments_and_foreign_outputs(tmp_path: Path) -> None:
@@ -570,8 +562,11 @@ def test_write_shard_tables_round_trips_columns_and_x_true(tmp_path: Path) -> No
         "particle_id": np.array([0, -1, 3], dtype=np.int32),
     }
     entry = write_shard_tables(tmp_path, 2, 5, hits, events, SMALL, 7)
-    assert entry["index"] == 2 and entry["first_event_id"] == 5 and entry["n_events"] == 2
-    assert entry["hits"]["path"] == "hits/part-00002.parquet" and entry["hits"]["rows"] == 3
+    assert entry["index"] == 2
+    assert entry["first_event_id"] == 5
+    assert entry["n_events"] == 2
+    assert entry["hits"]["path"] == "hits/part-00002.parquet"
+    assert entry["hits"]["rows"] == 3
     assert list((tmp_path / STAGING_DIR).iterdir()) == []
 
     read_events = pq.read_table(tmp_path / "events" / "part-00002.parquet")
@@ -652,7 +647,8 @@ def test_summarize_dataset_reports_independently_computed_figures(dataset_dir: P
     assert_allclose(
         float(_value(summary, "mean cluster size [strips]")), _mean_signal_cluster_size(hits_frame), rtol=1e-3
     )
-    assert "Traceback" not in summary and "[" in _value(summary, "muon pT range [GeV]")
+    assert "Traceback" not in summary
+    assert "[" in _value(summary, "muon pT range [GeV]")
 
 
 def test_dataset_files_leave_no_temporary_files_in_globbed_folders(dataset_dir: Path) -> None:

@@ -102,8 +102,10 @@ def test_every_figure_is_written_as_png_and_pdf(tmp_path, name):
     path = tmp_path / "figures" / name
     assert FIGURES[name](path) == path
     pdf = path.with_suffix(".pdf")
-    assert path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
-    assert pdf.stat().st_size > 1000 and pdf.read_bytes()[:5] == b"%PDF-"
+    assert path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert pdf.stat().st_size > 1000
+    assert pdf.read_bytes()[:5] == b"%PDF-"
     assert pdf.read_bytes().rstrip().endswith(b"%%EOF")
     # nothing else: no temporary file left behind
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, pdf.name])
@@ -125,7 +127,8 @@ def test_figures_are_drawn_in_mplheps_style_without_changing_global_rcparams(tmp
         # ... and in the figure: ticks inside on all four sides, minor ticks, axis labels at the axis ends
         ax = fig.axes[0]
         tick = ax.xaxis.get_major_ticks()[0]
-        assert tick.tick2line.get_visible() and ax.yaxis.get_major_ticks()[0].tick2line.get_visible()
+        assert tick.tick2line.get_visible()
+        assert ax.yaxis.get_major_ticks()[0].tick2line.get_visible()
         assert tick._tickdir == "in"
         assert len(ax.xaxis.get_minorticklocs()) > 0
         assert ax.xaxis.label.get_horizontalalignment() == "right"

@@ -66,11 +66,13 @@ def test_track_arcs_recovered_in_float32(pt, q, theta0):
     got_xc, got_yc, got_r = (float(v) for v in kasa_circle_fit(x32, y32, w32))
     # float32 inputs already sit up to ~3e-5 mm off the circle; the fit keeps ~1e-5 relative precision
     assert_allclose(got_r, radius, rtol=1e-4)
-    assert abs(got_xc - xc) < 1e-4 * radius and abs(got_yc - yc) < 1e-4 * radius
+    assert abs(got_xc - xc) < 1e-4 * radius
+    assert abs(got_yc - yc) < 1e-4 * radius
     # against the float64 fit of the very same (rounded) points
     ref_xc, ref_yc, ref_r = kasa_reference(x32, y32, w32)
     assert_allclose(got_r, ref_r, rtol=3e-5)
-    assert abs(got_xc - ref_xc) < 3e-5 * radius and abs(got_yc - ref_yc) < 3e-5 * radius
+    assert abs(got_xc - ref_xc) < 3e-5 * radius
+    assert abs(got_yc - ref_yc) < 3e-5 * radius
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -366,7 +368,8 @@ def test_hyper_exact_on_track_arcs_in_float32_and_equal_to_kasa(pt, q, theta0):
     args = f32(x, LAYER_Y, w)
     got_xc, got_yc, got_r = (float(v) for v in hyper_circle_fit(*args))
     assert_allclose(got_r, radius, rtol=1e-4)
-    assert abs(got_xc - xc) < 1e-4 * radius and abs(got_yc - yc) < 1e-4 * radius
+    assert abs(got_xc - xc) < 1e-4 * radius
+    assert abs(got_yc - yc) < 1e-4 * radius
     # points on a circle: eta = 0, the Hyper circle is the Kasa circle
     assert_allclose([got_xc, got_yc, got_r], [float(v) for v in kasa_circle_fit(*args)], rtol=1e-6)
     assert_allclose(float(fit_track(*args, np.full_like(args[0], 0.3), 1.0, method="hyper").pt), pt, rtol=1e-4)
@@ -435,7 +438,8 @@ def test_hyper_removes_the_kasa_curvature_bias():
     bias = {m: r.mean() for m, r in relative.items()}
     error = {m: r.std(ddof=1) / np.sqrt(n) for m, r in relative.items()}  # measured: 0.0024 for both
     # measured over 10 seeds: Kasa +0.149 .. +0.153 (60 standard errors), Hyper within 1.4 standard errors of 0
-    assert bias["kasa"] > 0.1 and bias["kasa"] > 20 * error["kasa"]
+    assert bias["kasa"] > 0.1
+    assert bias["kasa"] > 20 * error["kasa"]
     assert abs(bias["hyper"]) < 3 * error["hyper"]
     assert abs(bias["hyper"]) < bias["kasa"] / 10
     # and the unbiased fit is also the more precise one here (measured rms 0.108 vs 0.186)

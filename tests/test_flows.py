@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import polars as pl
 import pytest
@@ -15,8 +18,11 @@ pytest.importorskip("prefect")
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import end_to_end, steps, tasks
+from pipeline import provenance
 from pipeline.config import SimConfig
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.schema import MODEL_NAMES
+from tests.helpers import placeholder_figures, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,9 @@ def _dataset_rows(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     return hits, events
 
 
+@pytest.mark.usefixtures("prefect_server")
 @pytest.mark.slow
-def test_end_to_end_caches_and_recomputes(prefect_server, tmp_path):
+def test_end_to_end_caches_and_recomputes(tmp_path):
     out = tmp_path / "job"
     first = end_to_end.end_to_end(str(out), preset="test")
     report = Path(first["report"])
@@ -61,26 +68,32 @@ def test_end_to_end_caches_and_recomputes(prefect_server, tmp_path):
     # a real dataset carries x, layer and particle_id: the report says where each model's hit weight goes
     text = report.read_text()
     assert "### Where the hit weight goes" in text
-    assert "| signal | ≤ 5 mm |" in text and "| noise | > 50 mm |" in text
+    assert "| signal | ≤ 5 mm |" in text
+    assert "| noise | > 50 mm |" in text
 
+    # the first run drew every figure; the next two write placeholders (tests.helpers.placeholder_figures): about
+    # 10 s less per report
     # second run, same config: dataset shards, training and predictions come from the cache
     t0 = time.time()
-    end_to_end.end_to_end(str(out), preset="test")
+    with placeholder_figures():
+        end_to_end.end_to_end(str(out), preset="test")
     states = _task_states_since(t0)
     for name in ("simulate-shard", "finalize-dataset", "train-model", "predict"):
         assert states.get(name), f"no {name} task run recorded: {states}"
         assert set(states[name]) == {"Cached"}, (name, states[name])
 
-    # a changed seed recomputes the dataset and the models
+    # a changed seed recomputes the dataset and the models (one model is enough to show it)
     t1 = time.time()
-    end_to_end.end_to_end(str(out), preset="test", seed=1)
+    with placeholder_figures():
+        end_to_end.end_to_end(str(out), preset="test", seed=1, models=["baseline"])
     states = _task_states_since(t1)
     assert "Completed" in states["simulate-shard"]
     assert "Completed" in states["train-model"]
     assert len(list((out / "data").iterdir())) == 2
 
 
-def test_simulate_flow_matches_library_and_rejects_bad_input(prefect_server, tmp_path):
+@pytest.mark.usefixtures("prefect_server")
+def test_simulate_flow_matches_library_and_rejects_bad_input(tmp_path):
     from simulation.dataset import simulate_dataset
 
     config = SimConfig(shard_events=40)
@@ -91,11 +104,19 @@ def test_simulate_flow_matches_library_and_rejects_bad_input(prefect_server, tmp
     for a, b in zip(_dataset_rows(flow_out), _dataset_rows(direct_out), strict=True):
         assert_frame_equal(a, b)
 
+    # bad input fails the flow with the library's error, before any file is written or replaced
+    before = snapshot(flow_out)
+    with pytest.raises(DatasetError, match=r"already holds a dataset with another seed \(3, asked 4\)"):
+        end_to_end.simulate_flow(str(flow_out), 100, 4, config.to_json())
+    assert snapshot(flow_out) == before
+    with pytest.raises(ConfigError, match="shard_events must be >= 1"):
+        end_to_end.simulate_flow(str(tmp_path / "bad"), 100, 3, json.dumps({"shard_events": 0}))
+    assert not (tmp_path / "bad").exists()
 
-def test_run_reports_a_user_error_in_one_line(prefect_server, tmp_path, capfd):
+
+@pytest.mark.usefixtures("prefect_server")
+def test_run_reports_a_user_error_in_one_line(tmp_path, capfd):
     """A MuontrackError inside the flows reaches the caller, without Prefect's tracebacks on the console."""
-    from pipeline.errors import DatasetError
-
     job = steps.job_preset("test")
     data = tmp_path / "job" / "data" / f"{SimConfig(shard_events=job.shard_events).config_hash()}-n{job.events}-s0"
     data.mkdir(parents=True)
@@ -112,7 +133,6 @@ def test_the_user_error_filter_keeps_other_records():
     import logging
 
     from flows.logs import UserErrorFilter
-    from pipeline.errors import DatasetError
 
     def record(message: str, error: BaseException | None = None, level: int = logging.ERROR) -> logging.LogRecord:
         exc_info = (type(error), error, None) if error is not None else None
@@ -146,19 +166,55 @@ def test_task_functions_directly(tmp_path):
 
 
 def test_a_training_code_change_trains_into_another_run_folder(monkeypatch):
-    import model.train
+    import model.run_folder
 
     name = steps.run_folder_name("e2e", "cpu", "abc-n20000-s0")
     assert name.startswith("e2e-cpu-abc-n20000-s0-c")
     assert name == steps.run_folder_name("e2e", "cpu", "abc-n20000-s0")
-    monkeypatch.setattr(model.train, "code_version", lambda: "0.1.0+0123456789ab")
+    monkeypatch.setattr(model.run_folder, "code_version", lambda: "0.1.0+0123456789ab")
     assert steps.run_folder_name("e2e", "cpu", "abc-n20000-s0") == "e2e-cpu-abc-n20000-s0-c0123456789ab"
 
 
-def test_code_version_tracks_sources():
-    version = steps.code_version()
-    assert version == steps.code_version()
-    assert "+" in version
+def _shipped_sources() -> list[Path]:
+    """Every ``*.py`` file, at any depth, of the packages the wheel ships (pyproject.toml), relative to ROOT."""
+    pyproject = tomllib.loads((provenance.ROOT / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    return sorted(
+        path.relative_to(provenance.ROOT) for package in packages for path in (provenance.ROOT / package).rglob("*.py")
+    )
+
+
+def test_any_source_change_invalidates_the_task_cache(tmp_path, monkeypatch):
+    """The Prefect cache key of a task changes when any source file of the shipped packages changes (a cached
+    shard, model or prediction is never served for other code), and stays when only tests or docs change."""
+    sources = _shipped_sources()
+    assert Path("simulation/dataset.py") in sources
+    assert Path("flows/tasks.py") in sources
+    for source in sources:
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(provenance.ROOT / source, tmp_path / source)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_something.py").write_text("")
+    (tmp_path / "README.md").write_text("")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    context = SimpleNamespace(task=SimpleNamespace(name="simulate-shard"))
+    parameters = {"out": "/data", "seed": 0}
+    key = tasks._cache_key(context, parameters)
+
+    ignored = []
+    for source in sources:
+        path = tmp_path / source
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        if tasks._cache_key(context, parameters) == key:
+            ignored.append(source.as_posix())
+        path.write_bytes(original)
+    assert ignored == [], "source files the cache key does not cover"
+
+    (tmp_path / "tests" / "test_something.py").write_text("# edited\n")
+    (tmp_path / "README.md").write_text("edited\n")
+    assert tasks._cache_key(context, parameters) == key
+    assert tasks._cache_key(context, parameters | {"seed": 1}) != key
 
 
 def test_job_preset_rejects_unknown():
@@ -188,8 +244,8 @@ def test_deployments_have_schedules():
     assert len(scheduled) == 2
 
 
-@pytest.mark.slow
-def test_dask_path_equals_in_process(prefect_server, tmp_path):
+@pytest.mark.usefixtures("prefect_server")
+def test_dask_path_equals_in_process(tmp_path):
     pytest.importorskip("prefect_dask")
     from simulation.dataset import simulate_dataset
 

@@ -92,7 +92,8 @@ def test_one_row_per_test_hit_event_and_layer(predictions, truth, test_hits, tes
         # x_true is the event's truth, layer by layer
         assert_allclose(clusters["x_true"].to_numpy(), np.stack(test_events["x_true"].to_list()).reshape(-1))
     scores = predictions["hits"]["score"].to_numpy()
-    assert np.all((scores >= 0) & (scores <= 1)) and scores.std() > 0
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert scores.std() > 0
     assert set(predictions["tracks"]["q_pred"].unique().to_list()) <= {-1, 1}
 
 
@@ -174,7 +175,8 @@ def test_missing_or_unfinished_runs_are_refused(run_dir, tmp_path):
     with pytest.raises(RunError, match="checkpoint of epoch 1 is unreadable"):
         load_run(damaged)
     config, params = load_run(run_dir)
-    assert config["model"] == "baseline" and params
+    assert config["model"] == "baseline"
+    assert params
 
 
 def test_a_run_applies_to_the_same_physics_cut_into_other_shards(root, run_dir, dataset):

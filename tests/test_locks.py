@@ -17,7 +17,7 @@ from pipeline.dataset import open_dataset
 from pipeline.errors import MuontrackError
 from pipeline.locks import exclusive_writer, lock_path
 from simulation.dataset import simulate_dataset
-from tests.test_cli import _assert_one_line_error, _muontrack
+from tests.helpers import assert_one_line_error, muontrack_command
 
 SMALL = SimConfig(shard_events=8)
 
@@ -34,7 +34,8 @@ def _hold_in_another_process(out: Path) -> subprocess.Popen[str]:
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
     )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "held"
     return holder
 
 
@@ -49,6 +50,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
 
 
 def test_a_killed_writer_leaves_no_lock_behind(tmp_path: Path) -> None:
@@ -56,6 +58,7 @@ def test_a_killed_writer_leaves_no_lock_behind(tmp_path: Path) -> None:
     holder = _hold_in_another_process(out)
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
+    holder.stdout.close()
     assert lock_path(out).exists()  # kill -9: no clean-up ran, but the kernel dropped the lock
     simulate_dataset(out, n_events=16, seed=0, config=SMALL)
     assert open_dataset(out).n_events == 16
@@ -64,9 +67,11 @@ def test_a_killed_writer_leaves_no_lock_behind(tmp_path: Path) -> None:
 
 def test_the_same_folder_cannot_be_locked_twice_in_one_process(tmp_path: Path) -> None:
     with exclusive_writer(tmp_path / "run"):
-        with pytest.raises(MuontrackError, match="being written by another muontrack process"):
-            with exclusive_writer(tmp_path / "run"):
-                pass
+        with (
+            pytest.raises(MuontrackError, match="being written by another muontrack process"),
+            exclusive_writer(tmp_path / "run"),
+        ):
+            pass
         with exclusive_writer(tmp_path / "other-run"):  # another folder is another lock
             pass
     with exclusive_writer(tmp_path / "run"):  # released
@@ -76,10 +81,10 @@ def test_the_same_folder_cannot_be_locked_twice_in_one_process(tmp_path: Path) -
 def test_two_simulate_commands_on_one_out_leave_one_valid_dataset(tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     config = tmp_path / "small.json"
-    config.write_text('{"shard_events": 20000}')
+    config.write_text('{"simulation": {"shard_events": 20000}}')
     commands = [
         [
-            *_muontrack(),
+            *muontrack_command(),
             "simulate",
             "--events",
             "100000",
@@ -101,9 +106,10 @@ def test_two_simulate_commands_on_one_out_leave_one_valid_dataset(tmp_path: Path
         results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
     winners = [r for r in results if r.returncode == 0]
     losers = [r for r in results if r.returncode != 0]
-    assert len(winners) == 1 and len(losers) == 1, [r.stderr for r in results]
+    assert len(winners) == 1, [r.stderr for r in results]
+    assert len(losers) == 1, [r.stderr for r in results]
     # the loser either met the lock or, starting late, the winner's complete dataset of another seed
-    _assert_one_line_error(losers[0])
+    assert_one_line_error(losers[0])
     assert "being written by another muontrack process" in losers[0].stderr or "another seed" in losers[0].stderr
     dataset = open_dataset(out)
     dataset.verify(force=True)

@@ -44,7 +44,8 @@ def test_pt_loss_finite_bounded_gradients_for_garbage():
     mask = np.array([True] * 5 + [False])
     value, grad = jax.value_and_grad(pt_loss)(jnp.asarray(q_over_pt), q, pt, mask)
     grad = np.asarray(grad)
-    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(grad))
     # d/d(q/pT) of huber(r / scale) / n_events is at most delta / scale * pT / n_events
     assert np.all(np.abs(grad[:5]) <= PT_LOSS_DELTA / PT_LOSS_SCALE * pt[:5] / 5 * (1 + 1e-6))
     assert grad[5] == 0
@@ -72,7 +73,8 @@ def test_a_failed_fit_costs_the_most_any_event_costs():
     assert costs[1] < costs[2] < costs[4]
     # the capped and the failed events pass no gradient; the others do
     grad = np.asarray(jax.grad(lambda v: pt_loss(v, q, pt, mask, fit_ok))(predicted))
-    assert np.all(grad[[0, 1, 2]] != 0) and np.all(grad[[3, 4]] == 0)
+    assert np.all(grad[[0, 1, 2]] != 0)
+    assert np.all(grad[[3, 4]] == 0)
 
 
 def _loss_and_grad(logits, batch, lam):
@@ -88,7 +90,9 @@ def test_composite_gradient_flows_through_the_fit():
     grad_bce = jax.grad(bce_loss)(logits, batch.label, batch.mask)
     # lam = 0: exactly the BCE gradient, while the pT loss is still computed and finite
     np.testing.assert_array_equal(np.asarray(grad0), np.asarray(grad_bce))
-    assert float(loss0) == float(aux0["bce"]) and np.isfinite(float(aux0["pt_loss"])) and float(aux0["pt_loss"]) > 0
+    assert float(loss0) == float(aux0["bce"])
+    assert np.isfinite(float(aux0["pt_loss"]))
+    assert float(aux0["pt_loss"]) > 0
 
     lam = 0.5
     _, grad = _loss_and_grad(logits, batch, lam)

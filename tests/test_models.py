@@ -58,7 +58,8 @@ def test_shapes_and_padding_invariance(name):
     features, mask = random_graph(rng)
     params = params_for(name)
     reference = np.asarray(apply(name, params, features, mask))
-    assert reference.shape == mask.shape and reference.dtype == np.float32
+    assert reference.shape == mask.shape
+    assert reference.dtype == np.float32
     assert np.all(np.isfinite(reference))  # including the all-padding event
     assert np.all(reference[~mask] == PADDING_LOGIT)
     extra = 9

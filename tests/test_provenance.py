@@ -2,23 +2,79 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
+from pathlib import Path
+
+import pytest
 
 from pipeline import provenance
 
 
-def test_code_version_is_the_hash_of_the_named_sources():
-    version = provenance.code_version("simulation", "pipeline/batches.py")
+@pytest.fixture
+def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny project tree standing in for the real one: provenance.ROOT points at it."""
+    for name, text in {
+        "pkg/__init__.py": "",
+        "pkg/core.py": "VALUE = 1\n",
+        "pkg/notes.txt": "not code\n",
+        "other/named.py": "NAMED = 1\n",
+        "other/unnamed.py": "UNNAMED = 1\n",
+    }.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    return tmp_path
+
+
+def _version() -> str:
+    return provenance.code_version("pkg", "other/named.py")
+
+
+@pytest.mark.usefixtures("tree")
+def test_code_version_is_the_package_version_plus_12_hex_digits() -> None:
+    version = _version()
     assert re.fullmatch(r".+\+[0-9a-f]{12}", version)
-    digest = hashlib.sha256()
-    files = [*sorted((provenance.ROOT / "simulation").glob("*.py")), provenance.ROOT / "pipeline" / "batches.py"]
-    for file in files:
-        digest.update(file.relative_to(provenance.ROOT).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
-    assert version.endswith("+" + digest.hexdigest()[:12])
+    assert version == _version()
 
 
-def test_code_version_depends_on_which_sources():
-    assert provenance.code_version("model") == provenance.code_version("model")
-    assert provenance.code_version("model") != provenance.code_version("simulation")
-    assert provenance.code_version("model") != provenance.code_version("model", "pipeline/batches.py")
+@pytest.mark.parametrize(
+    "change",
+    [
+        "edit a file of a named package",
+        "add a file to a named package",
+        "rename a file of a named package",
+        "edit a named file",
+    ],
+)
+def test_code_version_changes_with_the_named_sources(tree: Path, change: str) -> None:
+    before = _version()
+    if change == "edit a file of a named package":
+        (tree / "pkg" / "core.py").write_text("VALUE = 2\n")
+    elif change == "add a file to a named package":
+        (tree / "pkg" / "extra.py").write_text("")
+    elif change == "rename a file of a named package":
+        (tree / "pkg" / "core.py").rename(tree / "pkg" / "kernel.py")
+    else:
+        (tree / "other" / "named.py").write_text("NAMED = 2\n")
+    assert _version() != before
+
+
+def test_code_version_ignores_other_files(tree: Path) -> None:
+    before = _version()
+    (tree / "other" / "unnamed.py").write_text("UNNAMED = 2\n")
+    (tree / "pkg" / "notes.txt").write_text("edited\n")
+    (tree / "README.md").write_text("docs\n")
+    assert _version() == before
+
+
+@pytest.mark.usefixtures("tree")
+def test_code_version_depends_on_which_sources() -> None:
+    assert provenance.code_version("pkg") != provenance.code_version("other/named.py")
+    assert provenance.code_version("pkg") != _version()
+
+
+def test_root_is_the_project_root() -> None:
+    """The real ROOT holds the packages the hash is taken over."""
+    assert (provenance.ROOT / "pyproject.toml").is_file()
+    assert (provenance.ROOT / "pipeline" / "provenance.py").is_file()

@@ -30,6 +30,7 @@ from analysis.report import (
 )
 from pipeline.errors import MuontrackError
 from pipeline.schema import MODEL_NAMES, PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
+from tests.helpers import snapshot
 
 N_EVENTS = 400
 N_HITS = 24  # per event, half of them signal
@@ -86,6 +87,8 @@ def _write_predictions(
     rng = np.random.default_rng(seed)
     truth_hits = hits.collect()
     truth_events = events.collect()
+    n_events = truth_events.height
+    event_id = truth_events["event_id"].to_numpy()
     pt = truth_events["pt"].to_numpy()
     q = truth_events["q"].to_numpy()
     signal = truth_hits["is_signal"].to_numpy()
@@ -109,7 +112,7 @@ def _write_predictions(
             )
         )
         # clusters: a Gaussian core of 0.1 mm plus wide outliers for the share not in the core
-        n_clusters = N_EVENTS * N_LAYERS
+        n_clusters = n_events * N_LAYERS
         x_true = rng.uniform(-400, 400, n_clusters).astype(np.float32)
         outlier = rng.uniform(size=n_clusters) > core_share[model]
         offset = np.where(outlier, rng.choice([-1.0, 1.0], n_clusters) * rng.uniform(1.0, 5.0, n_clusters), 0.0)
@@ -117,8 +120,8 @@ def _write_predictions(
         cluster_rows.append(
             pl.DataFrame(
                 {
-                    "event_id": np.repeat(np.arange(N_EVENTS, dtype=np.int64), N_LAYERS),
-                    "layer": np.tile(np.arange(N_LAYERS, dtype=np.int16), N_EVENTS),
+                    "event_id": np.repeat(event_id, N_LAYERS),
+                    "layer": np.tile(np.arange(N_LAYERS, dtype=np.int16), n_events),
                     "model": [model] * n_clusters,
                     "x_reco": x_reco,
                     "sigma": np.full(n_clusters, 0.1, np.float32),
@@ -128,21 +131,21 @@ def _write_predictions(
             )
         )
         # tracks: relative q/pT smearing; 2 % failed fits for the non-truth models
-        relative = rng.normal(0.0, resolution[model], N_EVENTS)
+        relative = rng.normal(0.0, resolution[model], n_events)
         q_over_pt = (q / pt * (1.0 + relative)).astype(np.float32)
-        failed = (rng.uniform(size=N_EVENTS) < 0.02) if model not in TRUTH_MODELS else np.zeros(N_EVENTS, bool)
+        failed = (rng.uniform(size=n_events) < 0.02) if model not in TRUTH_MODELS else np.zeros(n_events, bool)
         q_over_pt[failed] = np.nan
         true = q.astype(np.float64) / pt.astype(np.float64)
         residuals[model] = np.where(failed, np.nan, (q_over_pt.astype(np.float64) - true) / true)
         track_rows.append(
             pl.DataFrame(
                 {
-                    "event_id": np.arange(N_EVENTS, dtype=np.int64),
-                    "model": [model] * N_EVENTS,
+                    "event_id": event_id,
+                    "model": [model] * n_events,
                     "pt_pred": np.abs(1.0 / q_over_pt),
                     "q_pred": np.where(q_over_pt < 0, -1, 1).astype(np.int8),
                     "q_over_pt_pred": q_over_pt,
-                    "radius": np.full(N_EVENTS, 1000.0, np.float32),
+                    "radius": np.full(n_events, 1000.0, np.float32),
                     "fit_status": failed.astype(np.int8),
                 }
             )
@@ -260,7 +263,9 @@ def test_write_report_files_and_contents(tmp_path, truth):
         if model in TRUTH_MODELS:
             assert all(row[key] is None for key in SUMMARY_KEYS if key.startswith(("auc", "rejection", "hit_")))
         else:
-            assert 0.5 < row["auc"] < 1.0 and row["rejection_at_90"] > 1.0 and row["rejection_at_95"] > 1.0
+            assert 0.5 < row["auc"] < 1.0
+            assert row["rejection_at_90"] > 1.0
+            assert row["rejection_at_95"] > 1.0
     # independent NumPy σ68 on the residuals we injected (failed fits excluded)
     for model in MODELS:
         good = residuals[model][np.isfinite(residuals[model])]
@@ -298,7 +303,9 @@ def test_write_report_files_and_contents(tmp_path, truth):
 
     # report.md: context rendered, every figure linked and present as a PNG
     report = (tmp_path / "report.md").read_text()
-    assert "/data/muons-test" in report and "training_seconds" in report and "13.1" in report
+    assert "/data/muons-test" in report
+    assert "training_seconds" in report
+    assert "13.1" in report
     links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", report)
     assert len(links) == 5
     for link in links:
@@ -364,6 +371,7 @@ def test_comparison_flips_when_baseline_is_better(tmp_path, truth):
             assert f"{reference} better by" in sentence
 
 
+@pytest.mark.usefixtures("placeholder_figures")
 def test_comparison_is_not_a_claim_for_identical_models(tmp_path, truth):
     hits, events = truth
     _write_predictions(tmp_path, hits, events, **GOOD_E2E)
@@ -391,7 +399,8 @@ def test_truth_only_predictions(tmp_path, truth):
     assert list(summary) == ["truth", "truth_charge"]
     assert all(row["auc"] is None and row["auc_weight"] is None for row in summary.values())
     report = (tmp_path / "report.md").read_text()
-    assert "**No comparison**" in report and _compared_pairs(report) == set()
+    assert "**No comparison**" in report
+    assert _compared_pairs(report) == set()
     assert "e2e vs baseline (no e2e and no baseline predictions)" in _comparison_lines(report)
     assert (tmp_path / "figures" / "roc_rejection.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -517,53 +526,52 @@ def publish_report(
         return write_report(staging, hits, events, context, published_as=out)
 
 
-def _contents(folder: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
 def _leftovers(out: Path) -> list[str]:
     """What writers of ``out`` left beside it (its staging and replaced-report folders)."""
     return sorted(path.name for path in out.parent.iterdir() if path.name.startswith(f".{out.name}."))
 
 
+@pytest.mark.usefixtures("placeholder_figures")
 def test_a_killed_report_write_leaves_the_previous_report(tmp_path, truth, monkeypatch):
     hits, events = truth
     out = tmp_path / "reports" / "job"
     publish_report(out, hits, events, catalog_context(0))
-    before = _contents(out)
+    before = snapshot(out)
     assert {"report.md", "summary.json", "summary.parquet", "resolution.parquet", "predictions/hits.parquet"} <= set(
         before
     )
 
     # a writer killed late: the catalog (written after the figures, report.md and summary.json) never comes, and
     # a kill runs no cleanup
-    def killed(*args, **kwargs):
+    def killed(*_args, **_kwargs):
         raise RuntimeError("killed")
 
     monkeypatch.setattr(report_module, "_write_catalog", killed)
-    monkeypatch.setattr(report_module, "_discard", lambda path: None)
+    monkeypatch.setattr(report_module, "_discard", lambda _path: None)
     with pytest.raises(RuntimeError, match="killed"):
         publish_report(out, hits, events, catalog_context(1), seed=1)
-    assert _contents(out) == before  # every file of the previous report, byte for byte, and nothing else
+    assert snapshot(out) == before  # every file of the previous report, byte for byte, and nothing else
     (staging,) = _leftovers(out)
     assert re.fullmatch(r"\.job\.staging-\d+-[0-9a-f]+", staging)
     partial = out.parent / staging / "job"
-    assert (partial / "report.md").is_file() and not (partial / "summary.parquet").exists()
+    assert (partial / "report.md").is_file()
+    assert not (partial / "summary.parquet").exists()
 
     # the next writer cleans up what the killed one left, and publishes its own report
     monkeypatch.undo()
     publish_report(out, hits, events, catalog_context(1), seed=1)
     assert _leftovers(out) == []
-    assert set(_contents(out)) == set(before)
+    assert set(snapshot(out)) == set(before)
     runs = pl.read_parquet(out / "summary.parquet")["run"].drop_nulls().unique().sort().to_list()
     assert runs == ["/runs/baseline-s1", "/runs/e2e-s1"]
 
 
+@pytest.mark.usefixtures("placeholder_figures")
 def test_a_kill_between_the_renames_leaves_a_recoverable_report(tmp_path, truth, monkeypatch):
     hits, events = truth
     out = tmp_path / "job"
     publish_report(out, hits, events, catalog_context(0), models={"truth", "e2e"})
-    before = _contents(out)
+    before = snapshot(out)
     rename = report_module.os.rename
 
     def killed_before_moving_in(source, target):
@@ -572,14 +580,14 @@ def test_a_kill_between_the_renames_leaves_a_recoverable_report(tmp_path, truth,
         rename(source, target)
 
     monkeypatch.setattr(report_module.os, "rename", killed_before_moving_in)
-    monkeypatch.setattr(report_module, "_discard", lambda path: None)
+    monkeypatch.setattr(report_module, "_discard", lambda _path: None)
     with pytest.raises(RuntimeError, match="killed"):
         publish_report(out, hits, events, catalog_context(1), seed=1, models={"truth", "e2e"})
     monkeypatch.undo()
     assert not out.exists()
     assert [name.split("-")[0] for name in _leftovers(out)] == [".job.old", ".job.staging"]
     recover_report_dir(out)  # what the next writer does first, with the lock held
-    assert _contents(out) == before
+    assert snapshot(out) == before
     assert _leftovers(out) == []
 
 
@@ -606,17 +614,6 @@ def test_a_report_without_a_catalog_is_replaced_only_with_overwrite(tmp_path):
         _check_report_out(out, catalog_context(0), overwrite=True)
 
 
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real dataset of N_EVENTS events (event ids 0 .. N_EVENTS - 1), for the synthetic predictions."""
-    from pipeline.config import SimConfig
-    from simulation.dataset import simulate_dataset
-
-    out = tmp_path_factory.mktemp("evaluate") / "data"
-    simulate_dataset(out, n_events=N_EVENTS, seed=3, config=SimConfig())
-    return out
-
-
 def _fake_run(path: Path, seed: int) -> Path:
     """A run folder as report_context reads it (config.json only: the predictions are faked)."""
     path.mkdir(parents=True)
@@ -625,7 +622,7 @@ def _fake_run(path: Path, seed: int) -> Path:
     return path
 
 
-def _fake_predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
+def _fake_predict_all(data: Path, _runs: list[Path], out: Path, progress: bool = False) -> Path:
     """flows.steps.predict_all with synthetic predictions (no trained network needed)."""
     from pipeline.dataset import open_dataset
 
@@ -633,7 +630,7 @@ def _fake_predict_all(data: Path, runs: list[Path], out: Path, progress: bool = 
     _write_predictions(out, dataset.hits(), dataset.events().sort("event_id"), **GOOD_E2E)
     _keep_models(out, {"truth", "classical", "e2e"})
     if progress:
-        print(f"predict e2e: {N_EVENTS} events, 0.0 s", file=sys.stderr)
+        print(f"predict e2e: {dataset.n_events} events, 0.0 s", file=sys.stderr)
     return out / "predictions"
 
 
@@ -651,36 +648,42 @@ def _muontrack(monkeypatch, capsys, *arguments) -> tuple[int, str, str]:
     return status, captured.out, captured.err
 
 
-def test_evaluate_refuses_a_report_of_other_runs_without_overwrite(small_dataset, tmp_path, monkeypatch, capsys):
+@pytest.mark.usefixtures("placeholder_figures")
+def test_evaluate_refuses_a_report_of_other_runs_without_overwrite(tiny_dataset, tmp_path, monkeypatch, capsys):
     import flows.steps
 
     monkeypatch.setattr(flows.steps, "predict_all", _fake_predict_all)
     first, second = _fake_run(tmp_path / "runs" / "e2e-s0", 0), _fake_run(tmp_path / "runs" / "e2e-s1", 1)
     out = tmp_path / "report"
-    evaluate = ("evaluate", "--data", small_dataset, "--out", out)
+    evaluate = ("evaluate", "--data", tiny_dataset, "--out", out)
     status, stdout, stderr = _muontrack(monkeypatch, capsys, *evaluate, "--run", first)
     assert status == 0, stderr
     assert stdout.strip() == f"report: {out / 'report.md'}"
-    assert "predict e2e" in stderr and "write report" in stderr  # the progress display, on stderr
+    assert "predict e2e" in stderr
+    assert "write report" in stderr
 
     # the same runs on the same data: a refresh, allowed
     assert _muontrack(monkeypatch, capsys, *evaluate, "--run", first)[0] == 0
     assert _leftovers(out) == []
-    before = _contents(out)
+    before = snapshot(out)
 
     # other runs: refused in one line naming the folder and --overwrite, the report untouched
     status, stdout, stderr = _muontrack(monkeypatch, capsys, *evaluate, "--run", second)
-    assert status != 0 and stdout == ""
+    assert status != 0
+    assert stdout == ""
     assert "Traceback" not in stderr
     (line,) = stderr.strip().splitlines()
-    assert line.startswith(f"error: report folder {out} holds a report of other runs") and "--overwrite" in line
-    assert _contents(out) == before
+    assert line.startswith(f"error: report folder {out} holds a report of other runs")
+    assert "--overwrite" in line
+    assert snapshot(out) == before
     # ... and so is another dataset with the same run
     other_data = tmp_path / "data-copy"
-    shutil.copytree(small_dataset, other_data)
+    shutil.copytree(tiny_dataset, other_data)
     status, _, stderr = _muontrack(monkeypatch, capsys, "evaluate", "--data", other_data, "--out", out, "--run", first)
-    assert status != 0 and "holds a report of other runs" in stderr and "--overwrite" in stderr
-    assert _contents(out) == before
+    assert status != 0
+    assert "holds a report of other runs" in stderr
+    assert "--overwrite" in stderr
+    assert snapshot(out) == before
 
     # with --overwrite it replaces the report; --json prints one JSON document on stdout
     status, stdout, stderr = _muontrack(monkeypatch, capsys, *evaluate, "--run", second, "--overwrite", "--json")
@@ -691,5 +694,5 @@ def test_evaluate_refuses_a_report_of_other_runs_without_overwrite(small_dataset
     assert document["summary"] == json.loads((out / "summary.json").read_text())
     catalog = pl.read_parquet(out / "summary.parquet")
     assert catalog.filter(pl.col("model") == "e2e")["run"].to_list() == [str(second.resolve())]
-    assert catalog["dataset"].unique().to_list() == [str(small_dataset.resolve())]
+    assert catalog["dataset"].unique().to_list() == [str(tiny_dataset.resolve())]
     assert _leftovers(out) == []

@@ -12,7 +12,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from pipeline.config import BackgroundConfig, DetectorConfig, MuonConfig, SimConfig
 from pipeline.errors import ConfigError
 from pipeline.schema import EVENTS_SCHEMA, HITS_SCHEMA
-from simulation import kernels
+from simulation import digitisation, physics, rng
 from simulation.generate import EVENT_DTYPES, HIT_DTYPES, event_seed, generate_events
 from tests.sim_reference import (
     circle_crossings_ref,
@@ -33,11 +33,11 @@ LAYER_Y = DetectorConfig().layer_y()
 def test_splitmix64_reproduces_reference_sequence():
     # first outputs of SplitMix64 seeded with 0 (Vigna's splitmix64.c), via the kernel generator
     state = np.zeros(1, dtype=np.uint64)
-    got = [int(kernels.rng_next(state)) for _ in range(3)]
+    got = [int(rng.rng_next(state)) for _ in range(3)]
     assert got == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
     # and the pure-Python reference agrees on arbitrary inputs
     for z in (0, 1, 12345, 2**63 + 7, 2**64 - 1):
-        assert int(kernels.splitmix64_mix(np.uint64(z))) == splitmix64_mix_ref(z)
+        assert int(rng.splitmix64_mix(np.uint64(z))) == splitmix64_mix_ref(z)
 
 
 def test_event_seed_matches_reference_and_is_deterministic():
@@ -61,17 +61,17 @@ def _draw(kind, param, n, seed):
     out = np.empty(n)
     for i in range(n):
         if kind == 0:
-            out[i] = kernels.rng_uniform(state)
+            out[i] = rng.rng_uniform(state)
         elif kind == 1:
-            out[i] = kernels.rng_normal(state)
+            out[i] = rng.rng_normal(state)
         elif kind == 2:
-            out[i] = kernels.rng_exponential(state)
+            out[i] = rng.rng_exponential(state)
         elif kind == 3:
-            out[i] = kernels.rng_gamma(state, param)
+            out[i] = rng.rng_gamma(state, param)
         elif kind == 4:
-            out[i] = kernels.rng_poisson(state, param)
+            out[i] = rng.rng_poisson(state, param)
         else:
-            out[i] = kernels.rng_integer(state, int(param))
+            out[i] = rng.rng_integer(state, int(param))
     return out
 
 
@@ -107,13 +107,13 @@ def test_random_distributions_have_their_moments(kind, param, mean, var):
 
 def test_curvature_sign_and_radius():
     # R = pT / (0.3 B): 30 GeV in 1 T -> 100.07 m; positive charges bend towards +x (kappa > 0)
-    kappa = kernels.curvature(30.0, 1, 1.0)
+    kappa = physics.curvature(30.0, 1, 1.0)
     assert_allclose(1.0 / kappa, 1000.0 * 30.0 / 0.299792458, rtol=1e-14)
-    assert kernels.curvature(30.0, -1, 1.0) == -kappa
+    assert physics.curvature(30.0, -1, 1.0) == -kappa
 
 
 def test_step_to_plane_is_the_straight_line_without_field():
-    x, theta, reached = kernels.step_to_plane(3.0, 0.2, 0.0, 100.0)
+    x, theta, reached = physics.step_to_plane(3.0, 0.2, 0.0, 100.0)
     assert reached
     assert_allclose(x, 3.0 + 100.0 * math.tan(0.2), rtol=1e-14)
     assert_allclose(theta, 0.2, rtol=1e-14)
@@ -121,9 +121,9 @@ def test_step_to_plane_is_the_straight_line_without_field():
 
 def test_step_to_plane_stops_curlers_and_backward_tracks():
     # R = 1 m: a plane 1.5 m further is beyond the circle's top
-    _, _, reached = kernels.step_to_plane(0.0, 0.0, 1e-3, 1500.0)
+    _, _, reached = physics.step_to_plane(0.0, 0.0, 1e-3, 1500.0)
     assert not reached
-    _, _, reached = kernels.step_to_plane(0.0, 2.0, 0.0, 10.0)  # moving towards -y
+    _, _, reached = physics.step_to_plane(0.0, 2.0, 0.0, 10.0)  # moving towards -y
     assert not reached
 
 
@@ -136,7 +136,7 @@ def test_track_crossings_match_closed_form_circle():
         x0 = float(rng.normal(0.0, 200.0))
         theta0 = float(rng.uniform(-0.3, 0.3))
         b = float(rng.uniform(0.5, 2.0))
-        got = kernels.track_crossings(x0, theta0, pt, q, b, LAYER_Y)
+        got = physics.track_crossings(x0, theta0, pt, q, b, LAYER_Y)
         want = circle_crossings_ref(x0, theta0, pt, q, b, LAYER_Y)
         assert_array_equal(np.isnan(got), np.isnan(want))
         assert_allclose(got, want, rtol=0, atol=1e-7, equal_nan=True)
@@ -147,13 +147,13 @@ def test_track_crossings_match_closed_form_circle():
 def test_highland_sigma_matches_pdg_formula():
     for p in (0.3, 1.0, 20.0, 50.0):
         for x in (0.001, 0.01, 0.05):
-            assert_allclose(kernels.highland_sigma(p, kernels.MUON_MASS, x), highland_ref(p, x), rtol=1e-12)
-    assert kernels.highland_sigma(20.0, kernels.MUON_MASS, 0.0) == 0.0
+            assert_allclose(physics.highland_sigma(p, physics.MUON_MASS, x), highland_ref(p, x), rtol=1e-12)
+    assert physics.highland_sigma(20.0, physics.MUON_MASS, 0.0) == 0.0
 
 
 def test_gaussian_cdf_matches_erfc():
     z = np.concatenate([np.linspace(-9.0, 9.0, 20_001), np.random.default_rng(3).uniform(-8.5, 8.5, 20_000)])
-    got = np.array([kernels.gaussian_cdf(v) for v in z])
+    got = np.array([digitisation.gaussian_cdf(v) for v in z])
     want = np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in z])
     assert_allclose(got, want, rtol=0, atol=1e-9)
     assert np.all(np.diff(got[:20_001]) >= -2e-16)  # monotonic up to rounding
@@ -166,21 +166,21 @@ def test_strip_charge_fraction_matches_quadrature():
         hi = lo + float(rng.uniform(0.01, 1.0))
         centre = float(rng.uniform(-2.0, 2.0))
         sigma = float(rng.uniform(0.1, 1.0))
-        got = kernels.strip_charge_fraction(lo, hi, centre, sigma)
+        got = digitisation.strip_charge_fraction(lo, hi, centre, sigma)
         assert_allclose(got, gaussian_strip_fraction_quad(lo, hi, centre, sigma), rtol=0, atol=1e-9)
 
 
 def test_cluster_strip_charges_match_erf_reference():
     det = DetectorConfig()
     sigma, pitch = det.charge_sigma, det.pitch
-    half = kernels.charge_half_window(sigma, pitch)
-    assert half * pitch >= kernels.CHARGE_WINDOW_SIGMAS * sigma - 1e-9
+    half = digitisation.charge_half_window(sigma, pitch)
+    assert half * pitch >= digitisation.CHARGE_WINDOW_SIGMAS * sigma - 1e-9
     rng = np.random.default_rng(5)
     centres = np.concatenate([rng.uniform(det.x_min, det.x_max, 300), [det.x_min + 0.1, det.x_max - 0.01, 0.0]])
     out = np.empty(2 * half + 1)
     for xc in centres:
         total = float(rng.uniform(0.5, 2.0))
-        first, n = kernels.cluster_strip_charges(xc, total, det.x_min, pitch, det.n_strips, sigma, half, out)
+        first, n = digitisation.cluster_strip_charges(xc, total, det.x_min, pitch, det.n_strips, sigma, half, out)
         centre_strip = math.floor((xc - det.x_min) / pitch)
         want_first = max(centre_strip - half, 0)
         want_last = min(centre_strip + half, det.n_strips - 1)
@@ -190,7 +190,7 @@ def test_cluster_strip_charges_match_erf_reference():
             for s in range(want_first, want_last + 1)
         ]
         assert_allclose(out[:n], want, rtol=0, atol=1e-9 * total)
-        if 0 < want_first and want_last < det.n_strips - 1:
+        if want_first > 0 and want_last < det.n_strips - 1:
             # the window holds everything but the tails beyond CHARGE_WINDOW_SIGMAS
             assert_allclose(out[:n].sum(), total, rtol=1e-5)
 
@@ -201,7 +201,7 @@ def test_cluster_strip_charges_match_erf_reference():
 def _random_sources(rng, n_layers, n_strips, sigma, pitch):
     """Overlapping clusters (muon, extra tracks: at most one per layer each; noise: any number) plus noise
     strips, in a deliberately shuffled order."""
-    half = kernels.charge_half_window(sigma, pitch)
+    half = digitisation.charge_half_window(sigma, pitch)
     buf = np.empty(2 * half + 1)
     sources = []
     for layer in range(n_layers):
@@ -209,7 +209,7 @@ def _random_sources(rng, n_layers, n_strips, sigma, pitch):
         particles = [0, *[k for k in (1, 2, 3) if rng.random() < 0.6], *[-1] * int(rng.integers(0, 3))]
         for particle in particles:
             xc = base + float(rng.normal(0.0, 1.0))
-            first, n = kernels.cluster_strip_charges(
+            first, n = digitisation.cluster_strip_charges(
                 xc, float(rng.gamma(11.0) / 11.0), 0.0, pitch, n_strips, sigma, half, buf
             )
             if n:
@@ -230,8 +230,6 @@ def test_digitise_sources_matches_dense_accumulation():
         lengths = np.array([len(c) for c in charges])
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         capacity = int(lengths.sum())
-        acc = np.empty((capacity, 4))
-        acc_track = np.empty(capacity, dtype=np.int64)
         hits = {
             "layer": np.empty(capacity, np.int16),
             "strip": np.empty(capacity, np.int32),
@@ -239,18 +237,19 @@ def test_digitise_sources_matches_dense_accumulation():
             "is_signal": np.empty(capacity, np.bool_),
             "particle_id": np.empty(capacity, np.int32),
         }
-        n_hits = kernels.digitise_sources(
-            np.array(layers, dtype=np.int64) * n_strips + np.array(firsts, dtype=np.int64),
-            lengths.astype(np.int64),
-            np.array(particles, dtype=np.int64),
-            offsets.astype(np.int64),
-            np.concatenate(charges),
+        n_hits = digitisation.digitise_sources(
+            digitisation.Sources(
+                key=np.array(layers, dtype=np.int64) * n_strips + np.array(firsts, dtype=np.int64),
+                length=lengths.astype(np.int64),
+                particle=np.array(particles, dtype=np.int64),
+                offset=offsets.astype(np.int64),
+                deposit=np.concatenate(charges),
+            ),
             len(sources),
             n_strips,
             threshold,
-            acc,
-            acc_track,
-            *hits.values(),
+            digitisation.new_strip_sums(capacity),
+            digitisation.HitColumns(**hits),
         )
         want = digitise_ref(layers, firsts, charges, particles, n_layers, n_strips, threshold)
         assert n_hits == len(want["layer"])

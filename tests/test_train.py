@@ -23,39 +23,27 @@ import polars as pl
 import pytest
 from numpy.testing import assert_allclose
 
+import model.run_folder as run_folder_module
 import model.train as train_module
 from model.config import get_preset
 from model.inference import load_run
+from model.objectives import OBJECTIVES, Objective, get_objective, sigmoid_weights
+from model.run_folder import METRICS_SCHEMA, read_metrics, read_run_config
+from model.steps import create_train_state, device_batch, learning_rate_schedule, train_step
 from model.tracker import Chain
-from model.train import (
-    METRICS_SCHEMA,
-    OBJECTIVES,
-    Objective,
-    create_train_state,
-    device_batch,
-    format_epoch,
-    get_objective,
-    learning_rate_schedule,
-    read_metrics,
-    read_run_config,
-    sigma68,
-    sigmoid_weights,
-    train_run,
-    train_step,
-)
+from model.train import format_epoch, train_run
 from pipeline.batches import Geometry, iter_batches
-from pipeline.config import SimConfig
 from pipeline.dataset import open_dataset
 from pipeline.errors import ConfigError, DatasetError, RunError
 from pipeline.schema import TRAIN_METRICS_SCHEMA
-from simulation.dataset import simulate_dataset
+from pipeline.stats import finite_sigma68 as sigma68
+from tests.helpers import run_muontrack, snapshot
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train") / "data"
-    simulate_dataset(path, n_events=300, seed=11, config=SimConfig(shard_events=150))
-    return path
+def dataset_dir(tiny_dataset) -> Path:
+    """The session's tiny dataset (tests/conftest.py: 300 events, seed 11, shards of 150); read only."""
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +69,6 @@ def _state(dataset, batch, objective, learning_rate=None, estimator=None):
     return create_train_state(
         jax.random.key(0), model_config, train_config, batch, geometry=geometry, objective=objective
     )
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 of every file under ``folder`` (to prove nothing was touched)."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 # ---- steps -----------------------------------------------------------------------------------------------
@@ -143,7 +122,8 @@ def test_assignment_steps_lower_the_loss_without_shrinking_the_selection(dataset
     assert run["estimator"] == estimator
     steps = run["steps"]
     for metrics in steps:
-        assert 0 < metrics["solver_grad_nonzero"] <= 1 and metrics["solver_grad"] > 0
+        assert 0 < metrics["solver_grad_nonzero"] <= 1
+        assert metrics["solver_grad"] > 0
     losses = np.array([(m["bce_hamming"], m["loss"]) for m in steps])
     selected = [m["selected_layers"] for m in steps]
     warmup, full = losses[:15], losses[15:]
@@ -159,11 +139,14 @@ def test_gradient_split_is_exact_for_a_model_trained_on_the_bce_alone(dataset, f
     _, metrics = train_step(state, first_batch, jax.random.key(0), jnp.float32(0.5))
     assert float(metrics["bce_grad"]) > 0
     # baseline's pT term sees stopped gradients: nothing but the BCE reaches the logits, not even rounding
-    assert float(metrics["solver_grad"]) == 0.0 and float(metrics["solver_grad_nonzero"]) == 0.0
-    assert "hamming" not in metrics and "selected_layers" not in metrics
+    assert float(metrics["solver_grad"]) == 0.0
+    assert float(metrics["solver_grad_nonzero"]) == 0.0
+    assert "hamming" not in metrics
+    assert "selected_layers" not in metrics
     # e2e's pT term reaches the logits through the chain once lambda > 0
     _, e2e = train_step(_state(dataset, first_batch, "e2e"), first_batch, jax.random.key(0), jnp.float32(0.5))
-    assert float(e2e["solver_grad"]) > 0 and float(e2e["solver_grad_nonzero"]) > 0
+    assert float(e2e["solver_grad"]) > 0
+    assert float(e2e["solver_grad_nonzero"]) > 0
 
 
 def test_lambda_drives_e2e_but_not_baseline(dataset, first_batch):
@@ -267,18 +250,22 @@ def test_resume_equals_an_uninterrupted_run(resumed_and_straight):
     assert metrics_resumed.head(4).drop("seconds").equals(first_part.drop("seconds"))
     # the lambda schedule of the test preset (1 warm-up epoch) is in the rows, and steps grow
     assert metrics_resumed.filter(pl.col("split") == "train")["lambda"].to_list() == [0.0, 0.5, 0.5]
-    assert metrics_resumed["step"].is_sorted() and metrics_resumed["step"][0] > 0
+    assert metrics_resumed["step"].is_sorted()
+    assert metrics_resumed["step"][0] > 0
     # checkpoints: one per epoch, only the newest keep_checkpoints (2 in the test preset) kept
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     config = json.loads((resumed / "config.json").read_text())
-    assert config["model"] == "e2e" and config["preset"] == "test" and config["seed"] == 4
-    assert config["dataset"]["n_events"] == 300 and len(config["dataset"]["config_hash"]) == 16
+    assert config["model"] == "e2e"
+    assert config["preset"] == "test"
+    assert config["seed"] == 4
+    assert config["dataset"]["n_events"] == 300
+    assert len(config["dataset"]["config_hash"]) == 16
 
 
 @pytest.mark.slow
 def test_existing_runs_are_refused_and_left_untouched(resumed_and_straight, dataset_dir, tmp_path, monkeypatch):
     resumed, _, _, _ = resumed_and_straight
-    before = snapshot(resumed)
+    before = snapshot(resumed, mtimes=False)
     with pytest.raises(RunError, match="finished run"):
         train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=4)
     with pytest.raises(RunError, match="another run"):
@@ -288,10 +275,10 @@ def test_existing_runs_are_refused_and_left_untouched(resumed_and_straight, data
     assert "nothing to do" in train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=4, resume=True)
     # the same settings under other training code: never resumed, never served as this code's result
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "code_version", lambda: "0.1.0+edited")
+        patch.setattr(run_folder_module, "code_version", lambda: "0.1.0+edited")
         with pytest.raises(RunError, match=r"another run \(different code_version\)"):
             train_run(dataset_dir, "e2e", resumed, preset="test", epochs=3, seed=4, resume=True)
-    assert snapshot(resumed) == before
+    assert snapshot(resumed, mtimes=False) == before
 
     # an unfinished run asks for --resume
     unfinished = tmp_path / "unfinished"
@@ -325,7 +312,7 @@ def test_bad_inputs_raise_the_right_errors(dataset_dir, tmp_path):
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(RunError, match="holds no muontrack run"):
         train_run(dataset_dir, "e2e", foreign, preset="test", resume=True)
-    assert snapshot(foreign) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()}
+    assert snapshot(foreign, mtimes=False) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()}
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(RunError, match="is a file"):
@@ -333,7 +320,7 @@ def test_bad_inputs_raise_the_right_errors(dataset_dir, tmp_path):
 
 
 def test_a_nan_loss_stops_training_with_a_run_error(dataset_dir, tmp_path, monkeypatch):
-    def nan_loss(logits, batch, geometry, lam, key):
+    def nan_loss(logits, _batch, _geometry, _lam, _key):
         loss = jnp.mean(logits) * jnp.nan
         return loss, {"bce": loss, "pt_loss": loss, "q_over_pt": jnp.zeros(logits.shape[0])}
 
@@ -346,9 +333,7 @@ def test_a_nan_loss_stops_training_with_a_run_error(dataset_dir, tmp_path, monke
 
 
 def _muontrack(*arguments: str | Path) -> None:
-    script = Path(sys.executable).with_name("muontrack")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
-    result = subprocess.run([*command, *map(str, arguments)], capture_output=True, text=True, timeout=600, check=False)
+    result = run_muontrack(*arguments, timeout=600)
     assert result.returncode == 0, result.stderr
 
 
@@ -379,10 +364,12 @@ def test_assignment_run_records_its_estimator_diagnostics_and_predicts_one_windo
     assert train["lambda"].to_list() == [0.0, 0.5]
     # the collapse diagnostics, per epoch: the share of layers that chose a window, and the solver's gradients
     selected = metrics["selected_layers"].to_numpy()
-    assert selected.size == 4 and np.all((selected > 0.5) & (selected <= 1))
+    assert selected.size == 4
+    assert np.all((selected > 0.5) & (selected <= 1))
     assert metrics["hamming"].null_count() == 0
     for column in ("solver_grad", "solver_grad_nonzero", "bce_grad"):
-        assert train[column].null_count() == 0 and (train[column] > 0).all()
+        assert train[column].null_count() == 0
+        assert (train[column] > 0).all()
     _muontrack("evaluate", "--data", dataset_dir, "--run", run, "--out", report)
     predicted = pl.read_parquet(report / "predictions" / "hits.parquet").filter(pl.col("model") == "assignment")
     # the hits that carry weight on a layer all lie in one window (|x - x_c| <= 2 pitches of its centre)
@@ -411,7 +398,7 @@ def diagnosed_runs(dataset_dir, tmp_path_factory):
     calls: list[dict] = []
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "get_preset", lambda name: (model_config, train_config))
+        patch.setattr(train_module, "configure", lambda _name, _overrides=None: (model_config, train_config))
         train_run(dataset_dir, "e2e", root / "callback", preset="test", epochs=2, seed=7, on_epoch=calls.append)
         with contextlib.redirect_stdout(printed):
             train_run(dataset_dir, "e2e", root / "progress", preset="test", epochs=2, seed=7, progress=True)
@@ -438,14 +425,16 @@ def test_metrics_hold_grad_norm_learning_rate_and_val_sigma68_per_epoch(diagnose
     assert val["grad_norm"].null_count() == val["learning_rate"].null_count() == train["sigma68"].null_count() == 2
 
     grad_norm = train["grad_norm"].to_numpy()
-    assert np.all(np.isfinite(grad_norm)) and np.all(grad_norm > 0)
+    assert np.all(np.isfinite(grad_norm))
+    assert np.all(grad_norm > 0)
     # the optimiser's own schedule at the count of each epoch's last step; it decays from epoch to epoch
     schedule = learning_rate_schedule(diagnosed_runs["train_config"])
     expected = [np.float32(schedule(step - 1)) for step in train["step"].to_list()]
     assert train["learning_rate"].to_list() == expected
     assert expected[1] < expected[0] < diagnosed_runs["train_config"].learning_rate
     sigma = val["sigma68"].to_numpy()
-    assert np.all(np.isfinite(sigma)) and np.all(sigma > 0)
+    assert np.all(np.isfinite(sigma))
+    assert np.all(sigma > 0)
 
 
 def test_on_epoch_is_called_once_per_epoch_with_its_figures(diagnosed_runs):
@@ -456,7 +445,9 @@ def test_on_epoch_is_called_once_per_epoch_with_its_figures(diagnosed_runs):
         rows = metrics.filter(pl.col("epoch") == info["epoch"])
         train = rows.filter(pl.col("split") == "train").row(0, named=True)
         val = rows.filter(pl.col("split") == "val").row(0, named=True)
-        assert info["model"] == "e2e" and info["epochs"] == 2 and info["step"] == train["step"]
+        assert info["model"] == "e2e"
+        assert info["epochs"] == 2
+        assert info["step"] == train["step"]
         for key, value in [
             ("train_loss", train["loss"]),
             ("train_bce", train["bce"]),
@@ -475,7 +466,8 @@ def test_on_epoch_is_called_once_per_epoch_with_its_figures(diagnosed_runs):
         assert info["seconds"] == pytest.approx(info["train_seconds"] + info["val_seconds"])
         line = format_epoch(info)
         assert line.startswith(f"e2e epoch {info['epoch']}/2: train loss {info['train_loss']:.4f}")
-        assert f"val sigma68(q/pT) {info['val_sigma68']:.4f}" in line and line.endswith(" s")
+        assert f"val sigma68(q/pT) {info['val_sigma68']:.4f}" in line
+        assert line.endswith(" s")
 
 
 def test_progress_prints_one_line_per_epoch_and_the_weights_do_not_depend_on_reporting(diagnosed_runs):
@@ -494,7 +486,7 @@ def test_progress_prints_one_line_per_epoch_and_the_weights_do_not_depend_on_rep
 
 
 def test_val_sigma68_is_null_when_no_fit_succeeds(dataset_dir, tmp_path, monkeypatch):
-    def no_fit_loss(logits, batch, geometry, lam, key):
+    def no_fit_loss(logits, batch, _geometry, _lam, _key):
         bce = jnp.mean(jnp.where(batch.mask, logits, 0.0) ** 2)
         return bce, {"bce": bce, "pt_loss": bce, "q_over_pt": jnp.full(logits.shape[0], jnp.nan)}
 
@@ -506,5 +498,6 @@ def test_val_sigma68_is_null_when_no_fit_succeeds(dataset_dir, tmp_path, monkeyp
     train_run(dataset_dir, "no_fit_test", tmp_path / "run", preset="test", epochs=1, on_epoch=calls.append)
     val = read_metrics(tmp_path / "run").filter(pl.col("split") == "val")
     assert val["sigma68"].to_list() == [None]
-    assert len(calls) == 1 and calls[0]["val_sigma68"] is None
+    assert len(calls) == 1
+    assert calls[0]["val_sigma68"] is None
     assert "sigma68" not in format_epoch(calls[0])

@@ -67,14 +67,19 @@ def test_train_task_logs_each_epoch_to_the_prefect_run_logger(monkeypatch, tmp_p
         assert tasks.train_model.fn("data", "e2e", out, "test", 3, "hash") == out
     finally:
         run_logger.removeHandler(records)
-    assert seen["model"] == "e2e" and seen["preset"] == "test" and seen["seed"] == 3 and seen["resume"] is False
+    assert seen["model"] == "e2e"
+    assert seen["preset"] == "test"
+    assert seen["seed"] == 3
+    assert seen["resume"] is False
     assert records.messages == [format_epoch(info) for info in epochs]
     assert records.messages[0].startswith("e2e epoch 1/2: train loss 0.7000, val loss 0.6500, lr 0.003")
-    assert "val sigma68(q/pT) 0.0123" in records.messages[1] and records.messages[1].endswith("2.5 s")
+    assert "val sigma68(q/pT) 0.0123" in records.messages[1]
+    assert records.messages[1].endswith("2.5 s")
 
 
 def test_train_task_outside_a_prefect_run_logs_to_its_module_logger(monkeypatch, tmp_path, caplog):
-    def fake_train_run(data, model, out, preset, seed, resume, on_epoch=None, **options):
+    # train_run's parameter names: the task calls it with keywords
+    def fake_train_run(data, model, out, preset, seed, resume, on_epoch=None, **options):  # noqa: ARG001
         on_epoch(_info(1, 0.01))
         return "1 epoch"
 

@@ -1,0 +1,270 @@
+"""The RUN folder of a training run: its config, its metrics table and its Orbax checkpoints.
+
+RUN folder (docs/contracts.md, "Training run folder")
+    ``config.json``: model, preset, ModelConfig, TrainConfig, dataset (path, config hash, seed, events),
+    training seed, code version. ``checkpoints/``: Orbax, one step per finished epoch (step = epoch number),
+    the last ``keep_checkpoints`` kept; items ``params``, ``opt_state`` and ``meta`` (epoch, global step).
+    ``metrics.parquet`` (:data:`METRICS_SCHEMA`): one ``train`` and one ``val`` row per epoch; ``loss``,
+    ``bce``, ``pt_loss`` are means over the epoch's events (batch means weighted by real events), ``step``
+    the global step at the end of the epoch, ``seconds`` the wall time of that pass. Train rows also hold
+    the epoch's means of ``grad_norm`` (the global L2 norm of the unclipped gradients) and of where the
+    gradient reaching the logits comes from (model.steps.train_step: ``bce_grad``, ``solver_grad``,
+    ``solver_grad_nonzero``), and ``learning_rate``, the rate of the epoch's last optimiser step; val rows
+    hold ``sigma68``, the sigma68 of the relative q/pT residual through the objective's chain (null where no
+    event has a finite fit). The ``assignment`` model adds ``hamming`` and ``selected_layers`` to both.
+    Columns that do not apply to a row are null. model.train.train_run's ``on_epoch`` receives the same
+    figures after each epoch (model.train.format_epoch makes them one line).
+
+Reproducibility and resume
+    A run folder holds one run, identified by everything in its config but the number of epochs and the paths
+    (:func:`prepare_run_dir`); resuming from the epoch-``k`` checkpoint continues exactly as an uninterrupted
+    run would (model.steps), also when ``--epochs`` grows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from model.config import ModelConfig, TrainConfig
+from model.objectives import get_objective
+from model.steps import TrainState
+from pipeline import provenance
+from pipeline.atomic import write_atomic, write_json_atomic
+from pipeline.dataset import Dataset
+from pipeline.errors import RunError
+from pipeline.schema import TRAIN_METRICS_SCHEMA
+
+RUN_FORMAT = "muontrack-run"
+RUN_FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.parquet"
+CHECKPOINT_DIR = "checkpoints"
+
+#: the per-epoch diagnostics of RUN/metrics.parquet beyond pipeline.schema's TRAIN_METRICS_SCHEMA (module
+#: docstring; null where they do not apply)
+DIAGNOSTIC_FIELDS = (
+    pa.field("grad_norm", pa.float32()),
+    pa.field("learning_rate", pa.float32()),
+    pa.field("sigma68", pa.float32()),
+    # the assignment model's Hamming term and the share of layers with hits that got a window (both splits)
+    pa.field("hamming", pa.float32()),
+    pa.field("selected_layers", pa.float32()),
+    # train rows: mean |dL/dlogit| per hit from the BCE and from the solver (or chain), and the share of hits
+    # where the latter is not 0 (train_step)
+    pa.field("bce_grad", pa.float32()),
+    pa.field("solver_grad", pa.float32()),
+    pa.field("solver_grad_nonzero", pa.float32()),
+)
+#: RUN/metrics.parquet: TRAIN_METRICS_SCHEMA and the diagnostics (those it does not name already)
+METRICS_SCHEMA = pa.schema(
+    [*TRAIN_METRICS_SCHEMA, *(f for f in DIAGNOSTIC_FIELDS if f.name not in TRAIN_METRICS_SCHEMA.names)]
+)
+
+
+# ---- config.json -----------------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """Version of the model and batching code (pipeline.provenance), recorded in RUN/config.json."""
+    return provenance.code_version("model", "pipeline/batches.py")
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def run_config(
+    model: str,
+    preset: str,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    dataset: Dataset,
+    seed: int,
+) -> dict[str, Any]:
+    """The content of RUN/config.json."""
+    return {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        "model": model,
+        "preset": preset,
+        "model_config": _config_dict(model_config),
+        "train_config": _config_dict(train_config),
+        "dataset": {
+            "path": str(Path(dataset.path).resolve()),
+            "config_hash": dataset.config.config_hash(),
+            "physics_hash": dataset.config.physics_hash(),
+            "seed": dataset.seed,
+            "n_events": dataset.n_events,
+        },
+        "seed": seed,
+        "reconstruction": _config_dict(get_objective(model).chain),
+        "code_version": code_version(),
+    }
+
+
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two run configs the same run: everything but the number of epochs and the paths. The code
+    version is part of it: checkpoints of other training code are never resumed or served as this code's."""
+    train = {k: v for k, v in config.get("train_config", {}).items() if k != "epochs"}
+    dataset = {k: v for k, v in config.get("dataset", {}).items() if k != "path"}
+    return {
+        "model": config.get("model"),
+        "preset": config.get("preset"),
+        "model_config": config.get("model_config"),
+        "train_config": train,
+        "dataset": dataset,
+        "seed": config.get("seed"),
+        "reconstruction": config.get("reconstruction"),
+        "code_version": config.get("code_version"),
+    }
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """RUN/config.json, checked to be a muontrack run; RunError otherwise."""
+    path = run_dir / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{path} is not readable JSON: {run_dir} is not a muontrack run") from None
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise RunError(f"{run_dir} is not a muontrack run ({CONFIG_NAME} has another format)")
+    return config
+
+
+def write_run_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """RUN/config.json, atomically."""
+    write_json_atomic(run_dir / CONFIG_NAME, config)
+
+
+def prepare_run_dir(out: Path, config: dict[str, Any], resume: bool) -> int:
+    """Check ``out`` against the run to start; return the number of epochs already done there.
+
+    Never modifies anything: a folder holding another run, unrelated files, or a run that needs
+    ``--resume`` is refused with a RunError.
+    """
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run folder {out} is a file")
+    if not out.exists() or not any(out.iterdir()):
+        return 0
+    if not (out / CONFIG_NAME).is_file():
+        raise RunError(f"run folder {out} is not empty and holds no muontrack run; choose another --out")
+    existing = read_run_config(out)
+    mine, theirs = run_identity(config), run_identity(existing)
+    if mine != theirs:
+        differing = [key for key in mine if mine[key] != theirs[key]]
+        raise RunError(f"{out} holds another run (different {', '.join(differing)}); choose another --out")
+    done = latest_epoch(out)
+    planned = int(existing.get("train_config", {}).get("epochs", 0))
+    if not resume:
+        if done >= planned:
+            raise RunError(
+                f"{out} already holds a finished run ({done} epochs); pass --resume with more --epochs to "
+                "train further, or choose another --out"
+            )
+        raise RunError(f"{out} holds an unfinished run ({done} of {planned} epochs); pass --resume to continue it")
+    return done
+
+
+# ---- metrics.parquet -------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> pl.DataFrame:
+    """RUN/metrics.parquet (empty frame of METRICS_SCHEMA when absent)."""
+    path = run_dir / METRICS_NAME
+    if not path.is_file():
+        return pl.from_arrow(METRICS_SCHEMA.empty_table())
+    return pl.read_parquet(path)
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """RUN/metrics.parquet from its rows (dicts of METRICS_SCHEMA's columns), atomically."""
+    table = pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+    write_atomic(run_dir / METRICS_NAME, lambda p: pq.write_table(table, p, compression="zstd"))
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Orbax logs routine warnings through absl; a CLI user should not see them."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def checkpoint_manager(run_dir: Path, keep: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+    )
+    with _quiet_absl():
+        return ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).resolve(), options=options)
+
+
+def latest_epoch(run_dir: Path) -> int:
+    """The epoch of the newest complete checkpoint, 0 when there is none."""
+    if not (run_dir / CHECKPOINT_DIR).is_dir():
+        return 0
+    with _quiet_absl(), checkpoint_manager(run_dir) as manager:
+        step = manager.latest_step()
+    return int(step) if step is not None else 0
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch: int) -> None:
+    with _quiet_absl():
+        manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave({"epoch": epoch, "step": int(state.step)}),
+            ),
+        )
+        manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch: int) -> TrainState:
+    """``state`` with parameters, optimiser state and step of the epoch-``epoch`` checkpoint."""
+    with _quiet_absl():
+        restored = manager.restore(
+            epoch,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(state.params)),
+                opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+    return state.replace(
+        params=restored["params"], opt_state=restored["opt_state"], step=jnp.asarray(restored["meta"]["step"])
+    )
+
+
+def restore_params(run_dir: Path, abstract_params: Any, epoch: int) -> Any:
+    """Only the parameters of one checkpoint (for inference)."""
+    with _quiet_absl(), checkpoint_manager(run_dir) as manager:
+        restored = manager.restore(epoch, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    return restored["params"]

@@ -1,0 +1,225 @@
+"""The train state and the pure jitted steps (Flax ``examples/ogbg_molpcba`` style).
+
+:func:`create_train_state` builds a ``TrainState``; :func:`train_step` is a pure jitted
+``(state, batch, key, lam) -> (state, metrics)``; ``lam`` (the weight of the pT term) is a traced scalar, so the
+lambda schedule never recompiles. :func:`eval_step` gives a batch's loss terms and each event's q/pT.
+
+Everything random is derived from ``(seed, epoch, step)``, never from consumed state: the init key from the
+seed, each epoch's data order from ``(seed, epoch)`` (:func:`epoch_shuffle_seed`) and each step's key by folding
+``epoch`` and the step index into the seed's key (:func:`step_key`). The learning-rate schedule reads the
+optimiser's step count (checkpointed), not the planned number of epochs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training import train_state
+
+from model.assignment import DEFAULT_ESTIMATOR, Estimator
+from model.config import ModelConfig, TrainConfig
+from model.losses import bce_loss
+from model.models import GAT
+from model.objectives import OPTIONAL_TERMS, get_objective
+from pipeline.batches import Batch, Geometry
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus what the loss needs that is not an array (static under jit)."""
+
+    geometry: Geometry = struct.field(pytree_node=False)
+    objective: str = struct.field(pytree_node=False)
+    #: the gradient estimator of objectives with a solver (TrainConfig.estimator and its options)
+    estimator: Estimator = struct.field(pytree_node=False, default=DEFAULT_ESTIMATOR)
+
+
+@functools.cache
+def learning_rate_schedule(train_config: TrainConfig) -> optax.Schedule:
+    """The learning rate of the optimiser step with 0-based count ``n``: constant, or halving every
+    ``lr_half_life_steps`` (the schedule :func:`make_optimizer` hands to Adam; metrics.parquet reads it)."""
+    if train_config.lr_half_life_steps:
+        return optax.exponential_decay(
+            train_config.learning_rate, transition_steps=train_config.lr_half_life_steps, decay_rate=0.5
+        )
+    return optax.constant_schedule(train_config.learning_rate)
+
+
+@functools.cache
+def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
+    """Adam after clipping the global gradient norm; the learning rate halves every ``lr_half_life_steps``.
+
+    The schedule reads the optimiser's own step count (part of the checkpointed state), never the number of
+    epochs planned, so resuming or extending a run does not change it. Cached per config: the optimiser is a
+    static part of the TrainState, and the same object lets ``train_step`` reuse its compiled programs.
+    """
+    # a constant rate goes to Adam as a number, as it always did: a schedule would add a step count to the
+    # optimiser state (and so to the checkpoints) for nothing
+    learning_rate: float | optax.Schedule = train_config.learning_rate
+    if train_config.lr_half_life_steps:
+        learning_rate = learning_rate_schedule(train_config)
+    parts = []
+    if train_config.grad_clip and train_config.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train_config.grad_clip))
+    parts.append(optax.adam(learning_rate))
+    return optax.chain(*parts)
+
+
+def example_batch(batch_size: int, n_nodes: int, n_layers: int) -> Batch:
+    """An all-padding batch of the given shape (for initialising parameters and benchmarks)."""
+    zeros = np.zeros((batch_size, n_nodes), np.float32)
+    return Batch(
+        features=np.zeros((batch_size, n_nodes, 4), np.float32),
+        x=zeros,
+        y=zeros,
+        layer=np.zeros((batch_size, n_nodes), np.int32),
+        charge=zeros,
+        mask=np.zeros((batch_size, n_nodes), bool),
+        label=zeros,
+        hit_id=np.full((batch_size, n_nodes), -1, np.int32),
+        event_id=np.full(batch_size, -1, np.int64),
+        pt=np.ones(batch_size, np.float32),
+        q=np.ones(batch_size, np.float32),
+        x_true=np.full((batch_size, n_layers), np.nan, np.float32),
+        event_mask=np.zeros(batch_size, bool),
+    )
+
+
+@functools.cache
+def gat(model_config: ModelConfig) -> GAT:
+    """The GAT of a config, one instance per config (its ``apply`` is static under jit: equal => no retrace)."""
+    return GAT(model_config)
+
+
+def init_params(key: jax.Array, model_config: ModelConfig, example: Batch) -> Any:
+    """GAT parameters for ``model_config`` (they depend on ``example``'s shapes only, not its values).
+
+    Jitted: an eager ``init`` would compile every small op of the network separately (seconds on a CPU).
+    """
+    init = jax.jit(gat(model_config).init)
+    return init(key, jnp.asarray(example.features), jnp.asarray(example.mask))["params"]
+
+
+def abstract_params(model_config: ModelConfig) -> Any:
+    """The shapes and dtypes of ``model_config``'s GAT parameters, without computing them (to restore a
+    checkpoint into)."""
+    return jax.eval_shape(
+        lambda key: gat(model_config).init(key, jnp.zeros((1, 8, 4)), jnp.ones((1, 8), bool))["params"],
+        jax.random.key(0),
+    )
+
+
+def create_train_state(
+    key: jax.Array,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    example_batch: Batch,
+    *,
+    geometry: Geometry,
+    objective: str = "e2e",
+) -> TrainState:
+    """A fresh TrainState: GAT parameters initialised from ``key``, Adam state, step 0."""
+    get_objective(objective)
+    params = init_params(key, model_config, example_batch)
+    return TrainState.create(
+        apply_fn=gat(model_config).apply,
+        params=params,
+        tx=make_optimizer(train_config),
+        geometry=geometry,
+        objective=objective,
+        estimator=Estimator.from_train_config(train_config),
+    )
+
+
+def device_batch(batch: Batch) -> Batch:
+    """The batch as JAX sees it: event ids (int64, host bookkeeping only) replaced by row numbers."""
+    return batch._replace(event_id=np.arange(len(batch.event_id), dtype=np.int32))
+
+
+@jax.jit
+def train_step(state: TrainState, batch: Batch, key: jax.Array, lam: jax.Array) -> tuple[TrainState, dict]:
+    """One optimiser step on one batch. ``lam``: weight of L_pT (traced).
+
+    Metrics are batch means: the loss terms, ``grad_norm`` (the global L2 norm of the gradients before
+    clipping), and where the gradient reaching the logits comes from: ``bce_grad`` and ``solver_grad`` are the
+    mean |dL/dlogit| per real hit of the BCE and of everything else (the path through the solver or the
+    reconstruction chain), ``solver_grad_nonzero`` the share of real hits where the latter is not 0.
+    """
+    objective = get_objective(state.objective, state.estimator)
+
+    def logits_fn(params):
+        return state.apply_fn({"params": params}, batch.features, batch.mask)
+
+    def loss_fn(logits):
+        return objective.loss_fn(logits, batch, state.geometry, lam, key)
+
+    logits, network_vjp = jax.vjp(logits_fn, state.params)
+    (loss, aux), logit_grad = jax.value_and_grad(loss_fn, has_aux=True)(logits)
+    (grads,) = network_vjp(logit_grad)
+    state = state.apply_gradients(grads=grads)
+    # a loss that is the BCE alone has the BCE's gradient already; any other needs it on its own
+    bce_grad = logit_grad if objective.bce_only else jax.grad(bce_loss)(logits, batch.label, batch.mask)
+    solver_grad = logit_grad - bce_grad
+    n_hits = jnp.maximum(jnp.sum(batch.mask), 1)
+    metrics = {
+        "loss": loss,
+        "bce": aux["bce"],
+        "pt_loss": aux["pt_loss"],
+        "grad_norm": optax.tree.norm(grads),
+        "bce_grad": jnp.sum(jnp.where(batch.mask, jnp.abs(bce_grad), 0.0)) / n_hits,
+        "solver_grad": jnp.sum(jnp.where(batch.mask, jnp.abs(solver_grad), 0.0)) / n_hits,
+        "solver_grad_nonzero": jnp.sum(batch.mask & (solver_grad != 0)) / n_hits,
+        **{term: aux[term] for term in OPTIONAL_TERMS if term in aux},
+    }
+    return state, metrics
+
+
+@jax.jit
+def eval_step(state: TrainState, batch: Batch, lam: jax.Array) -> dict:
+    """Loss terms of one batch without updating, plus each event's q/pT through the objective's chain."""
+    objective = get_objective(state.objective, state.estimator)
+    logits = state.apply_fn({"params": state.params}, batch.features, batch.mask)
+    loss, aux = objective.loss_fn(logits, batch, state.geometry, lam, jax.random.key(0))
+    return {
+        "loss": loss,
+        "bce": aux["bce"],
+        "pt_loss": aux["pt_loss"],
+        "q_over_pt": aux["q_over_pt"],
+        **{term: aux[term] for term in OPTIONAL_TERMS if term in aux},
+    }
+
+
+def step_key(seed: int, epoch: int, step_in_epoch: int) -> jax.Array:
+    """The PRNG key of one training step, a pure function of (seed, epoch, step within the epoch)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), step_in_epoch)
+
+
+def epoch_shuffle_seed(seed: int, epoch: int) -> int:
+    """The data-order seed of one epoch, a pure function of (training seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch, 0x5EED]).generate_state(1)[0])
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk (JAX's persistent cache), unless the user configured one already.
+
+    Each node bucket costs a compilation of the train and eval steps (seconds to tens of seconds on a CPU);
+    with the cache a second run (the other model, inference, a resume, the tests) loads them instead. The
+    folder is ``$MUONTRACK_JAX_CACHE`` or ``$XDG_CACHE_HOME/muontrack/jax`` (``~/.cache/muontrack/jax``);
+    ``MUONTRACK_JAX_CACHE=""`` turns the cache off.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return
+    folder = os.environ.get("MUONTRACK_JAX_CACHE")
+    if folder is None:
+        folder = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "muontrack" / "jax")
+    if not folder:
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -1,0 +1,84 @@
+"""The one registry of model names: what can be trained, which rows of the report each gives, in which order.
+
+Everything that lists models derives from here: the CLI's ``--model`` and ``--estimator`` choices
+(flows.cli), the models a ``muontrack run`` job trains (flows.steps), the `model` column's values and the
+report's row order (pipeline.schema.MODEL_NAMES, analysis), TrainConfig's estimator and noise choices
+(model.config). The implementations check themselves against it: model.objectives registers exactly the
+:data:`TRAINED_MODELS` with the rows named here, model.assignment implements the :data:`ESTIMATORS` and
+:data:`NOISES`.
+
+No JAX here (nor anything heavy): ``muontrack --help`` builds its choices from this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the comparison."""
+
+    name: str
+    #: the rows of the report's `model` column it gives; a trained model's first row is the one it trains for
+    rows: tuple[str, ...]
+    #: trained with ``muontrack train --model NAME`` (False: a reference that needs no training)
+    trained: bool = True
+    #: trained by the ``cpu`` job by default (``muontrack run --preset cpu``; the others add it with --model)
+    in_cpu_job: bool = True
+
+
+#: every model, trained ones in training order (the order of ``--model`` choices and of a job's runs)
+MODELS: tuple[ModelSpec, ...] = (
+    # the truth references (labels as weights; model.inference) and the classical tracker (classical)
+    ModelSpec("truth", rows=("truth", "truth_charge"), trained=False),
+    ModelSpec("classical", rows=("classical",), trained=False),
+    # the factorised baseline is one network reported with both reconstruction chains
+    ModelSpec("baseline", rows=("baseline", "baseline_paper")),
+    ModelSpec("e2e", rows=("e2e",)),
+    ModelSpec("e2e_paper", rows=("e2e_paper",)),
+    # the cpu job leaves it out to stay near ten minutes
+    ModelSpec("assignment", rows=("assignment",), in_cpu_job=False),
+)
+
+#: the rows of the `model` column, in report order: references, then the paper-chain networks, then the
+#: robust-chain ones and the assignment model
+REPORT_ROWS: tuple[str, ...] = (
+    "truth",
+    "truth_charge",
+    "classical",
+    "baseline_paper",
+    "e2e_paper",
+    "baseline",
+    "e2e",
+    "assignment",
+)
+
+#: the models ``muontrack train --model`` takes
+TRAINED_MODELS: tuple[str, ...] = tuple(spec.name for spec in MODELS if spec.trained)
+#: what the ``cpu`` job trains unless told otherwise
+CPU_JOB_MODELS: tuple[str, ...] = tuple(spec.name for spec in MODELS if spec.trained and spec.in_cpu_job)
+#: the rows that need no trained run (always in a report)
+REFERENCE_ROWS: tuple[str, ...] = tuple(row for spec in MODELS if not spec.trained for row in spec.rows)
+
+#: the ``assignment`` model's gradient estimators through its solver (TrainConfig.estimator, ``--estimator``)
+ESTIMATORS: tuple[str, ...] = ("blackbox", "identity", "perturbed")
+#: the perturbed estimator's noise distributions (TrainConfig.perturbation_noise)
+NOISES: tuple[str, ...] = ("gumbel", "normal")
+
+
+def get_model(name: str) -> ModelSpec:
+    """The spec of a model name; KeyError for an unknown one."""
+    for spec in MODELS:
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
+
+
+def _check() -> None:
+    rows = [row for spec in MODELS for row in spec.rows]
+    if sorted(rows) != sorted(REPORT_ROWS) or len(set(rows)) != len(rows):
+        raise AssertionError(f"REPORT_ROWS {REPORT_ROWS} must list each model's rows once, got {rows}")
+
+
+_check()

@@ -1,0 +1,355 @@
+"""Event kernels of the toy strip detector: the three passes that :mod:`simulation.generate` drives.
+
+An event is a muon (see :mod:`simulation.physics`) plus background, digitised by
+:mod:`simulation.digitisation`, with every random number drawn from the event's own generator
+(:mod:`simulation.rng`).
+
+Background: per layer Poisson(noise_strips_per_layer) isolated strips, uniformly placed, with charge
+``threshold * charge_mean`` plus an exponential excess of mean ``NOISE_STRIP_EXCESS_MEAN * charge_mean``
+(the tail of the electronics noise above threshold), and Poisson(noise_clusters_per_layer) clusters at
+uniform x with the normal charge sharing; per event Poisson(extra_tracks_per_event) low-pT tracks (uniform
+pT, random charge, angle uniform in +-``EXTRA_TRACK_MAX_ANGLE``) that start on a random layer within
+N(0, extra_track_spread) of the muon and cross up to U{extra_track_layers_min..max} consecutive layers.
+
+A crossing deposits ``Q = charge_mean * Gamma(k) / k`` (``k = 1 / charge_rms**2``) before it is shared
+among strips.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numba as nb
+import numpy as np
+
+from pipeline.jit import chunk_bounds, jit, largest_span
+from simulation.digitisation import (
+    HitColumns,
+    add_source,
+    cluster_strip_charges,
+    digitise_sources,
+    new_sources,
+    new_strip_sums,
+)
+from simulation.physics import curvature, propagate_track
+from simulation.rng import (
+    event_seed_kernel,
+    rng_exponential,
+    rng_gamma,
+    rng_integer,
+    rng_normal,
+    rng_poisson,
+    rng_poisson_with_limit,
+    rng_sign,
+    rng_uniform,
+)
+
+#: extra tracks start with an angle to the y axis drawn uniformly in +- this [rad]
+EXTRA_TRACK_MAX_ANGLE = 0.3
+#: an isolated noise strip's charge is threshold + an exponential excess of this mean (units of charge_mean)
+NOISE_STRIP_EXCESS_MEAN = 0.1
+#: particle id of the muon in the digitisation (extra tracks are 1, 2, ...)
+MUON_ID = 0
+#: particle id of noise sources
+NOISE_ID = -1
+
+#: events handled by one prange iteration; each chunk allocates its scratch once
+_EVENTS_PER_CHUNK = 64
+
+
+class KernelParams(NamedTuple):
+    """Plain-number view of a SimConfig for the event kernels (see pipeline.config for the meaning)."""
+
+    x_min: float
+    x_max: float
+    pitch: float
+    n_strips: int
+    charge_sigma: float
+    half_window: int
+    charge_mean: float
+    #: gamma shape 1 / charge_rms**2 of the total cluster charge; 0 means a constant charge
+    charge_shape: float
+    threshold_charge: float
+    b_field: float
+    #: 0 when multiple scattering is off
+    x_over_x0: float
+    pt_min: float
+    pt_max: float
+    x0_sigma: float
+    theta0_sigma: float
+    noise_strips_per_layer: float
+    noise_clusters_per_layer: float
+    extra_tracks_per_event: float
+    extra_pt_min: float
+    extra_pt_max: float
+    extra_layers_min: int
+    extra_layers_max: int
+    extra_spread: float
+
+
+class MuonTruth(NamedTuple):
+    """The muon's truth per event: ``pt`` [GeV], ``q`` (+-1), ``x0`` [mm] and ``theta0`` [rad] on the first
+    layer, shape ``(n_events,)``; ``x_true`` [mm] per layer, shape ``(n_events, n_layers)``."""
+
+    pt: np.ndarray
+    q: np.ndarray
+    x0: np.ndarray
+    theta0: np.ndarray
+    x_true: np.ndarray
+
+
+class HitTable(NamedTuple):
+    """The dense hit columns of pass 3 (``pipeline.schema.HITS_SCHEMA``, in its order)."""
+
+    event_id: np.ndarray
+    hit_id: np.ndarray
+    layer: np.ndarray
+    strip: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    charge: np.ndarray
+    is_signal: np.ndarray
+    particle_id: np.ndarray
+
+
+# ---- pass 1: bounds ------------------------------------------------------------------------------------
+
+
+@jit()
+def _draw_counts(state, params, n_layers, noise_strip_counts, noise_cluster_counts):
+    """The first draws of every event: the background multiplicities. Returns the number of extra tracks."""
+    n_extra = rng_poisson(state, params.extra_tracks_per_event)
+    strips_limit = math.exp(-params.noise_strips_per_layer)
+    clusters_limit = math.exp(-params.noise_clusters_per_layer)
+    for layer in range(n_layers):
+        noise_strip_counts[layer] = rng_poisson_with_limit(state, params.noise_strips_per_layer, strips_limit)
+        noise_cluster_counts[layer] = rng_poisson_with_limit(state, params.noise_clusters_per_layer, clusters_limit)
+    return n_extra
+
+
+@jit()
+def _deposit_bound(params, n_layers, n_extra, noise_strip_counts, noise_cluster_counts):
+    """Upper bound on the strip deposits of an event (every crossing with a full window), hence on its hits."""
+    window = 2 * params.half_window + 1
+    n_crossings = n_layers + n_extra * min(params.extra_layers_max, n_layers)
+    n_noise_strips = 0
+    for layer in range(n_layers):
+        n_crossings += noise_cluster_counts[layer]
+        n_noise_strips += noise_strip_counts[layer]
+    return n_crossings * window + n_noise_strips
+
+
+@jit(parallel=True)
+def event_deposit_bounds(seed, first_event_id, n_events, params, n_layers):
+    """Pass 1: per-event upper bound on the number of strip deposits (hence hits), shape ``(n_events,)``."""
+    bounds = np.empty(n_events, dtype=np.int64)
+    n_chunks = (n_events + _EVENTS_PER_CHUNK - 1) // _EVENTS_PER_CHUNK
+    for chunk in nb.prange(n_chunks):
+        lo, hi = chunk_bounds(chunk, _EVENTS_PER_CHUNK, n_events)
+        state = np.empty(1, dtype=np.uint64)
+        noise_strip_counts = np.empty(n_layers, dtype=np.int64)
+        noise_cluster_counts = np.empty(n_layers, dtype=np.int64)
+        for i in range(lo, hi):
+            state[0] = event_seed_kernel(seed, first_event_id + i)
+            n_extra = _draw_counts(state, params, n_layers, noise_strip_counts, noise_cluster_counts)
+            bounds[i] = _deposit_bound(params, n_layers, n_extra, noise_strip_counts, noise_cluster_counts)
+    return bounds
+
+
+# ---- pass 2: one event ---------------------------------------------------------------------------------
+
+
+@jit()
+def _total_charge(state, params):
+    """Total charge of one crossing: charge_mean * Gamma(k) / k, k = 1 / charge_rms**2 (mean charge_mean)."""
+    if params.charge_shape <= 0.0:
+        return params.charge_mean
+    return params.charge_mean * rng_gamma(state, params.charge_shape) / params.charge_shape
+
+
+@jit(inline=True)
+def _add_cluster(state, params, layer, x_center, particle, sources, n_src, n_dep):
+    """Append one crossing (a fresh fluctuating total charge shared among strips) as a source; returns the
+    new ``(n_src, n_dep)``."""
+    first, n = cluster_strip_charges(
+        x_center,
+        _total_charge(state, params),
+        params.x_min,
+        params.pitch,
+        params.n_strips,
+        params.charge_sigma,
+        params.half_window,
+        sources.deposit[n_dep:],
+    )
+    if n > 0:
+        n_src, n_dep = add_source(sources, n_src, n_dep, layer * params.n_strips + first, n, particle)
+    return n_src, n_dep
+
+
+@jit(inline=True)
+def _add_crossings(state, params, x_cross, first_layer, last_layer, particle, sources, n_src, n_dep):
+    """A cluster for each crossing ``x_cross[layer]`` inside the active width, layers ``first_layer ..
+    last_layer - 1`` (NaN: no crossing)."""
+    for layer in range(first_layer, last_layer):
+        x = x_cross[layer]
+        if params.x_min <= x <= params.x_max:  # False for NaN
+            n_src, n_dep = _add_cluster(state, params, layer, x, particle, sources, n_src, n_dep)
+    return n_src, n_dep
+
+
+@jit()
+def _simulate_muon(state, params, layer_y, event, truth, muon_x):
+    """Draw the muon (pT, charge, x0, theta0, scattering kicks), write its truth to row ``event`` of
+    ``truth`` and its crossings (NaN where it cannot reach a layer) to ``muon_x``."""
+    pt = params.pt_min + (params.pt_max - params.pt_min) * rng_uniform(state)
+    q = rng_sign(state)
+    x0 = params.x0_sigma * rng_normal(state)
+    theta0 = params.theta0_sigma * rng_normal(state)
+    kappa = curvature(pt, q, params.b_field)
+    n_layers = layer_y.shape[0]
+    propagate_track(
+        x0, theta0, kappa, pt, layer_y, 0, n_layers, params.x_min, params.x_max, params.x_over_x0, state, muon_x
+    )
+    for layer in range(n_layers):
+        x = muon_x[layer]
+        truth.x_true[event, layer] = x if params.x_min <= x <= params.x_max else np.nan
+    truth.pt[event] = pt
+    truth.q[event] = q
+    truth.x0[event] = x0
+    truth.theta0[event] = theta0
+
+
+@jit()
+def _simulate_extra_track(state, params, layer_y, particle, muon_x, extra_x, sources, n_src, n_dep):
+    """One low-momentum track starting near the muon (see the module doc), with its clusters."""
+    n_layers = layer_y.shape[0]
+    n_cross = params.extra_layers_min + rng_integer(state, params.extra_layers_max - params.extra_layers_min + 1)
+    first = rng_integer(state, n_layers)
+    last = min(first + n_cross, n_layers)
+    pt = params.extra_pt_min + (params.extra_pt_max - params.extra_pt_min) * rng_uniform(state)
+    q = rng_sign(state)
+    theta = EXTRA_TRACK_MAX_ANGLE * (2.0 * rng_uniform(state) - 1.0)
+    near = muon_x[first]
+    if math.isnan(near):  # the muon curled away before this layer (not at default pT)
+        near = params.x_min + (params.x_max - params.x_min) * rng_uniform(state)
+    x_start = near + params.extra_spread * rng_normal(state)
+    kappa = curvature(pt, q, params.b_field)
+    propagate_track(
+        x_start, theta, kappa, pt, layer_y, first, last, params.x_min, params.x_max, params.x_over_x0, state, extra_x
+    )
+    return _add_crossings(state, params, extra_x, first, last, particle, sources, n_src, n_dep)
+
+
+@jit()
+def _simulate_noise(state, params, noise_strip_counts, noise_cluster_counts, sources, n_src, n_dep):
+    """Per layer the noise clusters (normal charge sharing), then the isolated strips above threshold."""
+    for layer in range(noise_strip_counts.shape[0]):
+        for _ in range(noise_cluster_counts[layer]):
+            x = params.x_min + (params.x_max - params.x_min) * rng_uniform(state)
+            n_src, n_dep = _add_cluster(state, params, layer, x, NOISE_ID, sources, n_src, n_dep)
+        for _ in range(noise_strip_counts[layer]):
+            key = layer * params.n_strips + rng_integer(state, params.n_strips)
+            sources.deposit[n_dep] = params.threshold_charge + (
+                NOISE_STRIP_EXCESS_MEAN * params.charge_mean * rng_exponential(state)
+            )
+            n_src, n_dep = add_source(sources, n_src, n_dep, key, 1, NOISE_ID)
+    return n_src, n_dep
+
+
+@jit()
+def _simulate_sources(state, params, layer_y, event, truth, counts, muon_x, extra_x, sources):
+    """All charge sources of one event, drawn in the documented order (see :func:`simulate_events_kernel`);
+    writes the muon's truth to row ``event`` of ``truth`` and returns the number of sources. Scratch:
+    ``counts`` (int64 ``[2, n_layers]``: noise strips, noise clusters per layer), ``muon_x`` and ``extra_x``
+    (float64 ``[n_layers]``: crossings), ``sources`` (:class:`~simulation.digitisation.Sources`)."""
+    noise_strip_counts = counts[0]
+    noise_cluster_counts = counts[1]
+    n_extra = _draw_counts(state, params, layer_y.shape[0], noise_strip_counts, noise_cluster_counts)
+    _simulate_muon(state, params, layer_y, event, truth, muon_x)
+    n_src, n_dep = _add_crossings(state, params, muon_x, 0, layer_y.shape[0], MUON_ID, sources, 0, 0)
+    for particle in range(MUON_ID + 1, MUON_ID + 1 + n_extra):
+        n_src, n_dep = _simulate_extra_track(state, params, layer_y, particle, muon_x, extra_x, sources, n_src, n_dep)
+    n_src, n_dep = _simulate_noise(state, params, noise_strip_counts, noise_cluster_counts, sources, n_src, n_dep)
+    return n_src
+
+
+@jit()
+def _hit_slot(columns, start, stop):
+    """Rows ``start:stop`` of every column of ``columns`` (:class:`HitColumns`)."""
+    return HitColumns(
+        columns.layer[start:stop],
+        columns.strip[start:stop],
+        columns.charge[start:stop],
+        columns.is_signal[start:stop],
+        columns.particle_id[start:stop],
+    )
+
+
+@jit()
+def _simulate_chunk(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth):
+    """Events ``lo .. hi - 1`` of :func:`simulate_events_kernel`, sharing one set of scratch arrays."""
+    n_layers = layer_y.shape[0]
+    capacity = largest_span(deposit_offsets, lo, hi, 0)
+    state = np.empty(1, dtype=np.uint64)
+    counts = np.empty((2, n_layers), dtype=np.int64)
+    sources = new_sources(capacity)
+    sums = new_strip_sums(capacity)
+    muon_x = np.empty(n_layers, dtype=np.float64)
+    extra_x = np.empty(n_layers, dtype=np.float64)
+    for i in range(lo, hi):
+        state[0] = event_seed_kernel(seed, first_event_id + i)
+        n_src = _simulate_sources(state, params, layer_y, i, truth, counts, muon_x, extra_x, sources)
+        hits = _hit_slot(slots, deposit_offsets[i], deposit_offsets[i + 1])
+        n_hits[i] = digitise_sources(sources, n_src, params.n_strips, params.threshold_charge, sums, hits)
+
+
+@jit(parallel=True)
+def simulate_events_kernel(seed, first_event_id, n_events, params, layer_y, deposit_offsets, slots, n_hits, truth):
+    """Pass 2: simulate every event; its hits go to rows ``deposit_offsets[i]:`` of ``slots``
+    (:class:`HitColumns`, room for the pass-1 bound) and their number to ``n_hits[i]``; the muon truth to
+    ``truth`` (:class:`MuonTruth`; ``x_true`` NaN off the active width or where the muon cannot reach the layer).
+
+    Random draws of one event, in order: background multiplicities; muon pT, charge, x0, theta0, its
+    scattering kicks, its crossing charges; per extra track its layers, pT, charge, angle, start, kicks and
+    charges; per layer the noise clusters then the noise strips.
+    """
+    n_chunks = (n_events + _EVENTS_PER_CHUNK - 1) // _EVENTS_PER_CHUNK
+    for chunk in nb.prange(n_chunks):
+        # the chunk's work is a function of its own: Numba's parfor lowering handles the NamedTuple arguments
+        # poorly (stores to their arrays are lost, see compact_hits_kernel, and loops run ~1.7x slower)
+        lo, hi = chunk_bounds(chunk, _EVENTS_PER_CHUNK, n_events)
+        _simulate_chunk(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth)
+
+
+# ---- pass 3: compaction --------------------------------------------------------------------------------
+
+
+@jit()
+def _copy_event_hits(slots, src, out, dst, n, event_id, layer_y, x_min, pitch):
+    """Copy the ``n`` hits of one event from row ``src`` of ``slots`` to row ``dst`` of ``out``."""
+    for j in range(n):
+        lay = slots.layer[src + j]
+        s = slots.strip[src + j]
+        out.event_id[dst + j] = event_id
+        out.hit_id[dst + j] = j
+        out.layer[dst + j] = lay
+        out.strip[dst + j] = s
+        out.x[dst + j] = x_min + (s + 0.5) * pitch
+        out.y[dst + j] = layer_y[lay]
+        out.charge[dst + j] = slots.charge[src + j]
+        out.is_signal[dst + j] = slots.is_signal[src + j]
+        out.particle_id[dst + j] = slots.particle_id[src + j]
+
+
+@jit(parallel=True)
+def compact_hits_kernel(first_event_id, deposit_offsets, hit_offsets, layer_y, x_min, pitch, slots, out):
+    """Pass 3: copy each event's hits from its bound-sized slot of ``slots`` (:class:`HitColumns`) to the
+    dense :class:`HitTable` ``out`` at ``hit_offsets``, filling event id, hit id (index within the event),
+    strip centre x and layer y [mm]."""
+    n_events = hit_offsets.shape[0] - 1
+    for i in nb.prange(n_events):
+        # the copy is a function of its own on purpose: Numba 0.68's parfor lowering drops a store to a
+        # NamedTuple's array (``out.x[j] = ...``) written directly in a prange body; inside a call it works
+        n = hit_offsets[i + 1] - hit_offsets[i]
+        _copy_event_hits(slots, deposit_offsets[i], out, hit_offsets[i], n, first_event_id + i, layer_y, x_min, pitch)

@@ -1,0 +1,38 @@
+"""Session-wide fixtures. Plain helpers (folder snapshots, the `muontrack` subprocess) are in tests/helpers.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import helpers
+
+#: the tiny dataset: 300 events in two shards of 150 (seed 11, otherwise the default SimConfig)
+TINY_EVENTS = 300
+TINY_SHARD_EVENTS = 150
+TINY_SEED = 11
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real dataset of TINY_EVENTS events (event ids 0 .. TINY_EVENTS - 1), simulated once per session.
+
+    Shared by every module that asks for it: read it, never write into it (copy it to ``tmp_path`` first).
+    """
+    from pipeline.config import SimConfig
+    from simulation.dataset import simulate_dataset
+
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    simulate_dataset(out, n_events=TINY_EVENTS, seed=TINY_SEED, config=SimConfig(shard_events=TINY_SHARD_EVENTS))
+    before = helpers.snapshot(out)
+    yield out
+    assert helpers.snapshot(out) == before, "a test wrote into the shared tiny_dataset (copy it to tmp_path first)"
+
+
+@pytest.fixture
+def placeholder_figures() -> Iterator[None]:
+    """The report's figures written as placeholder files, not rendered (tests.helpers.placeholder_figures)."""
+    with helpers.placeholder_figures():
+        yield
