@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from scipy.optimize import curve_fit
 
 from pipeline import stats
 from pipeline.models import get_model
@@ -314,6 +313,9 @@ def _fit_gaussian_histogram(
     counts: np.ndarray, edges: np.ndarray, mu: float, sigma: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares Gaussian fit to bin contents at the bin centres, Poisson errors max(√n, 1)."""
+    # imported here: scipy.optimize is most of the start-up of `muontrack results` and `evaluate`
+    from scipy.optimize import curve_fit
+
     centres = 0.5 * (edges[1:] + edges[:-1])
     try:
         return curve_fit(

@@ -566,7 +566,7 @@ def render_markdown(
     lines += ["", "## Hit classification", ""]
     if results.classification.height:
         lines += [
-            _SCORE_AND_WEIGHT_SENTENCE + " A hard 0/1 selection (classical, assignment) has a single-point ROC: "
+            _SCORE_AND_WEIGHT_SENTENCE + " A hard 0/1 selection (classical) has a single-point ROC: "
             "its AUC is (ε_s + 1 − ε_b)/2, and its ε_b at 90 % / 95 % is read off the straight lines from (0, 0) "
             "through its working point to (1, 1) (hits dropped from or added to the selection at random).",
             "",
@@ -607,8 +607,8 @@ def render_markdown(
     lines += ["", _figure_link(figure_paths, "rejection", "Background rejection vs signal efficiency")]
     lines += [
         "",
-        "Background rejection vs signal efficiency of the raw classifier score. A hard 0/1 selection (classical, "
-        "assignment) has a single working point and is drawn as one marker; one with no background hit selected "
+        "Background rejection vs signal efficiency of the raw classifier score. A hard 0/1 selection (classical) "
+        "has a single working point and is drawn as one marker; one with no background hit selected "
         "(infinite rejection) cannot be drawn on the log axis.",
     ]
     lines += ["", _figure_link(figure_paths, "scores", "Hit score distributions")]
@@ -690,8 +690,8 @@ def _hit_weight_rows(results: ReportResults) -> list[str]:
         "300 mm away with w = 0.01 moves a 4-strip cluster by as much as a strip 6 mm away with w = 0.5. Signal "
         "strips sit on both sides of the crossing (their Σ w·d is the cluster width and largely cancels); "
         "everything else pulls. w is the hit's final weight in the model's clusters (the `weight` column: the "
-        "classifier score for the paper chain, the refined weight for the robust chain, the 0/1 choice of a "
-        "hard selection such as classical and assignment).",
+        "classifier score for the paper chain, the refined weight for the robust chain, 1/0 for classical; "
+        "for assignment, the robust chain's weight of the hits in its chosen windows).",
         "",
         *_md_table(headers, rows),
     ]
@@ -750,7 +750,8 @@ DEFINITIONS = [
     "Error: Hanley–McNeil (1982), which treats hits as independent.",
     "- **Hit score, hit weight**: `score` is the classifier output (sigmoid of the network logit; 1/0 for a hard "
     "selection); `weight` is the hit's weight in the model's final clusters (the score in the paper chain, the "
-    "refined weight after the last reweighting step in the robust chain, 1/0 for a hard selection).",
+    "refined weight after the last reweighting step in the robust chain, for assignment that chain's weight of "
+    "its 0/1 window selection, 1/0 for classical).",
     f"- **Hit efficiency, purity**: a hit is selected when its weight is ≥ {m.HIT_SELECTION_THRESHOLD:g}. "
     "Efficiency = selected signal hits / signal hits, purity = selected signal hits / selected hits; binomial "
     "errors. **AUC (weight)** is the AUC of the weight, error as for the AUC.",

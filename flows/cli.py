@@ -231,8 +231,8 @@ def run_all(
         list[ModelName] | None,
         typer.Option(
             "--model",
-            help="Model to train and compare; repeat for several. Default: baseline and e2e for cpu, all three "
-            "for test and paper.",
+            help="Model to train and compare; repeat for several. Default: baseline, e2e and e2e_paper for cpu, "
+            "all four for test and paper.",
         ),
     ] = None,
     as_json: Annotated[

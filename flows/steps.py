@@ -166,7 +166,7 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
     with _PredictionProgress(progress, n_test) as display:
         tables = [
             display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
-            display.run("classical", lambda step: predict_classical(dataset, split="test")),
+            display.run("classical", lambda _step: predict_classical(dataset, split="test")),
         ]
         seen: set[str] = set(REFERENCE_ROWS)
         for run in runs:

@@ -66,7 +66,13 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 @task(name="train-model", cache_key_fn=_cache_key, persist_result=True)
 def train_model(
-    data: str, model: str, out: str, preset: str, seed: int, dataset_hash: str, overrides: dict | None = None
+    data: str,
+    model: str,
+    out: str,
+    preset: str,
+    seed: int,
+    dataset_hash: str,  # noqa: ARG001 (keys the cache)
+    overrides: dict | None = None,
 ) -> str:
     """Train one model into ``out`` (returned); ``dataset_hash`` (config hash + seed + events) keys the cache,
     with the other inputs (``overrides``: a config file's model and train sections, model.train.train_run).
@@ -96,7 +102,12 @@ def _predict_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 
 @task(name="predict", cache_key_fn=_predict_cache_key, persist_result=True, retries=1, retry_delay_seconds=2)
 def predict(
-    data: str, runs: list[str], out: str, dataset_hash: str, run_keys: list[str], staging: str | None = None
+    data: str,
+    runs: list[str],
+    out: str,
+    dataset_hash: str,  # noqa: ARG001 (keys the cache)
+    run_keys: list[str],  # noqa: ARG001 (keys the cache)
+    staging: str | None = None,
 ) -> str:
     """Inference on the test split for the truth references and every run; writes the predictions/ of the report
     ``out``, into its staging folder ``staging`` when given (see flows.end_to_end.evaluate_flow)."""

@@ -163,14 +163,18 @@ def project_costs(
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def blackbox_solve(
-    costs: Float[Array, "B N"], layer: Int[Array, "B N"], mask: Bool[Array, "B N"], n_layers: int, lam: float
+    costs: Float[Array, "B N"],
+    layer: Int[Array, "B N"],
+    mask: Bool[Array, "B N"],
+    n_layers: int,
+    lam: float,  # noqa: ARG001 (used by the backward pass)
 ) -> Float[Array, "B N"]:
     """:func:`solve_batch` with Kortus et al.'s blackbox gradient ``z(C + lam * B * g) - z(C)``, over ``B`` and
     each event's number of hits."""
     return solve_batch(costs, layer, mask, n_layers)
 
 
-def _blackbox_fwd(costs, layer, mask, n_layers, lam):
+def _blackbox_fwd(costs, layer, mask, n_layers, lam):  # noqa: ARG001 (custom_vjp's signature)
     z = solve_batch(costs, layer, mask, n_layers)
     return z, (costs, layer, mask, z)
 
@@ -201,7 +205,7 @@ def _identity_fwd(costs, layer, mask, n_layers):
     return solve_batch(costs, layer, mask, n_layers), mask
 
 
-def _identity_bwd(n_layers, mask, g):
+def _identity_bwd(n_layers, mask, g):  # noqa: ARG001 (custom_vjp's signature)
     return jnp.where(mask, -g, 0.0), None, None
 
 

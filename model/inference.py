@@ -220,7 +220,7 @@ def predict_run(
 
     ``model`` takes the names of the run objective's ``reported_as`` (one row set per reconstruction chain).
     Hit scores are sigmoid(logit); clustering and fit use the model's hit weights (sigmoid(logit) for the
-    networks, the hard selection for assignment). ``batch_size`` defaults to the run's training batch.
+    networks, the 0/1 window selection for assignment). ``batch_size`` defaults to the run's training batch.
     ``rows`` replaces the objective's ``(model name, chain)`` pairs (for studies of the reconstruction).
     ``on_batch(n_events)`` is called after each batch (a progress display).
     RunError for a missing or unfinished run, or a run trained on another detector config.

@@ -9,6 +9,7 @@ writers of one folder are a mistake to report, not a queue.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -67,8 +68,6 @@ def exclusive_writer(out: str | Path) -> Iterator[None]:
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
         os.close(fd)

@@ -23,8 +23,8 @@ CHARGE_WINDOW_SIGMAS = 4.5
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 
 #: Phi is tabulated on |z| <= 8 (Phi(-8) = 6e-16) with 64 nodes per unit; cubic Hermite interpolation with
-#: the exact derivative phi is accurate to ~1e-10 absolute and ~5x faster than libm's erfc, which was the
-#: largest single cost of the event loop (8 calls per crossing).
+#: the exact derivative phi is accurate to ~1e-10 absolute and ~5x faster than libm's erfc (8 calls per
+#: crossing, the event loop's largest cost).
 _CDF_Z_MAX = 8.0
 _CDF_STEPS_PER_UNIT = 64
 _CDF_STEP = 1.0 / _CDF_STEPS_PER_UNIT

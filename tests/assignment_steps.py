@@ -1,8 +1,8 @@
-"""Run by tests/test_train.py in a process of its own: 30 `assignment` train steps on one batch of a dataset.
+"""Run by tests/test_train.py in a process of its own: 30 `assignment` train steps per estimator on one batch.
 
-    python -m tests.assignment_steps DATASET ESTIMATOR
+    python -m tests.assignment_steps DATASET ESTIMATOR [ESTIMATOR ...]
 
-Prints one JSON object: per step the BCE + Hamming, the loss, selected_layers, solver_grad_nonzero and
+Prints one JSON line per estimator: per step the BCE + Hamming, the loss, selected_layers, solver_grad_nonzero and
 solver_grad. In the long test process, compiling these steps left XLA crashing at later compilations
 (SIGSEGV / SIGABRT inside backend_compile, 3 of 3 full-suite runs), so they compile here instead.
 """
@@ -41,4 +41,5 @@ def main(data: str, estimator: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    for name in sys.argv[2:]:
+        main(sys.argv[1], name)

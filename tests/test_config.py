@@ -13,7 +13,7 @@ import pytest
 from model.config import PRESETS, ModelConfig, TrainConfig, configure, get_preset, preset_label
 from pipeline.config import BackgroundConfig, DetectorConfig, MuonConfig, SimConfig, read_config_file
 from pipeline.errors import ConfigError
-from tests.helpers import run_muontrack
+from tests.helpers import assert_one_line_error, run_muontrack
 
 
 def _write_toml(path: Path, sections: dict) -> Path:
@@ -64,7 +64,8 @@ def test_loaded_sim_config_equals_the_built_one() -> None:
     assert loaded == SimConfig()
     assert loaded.to_json() == SimConfig().to_json()
     assert loaded.config_hash() == "a928091d6e84ead2"
-    assert type(loaded.detector.station_y) is tuple and type(loaded.detector.station_y[0]) is float
+    assert type(loaded.detector.station_y) is tuple
+    assert type(loaded.detector.station_y[0]) is float
 
 
 # ---- the file format ---------------------------------------------------------------------------------------
@@ -166,10 +167,14 @@ def test_a_file_without_simulation_section_gives_the_defaults(tmp_path: Path) ->
 def test_bad_keys_give_one_line_naming_the_key(text: str, message: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError) as raised:
+
+    def load() -> None:
         sections = read_config_file(path)
         SimConfig.from_file(path)
         configure("cpu", {name: section for name, section in sections.items() if name != "simulation"})
+
+    with pytest.raises(ConfigError) as raised:
+        load()
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
 
@@ -196,17 +201,20 @@ def test_a_config_file_that_does_not_parse(tmp_path: Path) -> None:
         read_config_file(path)
 
 
-def test_run_job_config_follows_the_simulation_section(tmp_path: Path) -> None:
+def test_run_job_config_follows_the_simulation_section() -> None:
     from flows.end_to_end import _job_configs
     from flows.steps import job_preset
 
     job = job_preset("test")
     plain, training, label = _job_configs(job, None)
-    assert plain == SimConfig(shard_events=job.shard_events) and training is None and label == "test"
+    assert plain == SimConfig(shard_events=job.shard_events)
+    assert training is None
+    assert label == "test"
     changed, training, label = _job_configs(
         job, {"simulation": {"muon": {"pt_min": 10.0}}, "model": {"logit_mlp": [8, 4]}}
     )
-    assert changed.muon.pt_min == 10.0 and changed.shard_events == job.shard_events
+    assert changed.muon.pt_min == 10.0
+    assert changed.shard_events == job.shard_events
     assert changed.config_hash() != plain.config_hash()  # another dataset folder and cache key
     assert training == {"model": {"logit_mlp": [8, 4]}}
     assert label.startswith("test-")  # another run and report folder
@@ -217,11 +225,7 @@ def test_run_job_config_follows_the_simulation_section(tmp_path: Path) -> None:
 
 def _assert_usage_error(result, *fragments: str) -> None:
     assert result.returncode == 2, result
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert_one_line_error(result, *fragments)
 
 
 def test_train_with_a_bad_config_file_exits_2(tmp_path: Path) -> None:

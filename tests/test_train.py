@@ -95,6 +95,26 @@ def test_training_steps_lower_the_loss(dataset, first_batch, objective, lam, war
     assert int(state.step) == 40 + warmup_steps
 
 
+ESTIMATOR_STEPS = ("blackbox", "perturbed", "identity")
+
+
+@pytest.fixture(scope="module")
+def assignment_steps(dataset_dir) -> dict[str, dict]:
+    """30 `assignment` train steps per estimator, all in one process of their own (tests/assignment_steps.py)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.assignment_steps", str(dataset_dir), *ESTIMATOR_STEPS],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
+    return {run["estimator"]: run for run in runs}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "estimator",
     [
@@ -108,18 +128,8 @@ def test_training_steps_lower_the_loss(dataset, first_batch, objective, lam, war
         ),
     ],
 )
-def test_assignment_steps_lower_the_loss_without_shrinking_the_selection(dataset_dir, estimator):
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.assignment_steps", str(dataset_dir), estimator],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert result.returncode == 0, result.stderr
-    run = json.loads(result.stdout.strip().splitlines()[-1])
-    assert run["estimator"] == estimator
+def test_assignment_steps_lower_the_loss_without_shrinking_the_selection(assignment_steps, estimator):
+    run = assignment_steps[estimator]
     steps = run["steps"]
     for metrics in steps:
         assert 0 < metrics["solver_grad_nonzero"] <= 1
