@@ -4,7 +4,7 @@ RUN folder (docs/contracts.md, "Training run folder")
     ``config.json``: model, preset, ModelConfig, TrainConfig, dataset (path, config hash, seed, events),
     training seed, code version. ``checkpoints/``: Orbax, one step per finished epoch (step = epoch number),
     the last ``keep_checkpoints`` kept; items ``params``, ``opt_state`` and ``meta`` (epoch, global step).
-    ``metrics.parquet`` (:data:`METRICS_SCHEMA`): one ``train`` and one ``val`` row per epoch; ``loss``,
+    ``metrics.parquet`` (:data:`TRAIN_METRICS_SCHEMA`): one ``train`` and one ``val`` row per epoch; ``loss``,
     ``bce``, ``pt_loss`` are means over the epoch's events (batch means weighted by real events), ``step``
     the global step at the end of the epoch, ``seconds`` the wall time of that pass. Train rows also hold
     the epoch's means of ``grad_norm`` (the global L2 norm of the unclipped gradients) and of where the
@@ -52,27 +52,6 @@ RUN_FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.parquet"
 CHECKPOINT_DIR = "checkpoints"
-
-#: the per-epoch diagnostics of RUN/metrics.parquet beyond pipeline.schema's TRAIN_METRICS_SCHEMA (module
-#: docstring; null where they do not apply)
-DIAGNOSTIC_FIELDS = (
-    pa.field("grad_norm", pa.float32()),
-    pa.field("learning_rate", pa.float32()),
-    pa.field("sigma68", pa.float32()),
-    # the assignment model's Hamming term and the share of layers with hits that got a window (both splits)
-    pa.field("hamming", pa.float32()),
-    pa.field("selected_layers", pa.float32()),
-    # train rows: mean |dL/dlogit| per hit from the BCE and from the solver (or chain), and the share of hits
-    # where the latter is not 0 (train_step)
-    pa.field("bce_grad", pa.float32()),
-    pa.field("solver_grad", pa.float32()),
-    pa.field("solver_grad_nonzero", pa.float32()),
-)
-#: RUN/metrics.parquet: TRAIN_METRICS_SCHEMA and the diagnostics (those it does not name already)
-METRICS_SCHEMA = pa.schema(
-    [*TRAIN_METRICS_SCHEMA, *(f for f in DIAGNOSTIC_FIELDS if f.name not in TRAIN_METRICS_SCHEMA.names)]
-)
-
 
 # ---- config.json -----------------------------------------------------------------------------------------
 
@@ -182,16 +161,16 @@ def prepare_run_dir(out: Path, config: dict[str, Any], resume: bool) -> int:
 
 
 def read_metrics(run_dir: Path) -> pl.DataFrame:
-    """RUN/metrics.parquet (empty frame of METRICS_SCHEMA when absent)."""
+    """RUN/metrics.parquet (empty frame of TRAIN_METRICS_SCHEMA when absent)."""
     path = run_dir / METRICS_NAME
     if not path.is_file():
-        return pl.from_arrow(METRICS_SCHEMA.empty_table())
+        return pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table())
     return pl.read_parquet(path)
 
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """RUN/metrics.parquet from its rows (dicts of METRICS_SCHEMA's columns), atomically."""
-    table = pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+    """RUN/metrics.parquet from its rows (dicts of TRAIN_METRICS_SCHEMA's columns), atomically."""
+    table = pa.Table.from_pylist(rows, schema=TRAIN_METRICS_SCHEMA)
     write_atomic(run_dir / METRICS_NAME, lambda p: pq.write_table(table, p, compression="zstd"))
 
 

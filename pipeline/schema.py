@@ -89,6 +89,18 @@ TRAIN_METRICS_SCHEMA = pa.schema(
         pa.field("pt_loss", pa.float32()),
         pa.field("lambda", pa.float32()),
         pa.field("seconds", pa.float32()),
+        # the per-epoch diagnostics (model/run_folder.py's docstring), null where they do not apply
+        pa.field("grad_norm", pa.float32()),
+        pa.field("learning_rate", pa.float32()),
+        pa.field("sigma68", pa.float32()),
+        # the assignment model's Hamming term and the share of layers with hits that got a window (both splits)
+        pa.field("hamming", pa.float32()),
+        pa.field("selected_layers", pa.float32()),
+        # train rows: mean |dL/dlogit| per hit from the BCE and from the solver (or chain), and the share of hits
+        # where the latter is not 0 (model.steps.train_step)
+        pa.field("bce_grad", pa.float32()),
+        pa.field("solver_grad", pa.float32()),
+        pa.field("solver_grad_nonzero", pa.float32()),
     ]
 )
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -146,12 +145,9 @@ def test_inspect_a_foreign_folder(tmp_path: Path) -> None:
     ],
 )
 def test_usage_errors_are_one_line(args, tmp_path):
-    result = subprocess.run(["muontrack", *args], capture_output=True, text=True, cwd=tmp_path, check=False)
+    result = run_muontrack(*args, cwd=tmp_path)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(result)
     assert not (tmp_path / "unused").exists()
 
 

@@ -28,7 +28,7 @@ import model.train as train_module
 from model.config import get_preset
 from model.inference import load_run
 from model.objectives import OBJECTIVES, Objective, get_objective, sigmoid_weights
-from model.run_folder import METRICS_SCHEMA, read_metrics, read_run_config
+from model.run_folder import read_metrics, read_run_config
 from model.steps import create_train_state, device_batch, learning_rate_schedule, train_step
 from model.tracker import Chain
 from model.train import format_epoch, train_run
@@ -254,7 +254,7 @@ def test_resume_equals_an_uninterrupted_run(resumed_and_straight):
         assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
     metrics_resumed, metrics_straight = read_metrics(resumed), read_metrics(straight)
-    assert metrics_resumed.schema == pl.from_arrow(METRICS_SCHEMA.empty_table()).schema
+    assert metrics_resumed.schema == pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table()).schema
     assert metrics_resumed.height == 6  # a train and a val row per epoch
     assert metrics_resumed.drop("seconds").equals(metrics_straight.drop("seconds"))
     assert metrics_resumed.head(4).drop("seconds").equals(first_part.drop("seconds"))
@@ -423,8 +423,7 @@ def diagnosed_runs(dataset_dir, tmp_path_factory):
 
 def test_metrics_hold_grad_norm_learning_rate_and_val_sigma68_per_epoch(diagnosed_runs):
     metrics = read_metrics(diagnosed_runs["callback"])
-    assert METRICS_SCHEMA.names[: len(TRAIN_METRICS_SCHEMA)] == TRAIN_METRICS_SCHEMA.names
-    assert metrics.schema == pl.from_arrow(METRICS_SCHEMA.empty_table()).schema
+    assert metrics.schema == pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table()).schema
     for column in ("grad_norm", "learning_rate", "sigma68"):
         assert metrics.schema[column] == pl.Float32
     train = metrics.filter(pl.col("split") == "train").sort("epoch")
