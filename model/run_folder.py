@@ -56,9 +56,16 @@ CHECKPOINT_DIR = "checkpoints"
 # ---- config.json -----------------------------------------------------------------------------------------
 
 
+#: the code that decides what a run trains and measures: the model package and the pipeline modules it takes
+#: numbers from (batches, the config loader, the validation sigma68). The other pipeline modules it imports
+#: name, check, lock or lay out files; a change there cannot change a trained weight
+#: (tests/test_provenance.py keeps this list in step with model's imports)
+TRAINING_SOURCES = ("model", "pipeline/batches.py", "pipeline/config.py", "pipeline/stats.py")
+
+
 def code_version() -> str:
-    """Version of the model and batching code (pipeline.provenance), recorded in RUN/config.json."""
-    return provenance.code_version("model", "pipeline/batches.py")
+    """Version of the training code (:data:`TRAINING_SOURCES`, pipeline.provenance), in RUN/config.json."""
+    return provenance.code_version(*TRAINING_SOURCES)
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import replacing, unique_name, write_atomic, write_json_atomic
+from pipeline.atomic import replacing, write_atomic, write_json_atomic
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.schema import EVENTS_SCHEMA, HITS_SCHEMA
@@ -79,12 +79,6 @@ def shard_path(dataset_dir: str | Path, table: str, shard_index: int) -> Path:
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def staging_name(name: str) -> str:
-    """A file name under ``.staging/`` of this writer's own: the lock keeps a second writer out, and a unique
-    name makes sure that even one that got past it could never finish (rename) another writer's file."""
-    return unique_name(name, hidden=False)
 
 
 def write_failure(err: OSError, dataset_dir: Path) -> DatasetError:

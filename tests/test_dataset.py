@@ -28,7 +28,6 @@ from pipeline.dataset import (
     file_sha256,
     open_dataset,
     read_shard_metadata,
-    staging_name,
     write_shard_tables,
 )
 from pipeline.errors import ConfigError, DatasetError
@@ -356,12 +355,6 @@ def test_the_event_count_is_bounded(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at most 1,000,000,000 events"):
         simulate_dataset(tmp_path / "huge", n_events=MAX_EVENTS + 1, seed=0, config=SMALL)
     assert not (tmp_path / "huge").exists()
-
-
-def test_staging_names_are_unique_per_writer() -> None:
-    names = {staging_name("hits-part-00001.parquet") for _ in range(100)}
-    assert len(names) == 100
-    assert all(name.startswith("hits-part-00001.parquet.") and f".{os.getpid()}-" in name for name in names)
 
 
 def test_interrupted_run_refuses_other_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,3 +78,34 @@ def test_root_is_the_project_root() -> None:
     """The real ROOT holds the packages the hash is taken over."""
     assert (provenance.ROOT / "pyproject.toml").is_file()
     assert (provenance.ROOT / "pipeline" / "provenance.py").is_file()
+
+
+# pipeline modules model/ imports that cannot change a trained weight or a measured figure
+_NOT_TRAINING_CODE = {
+    "errors": "error messages",
+    "provenance": "the hash itself",
+    "locks": "one writer per folder",
+    "atomic": "how files are replaced",
+    "schema": "file layout; a changed column fails loudly on reading",
+    "dataset": "reading shards, checked against their checksums",
+    "models": "the registry of names, checked against the objectives at import",
+}
+
+
+def test_training_version_covers_every_pipeline_module_model_takes_numbers_from() -> None:
+    """A pipeline module that model/ imports is either hashed into RUN code_version or named above with why."""
+    import ast
+
+    from model.run_folder import TRAINING_SOURCES
+
+    imported: set[str] = set()
+    for file in (provenance.ROOT / "model").glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+                imported.add(node.module.split(".")[1])
+    hashed = {Path(source).stem for source in TRAINING_SOURCES if source.startswith("pipeline/")}
+    assert "batches" in imported
+    unaccounted = imported - hashed - set(_NOT_TRAINING_CODE)
+    assert not unaccounted, f"model/ imports pipeline modules {unaccounted}: add them to TRAINING_SOURCES"
