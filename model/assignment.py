@@ -48,9 +48,8 @@ from jaxtyping import Array, Bool, Float, Int
 from optax import perturbations
 
 from model.config import ESTIMATORS, NOISES, TrainConfig
-from model.fit import STATUS_OK
-from model.losses import bce_loss, pt_loss
-from model.tracker import ROBUST_CHAIN, reconstruct
+from model.losses import bce_loss, reconstructed_pt_loss
+from model.tracker import ROBUST_CHAIN
 
 #: the window half-width in strip pitches: a window of up to 5 strips holds the muon's ~4-strip cluster
 HALF_WIDTH_PITCH = 2.0
@@ -331,10 +330,9 @@ def assignment_loss(logits, batch, geometry, lam, key, *, estimator: Estimator) 
     choices = candidates(logits, batch, geometry)
     z = select_windows(choices.costs, choices.layer, choices.mask, geometry.n_layers, estimator, key)
     selection = selected_hits(z, choices.membership)
-    reco = reconstruct(selection, batch, geometry, ROBUST_CHAIN)
+    momentum, q_over_pt = reconstructed_pt_loss(selection, batch, geometry, ROBUST_CHAIN)
     bce = bce_loss(logits, batch.label, batch.mask)
     hamming = hamming_loss(selection, batch.label, batch.mask, batch.event_mask)
-    momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask, reco.status == STATUS_OK)
     # the share of (event, layer) with hits whose choice is a window, not "no hit"
     n_hits = logits.shape[1]
     windows = jax.vmap(_layer_onehot, in_axes=(0, 0, None))(batch.layer, batch.mask, geometry.n_layers)
@@ -345,7 +343,7 @@ def assignment_loss(logits, batch, geometry, lam, key, *, estimator: Estimator) 
     return loss, {
         "bce": bce,
         "pt_loss": momentum,
-        "q_over_pt": reco.q_over_pt,
+        "q_over_pt": q_over_pt,
         "hamming": hamming,
         "selected_layers": selected_layers,
     }

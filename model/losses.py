@@ -90,7 +90,15 @@ def composite_loss(
     the BCE gradient alone; the term is still evaluated, so ``pt_loss`` can be logged during the warm-up.
     """
     bce = bce_loss(logits, batch.label, batch.mask)
-    weights = jax.nn.sigmoid(jnp.asarray(logits))
+    momentum, q_over_pt = reconstructed_pt_loss(jax.nn.sigmoid(jnp.asarray(logits)), batch, geometry, chain)
+    return bce + lam * momentum, {"bce": bce, "pt_loss": momentum, "q_over_pt": q_over_pt}
+
+
+def reconstructed_pt_loss(
+    weights: Float[ArrayLike, "B N"], batch: Batch, geometry: Geometry, chain: Chain
+) -> tuple[Array, Array]:
+    """``(L_pT, q/pT [B])`` of ``chain``'s fit of the hits weighted by ``weights``; a failed fit costs
+    :data:`FAILED_FIT_LOSS`."""
     reco = reconstruct(weights, batch, geometry, chain)
     momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask, reco.status == STATUS_OK)
-    return bce + lam * momentum, {"bce": bce, "pt_loss": momentum, "q_over_pt": reco.q_over_pt}
+    return momentum, reco.q_over_pt

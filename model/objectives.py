@@ -23,9 +23,8 @@ import jax.numpy as jnp
 
 from model.assignment import DEFAULT_ESTIMATOR, Estimator, assignment_loss, hard_hit_weights
 from model.config import TrainConfig
-from model.fit import STATUS_OK
-from model.losses import bce_loss, composite_loss, pt_loss
-from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct
+from model.losses import bce_loss, composite_loss, reconstructed_pt_loss
+from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain
 from pipeline import models as registry
 from pipeline.batches import Batch, Geometry
 from pipeline.errors import ConfigError
@@ -82,17 +81,12 @@ def end_to_end_loss(logits, batch, geometry, lam, key, *, chain: Chain):
 
 
 def baseline_loss(logits, batch, geometry, lam, key, *, chain: Chain):
-    """BCE only; L_pT through ``chain`` is evaluated on stopped gradients, so it is logged but never trained on.
-
-    The pT term is composite_loss's (sigmoid weights, ``chain``, pt_loss with the fit status), without its BCE,
-    which is computed once, here.
-    """
+    """BCE only; L_pT through ``chain`` is evaluated on stopped gradients, so it is logged but never trained on."""
     del lam, key
     bce = bce_loss(logits, batch.label, batch.mask)
     weights = jax.nn.sigmoid(jax.lax.stop_gradient(jnp.asarray(logits)))
-    reco = reconstruct(weights, batch, geometry, chain)
-    momentum = pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask, reco.status == STATUS_OK)
-    return bce, {"bce": bce, "pt_loss": momentum, "q_over_pt": reco.q_over_pt}
+    momentum, q_over_pt = reconstructed_pt_loss(weights, batch, geometry, chain)
+    return bce, {"bce": bce, "pt_loss": momentum, "q_over_pt": q_over_pt}
 
 
 def network_objective(name: str, *, trained_end_to_end: bool, reported_as: tuple[tuple[str, Chain], ...]) -> Objective:
