@@ -35,7 +35,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import replacing, write_atomic, write_json_atomic
+from pipeline.atomic import replacing, write_json_atomic, write_text_atomic
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.schema import EVENTS_SCHEMA, HITS_SCHEMA
@@ -457,7 +457,7 @@ def _write_verified_record(path: Path, record: dict[str, Any]) -> None:
     """Atomically, under a name of this process's own (two readers may verify at once); best effort."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda temporary: temporary.write_text(json.dumps(record)))
+        write_text_atomic(path, json.dumps(record))
     except OSError:
         pass
 
