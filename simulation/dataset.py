@@ -4,7 +4,12 @@ The unit of work is one shard: :func:`simulate_shard` generates events ``first_e
 first_event_id + n_events - 1`` and writes them with :func:`pipeline.dataset.write_shard_tables`. It depends
 only on its arguments (config, seed, shard range), so shards can run in any order, in any process, and a
 Prefect or Dask task can map over :func:`plan_shards`. Memory is bounded by the shard size, never by the
-event count: one shard per worker process, two (one generated, one being written) with ``workers=1``.
+event count: one shard (and one set of reused buffers) per worker thread, two (one generated, one being
+written) with ``workers=1``.
+
+``workers > 1`` runs on threads of the calling process, not on worker processes: the Numba kernels
+(``nogil``), Parquet encoding, hashing and fsync release the GIL, and a worker process would pay its own
+interpreter start, imports and Numba cache load (~0.7 CPU s measured) for nothing.
 
 Same config + seed => the same rows whatever the number of workers, because the shard plan depends only on
 ``config.shard_events`` and the generator draws each event from (seed, event_id).
@@ -12,14 +17,15 @@ Same config + seed => the same rows whatever the number of workers, because the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import provenance
 from pipeline.config import SimConfig
@@ -41,6 +47,9 @@ from pipeline.dataset import (
 )
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.locks import exclusive_writer
+
+if TYPE_CHECKING:
+    from simulation.generate import ShardBuffers
 
 #: the generator seeds each event from a 64-bit mix of (seed, event_id)
 MAX_SEED = 2**64 - 1
@@ -70,11 +79,14 @@ def simulate_shard(
     shard_index: int,
     first_event_id: int,
     n_events: int,
+    *,
+    buffers: ShardBuffers | None = None,
 ) -> dict[str, Any]:
     """Generate and write one shard; return its manifest entry.
 
     If both of the shard's files already exist with matching metadata (config, seed, event range, code
-    version), nothing is generated and their entry is returned: that is how a dataset resumes.
+    version), nothing is generated and their entry is returned: that is how a dataset resumes. ``buffers``
+    (:class:`simulation.generate.ShardBuffers`): arrays to reuse from the caller's previous shard.
     """
     existing = existing_shard_entry(
         dataset_dir, config, seed, shard_index, first_event_id, n_events, code_version=code_version()
@@ -84,7 +96,7 @@ def simulate_shard(
     # imported here so that argument checks and `muontrack inspect` never pay for Numba's start-up
     from simulation.generate import generate_events
 
-    hits, events = generate_events(config, seed, first_event_id, n_events)
+    hits, events = generate_events(config, seed, first_event_id, n_events, buffers=buffers)
     return write_shard_tables(
         dataset_dir, shard_index, first_event_id, hits, events, config, seed, code_version=code_version()
     )
@@ -242,27 +254,22 @@ def prepare_dataset(out: str | Path, n_events: int, seed: int, config: SimConfig
     return existing
 
 
-def _limit_numba_threads(n_threads: int) -> None:
-    """Process-pool initializer: share the cores between the workers' Numba thread pools."""
-    import numba
-
-    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
-
-
 def _run_shards_in_process(
     out: Path, config: SimConfig, seed: int, plan: list[tuple[int, int, int]], on_done: Any
 ) -> list[dict[str, Any]]:
-    """Simulate shard k+1 while a background thread writes shard k (the same work as simulate_shard).
+    """Simulate shard k+1 (Numba's threads on every core) while a background thread writes shard k (the same
+    work as simulate_shard).
 
     Numba's kernels, Parquet encoding and hashing all release the GIL, so generating and writing overlap;
-    at most two shards are held in memory.
+    at most two shards are held in memory, in two sets of buffers used in turn.
     """
-    from simulation.generate import generate_events
+    from simulation.generate import ShardBuffers, generate_events
 
     entries: list[dict[str, Any]] = []
+    buffer_sets = (ShardBuffers(), ShardBuffers())
     with ThreadPoolExecutor(max_workers=1) as writer:
         writing: Future | None = None
-        for shard_index, first_event_id, n_events in plan:
+        for position, (shard_index, first_event_id, n_events) in enumerate(plan):
             existing = existing_shard_entry(
                 out, config, seed, shard_index, first_event_id, n_events, code_version=code_version()
             )
@@ -270,7 +277,8 @@ def _run_shards_in_process(
                 entries.append(existing)
                 on_done(n_events)
                 continue
-            hits, events = generate_events(config, seed, first_event_id, n_events)
+            # the writer is at most one shard behind, and never on the buffers of the shard generated now
+            hits, events = generate_events(config, seed, first_event_id, n_events, buffers=buffer_sets[position % 2])
             if writing is not None:
                 entries.append(writing.result())
                 on_done(entries[-1]["n_events"])
@@ -285,10 +293,85 @@ def _run_shards_in_process(
                 seed,
                 code_version=code_version(),
             )
-            del hits, events  # the writer holds the only reference: freed once written
+            del hits, events
         if writing is not None:
             entries.append(writing.result())
             on_done(entries[-1]["n_events"])
+    return entries
+
+
+@functools.cache
+def _threading_layer() -> str:
+    """Numba's threading layer, chosen by a first kernel call (a one-event run)."""
+    import numba
+
+    from simulation.generate import generate_events
+
+    generate_events(SimConfig(), 0, 0, 1)
+    return numba.threading_layer()
+
+
+class _ShardWorkers:
+    """What the threads of :func:`_run_shards_in_threads` run: one shard at a time, with per-thread buffers."""
+
+    def __init__(self, out: Path, config: SimConfig, seed: int, numba_threads: int, serialise: bool) -> None:
+        self.out, self.config, self.seed = out, config, seed
+        self.numba_threads = numba_threads
+        # Numba's workqueue layer (where OpenMP and TBB are missing) must not launch kernels from two threads
+        self.kernel_lock = threading.Lock() if serialise else contextlib.nullcontext()
+        self.local = threading.local()
+
+    def run(self, shard_index: int, first_event_id: int, n_events: int) -> dict[str, Any]:
+        from simulation.generate import ShardBuffers, generate_events
+
+        if not hasattr(self.local, "buffers"):
+            import numba
+
+            # thread-local in Numba: each worker's kernels use its share of the cores
+            numba.set_num_threads(max(1, min(self.numba_threads, numba.config.NUMBA_NUM_THREADS)))
+            self.local.buffers = ShardBuffers()
+        existing = existing_shard_entry(
+            self.out, self.config, self.seed, shard_index, first_event_id, n_events, code_version=code_version()
+        )
+        if existing is not None:
+            return existing
+        with self.kernel_lock:
+            hits, events = generate_events(self.config, self.seed, first_event_id, n_events, buffers=self.local.buffers)
+        return write_shard_tables(
+            self.out, shard_index, first_event_id, hits, events, self.config, self.seed, code_version=code_version()
+        )
+
+
+def _run_shards_in_threads(
+    out: Path, config: SimConfig, seed: int, plan: list[tuple[int, int, int]], workers: int, on_done: Any
+) -> list[dict[str, Any]]:
+    """Run the shards on ``workers`` threads of this process, each generating then writing whole shards with
+    ``cpu_count // workers`` Numba threads: the kernels (``nogil``), Parquet encoding, hashing and fsync all
+    release the GIL, so the threads use the cores like processes would, without a worker process's start-up
+    (interpreter, imports, Numba's cache load: ~0.7 CPU s each, measured). A few shards are queued per
+    thread, not the whole plan, and each thread reuses one set of buffers: memory is flat in the event count.
+    """
+    serialise = _threading_layer() == "workqueue"
+    shard_workers = _ShardWorkers(out, config, seed, max(1, (os.cpu_count() or 1) // workers), serialise)
+    entries: list[dict[str, Any]] = []
+    shards = iter(plan)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="muontrack-shard")
+    try:
+        pending: set[Future] = {
+            pool.submit(shard_workers.run, *shard) for shard in itertools.islice(shards, 2 * workers)
+        }
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                entry = future.result()  # re-raises a worker's exception here
+                entries.append(entry)
+                on_done(entry["n_events"])
+                for shard in itertools.islice(shards, 1):
+                    pending.add(pool.submit(shard_workers.run, *shard))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return entries
 
 
@@ -303,35 +386,7 @@ def _run_shards(
     """Run every shard of ``plan``; call ``on_done(n_events)`` after each; return the entries."""
     if workers == 1 or len(plan) == 1:
         return _run_shards_in_process(out, config, seed, plan, on_done)
-    entries: list[dict[str, Any]] = []
-    n_processes = min(workers, len(plan))
-    # spawn, not fork: forking a process whose Numba/OpenMP threads already run can deadlock the child
-    pool = ProcessPoolExecutor(
-        max_workers=n_processes,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_limit_numba_threads,
-        initargs=(max(1, (os.cpu_count() or 1) // n_processes),),
-    )
-    # a few shards queued per process, not the whole plan: memory stays flat in the event count
-    shards = iter(plan)
-    try:
-        pending: set[Future] = {
-            pool.submit(simulate_shard, out, config, seed, *shard)
-            for shard in itertools.islice(shards, 2 * n_processes)
-        }
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                entry = future.result()  # re-raises a worker's exception here
-                entries.append(entry)
-                on_done(entry["n_events"])
-                for shard in itertools.islice(shards, 1):
-                    pending.add(pool.submit(simulate_shard, out, config, seed, *shard))
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    return entries
+    return _run_shards_in_threads(out, config, seed, plan, min(workers, len(plan)), on_done)
 
 
 def simulate_dataset(
@@ -349,8 +404,8 @@ def simulate_dataset(
     - ``out`` an interrupted run of the same request: resumed, keeping the shards already written.
     - anything else (a file, another dataset, a foreign non-empty folder): DatasetError, nothing touched.
 
-    ``workers > 1`` runs shards in that many spawned processes, each with ``cpu_count // workers`` Numba
-    threads. ``progress`` shows a rich progress bar over events on stderr.
+    ``workers > 1`` runs shards on that many threads of this process, each with ``cpu_count // workers``
+    Numba threads (the kernels release the GIL). ``progress`` shows a rich progress bar over events on stderr.
     """
     _check_arguments(n_events, seed, workers)
     out = Path(out)

@@ -137,7 +137,7 @@ def charge_half_window(sigma, pitch):
 # ---- array kernels -------------------------------------------------------------------------------------
 
 
-@jit()
+@jit(inline=True)
 def cluster_strip_charges(x_center, total_charge, x_min, pitch, n_strips, sigma, half_window, charges_out):
     """Share ``total_charge`` of a crossing at ``x_center`` [mm] among the strips within ``half_window`` of
     the crossing's strip (Gaussian cloud of width ``sigma`` [mm]); strip ``i`` spans
@@ -172,26 +172,6 @@ def add_source(sources, n_sources, n_deposits, key, length, particle):
     return n_sources + 1, n_deposits + length
 
 
-@jit(inline=True)
-def _flush_strips(run_start, run_length, n_strips, threshold_charge, sums, hits, n_hits):
-    """Write the fired strips of one run of overlapping windows (cells ``0 .. run_length - 1``, strip key
-    ``run_start + cell``) to ``hits`` from row ``n_hits`` on, in strip order; returns the new hit count."""
-    total, muon, noise, best_charge, best_track = sums
-    hit_layer, hit_strip, hit_charge, hit_is_signal, hit_particle = hits
-    layer = run_start // n_strips  # a run never straddles layers: one integer division per run
-    first_strip = run_start - layer * n_strips
-    for cell in range(run_length):
-        if total[cell] > threshold_charge:
-            hit_layer[n_hits] = layer
-            hit_strip[n_hits] = first_strip + cell
-            hit_charge[n_hits] = total[cell]
-            hit_is_signal[n_hits] = muon[cell] > 0.5 * total[cell]
-            # ties go to the lower id, so noise (-1) wins a tie and a cell without tracks is noise
-            hit_particle[n_hits] = -1 if noise[cell] >= best_charge[cell] else best_track[cell]
-            n_hits += 1
-    return n_hits
-
-
 @jit()
 def digitise_sources(sources, n_sources, n_strips, threshold_charge, sums, hits):
     """Sum the charge of the first ``n_sources`` :class:`Sources` per (layer, strip) and keep the strips
@@ -206,18 +186,36 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, sums, hits)
     Sources are visited in key order, so every run of overlapping windows is a contiguous strip range that
     is accumulated densely and flushed when the next source starts past its end: no hashing, one small sort.
     """
+    # Every array is taken out of its NamedTuple once, here: reading a field inside a loop (or unpacking
+    # a tuple in a helper called per run) costs an atomic incref and decref of each array per pass (Numba's
+    # NRT_incref / NRT_decref were ~20 % of the simulation's run time).
     key_of, length_of, particle_of, offset_of, deposit = sources
     total, muon, noise, best_charge, best_track = sums
+    hit_layer, hit_strip, hit_charge, hit_is_signal, hit_particle = hits
     order = np.empty(n_sources, dtype=np.int64)
     argsort_small(key_of, n_sources, order)
     n_hits = 0
     run_start = 0
     run_end = 0  # exclusive strip key
-    for j in range(n_sources):
-        s = order[j]
-        key = key_of[s]
+    # one pass more than there are sources: the last one only flushes the last run
+    for j in range(n_sources + 1):
+        s = order[j] if j < n_sources else 0
+        key = key_of[s] if j < n_sources else run_end
         if key >= run_end:  # windows never straddle layers, so this also starts a new run on a new layer
-            n_hits = _flush_strips(run_start, run_end - run_start, n_strips, threshold_charge, sums, hits, n_hits)
+            # flush the run of overlapping windows so far: its fired strips, in strip order
+            layer = run_start // n_strips  # a run never straddles layers: one integer division per run
+            first_strip = run_start - layer * n_strips
+            for cell in range(run_end - run_start):
+                if total[cell] > threshold_charge:
+                    hit_layer[n_hits] = layer
+                    hit_strip[n_hits] = first_strip + cell
+                    hit_charge[n_hits] = total[cell]
+                    hit_is_signal[n_hits] = muon[cell] > 0.5 * total[cell]
+                    # ties go to the lower id, so noise (-1) wins a tie and a cell without tracks is noise
+                    hit_particle[n_hits] = -1 if noise[cell] >= best_charge[cell] else best_track[cell]
+                    n_hits += 1
+            if j == n_sources:
+                break
             run_start = key
             run_end = key
         while run_end < key + length_of[s]:
@@ -241,4 +239,4 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, sums, hits)
                 if charge > best_charge[cell] or (charge == best_charge[cell] and particle < best_track[cell]):
                     best_charge[cell] = charge
                     best_track[cell] = particle
-    return _flush_strips(run_start, run_end - run_start, n_strips, threshold_charge, sums, hits, n_hits)
+    return n_hits

@@ -49,32 +49,32 @@ def event_seed_kernel(seed, event_id):
     return splitmix64_mix(stream + (np.uint64(event_id) + _ONE_U64) * _GOLDEN_GAMMA)
 
 
-@jit()
+@jit(inline=True)
 def rng_next(state):
     """Next 64 random bits of the SplitMix64 generator whose state is ``state[0]`` (uint64, updated)."""
     state[0] += _GOLDEN_GAMMA
     return splitmix64_mix(state[0])
 
 
-@jit()
+@jit(inline=True)
 def rng_uniform(state):
     """Uniform float64 in [0, 1) from the top 53 bits."""
     return float(rng_next(state) >> _SHIFT_11) * _TWO_POW_M53
 
 
-@jit()
+@jit(inline=True)
 def rng_integer(state, n):
     """Uniform integer in [0, n)."""
     return min(int(rng_uniform(state) * n), n - 1)
 
 
-@jit()
+@jit(inline=True)
 def rng_sign(state):
     """+1 or -1 with equal probability."""
     return 1 if rng_uniform(state) < 0.5 else -1
 
 
-@jit()
+@jit(inline=True)
 def rng_normal(state):
     """Standard normal (Box-Muller; the second value of the pair is discarded to keep the state simple)."""
     u1 = 1.0 - rng_uniform(state)  # (0, 1]: log is finite
@@ -82,13 +82,13 @@ def rng_normal(state):
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(_TWO_PI * u2)
 
 
-@jit()
+@jit(inline=True)
 def rng_exponential(state):
     """Exponential with mean 1 (inversion)."""
     return -math.log(1.0 - rng_uniform(state))
 
 
-@jit()
+@jit(inline=True)
 def rng_gamma(state, shape):
     """Gamma(shape, scale 1) by Marsaglia and Tsang (2000); shape < 1 via Gamma(shape + 1) * U**(1/shape)."""
     boost = 1.0
@@ -116,7 +116,7 @@ def rng_poisson(state, lam):
     return rng_poisson_with_limit(state, lam, math.exp(-lam))
 
 
-@jit()
+@jit(inline=True)
 def rng_poisson_with_limit(state, lam, limit):
     """:func:`rng_poisson` with ``limit = exp(-lam)`` computed once by the caller (same draws)."""
     if lam <= 0.0:

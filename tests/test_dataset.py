@@ -217,11 +217,11 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, out: Path, first_event_id: in
     half-written file in the staging folder as a killed writer would."""
     real_generate = generate_module.generate_events
 
-    def dying(config, seed, first, n_events):
+    def dying(config, seed, first, n_events, **options):
         if first >= first_event_id:
             (out / STAGING_DIR / "hits-part-00002.parquet").write_bytes(b"PAR1\0\0")
             raise KeyboardInterrupt
-        return real_generate(config, seed, first, n_events)
+        return real_generate(config, seed, first, n_events, **options)
 
     monkeypatch.setattr(generate_module, "generate_events", dying)
 
@@ -239,9 +239,9 @@ def _count_generated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     generated: list[int] = []
     real_generate = generate_module.generate_events
 
-    def counting(config, seed, first_event_id, n_events):
+    def counting(config, seed, first_event_id, n_events, **options):
         generated.append(first_event_id)
-        return real_generate(config, seed, first_event_id, n_events)
+        return real_generate(config, seed, first_event_id, n_events, **options)
 
     monkeypatch.setattr(generate_module, "generate_events", counting)
     return generated

@@ -1,0 +1,101 @@
+"""The simulation's rows stay exactly those of the reference implementation while its speed changes.
+
+The digests below were taken from the rows written by the implementation before the performance work of
+issue #13 (process-pool workers, fresh arrays per shard, the former Parquet encodings): a dataset of 3500
+events, seed 7, shards of 1000 events, read back with Polars. Any change to the kernels, the buffers, the
+worker threads or the writer must leave them unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import SimConfig
+from pipeline.dataset import PARQUET_WRITE_OPTIONS, open_dataset
+from simulation.dataset import simulate_dataset
+from simulation.generate import ShardBuffers, generate_events
+
+REFERENCE_CONFIG = SimConfig(shard_events=1000)
+REFERENCE_EVENTS = 3500
+REFERENCE_SEED = 7
+REFERENCE_HITS = 431_299
+REFERENCE_DIGESTS = {"hits": "dff251a0d2bbc1b18e740c1d8dbf997b", "events": "6522c90fc69838dc53f4e7f593d781ee"}
+
+
+def rows_digest(frame: pl.DataFrame) -> str:
+    """SHA-256 (32 hex digits) of every column's values, bit for bit, in order (list columns flattened)."""
+    digest = hashlib.sha256()
+    for name in frame.columns:
+        column = frame[name]
+        if isinstance(column.dtype, pl.List | pl.Array):
+            column = column.explode()
+        values = np.ascontiguousarray(column.to_numpy())
+        digest.update(name.encode())
+        digest.update(str(values.dtype).encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()[:32]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_dataset_rows_are_those_of_the_reference_implementation(tmp_path: Path, workers: int) -> None:
+    out = tmp_path / "dataset"
+    simulate_dataset(out, n_events=REFERENCE_EVENTS, seed=REFERENCE_SEED, config=REFERENCE_CONFIG, workers=workers)
+    dataset = open_dataset(out)
+    assert dataset.n_hits == REFERENCE_HITS
+    assert rows_digest(dataset.hits().collect()) == REFERENCE_DIGESTS["hits"]
+    assert rows_digest(dataset.events().collect()) == REFERENCE_DIGESTS["events"]
+
+
+def test_reused_buffers_give_the_same_rows_as_fresh_arrays() -> None:
+    """Shards of different sizes, growing and shrinking, through one ShardBuffers: each call's columns equal
+    those of a call with its own arrays (and a later call overwrites the views of an earlier one)."""
+    config = SimConfig()
+    buffers = ShardBuffers()
+    for first, n in [(0, 300), (300, 700), (1000, 50), (1050, 0), (2000, 400)]:
+        fresh_hits, fresh_events = generate_events(config, 11, first, n)
+        hits, events = generate_events(config, 11, first, n, buffers=buffers)
+        assert hits.keys() == fresh_hits.keys()
+        assert events.keys() == fresh_events.keys()
+        for name in fresh_hits:
+            np.testing.assert_array_equal(hits[name], fresh_hits[name], strict=True)
+        for name in fresh_events:
+            np.testing.assert_array_equal(events[name], fresh_events[name], strict=True)
+    # the columns of the last call are views of the buffers
+    assert np.shares_memory(hits["charge"], buffers.take("charge", 1, np.dtype(np.float32)))
+
+
+def test_shards_are_written_with_the_documented_encodings(tmp_path: Path) -> None:
+    out = tmp_path / "dataset"
+    simulate_dataset(out, n_events=300, seed=1, config=SimConfig())
+    metadata = pq.read_metadata(out / "hits" / "part-00000.parquet")
+    row_group = metadata.row_group(0)
+    columns = {row_group.column(i).path_in_schema: row_group.column(i) for i in range(row_group.num_columns)}
+    for name, encoding in PARQUET_WRITE_OPTIONS["column_encoding"].items():
+        assert encoding in columns[name].encodings, name
+    assert "RLE_DICTIONARY" in columns["particle_id"].encodings
+    assert not any("DICTIONARY" in encoding for encoding in columns["layer"].encodings)
+    assert all(column.compression == "ZSTD" for column in columns.values())
+    assert columns["event_id"].statistics is not None
+    assert columns["strip"].statistics is None
+
+
+def test_a_failing_worker_thread_stops_the_run_with_its_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import simulation.generate
+
+    real = simulation.generate.generate_events
+
+    def failing(config, seed, first_event_id, n_events, **options):
+        if first_event_id == 2000:
+            raise RuntimeError("kernel failed on shard 2")
+        return real(config, seed, first_event_id, n_events, **options)
+
+    monkeypatch.setattr(simulation.generate, "generate_events", failing)
+    with pytest.raises(RuntimeError, match="kernel failed on shard 2"):
+        simulate_dataset(tmp_path / "dataset", n_events=REFERENCE_EVENTS, seed=1, config=REFERENCE_CONFIG, workers=2)
+    assert not (tmp_path / "dataset" / "manifest.json").exists()
