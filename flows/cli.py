@@ -188,13 +188,29 @@ def evaluate(
         bool,
         typer.Option("--json", help="Print the report path and the per-model summary as one JSON document."),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=1, help="Predict shard by shard on a local Dask cluster of K processes (1: in this one)."
+        ),
+    ] = 1,
+    dask_address: Annotated[
+        str | None,
+        typer.Option("--dask-address", help="Predict shard by shard on this Dask cluster (tcp://HOST:PORT)."),
+    ] = None,
 ) -> None:
     """Evaluate trained runs against the truth reference and write the report (progress on stderr)."""
     import json
 
-    from flows.steps import evaluate_runs
+    if workers > 1 or dask_address:
+        from flows.end_to_end import evaluate_on_dask
 
-    report = evaluate_runs(data, run, out, progress=True, overwrite=overwrite)
+        evaluate_on_dask(str(data), [str(r) for r in run], str(out), overwrite, workers, dask_address)
+        report = out / "report.md"
+    else:
+        from flows.steps import evaluate_runs
+
+        report = evaluate_runs(data, run, out, progress=True, overwrite=overwrite)
     if json_output:
         summary = json.loads((report.parent / "summary.json").read_text())
         _echo_json({"report": str(report), "summary": summary})

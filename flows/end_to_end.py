@@ -1,8 +1,9 @@
 """Prefect flows: ``simulate``, ``train``, ``evaluate`` and ``end_to_end`` (simulate -> train -> evaluate).
 
 Flows are thin: they decide what runs where and pass paths between tasks; the work is in the tasks'
-library functions. Simulation shards run on the flow's task runner: threads by default, or Dask through
-``prefect-dask`` (a local cluster of ``workers`` processes, or an existing cluster at ``dask_address``).
+library functions. Simulation shards, and the inference of ``evaluate`` shard by shard, run on the flow's
+task runner: threads by default, or Dask through ``prefect-dask`` (a local cluster of ``workers`` processes,
+or an existing cluster at ``dask_address``).
 """
 
 from __future__ import annotations
@@ -125,8 +126,12 @@ def train_flow(
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True) -> dict:
+def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True, by_shard: bool = False) -> dict:
     """Predict with every run on the test split, then build the report and publish it as artifacts.
+
+    ``by_shard``: one prediction task per dataset shard on the flow's task runner (Dask in
+    :func:`evaluate_on_dask`), never cached; the flow concatenates their tables in shard order into the same
+    predictions as the single predict task (flows.steps.combine_shards).
 
     The predictions and the report are written into a staging folder that replaces ``out`` at the end
     (analysis.report.staged_report), so a kill leaves the previous report. The predict task is cached and
@@ -145,13 +150,31 @@ def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True) 
         context = steps.report_context(Path(data), [Path(r) for r in runs])
         steps.prepare_report_out(Path(out), context, overwrite)
         with staged_report(Path(out)) as staging:
-            reused = steps.stage_previous_predictions(Path(out), staging, context)
-            tasks.predict.with_options(refresh_cache=not reused)(
-                data, runs, out, dataset_hash, run_keys, staging=str(staging)
-            )
+            if by_shard:
+                n_shards, max_hits = steps.plan_prediction_shards(Path(data), [Path(r) for r in runs], staging)
+                futures = [tasks.predict_shard.submit(data, runs, index, max_hits) for index in range(n_shards)]
+                steps.combine_shards([future.result() for future in futures], staging)
+            else:
+                reused = steps.stage_previous_predictions(Path(out), staging, context)
+                tasks.predict.with_options(refresh_cache=not reused)(
+                    data, runs, out, dataset_hash, run_keys, staging=str(staging)
+                )
             summary = tasks.write_report(data, runs, out, staging=str(staging))
     tasks.publish_artifacts(summary, out)
     return summary
+
+
+def evaluate_on_dask(
+    data: str, runs: list[str], out: str, overwrite: bool = False, workers: int = 2, dask_address: str | None = None
+) -> dict:
+    """The ``evaluate`` flow with one prediction task per dataset shard on Dask (a local cluster of ``workers``
+    processes, or the cluster at ``dask_address``); the metrics and the report are computed here, from the
+    concatenated predictions, as in-process. Returns the summary."""
+    from flows.logs import quiet_user_errors
+
+    quiet_user_errors()
+    runner = dask_task_runner(workers, dask_address)
+    return evaluate_flow.with_options(task_runner=runner)(data, runs, out, overwrite, by_shard=True)
 
 
 @flow(name="end-to-end", log_prints=True)

@@ -21,7 +21,7 @@ import polars as pl
 from pipeline import provenance
 from pipeline.errors import ConfigError, DatasetError, MuontrackError, RunError
 from pipeline.locks import exclusive_writer
-from pipeline.models import CPU_JOB_MODELS, REFERENCE_ROWS, TRAINED_MODELS
+from pipeline.models import CPU_JOB_MODELS, TRAINED_MODELS
 
 # TRAINED_MODELS (pipeline.models): the models a job can train (each gives one or more rows of the `model`
 # column: `baseline` gives `baseline` and `baseline_paper`); the truth references and `classical` need no training
@@ -141,19 +141,10 @@ class _PredictionProgress:
         return tables
 
 
-def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
-    """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run.
-
-    ``progress``: a progress display on stderr (a bar per model on a terminal, one line per model done).
-    """
-    from analysis.catalog import write_parquet_atomic
-    from classical import predict_classical
-    from model.inference import predict_run, predict_truth
+def _check_predictable(dataset: Any, data: Path, runs: list[Path]) -> None:
+    """DatasetError for a dataset without test events, RunError for a run folder that does not exist."""
     from pipeline.batches import SPLIT_FRACTIONS, split_summary
-    from pipeline.dataset import open_dataset
 
-    dataset = open_dataset(data)
-    _check_report_out(out)
     n_test, _ = split_summary(dataset, "test")
     if n_test == 0:
         raise DatasetError(
@@ -163,27 +154,122 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
     for run in runs:
         if not Path(run).is_dir():
             raise RunError(f"run folder {run} does not exist")
-    with _PredictionProgress(progress, n_test) as display:
-        tables = [
-            display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
-            display.run("classical", lambda _step: predict_classical(dataset, split="test")),
-        ]
-        seen: set[str] = set(REFERENCE_ROWS)
-        for run in runs:
-            predictions = display.run(
-                Path(run).name, lambda step, run=run: predict_run(dataset, Path(run), split="test", on_batch=step)
-            )
-            model_names = set(predictions["tracks"]["model"].unique().to_list())
-            duplicated = model_names & seen
-            if duplicated:
-                raise RunError(f"two runs are both model {sorted(duplicated)[0]!r}; evaluate one run per model")
-            seen |= model_names
-            tables.append(predictions)
+
+
+def _check_one_run_per_model(tables: list[dict[str, pl.DataFrame]]) -> None:
+    """RunError when two prediction sources give rows of the same model (two runs of one model)."""
+    seen: set[str] = set()
+    for predictions in tables:
+        model_names = set(predictions["tracks"]["model"].unique().to_list())
+        duplicated = model_names & seen
+        if duplicated:
+            raise RunError(f"two runs are both model {sorted(duplicated)[0]!r}; evaluate one run per model")
+        seen |= model_names
+
+
+def _write_predictions(tables: list[dict[str, pl.DataFrame]], out: Path) -> Path:
+    from analysis.catalog import write_parquet_atomic
+
     pred_dir = out / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     for table in ("hits", "clusters", "tracks"):
         write_parquet_atomic(pl.concat([t[table] for t in tables], how="vertical"), pred_dir / f"{table}.parquet")
     return pred_dir
+
+
+def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
+    """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run.
+
+    ``progress``: a progress display on stderr (a bar per model on a terminal, one line per model done).
+    """
+    from classical import predict_classical
+    from model.inference import predict_run, predict_truth
+    from pipeline.batches import split_summary
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(data)
+    _check_report_out(out)
+    _check_predictable(dataset, data, runs)
+    n_test, _ = split_summary(dataset, "test")
+    with _PredictionProgress(progress, n_test) as display:
+        tables = [
+            display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
+            display.run("classical", lambda _step: predict_classical(dataset, split="test")),
+        ]
+        for run in runs:
+            predictions = display.run(
+                Path(run).name, lambda step, run=run: predict_run(dataset, Path(run), split="test", on_batch=step)
+            )
+            _check_one_run_per_model([*tables, predictions])
+            tables.append(predictions)
+    return _write_predictions(tables, out)
+
+
+def shard_view(dataset: Any, shard_index: int) -> Any:
+    """The dataset restricted to one of its shards (a :class:`pipeline.dataset.Dataset` whose manifest lists
+    that shard alone): its files, events and hits are the shard's."""
+    from pipeline.dataset import Dataset
+
+    entry = dataset.manifest["shards"][shard_index]
+    manifest = {
+        **dataset.manifest,
+        "shards": [entry],
+        "n_events": int(entry["n_events"]),
+        "n_hits": int(entry["hits"]["rows"]),
+    }
+    return Dataset(path=dataset.path, manifest=manifest, config=dataset.config)
+
+
+def predict_shard(data: Path, runs: list[Path], shard_index: int, max_hits: int) -> list[dict[str, pl.DataFrame]]:
+    """The prediction tables of the test events of one shard of ``data``, one dict per source in the order of
+    :func:`predict_all` (truth references, classical, each run). ``max_hits``: the largest test event of the
+    whole dataset, so that every shard packs its events into the node buckets of the whole split and gives
+    the rows :func:`predict_all` gives for them."""
+    from classical import predict_classical
+    from model.inference import predict_run, predict_truth
+    from pipeline.dataset import open_dataset
+
+    shard = shard_view(open_dataset(data, verify=False), shard_index)
+    return [
+        predict_truth(shard, split="test", max_hits=max_hits),
+        predict_classical(shard, split="test"),
+        *(predict_run(shard, Path(run), split="test", max_hits=max_hits) for run in runs),
+    ]
+
+
+def plan_prediction_shards(data: Path, runs: list[Path], out: Path) -> tuple[int, int]:
+    """Check ``data``, ``runs`` and the report folder ``out`` as :func:`predict_all` does; ``(number of shards,
+    the largest test event's hits)`` for :func:`predict_shard`."""
+    from pipeline.batches import split_summary
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(data)
+    _check_report_out(out)
+    _check_predictable(dataset, data, runs)
+    _, max_hits = split_summary(dataset, "test")
+    return dataset.n_shards, max_hits
+
+
+def _by_model(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """One source's table from its shards' (in shard order): the rows of each model together, the models in
+    the order the source gives them (a source with two rows, such as the truth references, stacks them)."""
+    frame = pl.concat(parts, how="vertical")
+    models = frame["model"].unique(maintain_order=True).to_list()
+    return pl.concat([frame.filter(pl.col("model") == model) for model in models]) if models else frame
+
+
+def combine_shards(shards: list[list[dict[str, pl.DataFrame]]], out: Path) -> Path:
+    """Write the predictions of :func:`predict_shard`'s results (in shard order) as :func:`predict_all` does:
+    each source's tables concatenated over the shards (rows sorted by event_id, shards being in event order),
+    the sources in their order."""
+    if not shards:
+        raise DatasetError("the dataset has no shards")
+    tables = [
+        {name: _by_model([shard[k][name] for shard in shards]) for name in ("hits", "clusters", "tracks")}
+        for k in range(len(shards[0]))
+    ]
+    _check_one_run_per_model(tables)
+    return _write_predictions(tables, out)
 
 
 def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
 from flows import steps
@@ -113,6 +114,14 @@ def predict(
     ``out``, into its staging folder ``staging`` when given (see flows.end_to_end.evaluate_flow)."""
     steps.predict_all(Path(data), [Path(r) for r in runs], Path(staging or out))
     return str(Path(out) / "predictions")
+
+
+@task(name="predict-shard", cache_policy=NONE, persist_result=False, retries=1, retry_delay_seconds=2)
+def predict_shard(data: str, runs: list[str], shard_index: int, max_hits: int) -> list[dict]:
+    """Inference on the test events of one shard of ``data`` for the truth references, classical and every run
+    (flows.steps.predict_shard): its prediction tables, one ``{"hits", "clusters", "tracks"}`` dict per source,
+    returned to the flow, which concatenates the shards. Never cached: the flow writes a new report."""
+    return steps.predict_shard(Path(data), [Path(r) for r in runs], shard_index, max_hits)
 
 
 @task(name="write-report")

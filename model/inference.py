@@ -45,6 +45,11 @@ from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_
 BUCKET_STEP = 64
 #: events per batch of the truth references (no network, memory linear in N)
 TRUTH_BATCH_SIZE = 256
+#: events per batch of a run's inference (not the run's training batch). Larger batches measured no faster on a
+#: CPU (the forward's cost is per event: the GAT's sorted attention), and up to 128 events per batch an
+#: event's rows do not depend on the batch it is in, bit for bit (tests/test_evaluate_dask.py); at 256 the
+#: reconstruction chain's rounding changed (the GAT's scores did not), which the DAF's reweighting amplifies
+INFERENCE_BATCH_SIZE = 64
 
 
 def _as_dataset(dataset: Dataset | str | Path) -> Dataset:
@@ -57,6 +62,13 @@ def inference_buckets(buckets: tuple[int, ...], max_hits: int) -> tuple[int, ...
     if max_hits > buckets[-1]:
         buckets = (*buckets, BUCKET_STEP * math.ceil(max_hits / BUCKET_STEP))
     return buckets
+
+
+def inference_node_buckets(train_buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The node buckets of a run's inference: its training buckets. Another node budget changes the order of
+    the attention's sums (rounding), which the reconstruction chain's reweighting can amplify, so the
+    predictions keep the buckets the run was validated with (then :func:`inference_buckets` extends them)."""
+    return check_buckets(train_buckets)
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
@@ -105,17 +117,21 @@ def _check_same_config(config: dict[str, Any], dataset: Dataset, run_dir: Path) 
         )
 
 
-@functools.cache
 def forward_fn(
     model_config: ModelConfig, objective: str, geometry: Geometry, rows: tuple[tuple[str, Chain], ...] | None = None
 ):
     """Jitted ``(params, batch) -> (scores, [Reconstruction per row])`` of one model.
 
-    ``rows``: (name, chain) pairs, by default the objective's ``reported_as``.
+    ``rows``: (name, chain) pairs, by default the objective's ``reported_as``. One function per resolved
+    ``rows``: the default and the same pairs spelt out share their compiled programs.
     """
+    return _forward_fn(model_config, objective, geometry, tuple(rows or get_objective(objective).reported_as))
+
+
+@functools.cache
+def _forward_fn(model_config: ModelConfig, objective: str, geometry: Geometry, rows: tuple[tuple[str, Chain], ...]):
     model = gat(model_config)
     chosen = get_objective(objective)
-    rows = rows or chosen.reported_as
 
     @jax.jit
     def forward(params, batch: Batch):
@@ -211,18 +227,21 @@ class _Tables:
 def predict_run(
     dataset: Dataset | str | Path,
     run_dir: str | Path,
-    split: str = "test",
+    split: str | None = "test",
     batch_size: int | None = None,
     rows: tuple[tuple[str, Chain], ...] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    max_hits: int | None = None,
 ) -> dict[str, pl.DataFrame]:
     """Prediction tables ``{"hits", "clusters", "tracks"}`` of a trained run on one split of ``dataset``.
 
     ``model`` takes the names of the run objective's ``reported_as`` (one row set per reconstruction chain).
     Hit scores are sigmoid(logit); clustering and fit use the model's hit weights (sigmoid(logit) for the
-    networks, the 0/1 window selection for assignment). ``batch_size`` defaults to the run's training batch.
+    networks, the 0/1 window selection for assignment). ``batch_size`` defaults to INFERENCE_BATCH_SIZE.
     ``rows`` replaces the objective's ``(model name, chain)`` pairs (for studies of the reconstruction).
-    ``on_batch(n_events)`` is called after each batch (a progress display).
+    ``on_batch(n_events)`` is called after each batch (a progress display). ``max_hits``: the largest event the
+    node buckets must hold (default: the split's; a shard of a dataset passes the whole split's, so that its
+    events get the buckets, and hence the predictions, of the whole split).
     RunError for a missing or unfinished run, or a run trained on another detector config.
     """
     dataset = _as_dataset(dataset)
@@ -230,20 +249,60 @@ def predict_run(
     config, params = load_run(run_dir)
     enable_compilation_cache()
     _check_same_config(config, dataset, run_dir)
-    model_config = ModelConfig.from_dict(config["model_config"])
-    train_buckets = tuple(config["train_config"]["node_buckets"])
-    batch_size = batch_size or int(config["train_config"]["batch_size"])
+    return predict_params(
+        dataset,
+        params,
+        ModelConfig.from_dict(config["model_config"]),
+        config["model"],
+        split=split,
+        batch_size=batch_size or INFERENCE_BATCH_SIZE,
+        buckets=inference_node_buckets(tuple(config["train_config"]["node_buckets"])),
+        rows=rows,
+        on_batch=on_batch,
+        max_hits=max_hits,
+    )
+
+
+def predict_params(
+    dataset: Dataset,
+    params: Any,
+    model_config: ModelConfig,
+    objective: str,
+    *,
+    split: str | None,
+    batch_size: int,
+    buckets: tuple[int, ...],
+    rows: tuple[tuple[str, Chain], ...] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    max_hits: int | None = None,
+) -> dict[str, pl.DataFrame]:
+    """The prediction tables of GAT parameters ``params`` (:func:`predict_run` without a run folder; the
+    benchmarks call it with fresh parameters). ``buckets``: the run's node buckets (:func:`inference_buckets`
+    extends them to ``max_hits``, by default the split's largest event)."""
     geometry = Geometry.from_detector(dataset.config.detector)
-    rows = rows or get_objective(config["model"]).reported_as
-    forward = forward_fn(model_config, config["model"], geometry, tuple(rows))
-    _, max_hits = split_summary(dataset, split)
+    rows = rows or get_objective(objective).reported_as
+    forward = forward_fn(model_config, objective, geometry, tuple(rows))
+    if max_hits is None:
+        _, max_hits = split_summary(dataset, split)
     tables = [_Tables(name) for name, _ in rows]
-    for batch in iter_batches(dataset, split, batch_size, inference_buckets(train_buckets, max_hits)):
-        scores, recos = forward(params, device_batch(batch))
+
+    def collect(batch: Batch, outputs: Any) -> None:
+        scores, recos = jax.device_get(outputs)  # one transfer per batch
         for table, reco in zip(tables, recos, strict=True):
             table.add(batch, scores, reco)
         if on_batch is not None:
             on_batch(int(batch.event_mask.sum()))
+
+    # one batch in flight: the forward of batch k runs (dispatch is asynchronous) while the host reads and packs
+    # batch k + 1 and copies out the rows of batch k - 1
+    pending: tuple[Batch, Any] | None = None
+    for batch in iter_batches(dataset, split, batch_size, inference_buckets(buckets, max_hits)):
+        outputs = forward(params, device_batch(batch))
+        if pending is not None:
+            collect(*pending)
+        pending = (batch, outputs)
+    if pending is not None:
+        collect(*pending)
     return _stack([table.frames() for table in tables])
 
 
@@ -252,15 +311,20 @@ def _stack(frames: list[dict[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
 
 
 def predict_truth(
-    dataset: Dataset | str | Path, split: str = "test", on_batch: Callable[[int], None] | None = None
+    dataset: Dataset | str | Path,
+    split: str | None = "test",
+    on_batch: Callable[[int], None] | None = None,
+    max_hits: int | None = None,
 ) -> dict[str, pl.DataFrame]:
     """The truth references (:data:`TRUTH_REFERENCES`) on one split: ``truth`` (weights = is_signal) and
     ``truth_charge`` (is_signal * charge, the charge centroid), as the same three tables as
-    :func:`predict_run`, stacked. ``on_batch(n_events)`` is called after each batch (a progress display)."""
+    :func:`predict_run`, stacked. ``on_batch(n_events)`` is called after each batch (a progress display);
+    ``max_hits`` as for :func:`predict_run`."""
     dataset = _as_dataset(dataset)
     enable_compilation_cache()
     geometry = Geometry.from_detector(dataset.config.detector)
-    _, max_hits = split_summary(dataset, split)
+    if max_hits is None:
+        _, max_hits = split_summary(dataset, split)
     # one shape: no network, so the padding costs little, and a second shape would cost a compilation
     buckets = (BUCKET_STEP * max(1, math.ceil(max_hits / BUCKET_STEP)),)
     tables = [_Tables(name) for name, _, _ in TRUTH_REFERENCES]

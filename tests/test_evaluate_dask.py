@@ -1,0 +1,111 @@
+"""Inference shard by shard (flows.steps.predict_shard, ``muontrack evaluate --workers/--dask-address``) gives the
+predictions and the summary of the in-process evaluation; the inference batch size does not change a prediction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows import steps
+
+TABLES = ("hits", "clusters", "tracks")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dataset, tmp_path_factory) -> Path:
+    """A tiny baseline run (two model rows: baseline and baseline_paper) on the shared tiny dataset."""
+    from model.train import train_run
+
+    out = tmp_path_factory.mktemp("evaluate-dask") / "run"
+    train_run(tiny_dataset, "baseline", out, preset="test", epochs=1, seed=0)
+    return out
+
+
+def _predictions(report: Path) -> dict[str, pl.DataFrame]:
+    return {name: pl.read_parquet(report / "predictions" / f"{name}.parquet") for name in TABLES}
+
+
+def _assert_same_tables(got: dict[str, pl.DataFrame], expected: dict[str, pl.DataFrame]) -> None:
+    for name in TABLES:
+        assert got[name].height == expected[name].height > 0, name
+        # bit for bit, row order included (equals: NaN equal to NaN, nulls equal to nulls)
+        assert got[name].equals(expected[name]), name
+
+
+@pytest.mark.slow
+def test_predictions_do_not_depend_on_the_inference_batch_size(tiny_dataset, run_dir):
+    """The default inference batch (model.inference.INFERENCE_BATCH_SIZE) gives the rows of the run's training
+    batch, which was the default before, bit for bit: an event's rows do not depend on the batch it is in."""
+    from model.inference import INFERENCE_BATCH_SIZE, predict_run
+
+    trained_with = json.loads((run_dir / "config.json").read_text())["train_config"]["batch_size"]
+    assert trained_with != INFERENCE_BATCH_SIZE
+    default = predict_run(tiny_dataset, run_dir, split="test")
+    for batch_size in (trained_with, 128):
+        _assert_same_tables(predict_run(tiny_dataset, run_dir, split="test", batch_size=batch_size), default)
+
+
+@pytest.mark.slow
+def test_shard_by_shard_predictions_equal_the_in_process_ones(tiny_dataset, run_dir, tmp_path):
+    """predict_shard on each shard, concatenated by combine_shards, writes predict_all's tables bit for bit."""
+    from pipeline.dataset import open_dataset
+
+    runs = [run_dir]
+    steps.predict_all(tiny_dataset, runs, tmp_path / "in-process")
+    n_shards, max_hits = steps.plan_prediction_shards(tiny_dataset, runs, tmp_path / "sharded")
+    assert n_shards == open_dataset(tiny_dataset).n_shards >= 2
+    shards = [steps.predict_shard(tiny_dataset, runs, index, max_hits) for index in range(n_shards)]
+    steps.combine_shards(shards, tmp_path / "sharded")
+    expected = _predictions(tmp_path / "in-process")
+    _assert_same_tables(_predictions(tmp_path / "sharded"), expected)
+    assert expected["tracks"]["model"].unique(maintain_order=True).to_list() == [
+        "truth",
+        "truth_charge",
+        "classical",
+        "baseline",
+        "baseline_paper",
+    ]
+
+
+def test_a_shard_view_holds_one_shard(tiny_dataset):
+    from pipeline.dataset import open_dataset
+
+    dataset = open_dataset(tiny_dataset)
+    events = [steps.shard_view(dataset, index).events().collect() for index in range(dataset.n_shards)]
+    assert [frame.height for frame in events] == [shard["n_events"] for shard in dataset.manifest["shards"]]
+    assert pl.concat(events).equals(dataset.events().collect())
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("placeholder_figures")
+def test_evaluate_on_dask_equals_in_process(tiny_dataset, run_dir, tmp_path, monkeypatch):
+    """``muontrack evaluate --workers 2``'s path: one Prefect task per shard on a local Dask cluster of two
+    processes; the same prediction tables and the same summary as the in-process evaluation."""
+    pytest.importorskip("prefect_dask")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.end_to_end import evaluate_on_dask
+
+    runs = [run_dir]
+    steps.evaluate_runs(tiny_dataset, runs, tmp_path / "in-process")
+    # dask_task_runner exports the harness's API URL to the workers; monkeypatch removes it afterwards
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with prefect_test_harness(server_startup_timeout=120):
+        summary = evaluate_on_dask(str(tiny_dataset), [str(run) for run in runs], str(tmp_path / "dask"), workers=2)
+    _assert_same_tables(_predictions(tmp_path / "dask"), _predictions(tmp_path / "in-process"))
+    expected = json.loads((tmp_path / "in-process" / "summary.json").read_text())
+    assert json.loads((tmp_path / "dask" / "summary.json").read_text()) == expected
+    assert json.loads(json.dumps(summary, default=str)) == expected
+
+
+def test_evaluate_refuses_zero_workers(tmp_path):
+    from tests.helpers import assert_one_line_error, run_muontrack
+
+    result = run_muontrack(
+        "evaluate", "--data", tmp_path, "--run", tmp_path / "run", "--out", tmp_path / "report", "--workers", "0"
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result, "--workers")
