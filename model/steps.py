@@ -8,12 +8,22 @@ Everything random is derived from ``(seed, epoch, step)``, never from consumed s
 seed, each epoch's data order from ``(seed, epoch)`` (:func:`epoch_shuffle_seed`) and each step's key by folding
 ``epoch`` and the step index into the seed's key (:func:`step_key`). The learning-rate schedule reads the
 optimiser's step count (checkpointed), not the planned number of epochs.
+
+Data parallel (:class:`DataParallel`): the same jitted steps run on every local device at once when their inputs
+are placed on a 1-D mesh over the batch axis: the train state replicated, each batch split along its events
+(``NamedSharding(mesh, PartitionSpec("batch"))``). ``jit`` compiles the steps for the shardings of their inputs,
+so each device runs the network on its share of the events and the compiler sums the losses and gradients
+across devices (the outputs, the updated state included, come back replicated). A batch whose size the device
+count does not divide is padded with padding events (``event_mask`` False), which no loss term or metric
+counts, so the loss stays a mean over the real events. With one device the steps get their inputs exactly as
+before, so the results are bit for bit those of the single-device code.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +33,7 @@ import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.assignment import DEFAULT_ESTIMATOR, Estimator
 from model.config import ModelConfig, TrainConfig
@@ -143,9 +154,90 @@ def device_batch(batch: Batch) -> Batch:
     return batch._replace(event_id=np.arange(len(batch.event_id), dtype=np.int32))
 
 
+#: the name of the mesh axis the batch's events are split along
+BATCH_AXIS = "batch"
+
+
+def pad_events(batch: Batch, size: int) -> Batch:
+    """``batch`` with padding events appended up to ``size`` events (as :func:`example_batch`'s: no hits,
+    ``event_mask`` False, pT = 1 GeV, q = +1), which no loss term counts; ``batch`` itself if it has ``size``."""
+    n_events, n_nodes = batch.mask.shape
+    if size == n_events:
+        return batch
+    if size < n_events:
+        raise ValueError(f"cannot pad a batch of {n_events} events to {size}")
+    padding = example_batch(size - n_events, n_nodes, batch.x_true.shape[1])
+    return Batch(*(np.concatenate([np.asarray(a), p]) for a, p in zip(batch, padding, strict=True)))
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Data-parallel placement of the steps' inputs over the devices of a 1-D mesh (module docstring).
+
+    ``state(s)`` replicates a TrainState over the mesh; ``batch(b)`` turns a host batch into the steps' input
+    (:func:`device_batch`), padded to a multiple of the device count and split along its events.
+    :func:`train_step` and :func:`eval_step` then run on all devices; their outputs are replicated, except the
+    per-event ones (``q_over_pt``), which are split like the batch and hold the padding events' rows at the end.
+    With one device both are the identity on what the steps receive (the single-device code path, unchanged).
+    """
+
+    mesh: Mesh
+
+    @classmethod
+    def over(cls, devices: list[jax.Device] | None = None) -> DataParallel:
+        """Over ``devices``, by default every local device (``jax.local_devices()``: all GPUs of the host)."""
+        return cls(Mesh(np.asarray(devices if devices is not None else jax.local_devices()), (BATCH_AXIS,)))
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.size
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """The batch's arrays: split along their first (event) axis."""
+        return NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        """The train state: a whole copy on every device."""
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def batch_size(self, events: int) -> int:
+        """The padded size of a batch of ``events`` events: the next multiple of the device count."""
+        return -(-events // self.n_devices) * self.n_devices
+
+    def state(self, state: TrainState) -> TrainState:
+        """``state`` replicated on every device (as is with one device)."""
+        if self.n_devices == 1:
+            return state
+        return jax.device_put(state, self.replicated)
+
+    def single_device(self, state: TrainState) -> TrainState:
+        """``state`` on the mesh's first device (as is with one device): what a checkpoint is saved from. Orbax
+        records the shardings of what it saves and restores them, so a replicated state would restore only where
+        the same mesh exists; this one restores as a single-device run's does (``load_run`` in any process)."""
+        if self.n_devices == 1:
+            return state
+        return jax.device_put(state, self.mesh.devices.flat[0])
+
+    def batch(self, batch: Batch) -> Batch:
+        """The steps' input of host batch ``batch``: :func:`device_batch`, padded with padding events to a
+        multiple of the device count and split along the events (as is with one device)."""
+        if self.n_devices == 1:
+            return device_batch(batch)
+        padded = pad_events(batch, self.batch_size(len(batch.event_id)))
+        return jax.device_put(device_batch(padded), self.batch_sharding)
+
+    def describe(self) -> dict[str, Any]:
+        """What RUN/config.json records of the devices: ``platform`` (cpu, gpu, tpu), ``count``, ``kind``."""
+        device = self.mesh.devices.flat[0]
+        return {"platform": device.platform, "count": self.n_devices, "kind": device.device_kind}
+
+
 @jax.jit
 def train_step(state: TrainState, batch: Batch, key: jax.Array, lam: jax.Array) -> tuple[TrainState, dict]:
-    """One optimiser step on one batch. ``lam``: weight of L_pT (traced).
+    """One optimiser step on one batch. ``lam``: weight of L_pT (traced). Runs where its inputs are: one device,
+    or data parallel over a mesh (:class:`DataParallel`).
 
     Metrics are batch means: the loss terms, ``grad_norm`` (the global L2 norm of the gradients before
     clipping), and where the gradient reaching the logits comes from: ``bce_grad`` and ``solver_grad`` are the

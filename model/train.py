@@ -3,7 +3,9 @@
 What a model computes is its objective (model.objectives), a step of training or validation is model.steps'
 jitted functions, and what a run writes (config, metrics, checkpoints) is model.run_folder's. This module runs
 the epochs: shuffled batches through :func:`~model.steps.train_step`, validation after every epoch
-(:func:`evaluate`), one metrics row per split and a checkpoint per epoch, progress on the console.
+(:func:`evaluate`), one metrics row per split and a checkpoint per epoch, progress on the console. The steps run
+data parallel over every local device (model.steps.DataParallel: each batch split along its events, the state
+replicated); with one device exactly as the single-device code did.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from model.run_folder import (
     write_run_config,
 )
 from model.steps import (
+    DataParallel,
     TrainState,
     create_train_state,
-    device_batch,
     enable_compilation_cache,
     epoch_shuffle_seed,
     eval_step,
@@ -102,20 +104,27 @@ def evaluate(
     train_config: TrainConfig,
     lam: float,
     max_events: int | None = None,
+    parallel: DataParallel | None = None,
 ) -> tuple[dict[str, float], float]:
-    """Mean loss terms over a split (its first ``max_events`` events) and the sigma68 of the q/pT residual."""
+    """Mean loss terms over a split (its first ``max_events`` events) and the sigma68 of the q/pT residual.
+
+    The batches run on ``parallel``'s devices (default: every local device, model.steps.DataParallel)."""
+    parallel = parallel if parallel is not None else DataParallel.over()
+    state = parallel.state(state)
     outputs, truths = [], []
     for batch in iter_batches(
         dataset, split, train_config.batch_size, train_config.node_buckets, max_events=max_events
     ):
-        outputs.append(eval_step(state, device_batch(batch), jnp.float32(lam)))
+        outputs.append(eval_step(state, parallel.batch(batch), jnp.float32(lam)))
         truths.append((batch.q / batch.pt, batch.event_mask))
     sums = _Sums()
     residuals = []
     # one device -> host transfer for the whole split (the steps above only queue work)
     for metrics, (true, event_mask) in zip(jax.device_get(outputs), truths, strict=True):
         sums.add(metrics, int(event_mask.sum()))
-        residuals.append(((np.asarray(metrics["q_over_pt"]) - true) / true)[event_mask])
+        # the rows of the padding events added for the devices (DataParallel.batch) are dropped
+        q_over_pt = np.asarray(metrics["q_over_pt"])[: len(true)]
+        residuals.append(((q_over_pt - true) / true)[event_mask])
     return sums.means(), finite_sigma68(np.concatenate(residuals)) if residuals else math.nan
 
 
@@ -206,8 +215,12 @@ def _train_run_locked(
         raise RunError(f"dataset {dataset.path} has no events in the train split")
     events_per_epoch = min(n_train, train_config.max_train_events or n_train)
 
+    # every local device, the batches split along their events (one device: the single-device code path)
+    parallel = DataParallel.over()
     out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, config)  # the same identity; only epochs (and paths, code) may change
+    # the same identity; only epochs (and paths, code) may change. The devices are those of the newest session
+    # (not part of the identity: a run may go on on other devices)
+    write_run_config(out, {**config, "devices": parallel.describe()})
     state = create_train_state(
         jax.random.key(seed),
         model_config,
@@ -220,6 +233,7 @@ def _train_run_locked(
     manager = checkpoint_manager(out, keep=train_config.keep_checkpoints)
     if done:
         state = restore_checkpoint(manager, state, done)
+    state = parallel.state(state)
 
     schedule = learning_rate_schedule(train_config)
     stats = BatchStats()
@@ -233,6 +247,8 @@ def _train_run_locked(
             loss=math.nan,
             rate=0.0,
         )
+        if progress:
+            bar.console.print(_devices_line(model, parallel, train_config.batch_size), markup=False, highlight=False)
         for epoch in range(done + 1, train_config.epochs + 1):
             lam = objective.lam(epoch, train_config)
             bar.update(task, description=f"{model} epoch {epoch}/{train_config.epochs}")
@@ -252,7 +268,7 @@ def _train_run_locked(
             )
             for step_in_epoch, batch in enumerate(batches):
                 state, metrics = train_step(
-                    state, device_batch(batch), step_key(seed, epoch, step_in_epoch), jnp.float32(lam)
+                    state, parallel.batch(batch), step_key(seed, epoch, step_in_epoch), jnp.float32(lam)
                 )
                 # the metrics stay on the device (no sync per step); they come over once, after the epoch
                 step_metrics.append(metrics)
@@ -285,14 +301,14 @@ def _train_run_locked(
             )
 
             val_start = time.perf_counter()
-            val_means, val_sigma = evaluate(state, dataset, "val", train_config, lam)
+            val_means, val_sigma = evaluate(state, dataset, "val", train_config, lam, parallel=parallel)
             val_seconds = time.perf_counter() - val_start
             # null, not NaN, when no validation event has a finite fit
             val_sigma68 = val_sigma if math.isfinite(val_sigma) else None
             rows.append(_metrics_row(epoch, step, "val", val_means, lam, val_seconds, sigma68=val_sigma68))
             # metrics first, checkpoint second: a crash in between leaves rows that resume drops again
             write_metrics(out, rows)
-            save_checkpoint(manager, state, epoch)
+            save_checkpoint(manager, parallel.single_device(state), epoch)
 
             info = _epoch_info(model, train_config.epochs, train_row=rows[-2], val_row=rows[-1])
             if progress:
@@ -307,6 +323,17 @@ def _train_run_locked(
         f"bce {val_means.get('bce', math.nan):.4f} pt_loss {val_means.get('pt_loss', math.nan):.4g} "
         f"sigma68(q/pT) {val_sigma:.4f}, {minutes:.1f} min{truncated}"
     )
+
+
+def _devices_line(model: str, parallel: DataParallel, batch_size: int) -> str:
+    """The progress display's first line: the devices and how a batch is split over them."""
+    devices = parallel.describe()
+    line = f"{model}: training on {devices['count']} {devices['platform']} device"
+    if devices["count"] == 1:
+        return f"{line} ({devices['kind']})"
+    padded = parallel.batch_size(batch_size)
+    share = f"{batch_size} events" + (f" (padded to {padded})" if padded != batch_size else "")
+    return f"{line}s ({devices['kind']}), each batch of {share} split {devices['count']} ways"
 
 
 def _metrics_row(
