@@ -1,34 +1,58 @@
-"""Training and inference throughput of the GAT tracker on synthetic batches, and the machine's matmul speed.
+"""Training and inference throughput of the GAT tracker on synthetic batches, against the PyTorch peer.
 
     python -m benchmarks.training [--preset P] [--nodes N] [--batch B] [--steps S]
+                                  [--torch-python PYTHON] [--cpu-job]
 
 One line per preset (wrapped here):
 
     preset=.. nodes=.. batch=.. train_events_per_s=.. infer_events_per_s=..
-    step_gflops=.. matmul_gflops=.. peak_rss_mb=..
+    step_gflops=.. matmul_gflops=.. peak_rss_mb=.. platform=.. device_kind=..
 
 - train_events_per_s: events per second of ``model.steps.train_step`` (e2e objective, lambda > 0, so the
-  gradient flows through clustering and fit), the mean over S steps after one compiling step.
+  gradient flows through clustering and fit), the mean over S steps after one compiling step (dispatched back
+  to back, one sync at the end).
 - infer_events_per_s: events per second of the inference forward pass (GAT, sigmoid, clustering, fit).
 - step_gflops: 12 * N^2 * H^2 * B / (train step time) / 1e9, the edge MLP's FLOPs of forward and backward
   of both GAT layers as counted in docs/contracts.md, "Benchmarks" (a preset without a per-edge dense layer,
   like ``cpu``, does fewer real FLOPs than this count).
 - matmul_gflops: 2 * 2048^3 / time of a jitted dense 2048 x 2048 float32 product (best of 5), same process.
 - peak_rss_mb: peak resident memory of the process (each preset runs in its own fresh process).
+- platform, device_kind: ``jax.devices()[0]``'s, the device JAX ran on (``cpu`` here).
 
-Without ``--preset``: ``cpu`` (batch of the preset, N = 160, several steps) and ``paper`` (one step, batch 1,
-N = 200). Batches are synthetic (a random track-like event per row, all nodes real): no dataset is needed.
+Without ``--preset``: ``cpu`` (batch of the preset, N = 160, several steps) and ``paper`` (the paper's network,
+H = 512, at N = 128 and batch 2, five steps), each in a fresh process. Batches are synthetic (a random
+track-like event per row, all nodes real): no dataset is needed.
+
+``--torch-python PYTHON`` (a Python with PyTorch, e.g. ``/work/venvs/torch/bin/python``) also runs the PyTorch
+peer, benchmarks/peers/torch_gat.py (the same network in PyTorch, torch.compile, BCE loss, Adam,
+``--threads 2``), at the paper line's H, N and batch, right after the paper line, and prints its line and
+
+    compare=paper_vs_torch H=.. nodes=.. batch=.. ours_events_per_s=.. torch_events_per_s=.. ratio=..
+    ratio_per_matmul=.. platform=.. device_kind=..
+
+with ratio = ours / torch (>= 1: ours is at least as fast). Ours does more per step than the peer (the e2e
+objective's clustering and fit on top of the BCE), the attention network is the same. On a shared machine the
+two runs may see different loads: ratio_per_matmul divides each side's events/s by the 2048^3 matmul GFLOP/s
+measured in its own process (ours: matmul_gflops; the peer's matmul2048) before taking the ratio.
+
+``--cpu-job`` also times ``muontrack run --preset cpu`` (the whole job: simulation, training, inference,
+report; 5-7 minutes on 2 cores) in a temporary folder: ``job=cpu wall_s=..``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-DEFAULTS = {"cpu": {"nodes": 160, "batch": None, "steps": 5}, "paper": {"nodes": 200, "batch": 1, "steps": 1}}
+DEFAULTS = {"cpu": {"nodes": 160, "batch": None, "steps": 5}, "paper": {"nodes": 128, "batch": 2, "steps": 5}}
+#: the PyTorch peer (a copy of the shared harness, kept verbatim)
+TORCH_PEER = Path(__file__).resolve().parent / "peers" / "torch_gat.py"
 
 
 def synthetic_batch(batch_size: int, n_nodes: int, seed: int = 0):
@@ -103,15 +127,12 @@ def measure(preset: str, nodes: int, batch_size: int | None, steps: int) -> str:
     state = create_train_state(jax.random.key(0), model_config, train_config, batch, geometry=geometry, objective="e2e")
     lam = jnp.float32(0.5)
 
-    def train_once(s, step):
-        s, metrics = train_step(s, batch, jax.random.key(step), lam)
-        jax.block_until_ready(metrics)
-        return s
-
-    state = train_once(state, 0)  # compile
+    state, metrics = train_step(state, batch, jax.random.key(0), lam)  # compile
+    jax.block_until_ready((state, metrics))
     start = time.perf_counter()
-    for step in range(steps):
-        state = train_once(state, step + 1)
+    for step in range(steps):  # dispatched back to back: no host sync per step
+        state, metrics = train_step(state, batch, jax.random.key(step + 1), lam)
+    jax.block_until_ready((state, metrics))
     step_seconds = (time.perf_counter() - start) / steps
 
     forward = forward_fn(model_config, "e2e", geometry)
@@ -125,10 +146,57 @@ def measure(preset: str, nodes: int, batch_size: int | None, steps: int) -> str:
     step_gflops = 12 * nodes**2 * hidden**2 * batch_size / step_seconds / 1e9
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return (
-        f"preset={preset} nodes={nodes} batch={batch_size} train_events_per_s={batch_size / step_seconds:.1f} "
-        f"infer_events_per_s={batch_size / infer_seconds:.1f} step_gflops={step_gflops:.2f} "
-        f"matmul_gflops={matmul_gflops():.1f} peak_rss_mb={peak_rss_mb:.0f}"
+        f"preset={preset} nodes={nodes} batch={batch_size} train_events_per_s={batch_size / step_seconds:.3g} "
+        f"infer_events_per_s={batch_size / infer_seconds:.3g} step_gflops={step_gflops:.2f} "
+        f"matmul_gflops={matmul_gflops():.1f} peak_rss_mb={peak_rss_mb:.0f} {device_fields()}"
     )
+
+
+def device_fields() -> str:
+    """``platform=.. device_kind=..`` of the device JAX runs on."""
+    import jax
+
+    device = jax.devices()[0]
+    return f"platform={device.platform} device_kind={device.device_kind.replace(' ', '_')}"
+
+
+def run_preset(preset: str, args: argparse.Namespace) -> str:
+    """The line of one preset, measured in a fresh process (echoed as it comes)."""
+    command = [sys.executable, "-m", "benchmarks.training", "--preset", preset]
+    for name in ("nodes", "batch", "steps"):
+        if getattr(args, name) is not None:
+            command += [f"--{name}", str(getattr(args, name))]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    print(output, end="", flush=True)
+    return output.strip().splitlines()[-1]
+
+
+def run_torch_peer(python: str, hidden: int, nodes: int, batch_size: int) -> tuple[float, float]:
+    """Events per second of the compiled PyTorch peer at these shapes and its process's 2048^3 matmul GFLOP/s
+    (its output lines echoed)."""
+    command = [python, str(TORCH_PEER), "--H", str(hidden), "--N", str(nodes), "--batch", str(batch_size)]
+    command += ["--compile", "--threads", "2"]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    print(result.stdout, end="", flush=True)
+    found = re.search(r"^torch .*events/s=([0-9.eE+-]+)", result.stdout, re.MULTILINE)
+    matmul = re.search(r"matmul2048 fp32=([0-9.eE+-]+)", result.stdout)
+    if found is None or matmul is None:
+        raise RuntimeError(f"no events/s in the PyTorch peer's output:\n{result.stdout}\n{result.stderr}")
+    return float(found.group(1)), float(matmul.group(1))
+
+
+def time_cpu_job() -> str:
+    """Wall time of ``muontrack run --preset cpu`` into a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="muontrack-bench-") as folder:
+        start = time.perf_counter()
+        command = [str(Path(sys.executable).parent / "muontrack"), "run", "--preset", "cpu"]
+        subprocess.run([*command, "--out", str(Path(folder) / "out")], check=True, cwd=folder)
+        wall = time.perf_counter() - start
+    return f"job=cpu wall_s={wall:.0f}"
+
+
+def fields(line: str) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in line.split() if "=" in pair)
 
 
 def main() -> None:
@@ -137,11 +205,13 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=None, help="node budget N per event")
     parser.add_argument("--batch", type=int, default=None, help="events per batch (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after one compiling step")
+    parser.add_argument("--torch-python", default=None, help="a Python with PyTorch: also run the PyTorch peer")
+    parser.add_argument("--cpu-job", action="store_true", help="also time `muontrack run --preset cpu`")
     args = parser.parse_args()
     for name, value in (("nodes", args.nodes), ("batch", args.batch), ("steps", args.steps)):
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1")
-    if args.preset is not None:
+    if args.preset is not None and args.torch_python is None and not args.cpu_job:
         defaults = DEFAULTS.get(args.preset, DEFAULTS["cpu"])
         print(
             measure(
@@ -154,12 +224,24 @@ def main() -> None:
         )
         return
     # each preset in a fresh process: its peak memory and compile caches are its own
-    for preset in ("cpu", "paper"):
-        command = [sys.executable, "-m", "benchmarks.training", "--preset", preset]
-        for name in ("nodes", "batch", "steps"):
-            if getattr(args, name) is not None:
-                command += [f"--{name}", str(getattr(args, name))]
-        subprocess.run(command, check=True)
+    lines = {preset: run_preset(preset, args) for preset in ([args.preset] if args.preset else ["cpu", "paper"])}
+    if args.torch_python is not None and "paper" in lines:
+        from model.config import get_preset
+
+        ours = fields(lines["paper"])
+        hidden = get_preset("paper")[0].hidden
+        nodes, batch_size = int(ours["nodes"]), int(ours["batch"])
+        torch_rate, torch_matmul = run_torch_peer(args.torch_python, hidden, nodes, batch_size)
+        ours_rate, ours_matmul = float(ours["train_events_per_s"]), float(ours["matmul_gflops"])
+        normalised = (ours_rate / ours_matmul) / (torch_rate / torch_matmul)
+        print(
+            f"compare=paper_vs_torch H={hidden} nodes={nodes} batch={batch_size} ours_events_per_s={ours_rate:.3g} "
+            f"torch_events_per_s={torch_rate:.3g} ratio={ours_rate / torch_rate:.2f} "
+            f"ratio_per_matmul={normalised:.2f} platform={ours['platform']} device_kind={ours['device_kind']}",
+            flush=True,
+        )
+    if args.cpu_job:
+        print(time_cpu_job(), flush=True)
 
 
 if __name__ == "__main__":
