@@ -1,7 +1,7 @@
 """Training and inference throughput of the GAT tracker on synthetic batches, against the PyTorch peer.
 
     python -m benchmarks.training [--preset P] [--nodes N] [--batch B] [--steps S]
-                                  [--torch-python PYTHON] [--cpu-job]
+                                  [--torch-python PYTHON [--pairs K]] [--cpu-job] [--cpu-job-out DIR]
 
 One line per preset (wrapped here):
 
@@ -35,8 +35,12 @@ objective's clustering and fit on top of the BCE), the attention network is the 
 two runs may see different loads: ratio_per_matmul divides each side's events/s by the 2048^3 matmul GFLOP/s
 measured in its own process (ours: matmul_gflops; the peer's matmul2048) before taking the ratio.
 
+``--pairs K`` measures our paper line and the peer K times, in turn (one compare line each, then
+``compare=paper_vs_torch pairs=K median_ratio=..``).
+
 ``--cpu-job`` also times ``muontrack run --preset cpu`` (the whole job: simulation, training, inference,
-report; 5-7 minutes on 2 cores) in a temporary folder: ``job=cpu wall_s=..``.
+report; 5-7 minutes on 2 cores) in a temporary folder, or in ``--cpu-job-out DIR``, kept:
+``job=cpu wall_s=.. wall_min=.. peak_rss_mb=..`` (peak_rss_mb: the job process's).
 """
 
 from __future__ import annotations
@@ -185,14 +189,17 @@ def run_torch_peer(python: str, hidden: int, nodes: int, batch_size: int) -> tup
     return float(found.group(1)), float(matmul.group(1))
 
 
-def time_cpu_job() -> str:
-    """Wall time of ``muontrack run --preset cpu`` into a temporary folder."""
+def time_cpu_job(out: Path | None) -> str:
+    """Wall time and peak memory of ``muontrack run --preset cpu`` into ``out`` (kept) or a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="muontrack-bench-") as folder:
+        target = out if out is not None else Path(folder) / "out"
         start = time.perf_counter()
         command = [str(Path(sys.executable).parent / "muontrack"), "run", "--preset", "cpu"]
-        subprocess.run([*command, "--out", str(Path(folder) / "out")], check=True, cwd=folder)
+        subprocess.run([*command, "--out", str(target)], check=True, cwd=folder)
         wall = time.perf_counter() - start
-    return f"job=cpu wall_s={wall:.0f}"
+    # the largest finished child's peak: the job's own process (simulation, training, inference all run in it)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return f"job=cpu wall_s={wall:.0f} wall_min={wall / 60:.2f} peak_rss_mb={peak_rss_mb:.0f}"
 
 
 def fields(line: str) -> dict[str, str]:
@@ -207,8 +214,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps after one compiling step")
     parser.add_argument("--torch-python", default=None, help="a Python with PyTorch: also run the PyTorch peer")
     parser.add_argument("--cpu-job", action="store_true", help="also time `muontrack run --preset cpu`")
+    parser.add_argument("--cpu-job-out", type=Path, default=None, help="keep the cpu job's outputs in this folder")
+    parser.add_argument(
+        "--pairs", type=int, default=1, help="with --torch-python: ours and the peer measured this many times, in turn"
+    )
     args = parser.parse_args()
-    for name, value in (("nodes", args.nodes), ("batch", args.batch), ("steps", args.steps)):
+    for name, value in (("nodes", args.nodes), ("batch", args.batch), ("steps", args.steps), ("pairs", args.pairs)):
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1")
     if args.preset is not None and args.torch_python is None and not args.cpu_job:
@@ -226,22 +237,35 @@ def main() -> None:
     # each preset in a fresh process: its peak memory and compile caches are its own
     lines = {preset: run_preset(preset, args) for preset in ([args.preset] if args.preset else ["cpu", "paper"])}
     if args.torch_python is not None and "paper" in lines:
-        from model.config import get_preset
+        compare_with_torch(lines["paper"], args)
+    if args.cpu_job or args.cpu_job_out is not None:
+        print(time_cpu_job(args.cpu_job_out), flush=True)
 
-        ours = fields(lines["paper"])
-        hidden = get_preset("paper")[0].hidden
+
+def compare_with_torch(paper_line: str, args: argparse.Namespace) -> None:
+    """``--pairs`` alternations of the PyTorch peer and our paper line at the same shapes, one compare line each,
+    and with more than one pair the median ratio: load on a shared machine moves either side by itself."""
+    import statistics
+
+    from model.config import get_preset
+
+    hidden = get_preset("paper")[0].hidden
+    ratios = []
+    for pair in range(args.pairs):
+        ours = fields(paper_line if pair == 0 else run_preset("paper", args))
         nodes, batch_size = int(ours["nodes"]), int(ours["batch"])
         torch_rate, torch_matmul = run_torch_peer(args.torch_python, hidden, nodes, batch_size)
         ours_rate, ours_matmul = float(ours["train_events_per_s"]), float(ours["matmul_gflops"])
         normalised = (ours_rate / ours_matmul) / (torch_rate / torch_matmul)
+        ratios.append(ours_rate / torch_rate)
         print(
             f"compare=paper_vs_torch H={hidden} nodes={nodes} batch={batch_size} ours_events_per_s={ours_rate:.3g} "
             f"torch_events_per_s={torch_rate:.3g} ratio={ours_rate / torch_rate:.2f} "
             f"ratio_per_matmul={normalised:.2f} platform={ours['platform']} device_kind={ours['device_kind']}",
             flush=True,
         )
-    if args.cpu_job:
-        print(time_cpu_job(), flush=True)
+    if len(ratios) > 1:
+        print(f"compare=paper_vs_torch pairs={len(ratios)} median_ratio={statistics.median(ratios):.2f}", flush=True)
 
 
 if __name__ == "__main__":
