@@ -46,26 +46,33 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure_train(data: Path) -> dict[str, str]:
-    import jax
-    import jax.numpy as jnp
-
+def _preset_on(data: Path):
+    """The dataset, the preset's model and train configs and the detector geometry (JAX's compilation cache on)."""
     from model.config import get_preset
-    from model.steps import (
-        create_train_state,
-        device_batch,
-        enable_compilation_cache,
-        epoch_shuffle_seed,
-        example_batch,
-        train_step,
-    )
-    from pipeline.batches import Geometry, iter_batches
+    from model.steps import enable_compilation_cache
+    from pipeline.batches import Geometry
     from pipeline.dataset import open_dataset
 
     enable_compilation_cache()
     dataset = open_dataset(data)
     model_config, train_config = get_preset(PRESET)
-    geometry = Geometry.from_detector(dataset.config.detector)
+    return dataset, model_config, train_config, Geometry.from_detector(dataset.config.detector)
+
+
+def measure_train(data: Path) -> dict[str, str]:
+    import jax
+    import jax.numpy as jnp
+
+    from model.steps import (
+        create_train_state,
+        device_batch,
+        epoch_shuffle_seed,
+        example_batch,
+        train_step,
+    )
+    from pipeline.batches import iter_batches
+
+    dataset, model_config, train_config, geometry = _preset_on(data)
     batches = [
         device_batch(batch)
         for batch in iter_batches(
@@ -111,7 +118,6 @@ def measure_train(data: Path) -> dict[str, str]:
 def measure_infer(data: Path, batch_size: int | None, buckets: tuple[int, ...] | None) -> dict[str, str]:
     import jax
 
-    from model.config import get_preset
     from model.inference import (
         INFERENCE_BATCH_SIZE,
         forward_fn,
@@ -119,14 +125,10 @@ def measure_infer(data: Path, batch_size: int | None, buckets: tuple[int, ...] |
         inference_node_buckets,
         predict_params,
     )
-    from model.steps import device_batch, enable_compilation_cache, example_batch, init_params
-    from pipeline.batches import Geometry, split_summary
-    from pipeline.dataset import open_dataset
+    from model.steps import device_batch, example_batch, init_params
+    from pipeline.batches import split_summary
 
-    enable_compilation_cache()
-    dataset = open_dataset(data)
-    model_config, train_config = get_preset(PRESET)
-    geometry = Geometry.from_detector(dataset.config.detector)
+    dataset, model_config, train_config, geometry = _preset_on(data)
     batch_size = batch_size or INFERENCE_BATCH_SIZE
     buckets = buckets or inference_node_buckets(train_config.node_buckets)
     params = init_params(jax.random.key(0), model_config, example_batch(1, min(buckets), geometry.n_layers))
