@@ -216,8 +216,14 @@ def latest_epoch(run_dir: Path) -> int:
     return int(step) if step is not None else 0
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def _on_first_device(tree: Any) -> Any:
+    """``tree``'s shapes and dtypes, placed on this process's first device: the target of a restore.
+
+    A checkpoint records the devices it was saved from (a GPU, or the second of two); without a target
+    placement Orbax refuses to restore it on other devices ("Topology mismatch"), e.g. a GPU run on a laptop.
+    """
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch: int) -> None:
@@ -239,8 +245,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch:
         restored = manager.restore(
             epoch,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(state.params)),
-                opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
+                params=ocp.args.StandardRestore(_on_first_device(state.params)),
+                opt_state=ocp.args.StandardRestore(_on_first_device(state.opt_state)),
                 meta=ocp.args.JsonRestore(),
             ),
         )
@@ -252,5 +258,6 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch:
 def restore_params(run_dir: Path, abstract_params: Any, epoch: int) -> Any:
     """Only the parameters of one checkpoint (for inference)."""
     with _quiet_absl(), checkpoint_manager(run_dir) as manager:
-        restored = manager.restore(epoch, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+        target = ocp.args.StandardRestore(_on_first_device(abstract_params))
+        restored = manager.restore(epoch, args=ocp.args.Composite(params=target))
     return restored["params"]

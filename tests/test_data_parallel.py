@@ -155,3 +155,39 @@ def test_padding_events_count_in_no_mean_and_one_device_changes_nothing(tiny_dat
     for original, placed in zip(device_batch(batch), parallel.batch(batch), strict=True):
         assert isinstance(placed, np.ndarray)
         np.testing.assert_array_equal(placed, original)
+
+
+_SAVE_ON_SECOND_DEVICE = """
+import sys
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from model.config import get_preset
+from model.run_folder import checkpoint_manager
+from model.steps import example_batch, init_params
+
+params = init_params(jax.random.key(0), get_preset("test")[0], example_batch(1, 16, 16))
+params = jax.device_put(params, jax.devices()[1])
+with checkpoint_manager(Path(sys.argv[1])) as manager:
+    manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    manager.wait_until_finished()
+"""
+
+
+def test_a_checkpoint_from_other_devices_restores_on_this_one(tmp_path):
+    """A checkpoint records the devices it was saved from (here the second of two, as a GPU's would be a
+    GPU): restore_params places it on this process's device instead of refusing a topology mismatch."""
+    from model.config import get_preset
+    from model.run_folder import restore_params
+    from model.steps import abstract_params, example_batch, init_params
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    subprocess.run([sys.executable, "-c", _SAVE_ON_SECOND_DEVICE, str(tmp_path)], cwd=REPO, env=env, check=True)
+    model_config = get_preset("test")[0]
+    restored = restore_params(tmp_path, abstract_params(model_config), 1)
+    expected = init_params(jax.random.key(0), model_config, example_batch(1, 16, 16))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+        assert a.sharding.device_set == {jax.local_devices()[0]}
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
