@@ -317,12 +317,13 @@ class _ShardWorkers:
     def __init__(self, out: Path, config: SimConfig, seed: int, numba_threads: int, serialise: bool) -> None:
         self.out, self.config, self.seed = out, config, seed
         self.numba_threads = numba_threads
-        # Numba's workqueue layer (where OpenMP and TBB are missing) must not launch kernels from two threads
-        self.kernel_lock = threading.Lock() if serialise else contextlib.nullcontext()
+        # Numba's workqueue layer (where OpenMP and TBB are missing) must not launch kernels from two threads:
+        # there the shards run one at a time (a fallback; OpenMP and TBB are thread-safe)
+        self.shard_lock = threading.Lock() if serialise else contextlib.nullcontext()
         self.local = threading.local()
 
     def run(self, shard_index: int, first_event_id: int, n_events: int) -> dict[str, Any]:
-        from simulation.generate import ShardBuffers, generate_events
+        from simulation.generate import ShardBuffers
 
         if not hasattr(self.local, "buffers"):
             import numba
@@ -330,16 +331,10 @@ class _ShardWorkers:
             # thread-local in Numba: each worker's kernels use its share of the cores
             numba.set_num_threads(max(1, min(self.numba_threads, numba.config.NUMBA_NUM_THREADS)))
             self.local.buffers = ShardBuffers()
-        existing = existing_shard_entry(
-            self.out, self.config, self.seed, shard_index, first_event_id, n_events, code_version=code_version()
-        )
-        if existing is not None:
-            return existing
-        with self.kernel_lock:
-            hits, events = generate_events(self.config, self.seed, first_event_id, n_events, buffers=self.local.buffers)
-        return write_shard_tables(
-            self.out, shard_index, first_event_id, hits, events, self.config, self.seed, code_version=code_version()
-        )
+        with self.shard_lock:
+            return simulate_shard(
+                self.out, self.config, self.seed, shard_index, first_event_id, n_events, buffers=self.local.buffers
+            )
 
 
 def _run_shards_in_threads(
