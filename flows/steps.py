@@ -141,11 +141,12 @@ class _PredictionProgress:
         return tables
 
 
-def _check_predictable(dataset: Any, data: Path, runs: list[Path]) -> None:
-    """DatasetError for a dataset without test events, RunError for a run folder that does not exist."""
+def _check_predictable(dataset: Any, data: Path, runs: list[Path]) -> tuple[int, int]:
+    """``(test events, the largest test event's hits)``; DatasetError for a dataset without test events,
+    RunError for a run folder that does not exist."""
     from pipeline.batches import SPLIT_FRACTIONS, split_summary
 
-    n_test, _ = split_summary(dataset, "test")
+    n_test, max_hits = split_summary(dataset, "test")
     if n_test == 0:
         raise DatasetError(
             f"dataset {data} has no events in the test split ({dataset.n_events} events, of which about "
@@ -154,6 +155,7 @@ def _check_predictable(dataset: Any, data: Path, runs: list[Path]) -> None:
     for run in runs:
         if not Path(run).is_dir():
             raise RunError(f"run folder {run} does not exist")
+    return n_test, max_hits
 
 
 def _check_one_run_per_model(tables: list[dict[str, pl.DataFrame]]) -> None:
@@ -184,13 +186,11 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
     """
     from classical import predict_classical
     from model.inference import predict_run, predict_truth
-    from pipeline.batches import split_summary
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(data)
     _check_report_out(out)
-    _check_predictable(dataset, data, runs)
-    n_test, _ = split_summary(dataset, "test")
+    n_test, _ = _check_predictable(dataset, data, runs)
     with _PredictionProgress(progress, n_test) as display:
         tables = [
             display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
@@ -240,13 +240,11 @@ def predict_shard(data: Path, runs: list[Path], shard_index: int, max_hits: int)
 def plan_prediction_shards(data: Path, runs: list[Path], out: Path) -> tuple[int, int]:
     """Check ``data``, ``runs`` and the report folder ``out`` as :func:`predict_all` does; ``(number of shards,
     the largest test event's hits)`` for :func:`predict_shard`."""
-    from pipeline.batches import split_summary
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(data)
     _check_report_out(out)
-    _check_predictable(dataset, data, runs)
-    _, max_hits = split_summary(dataset, "test")
+    _, max_hits = _check_predictable(dataset, data, runs)
     return dataset.n_shards, max_hits
 
 
