@@ -219,7 +219,7 @@ def latest_epoch(run_dir: Path) -> int:
 def _on_first_device(tree: Any) -> Any:
     """``tree``'s shapes and dtypes, placed on this process's first device: the target of a restore.
 
-    A checkpoint records the devices it was saved from (a GPU, or the second of two); without a target
+    A checkpoint records the devices it was saved from (a GPU, a mesh of several); without a target
     placement Orbax refuses to restore it on other devices ("Topology mismatch"), e.g. a GPU run on a laptop.
     """
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -212,14 +212,6 @@ class DataParallel:
             return state
         return jax.device_put(state, self.replicated)
 
-    def single_device(self, state: TrainState) -> TrainState:
-        """``state`` on the mesh's first device (as is with one device): what a checkpoint is saved from. Orbax
-        records the shardings of what it saves and restores them, so a replicated state would restore only where
-        the same mesh exists; this one restores as a single-device run's does (``load_run`` in any process)."""
-        if self.n_devices == 1:
-            return state
-        return jax.device_put(state, self.mesh.devices.flat[0])
-
     def batch(self, batch: Batch) -> Batch:
         """The steps' input of host batch ``batch``: :func:`device_batch`, padded with padding events to a
         multiple of the device count and split along the events (as is with one device)."""

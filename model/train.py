@@ -308,7 +308,7 @@ def _train_run_locked(
             rows.append(_metrics_row(epoch, step, "val", val_means, lam, val_seconds, sigma68=val_sigma68))
             # metrics first, checkpoint second: a crash in between leaves rows that resume drops again
             write_metrics(out, rows)
-            save_checkpoint(manager, parallel.single_device(state), epoch)
+            save_checkpoint(manager, state, epoch)
 
             info = _epoch_info(model, train_config.epochs, train_row=rows[-2], val_row=rows[-1])
             if progress:
