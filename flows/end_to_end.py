@@ -17,6 +17,7 @@ from prefect import flow
 
 from flows import steps, tasks
 from pipeline.config import SimConfig
+from pipeline.errors import ConfigError, MuontrackError
 from pipeline.locks import exclusive_writer
 
 
@@ -63,10 +64,31 @@ def shared_prefect_api() -> str:
     return url
 
 
+def check_dask_scheduler(dask_address: str, timeout: float = 10.0) -> None:
+    """MuontrackError (one line) unless a Dask scheduler accepts connections at ``dask_address``.
+
+    Checked before the flow starts: inside it, Prefect would log the connection failure's tracebacks first.
+    """
+    import socket
+
+    from distributed.comm import get_address_host_port
+
+    try:
+        host, port = get_address_host_port(dask_address)
+    except ValueError as err:
+        raise ConfigError(f"--dask-address {dask_address!r} is not a Dask address (tcp://HOST:PORT): {err}") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise MuontrackError(f"cannot reach the Dask scheduler at {dask_address}: {err}") from None
+
+
 def dask_task_runner(workers: int, dask_address: str | None):
     """A DaskTaskRunner on an existing cluster (``dask_address``) or a local one with ``workers`` processes."""
     from prefect_dask import DaskTaskRunner
 
+    if dask_address:
+        check_dask_scheduler(dask_address)
     shared_prefect_api()
     if dask_address:
         return DaskTaskRunner(address=dask_address)

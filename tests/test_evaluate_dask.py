@@ -108,3 +108,33 @@ def test_evaluate_refuses_zero_workers(tmp_path):
     )
     assert result.returncode == 2
     assert_one_line_error(result, "--workers")
+
+
+def _closed_port() -> int:
+    """A local TCP port that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "simulate"])
+def test_an_unreachable_dask_scheduler_is_one_line_and_touches_nothing(tiny_dataset, run_dir, tmp_path, command):
+    """Before the flow starts (inside it Prefect would log tracebacks first): exit 1, one line, no output."""
+    from tests.helpers import assert_one_line_error, run_muontrack
+
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    out = tmp_path / "out"
+    if command == "evaluate":
+        arguments = ["--data", tiny_dataset, "--run", run_dir, "--out", out]
+    else:
+        arguments = ["--events", "100", "--out", out]
+    result = run_muontrack(command, *arguments, "--dask-address", address)
+    assert result.returncode == 1
+    assert_one_line_error(result, f"cannot reach the Dask scheduler at {address}")
+    assert not out.exists()
+    result = run_muontrack(command, *arguments, "--dask-address", "tcp://no-port-here")
+    assert result.returncode == 2
+    assert_one_line_error(result, "--dask-address")
+    assert not out.exists()
