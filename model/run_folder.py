@@ -196,12 +196,16 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def checkpoint_manager(run_dir: Path, keep: int | None = None) -> ocp.CheckpointManager:
+def checkpoint_manager(run_dir: Path, keep: int | None = None, *, writer: bool = True) -> ocp.CheckpointManager:
+    """The run's Orbax manager. Only the writer, which holds the run's lock (pipeline.locks), creates the folder
+    and deletes unfinished (``*.orbax-checkpoint-tmp``) checkpoints; a reader (``writer=False``: evaluate, the
+    resume check) opens it read-only, since such a folder may be the checkpoint a running ``train`` is saving."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        create=True,
+        create=writer,
         enable_async_checkpointing=False,
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=writer,
+        read_only=not writer,
     )
     with _quiet_absl():
         return ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).resolve(), options=options)
@@ -211,7 +215,7 @@ def latest_epoch(run_dir: Path) -> int:
     """The epoch of the newest complete checkpoint, 0 when there is none."""
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         return 0
-    with _quiet_absl(), checkpoint_manager(run_dir) as manager:
+    with _quiet_absl(), checkpoint_manager(run_dir, writer=False) as manager:
         step = manager.latest_step()
     return int(step) if step is not None else 0
 
@@ -257,7 +261,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch:
 
 def restore_params(run_dir: Path, abstract_params: Any, epoch: int) -> Any:
     """Only the parameters of one checkpoint (for inference)."""
-    with _quiet_absl(), checkpoint_manager(run_dir) as manager:
+    with _quiet_absl(), checkpoint_manager(run_dir, writer=False) as manager:
         target = ocp.args.StandardRestore(_on_first_device(abstract_params))
         restored = manager.restore(epoch, args=ocp.args.Composite(params=target))
     return restored["params"]

@@ -225,11 +225,13 @@ def _start_staging(out: Path, config: SimConfig, seed: int, n_events: int) -> No
     except OSError as err:
         raise DatasetError(f"cannot create --out {out}: {err.strerror or err}") from None
     staging = out / STAGING_DIR
+    if staging.is_symlink():  # its leftovers are deleted below: never those of a link's target
+        raise DatasetError(f"{staging} is a symbolic link; remove it")
     staging.mkdir(exist_ok=True)
     for leftover in staging.iterdir():
         if leftover.name == STAGING_RECORD:
             continue
-        if leftover.is_dir():
+        if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover)
         else:
             leftover.unlink()
@@ -267,9 +269,10 @@ def _run_shards_in_process(
 
     entries: list[dict[str, Any]] = []
     buffer_sets = (ShardBuffers(), ShardBuffers())
+    generated = 0
     with ThreadPoolExecutor(max_workers=1) as writer:
         writing: Future | None = None
-        for position, (shard_index, first_event_id, n_events) in enumerate(plan):
+        for shard_index, first_event_id, n_events in plan:
             existing = existing_shard_entry(
                 out, config, seed, shard_index, first_event_id, n_events, code_version=code_version()
             )
@@ -277,8 +280,10 @@ def _run_shards_in_process(
                 entries.append(existing)
                 on_done(n_events)
                 continue
-            # the writer is at most one shard behind, and never on the buffers of the shard generated now
-            hits, events = generate_events(config, seed, first_event_id, n_events, buffers=buffer_sets[position % 2])
+            # the writer is at most one shard behind, and never on the buffers of the shard generated now: the
+            # sets alternate by shard generated, not by plan position (shards already written are skipped)
+            hits, events = generate_events(config, seed, first_event_id, n_events, buffers=buffer_sets[generated % 2])
+            generated += 1
             if writing is not None:
                 entries.append(writing.result())
                 on_done(entries[-1]["n_events"])
