@@ -287,7 +287,12 @@ def main() -> None:
     # would only phone home anyway; a user who wants it sets the variable.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        app(standalone_mode=False)
+        # without standalone mode typer turns Ctrl-C into Exit(130) and *returns* its code (commands return None)
+        status = app(standalone_mode=False)
+        if isinstance(status, int) and status != 0:
+            if status == 130:
+                typer.echo("error: interrupted", err=True)
+            sys.exit(status)
     except MuontrackError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -299,10 +304,10 @@ def main() -> None:
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except typer.Abort:
-        typer.echo("aborted", err=True)
+        typer.echo("error: aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("error: interrupted", err=True)
         sys.exit(130)
     except Exception as err:
         # click's usage errors (typer vendors click in recent versions, so match by shape, not by class)

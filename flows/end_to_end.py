@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow
 
 from flows import steps, tasks
+from flows.server import ensure_prefect_api
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, MuontrackError
 from pipeline.locks import exclusive_writer
@@ -44,26 +45,6 @@ def _job_configs(job: steps.JobPreset, overrides: dict | None) -> tuple[SimConfi
     return sim_config, training, preset_label(job.train_preset, *configure(job.train_preset, training))
 
 
-def shared_prefect_api() -> str:
-    """Make sure process-based Dask workers talk to ONE Prefect API instead of each starting its own.
-
-    Without ``PREFECT_API_URL`` every worker process would start an ephemeral server (10-20 s each, and
-    SQLite contention). We export the URL of the API this process uses, starting a local server if there is
-    none, so the workers inherit it through the environment.
-    """
-    import prefect.settings
-
-    url = prefect.settings.PREFECT_API_URL.value()
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        server.start()
-        url = server.api_url
-    os.environ["PREFECT_API_URL"] = url
-    return url
-
-
 def check_dask_scheduler(dask_address: str, timeout: float = 10.0) -> None:
     """MuontrackError (one line) unless a Dask scheduler accepts connections at ``dask_address``.
 
@@ -89,7 +70,8 @@ def dask_task_runner(workers: int, dask_address: str | None):
 
     if dask_address:
         check_dask_scheduler(dask_address)
-    shared_prefect_api()
+    # process-based Dask workers inherit PREFECT_API_URL and talk to one API instead of each starting a server
+    ensure_prefect_api()
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
@@ -247,6 +229,7 @@ def run_end_to_end(
 
         raise MuontrackError(f"--out {out} is a file, not a folder")
     with exclusive_writer(out):
+        ensure_prefect_api()
         result = end_to_end(str(out), preset=preset, models=models, overrides=overrides)
     if echo:
         print(format_summary_table(result["summary"]))
