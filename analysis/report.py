@@ -933,11 +933,32 @@ def recover_report_dir(out: Path) -> None:
         _discard(shell)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system or file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return done == 0
+
+
 def _replace_dir(new: Path, out: Path) -> None:
-    """Move the folder ``new`` to ``out``: rename the current ``out`` away, rename ``new`` in, delete the old one.
-    A kill in between leaves a report at ``out`` or one that :func:`recover_report_dir` moves back."""
+    """Move the folder ``new`` to ``out``. Where the system can, the two are exchanged atomically (a reader sees
+    the old report or the new one, never none) and the old one, now at ``new``, goes with the staging folder.
+    Elsewhere: rename the current ``out`` away, rename ``new`` in, delete the old one; a kill in between leaves
+    no report until the next writer, whose :func:`recover_report_dir` moves the previous one back."""
     if not os.path.lexists(out):
         os.rename(new, out)
+        return
+    if _exchange(new, out):
         return
     old_shell = _new_shell(out, _OLD)
     os.rename(out, old_shell / out.name)

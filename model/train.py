@@ -47,6 +47,7 @@ from model.steps import (
     step_key,
     train_step,
 )
+from pipeline.atomic import remove_temporaries
 from pipeline.batches import BatchStats, Geometry, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import ConfigError, RunError
@@ -204,6 +205,8 @@ def _train_run_locked(
     dataset = open_dataset(data)
     out = Path(out)
     config = run_config(model, preset, model_config, train_config, dataset, seed)
+    # a kill mid-write (of config.json, metrics.parquet) leaves a hidden temporary: not a foreign file
+    remove_temporaries(out)
     done = prepare_run_dir(out, config, resume)
     if done >= train_config.epochs:
         return f"already trained: {done} epochs (asked for {train_config.epochs}); nothing to do"

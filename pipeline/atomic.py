@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,22 @@ def unique_name(name: str, *, hidden: bool = True) -> str:
     """A temporary file name for ``name`` no other writer uses: ``.NAME.<pid>-<hex>.tmp`` (without the dot
     when not ``hidden``)."""
     return f"{'.' if hidden else ''}{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+#: the names :func:`unique_name` gives hidden temporaries
+_HIDDEN_TEMPORARY = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp")
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Delete the hidden temporaries (``.NAME.<pid>-<hex>.tmp``) that writers killed mid-write left directly in
+    ``folder``; return their names. Call with the folder's lock held (pipeline.locks), so none is in use."""
+    removed = []
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            if _HIDDEN_TEMPORARY.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return removed
 
 
 def fsync_file(path: Path) -> None:

@@ -222,3 +222,24 @@ def test_a_reader_leaves_a_writers_unfinished_checkpoint_alone(tmp_path: Path) -
     restored = restore_params(tmp_path, params, 1)
     assert restored["w"].tolist() == [0.0, 1.0, 2.0]
     assert snapshot(tmp_path / CHECKPOINT_DIR) == before
+
+
+def test_a_run_folder_left_by_a_kill_mid_write_is_resumable(tmp_path: Path) -> None:
+    """A kill while config.json (or metrics.parquet) was being written leaves its hidden temporary: the folder is
+    then no foreign folder, and the next writer removes the temporary (only it)."""
+    from model.run_folder import prepare_run_dir
+    from pipeline.atomic import remove_temporaries, unique_name
+
+    run = tmp_path / "run"
+    run.mkdir()
+    leftovers = [unique_name("config.json"), unique_name("metrics.parquet")]
+    for name in leftovers:
+        (run / name).write_text("cut short")
+    with pytest.raises(MuontrackError, match="holds no muontrack run"):
+        prepare_run_dir(run, {}, resume=True)
+    (tmp_path / "mine.tmp").write_text("a user's")
+    (run / ".notes.tmp").write_text("a user's")
+    assert sorted(remove_temporaries(run)) == sorted(leftovers)
+    assert sorted(os.listdir(run)) == [".notes.tmp"]
+    (run / ".notes.tmp").unlink()
+    assert prepare_run_dir(run, {}, resume=True) == 0

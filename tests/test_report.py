@@ -581,6 +581,7 @@ def test_a_kill_between_the_renames_leaves_a_recoverable_report(tmp_path, truth,
 
     monkeypatch.setattr(report_module.os, "rename", killed_before_moving_in)
     monkeypatch.setattr(report_module, "_discard", lambda _path: None)
+    monkeypatch.setattr(report_module, "_exchange", lambda _a, _b: False)  # the two-rename fallback
     with pytest.raises(RuntimeError, match="killed"):
         publish_report(out, hits, events, catalog_context(1), seed=1, models={"truth", "e2e"})
     monkeypatch.undo()
@@ -588,6 +589,33 @@ def test_a_kill_between_the_renames_leaves_a_recoverable_report(tmp_path, truth,
     assert [name.split("-")[0] for name in _leftovers(out)] == [".job.old", ".job.staging"]
     recover_report_dir(out)  # what the next writer does first, with the lock held
     assert snapshot(out) == before
+    assert _leftovers(out) == []
+
+
+@pytest.mark.usefixtures("placeholder_figures")
+def test_a_report_is_replaced_in_one_atomic_exchange(tmp_path, truth, monkeypatch):
+    """Where renameat2(RENAME_EXCHANGE) exists, replacing a report takes no rename at all: there is no moment,
+    and so no kill, that leaves readers without a report."""
+    probe_a, probe_b = tmp_path / "a", tmp_path / "b"
+    probe_a.mkdir()
+    probe_b.mkdir()
+    (probe_a / "mark").touch()
+    if not report_module._exchange(probe_a, probe_b):
+        pytest.skip("this system or file system has no renameat2(RENAME_EXCHANGE)")
+    assert (probe_b / "mark").exists()
+    assert not (probe_a / "mark").exists()
+    hits, events = truth
+    out = tmp_path / "job"
+    publish_report(out, hits, events, catalog_context(0), models={"truth", "e2e"})
+
+    def killed(source, _target):
+        raise RuntimeError(f"killed at the rename of {source}")
+
+    monkeypatch.setattr(report_module.os, "rename", killed)
+    publish_report(out, hits, events, catalog_context(1), seed=1, models={"truth", "e2e"})
+    monkeypatch.undo()
+    runs = pl.read_parquet(out / "summary.parquet")["run"].drop_nulls().unique().sort().to_list()
+    assert runs == ["/runs/e2e-s1"]
     assert _leftovers(out) == []
 
 
