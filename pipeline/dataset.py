@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import replacing, write_json_atomic, write_text_atomic
 from pipeline.config import SimConfig
+from pipeline.contract import check_manifest, refuse_symlink
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.schema import EVENTS_SCHEMA, HITS_SCHEMA
 
@@ -412,30 +413,38 @@ class Dataset:
         return pl.scan_parquet(self.files("events"), glob=False, hive_partitioning=False)
 
     def verify(self, force: bool = False) -> int:
-        """Check every shard file's SHA-256 against the manifest, and that the hits hold finite x, y and charge.
+        """Check every shard file's SHA-256 against the manifest, and each shard's rows against the dataset
+        contract (:func:`pipeline.contract.check_shard`: nulls, finite values, ranges from the dataset's config,
+        unique and sorted ids, hits only of the shard's events, ``n_hits``).
 
-        A file already verified in the same state (size, modification and change times, inode) is not read
-        again unless ``force``; any write to a file changes its change time, so a flipped byte is always
-        caught. The states are recorded outside the dataset (:func:`verified_record_path`), which is never
+        A file already verified in the same state (size, modification and change times, inode), under the same
+        config, shard entry and contract version, is not read again unless ``force``; any write to a file
+        changes its change time, so a flipped byte is always caught. A shard is checked again when either of
+        its files is. The states are recorded outside the dataset (:func:`verified_record_path`), which is never
         written by a reader; the record is best effort. Raises DatasetError at the first bad file; returns the
-        number of files read.
+        number of files whose checksum was read.
         """
+        from pipeline.contract import check_key, check_shard
+
         record_path = verified_record_path(self.path)
         record = {} if force else _read_verified_record(record_path)
         fresh: dict[str, Any] = {}
         read = 0
+        config_hash = self.config.config_hash()
         for shard in self.manifest["shards"]:
-            for table in TABLES:
-                entry = shard[table]
-                path = self.path / entry["path"]
-                stamp = _file_stamp(path)
-                if record.get(entry["path"]) != [stamp, entry["sha256"]]:
-                    if file_sha256(path) != entry["sha256"]:
-                        raise DatasetError(f"checksum mismatch in {path}: the file changed after it was written")
-                    if table == "hits":
-                        _check_finite(path)
-                    read += 1
-                fresh[entry["path"]] = [stamp, entry["sha256"]]
+            key = check_key(config_hash, shard)
+            states = {
+                table: [_file_stamp(self.path / shard[table]["path"]), shard[table]["sha256"], key] for table in TABLES
+            }
+            stale = [table for table in TABLES if record.get(shard[table]["path"]) != states[table]]
+            for table in stale:
+                path = self.path / shard[table]["path"]
+                if file_sha256(path) != shard[table]["sha256"]:
+                    raise DatasetError(f"checksum mismatch in {path}: the file changed after it was written")
+                read += 1
+            if stale:
+                check_shard(self.path, shard, self.config)
+            fresh.update({shard[table]["path"]: states[table] for table in TABLES})
         if fresh != record:
             _write_verified_record(record_path, fresh)
         return read
@@ -472,24 +481,6 @@ def _write_verified_record(path: Path, record: dict[str, Any]) -> None:
         write_text_atomic(path, json.dumps(record))
     except OSError:
         pass
-
-
-#: hit columns that must be finite (a NaN there would silently poison training and every metric)
-FINITE_HIT_COLUMNS = ("x", "y", "charge")
-
-
-def _check_finite(hits_path: Path) -> None:
-    import polars as pl
-
-    counts = (
-        pl.scan_parquet(hits_path, glob=False, hive_partitioning=False)
-        .select([(~pl.col(c).is_finite()).sum().alias(c) for c in FINITE_HIT_COLUMNS])
-        .collect()
-        .row(0, named=True)
-    )
-    for column, count in counts.items():
-        if count:
-            raise DatasetError(f"hits shard {hits_path} holds {count} non-finite values of {column}")
 
 
 def _types(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
@@ -536,14 +527,18 @@ def open_dataset(path: str | Path, verify: bool = True) -> Dataset:
     every listed shard file lies in the dataset's ``hits/`` or ``events/`` and exists with the listed size,
     its footer's row count and column types match the manifest and the schemas, the totals add up, and no
     unlisted ``part-*.parquet`` file sits in ``hits/`` or ``events/`` (it would be read by a glob over the
-    folder). With ``verify`` (the default) also :meth:`Dataset.verify`: the checksums and finite hit values,
-    of files not verified before in their present state.
+    folder); the manifest's seed is an integer and its shard entries are listed once each, in order, with
+    contiguous event ranges; no symbolic link among the manifest, the table folders and the shard files
+    (:mod:`pipeline.contract`). With ``verify`` (the default) also :meth:`Dataset.verify`: the checksums and the
+    rows' contract (values, ranges, ids, counts), of files not verified before in their present state.
     """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist")
     if not path.is_dir():
         raise DatasetError(f"{path} is a file, not a dataset folder")
+    for name in (MANIFEST_NAME, *TABLES):
+        refuse_symlink(path / name)
     if not (path / MANIFEST_NAME).is_file():
         if (path / STAGING_DIR).is_dir() or (path / "hits").is_dir():
             raise DatasetError(f"incomplete dataset {path} (no {MANIFEST_NAME}): {_resume_hint(path)}")
@@ -566,6 +561,7 @@ def open_dataset(path: str | Path, verify: bool = True) -> Dataset:
                         "the dataset folder"
                     )
                 file_path = path / file_entry["path"]
+                refuse_symlink(file_path)
                 if not file_path.is_file():
                     raise DatasetError(f"dataset {path} is missing shard file {file_entry['path']}")
                 if file_path.stat().st_size != file_entry["bytes"]:
@@ -583,7 +579,8 @@ def open_dataset(path: str | Path, verify: bool = True) -> Dataset:
                 totals[table] += metadata.num_rows
             if shard["events"]["rows"] != shard["n_events"]:
                 raise DatasetError(f"shard {shard['index']} of {path} lists {shard['n_events']} events inconsistently")
-    except (KeyError, TypeError):
+        check_manifest(path, manifest)
+    except (KeyError, TypeError, AttributeError):
         raise DatasetError(f"{path / MANIFEST_NAME} has a malformed shard list") from None
     if totals["events"] != manifest["n_events"] or totals["hits"] != manifest["n_hits"]:
         raise DatasetError(f"the shards of {path} do not add up to the manifest's n_events / n_hits")
