@@ -127,6 +127,9 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise RunError(f"{path} is not readable JSON: {run_dir} is not a muontrack run") from None
     if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
         raise RunError(f"{run_dir} is not a muontrack run ({CONFIG_NAME} has another format)")
+    for section in ("model_config", "train_config", "dataset"):
+        if not isinstance(config.get(section), dict):
+            raise RunError(f"{path} has no {section} section (found {config.get(section)!r}): a damaged run")
     return config
 
 
@@ -172,7 +175,10 @@ def read_metrics(run_dir: Path) -> pl.DataFrame:
     path = run_dir / METRICS_NAME
     if not path.is_file():
         return pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table())
-    return pl.read_parquet(path)
+    try:
+        return pl.from_arrow(pq.read_table(path, schema=TRAIN_METRICS_SCHEMA))
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise RunError(f"{path} is not a metrics table of a muontrack run: {str(err).splitlines()[0]}") from None
 
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:

@@ -220,10 +220,14 @@ def _train_run_locked(
 
     # every local device, the batches split along their events (one device: the single-device code path)
     parallel = DataParallel.over()
-    out.mkdir(parents=True, exist_ok=True)
+    rows = read_metrics(out).filter(pl.col("epoch") <= done).to_dicts()
     # the same identity; only epochs (and paths, code) may change. The devices are those of the newest session
-    # (not part of the identity: a run may go on on other devices)
-    write_run_config(out, {**config, "devices": parallel.describe()})
+    # (not part of the identity: a run may go on on other devices). A new run writes it first (a folder without
+    # it is no run); a resumed one only once its checkpoint restored (a failed resume leaves the folder as it was)
+    session_config = {**config, "devices": parallel.describe()}
+    if not done:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, session_config)
     state = create_train_state(
         jax.random.key(seed),
         model_config,
@@ -232,10 +236,10 @@ def _train_run_locked(
         geometry=geometry,
         objective=model,
     )
-    rows = read_metrics(out).filter(pl.col("epoch") <= done).to_dicts()
     manager = checkpoint_manager(out, keep=train_config.keep_checkpoints)
     if done:
         state = restore_checkpoint(manager, state, done)
+        write_run_config(out, session_config)
     state = parallel.state(state)
 
     schedule = learning_rate_schedule(train_config)

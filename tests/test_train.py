@@ -300,6 +300,37 @@ def test_existing_runs_are_refused_and_left_untouched(resumed_and_straight, data
         train_run(dataset_dir, "e2e", unfinished, preset="test", epochs=5, seed=4)
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda run: (run / "metrics.parquet").write_bytes(b"PAR1 garbage"), "not a metrics table"),
+        (lambda run: _edit_run_config(run, train_config=None), "no train_config section"),
+        (lambda run: (run / "config.json").write_text("{not json"), "not readable JSON"),
+    ],
+    ids=["garbage-metrics", "null-train-config", "config-not-json"],
+)
+def test_a_damaged_run_is_refused_on_resume_and_left_as_it_was(
+    resumed_and_straight, dataset_dir, tmp_path, damage, message
+):
+    """Damage that once gave a traceback (after config.json had been rewritten): one RunError, nothing written."""
+    resumed, _, _, _ = resumed_and_straight
+    damaged = tmp_path / "damaged"
+    shutil.copytree(resumed, damaged)
+    _edit_run_config(
+        damaged, train_config={**json.loads((damaged / "config.json").read_text())["train_config"], "epochs": 5}
+    )
+    damage(damaged)
+    before = snapshot(damaged)
+    with pytest.raises(RunError, match=message):
+        train_run(dataset_dir, "e2e", damaged, preset="test", epochs=5, seed=4, resume=True)
+    assert snapshot(damaged) == before
+
+
+def _edit_run_config(run: Path, **changes) -> None:
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | changes))
+
+
 def test_bad_inputs_raise_the_right_errors(dataset_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(DatasetError):
