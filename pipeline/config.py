@@ -92,6 +92,13 @@ class DetectorConfig:
         check(self.x_over_x0 >= 0, "detector.x_over_x0 must be >= 0")
         ys = self.layer_y()
         check(bool(np.all(np.diff(ys) > 0)), "detector stations overlap: layer y positions must increase")
+        # the hits table's integer columns (pipeline.schema): strip int32, layer int16
+        check(
+            self.n_strips < 2**31,
+            f"detector.x_max - detector.x_min over detector.pitch gives {self.n_strips:.3g} strips per layer; the "
+            "strip column holds at most 2**31 - 1",
+        )
+        check(self.n_layers < 2**15, f"the detector has {self.n_layers} layers; the layer column holds at most 32767")
 
     @property
     def n_layers(self) -> int:

@@ -133,6 +133,38 @@ def _check_arguments(n_events: Any, seed: Any, workers: Any) -> None:
         raise ConfigError(f"the number of workers must be a positive integer, got {workers!r}")
 
 
+#: bytes of one row of the hits columns (simulation.generate.HIT_DTYPES), for the memory check
+_HIT_ROW_BYTES = 35
+
+
+def _check_sizes(config: SimConfig) -> None:
+    """ConfigError, before any work, for a config whose events cannot be held: more hits per event than the int32
+    ``hit_id`` and ``n_hits`` columns count, or a shard whose hit buffers exceed the machine's memory.
+
+    The hits of an event are bounded as the generator bounds them (simulation.events._deposit_bound), here at the
+    expected background counts: every crossing with a full charge window plus the noise strips."""
+    from simulation.digitisation import charge_half_window
+
+    detector, background = config.detector, config.background
+    window = 2 * charge_half_window(detector.charge_sigma, detector.pitch) + 1
+    crossings = detector.n_layers * (1 + background.noise_clusters_per_layer) + background.extra_tracks_per_event * min(
+        background.extra_track_layers_max, detector.n_layers
+    )
+    per_event = crossings * window + background.noise_strips_per_layer * detector.n_layers
+    if per_event >= 2**31:
+        raise ConfigError(
+            f"this background makes about {per_event:.3g} strip deposits per event; hit ids are int32 (at most "
+            "2**31 - 1): lower background.extra_tracks_per_event or the noise rates"
+        )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    shard_bytes = per_event * config.shard_events * _HIT_ROW_BYTES
+    if shard_bytes > memory:
+        raise ConfigError(
+            f"a shard of {config.shard_events} events needs about {shard_bytes / 2**30:.3g} GiB of hit buffers, more "
+            f"than this machine's {memory / 2**30:.3g} GiB: lower shard_events or the background"
+        )
+
+
 def _differences(found: dict[str, Any], config: SimConfig, seed: int, n_events: int) -> list[str]:
     """What differs between a dataset (manifest or staging record) and the request, as short phrases."""
     differences = []
@@ -249,6 +281,7 @@ def prepare_dataset(out: str | Path, n_events: int, seed: int, config: SimConfig
     :func:`finalize_dataset`. Refusals (DatasetError, ConfigError) happen before any file is touched.
     """
     _check_arguments(n_events, seed, 1)
+    _check_sizes(config)
     out = Path(out)
     existing = _prepare_output(out, config, seed, n_events)
     if existing is None:

@@ -243,3 +243,28 @@ def test_a_run_folder_left_by_a_kill_mid_write_is_resumable(tmp_path: Path) -> N
     assert sorted(os.listdir(run)) == [".notes.tmp"]
     (run / ".notes.tmp").unlink()
     assert prepare_run_dir(run, {}, resume=True) == 0
+
+
+# ---- configs whose sizes overflow the columns or the memory -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('{"detector": {"x_max": 1e12}}', "the strip column holds at most 2**31 - 1"),
+        ('{"detector": {"layers_per_station": [40000], "station_y": [0.0]}}', "the layer column holds at most 32767"),
+        ('{"background": {"extra_tracks_per_event": 1e12}}', "hit ids are int32"),
+        ('{"background": {"extra_tracks_per_event": 1e5}}', "GiB of hit buffers, more than this machine's"),
+    ],
+    ids=["strip-int32", "layer-int16", "hits-per-event-int32", "shard-memory"],
+)
+def test_a_config_that_overflows_its_columns_or_the_memory_is_refused_before_any_work(
+    tmp_path: Path, section: str, message: str
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(f'{{"simulation": {section}}}')
+    out = tmp_path / "ds"
+    result = run_muontrack("simulate", "--events", 10, "--seed", 1, "--out", out, "--config", config, cwd=tmp_path)
+    assert_one_line_error(result, message)
+    assert result.returncode == 2
+    assert not out.exists()
