@@ -286,6 +286,13 @@ def main() -> None:
     # run does, and loses the race ("database is locked", a traceback on the console at every start). It
     # would only phone home anyway; a user who wants it sets the variable.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for argument in sys.argv[1:]:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            # Parquet, JSON and Prefect name paths in UTF-8: such a path would fail deep inside, half written
+            typer.echo(f"error: the argument {argument!r} is not valid UTF-8; use a UTF-8 name", err=True)
+            sys.exit(2)
     try:
         # without standalone mode typer turns Ctrl-C into Exit(130) and *returns* its code (commands return None)
         status = app(standalone_mode=False)

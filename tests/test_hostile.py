@@ -268,3 +268,11 @@ def test_a_config_that_overflows_its_columns_or_the_memory_is_refused_before_any
     assert_one_line_error(result, message)
     assert result.returncode == 2
     assert not out.exists()
+
+
+def test_an_out_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
+    out = os.fsdecode(bytes(tmp_path) + b"/bad\xff")
+    result = run_muontrack("simulate", "--events", 10, "--seed", 1, "--out", out, cwd=tmp_path)
+    assert_one_line_error(result, "not valid UTF-8")
+    assert result.returncode == 2
+    assert os.listdir(tmp_path) == []
