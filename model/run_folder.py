@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,7 +238,40 @@ def _on_first_device(tree: Any) -> Any:
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
 
 
+#: free space a checkpoint save asks for beyond its arrays: Orbax's metadata, manifests and OCDBT nodes
+_CHECKPOINT_OVERHEAD_BYTES = 2**20
+
+
+def _check_free_space(directory: Path, state: TrainState, epoch: int) -> None:
+    """RunError before saving when the disk cannot take the checkpoint: a save that runs out of space mid-way
+    fails inside Orbax's threads, which print tracebacks of their own before the error reaches us."""
+    arrays = sum(leaf.nbytes for leaf in jax.tree.leaves((state.params, state.opt_state)) if hasattr(leaf, "nbytes"))
+    needed = 2 * arrays + _CHECKPOINT_OVERHEAD_BYTES
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise RunError(
+            f"no space left for the checkpoint of epoch {epoch} in {directory} ({free / 2**20:.3g} MiB free, about "
+            f"{needed / 2**20:.3g} MiB needed); free some and continue with --resume"
+        )
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch: int) -> None:
+    """Save epoch ``epoch``'s state; RunError (one line) when the disk is or becomes full."""
+    directory = Path(manager.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _check_free_space(directory, state, epoch)
+    try:
+        _save(manager, state, epoch)
+    except (OSError, ValueError, RuntimeError) as err:
+        if "No space left on device" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
+            raise RunError(
+                f"no space left on device while saving the checkpoint of epoch {epoch} in {directory}; free some "
+                "and continue with --resume"
+            ) from None
+        raise
+
+
+def _save(manager: ocp.CheckpointManager, state: TrainState, epoch: int) -> None:
     with _quiet_absl():
         manager.save(
             epoch,

@@ -276,3 +276,32 @@ def test_an_out_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path) -> None:
     assert_one_line_error(result, "not valid UTF-8")
     assert result.returncode == 2
     assert os.listdir(tmp_path) == []
+
+
+# ---- a full disk -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 KiB tmpfs: room for a run's config and metrics, not for its checkpoint (needs mount rights)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_is_one_line(tiny_dataset: Path, small_disk: Path) -> None:
+    result = run_muontrack(
+        "train", "--data", tiny_dataset, "--model", "baseline", "--preset", "test", "--epochs", 1,
+        "--out", small_disk / "run", cwd=small_disk.parent,
+    )  # fmt: skip
+    assert_one_line_error(result, "no space left for the checkpoint of epoch 1", "--resume")
+    assert result.returncode == 1
