@@ -77,7 +77,23 @@ def dask_task_runner(workers: int, dask_address: str | None):
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
 
 
-@flow(name="simulate", log_prints=True)
+def _train_run_name() -> str:
+    """train-MODEL-PRESET-DATASET, the dataset by its folder name."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"train-{p['model']}-{p['preset']}-{Path(p['data']).name}"
+
+
+def _evaluate_run_name() -> str:
+    """evaluate-REPORT-Nruns, the report by its folder name."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"evaluate-{Path(p['out']).name}-{len(p['runs'])}runs"
+
+
+@flow(name="simulate", flow_run_name="simulate-{events}-seed{seed}", log_prints=True)
 def simulate_flow(out: str, events: int, seed: int = 0, config_json: str | None = None, workers: int = 1) -> dict:
     """Simulate ``events`` events into the dataset folder ``out``, one task per shard."""
     from simulation.dataset import plan_shards, prepare_dataset
@@ -114,7 +130,7 @@ def simulate_on_dask(
     return simulate_flow.with_options(task_runner=runner)(out, events, seed, config_json, workers)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", flow_run_name=_train_run_name, log_prints=True)
 def train_flow(
     data: str, model: str, out: str, preset: str = "cpu", seed: int = 0, overrides: dict | None = None
 ) -> str:
@@ -129,7 +145,7 @@ def train_flow(
     )
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", flow_run_name=_evaluate_run_name, log_prints=True)
 def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True, by_shard: bool = False) -> dict:
     """Predict with every run on the test split, then build the report and publish it as artifacts.
 
@@ -181,7 +197,7 @@ def evaluate_on_dask(
     return evaluate_flow.with_options(task_runner=runner)(data, runs, out, overwrite, by_shard=True)
 
 
-@flow(name="end-to-end", log_prints=True)
+@flow(name="end-to-end", flow_run_name="end-to-end-{preset}-seed{seed}", log_prints=True)
 def end_to_end(
     out: str, preset: str = "cpu", seed: int = 0, models: list[str] | None = None, overrides: dict | None = None
 ) -> dict[str, Any]:
