@@ -33,10 +33,10 @@ How it is solved (why each step):
   grad-safe, its body compiled once), each re-evaluating the circle, its Jacobian, G and theta0 at the current
   estimate (theta0 ~ 1/pT: the fixed point is the fit whose own pT sets its scattering). The start is the
   weighted least-squares line (closed form, finite for any weights): at kappa = 0 theta0 is 0, so the first
-  step is the plain least-squares circle, off by ~2e-3 in kappa (the circle's non-linearity at |sin theta| ~
-  0.1); the second is within ~1e-5 of the fixed point with theta0 from a pT ~1 % off; the third and fourth
-  leave < 1e-7 (measured against the float64 fixed point). Starting from the Hyper circle (model.fit) would
-  save a step but more than double the compilation of the gradient.
+  step is the plain least-squares circle. Measured on 20k simulated tracks (5 micron points) against 10
+  steps, q/pT is within 3e-4 (median 7e-6) after two steps, 4e-6 after three and 5e-8 after four (the
+  default). Starting from the Hyper circle (model.fit) would save a step but more than double the
+  compilation of the gradient.
 - **Kink elimination without cancellation.** With ``A = G diag(theta0)`` (mm), ``Lam = diag(w / sigma^2)`` and
   ``N_u = I + A^T Lam A`` (>= I: Cholesky never fails, also for zero weights), the track part of the normal
   equations is the Schur complement, written as the sum of two positive terms ``F^T Lam F + E^T E`` with
@@ -44,8 +44,12 @@ How it is solved (why each step):
   side is ``F^T Lam r``. The 3x3 system is inverted by cofactors after scaling it to a unit diagonal, with a
   Levenberg-Marquardt damping of 8 eps on that diagonal (a no-op for a real track, it only keeps a fit with
   fewer than three measured layers finite).
-- **Products at full precision.** Every matrix product asks for ``Precision.HIGHEST``: accelerators run
-  float32 matmuls in TF32/bf16 by default, which would cost ~1e-3 relative (see model/cluster.py).
+- **Products at full precision.** Every matrix product asks for ``Precision.HIGHEST``: accelerators may run
+  float32 matmuls in TF32/bf16 (see model/cluster.py). Not checked on an accelerator yet.
+- **Precision and cost (measured on CPU, 2000 simulated 20-50 GeV tracks, 5 micron points).** float32 against
+  float64 on the same float32 inputs: q/pT within 7e-5 relative (median 2e-6; the rounding of x itself, 3e-5
+  mm, is 0.6 % of the point error), var_q_over_pt within 2.5e-3 (F = J - A E loses the digits that the kinks
+  explain), pulls within 0.02. About 40 microseconds per track on one CPU core (the Hyper fit: ~1).
 
 Outputs (:class:`ScatteringFit`): q/pT with its variance ``var_q_over_pt`` (from the 3x3 covariance: the
 Cramér-Rao bound when the model is right), the fitted circle crossings and the smoothed crossings (circle plus
