@@ -20,10 +20,7 @@ from flows.server import ensure_prefect_api
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, MuontrackError
 from pipeline.locks import exclusive_writer
-
-
-def _dataset_complete(path: Path) -> bool:
-    return (Path(path) / "manifest.json").is_file()
+from simulation.dataset import code_version as simulation_code_version
 
 
 def _run_complete(path: Path) -> bool:
@@ -62,6 +59,27 @@ def check_dask_scheduler(dask_address: str, timeout: float = 10.0) -> None:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as err:
         raise MuontrackError(f"cannot reach the Dask scheduler at {dask_address}: {err}") from None
+    # something listens there: ask it who it is (a web server answers Dask's handshake with bytes that Dask
+    # reads as a frame length of gigabytes: a MemoryError deep inside the task runner)
+    if _identity_type(dask_address, timeout) != "Scheduler":
+        raise MuontrackError(f"{dask_address} answers, but not as a Dask scheduler")
+
+
+def _identity_type(dask_address: str, timeout: float) -> str | None:
+    """The ``type`` a Dask server at ``dask_address`` gives for itself, None when it does not answer as one."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def identity() -> object:
+        async with rpc(dask_address, timeout=timeout) as server:
+            return await asyncio.wait_for(server.identity(), timeout)
+
+    try:
+        answer = asyncio.run(identity())
+    except Exception:  # whatever a foreign server makes Dask's protocol raise, MemoryError included
+        return None
+    return answer.get("type") if isinstance(answer, dict) else None
 
 
 def dask_task_runner(workers: int, dask_address: str | None):
@@ -101,17 +119,20 @@ def simulate_flow(out: str, events: int, seed: int = 0, config_json: str | None 
     config = SimConfig.from_dict(json.loads(config_json)) if config_json else SimConfig()
     config_json = config.to_json()
     with exclusive_writer(out):
-        refresh = not _dataset_complete(Path(out))
-        prepare_dataset(Path(out), events, seed, config)
+        complete = prepare_dataset(Path(out), events, seed, config)
+        if complete is not None:
+            # nothing to draw: no task runs, so no later code change rewrites the manifest of a finished dataset
+            return complete
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        # refreshed: a cached entry would name a shard that may have been deleted since
         futures = [
-            tasks.simulate_shard.with_options(refresh_cache=refresh).submit(
+            tasks.simulate_shard.with_options(refresh_cache=True).submit(
                 out, config_json, seed, index, first, n, numba_threads=threads
             )
             for index, first, n in plan_shards(events, config)
         ]
         entries = [future.result() for future in futures]
-        return tasks.finalize_dataset.with_options(refresh_cache=refresh)(out, config_json, seed, entries)
+        return tasks.finalize_dataset.with_options(refresh_cache=True)(out, config_json, seed, entries)
 
 
 def simulate_on_dask(
@@ -208,7 +229,9 @@ def end_to_end(
     root = Path(out)
     # Folder names carry what their content depends on, so a changed config or seed writes beside the
     # old results (and recomputes only what depends on the change) instead of clashing with them.
-    data_key = f"{config.config_hash()}-n{job.events}-s{seed}"
+    # the simulation code's version too: changed generator code draws a new dataset beside the old one (and so
+    # trains new runs), never rewrites the old one in place
+    data_key = f"{config.config_hash()}-n{job.events}-s{seed}-c{simulation_code_version().rsplit('+', 1)[-1]}"
     data = str(root / "data" / data_key)
     simulate_flow(data, job.events, seed, config.to_json())
     runs = [

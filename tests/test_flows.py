@@ -73,14 +73,34 @@ def test_end_to_end_caches_and_recomputes(tmp_path):
 
     # the first run drew every figure; the next two write placeholders (tests.helpers.placeholder_figures): about
     # 10 s less per report
-    # second run, same config: dataset shards, training and predictions come from the cache
+    # second run, same config: the complete dataset is not touched (no simulation task runs at all), training
+    # and predictions come from the cache
+    (data,) = (out / "data").iterdir()
+    dataset_before = snapshot(data)
     t0 = time.time()
     with placeholder_figures():
         end_to_end.end_to_end(str(out), preset="test")
     states = _task_states_since(t0)
-    for name in ("simulate-shard", "finalize-dataset", "train-model", "predict"):
+    assert "simulate-shard" not in states
+    assert "finalize-dataset" not in states
+    assert snapshot(data) == dataset_before
+    for name in ("train-model", "predict"):
         assert states.get(name), f"no {name} task run recorded: {states}"
         assert set(states[name]) == {"Cached"}, (name, states[name])
+
+    # changed simulation code draws a new dataset beside the old one and trains on it; the old one is untouched
+    import simulation.dataset
+
+    t2 = time.time()
+    with pytest.MonkeyPatch.context() as patch, placeholder_figures():
+        patch.setattr(simulation.dataset, "code_version", lambda: "0.1.0+othergenerator")
+        patch.setattr(end_to_end, "simulation_code_version", simulation.dataset.code_version)
+        end_to_end.end_to_end(str(out), preset="test", models=["baseline"])
+    states = _task_states_since(t2)
+    assert "Completed" in states["simulate-shard"]
+    assert "Completed" in states["train-model"]
+    assert snapshot(data) == dataset_before
+    assert len(list((out / "data").iterdir())) == 2
 
     # a changed seed recomputes the dataset and the models (one model is enough to show it)
     t1 = time.time()
@@ -89,7 +109,7 @@ def test_end_to_end_caches_and_recomputes(tmp_path):
     states = _task_states_since(t1)
     assert "Completed" in states["simulate-shard"]
     assert "Completed" in states["train-model"]
-    assert len(list((out / "data").iterdir())) == 2
+    assert len(list((out / "data").iterdir())) == 3
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -305,3 +306,41 @@ def test_a_full_disk_at_a_checkpoint_is_one_line(tiny_dataset: Path, small_disk:
     )  # fmt: skip
     assert_one_line_error(result, "no space left for the checkpoint of epoch 1", "--resume")
     assert result.returncode == 1
+
+
+# ---- a Dask address that answers, but not as Dask ----------------------------------------------------------
+
+
+def test_a_dask_address_of_another_server_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    web = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        out = tmp_path / "ds"
+        result = run_muontrack(
+            "simulate", "--events", 10, "--seed", 1, "--out", out, "--dask-address", f"tcp://127.0.0.1:{port}",
+            cwd=tmp_path, timeout=120,
+        )  # fmt: skip
+        assert_one_line_error(result, "answers, but not as a Dask scheduler")
+        assert result.returncode == 1
+        assert not out.exists()
+    finally:
+        web.kill()
+        web.wait()
