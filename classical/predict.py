@@ -114,8 +114,11 @@ def predict_classical(
     """The classical reconstruction of ``split`` as ``{"hits", "clusters", "tracks"}`` prediction tables
     (PRED_HITS_SCHEMA, PRED_CLUSTERS_SCHEMA, PRED_TRACKS_SCHEMA; model "classical"), rows sorted by event_id
     then hit_id / layer. Hits: score = weight = 1 on the strips of the kept clusters, else 0. Clusters: one
-    row per event and layer (x_reco 0 and sigma pitch/sqrt(12) where no cluster is kept, weight 1/0).
-    Tracks: one row per event with the fit status (0 ok, 1 < 3 layers, 2 degenerate, 3 non-finite)."""
+    row per event and layer (x_reco 0 and sigma pitch/sqrt(12) where no cluster is kept, weight 1/0); the
+    layers that the final fit removed as outliers count as not kept. Tracks: one row per event with q/pT of
+    the scattering-aware final fit, pT = 1/|q/pT|, q its sign, radius = pT / (0.3 B), the radius of the fitted
+    circle [mm] (all 0 unless the fit is OK), and the fit status (0 ok, 1 < 3 layers, 2 degenerate, 3
+    non-finite)."""
     dataset = _as_dataset(dataset)
     split_hits = read_split(dataset, split)
     reco = reconstruct(
