@@ -1,12 +1,13 @@
 """The results catalog: REPORT/summary.parquet and REPORT/resolution.parquet, and reading them back.
 
-Every evaluation writes, beside summary.json, one row per model (``summary.parquet``: summary.json's score,
-core-fraction and σ68 figures with the errors the report quotes; not the final-weight figures ``auc_weight``,
-``hit_efficiency`` and ``hit_purity``) and one row per model and true-pT bin
-(``resolution.parquet``: the rows of resolution.csv), each with the identity of the evaluation: the report
-folder, when it was written, the dataset, the code, and the training run behind the row (null for the
-references ``truth``, ``truth_charge`` and ``classical``). The schemas are explicit, so the files of any
-number of reports concatenate in one scan even where a column is all null in one of them::
+Every evaluation writes, beside summary.json, one row per model and one for the Cramér-Rao ``limit`` when the
+report has it (``summary.parquet``: summary.json's score, core-fraction, σ68 and σ68 / limit figures with the
+errors the report quotes; not the final-weight figures ``auc_weight``, ``hit_efficiency`` and ``hit_purity``) and
+one row per model (and limit) and true-pT bin (``resolution.parquet``: the rows of resolution.csv), each with the
+identity of the evaluation: the report folder, when it was written, the dataset, the code, and the training run
+behind the row (null for the references ``truth``, ``truth_charge``, ``classical`` and for ``limit``). The
+schemas are explicit, so the files of any number of reports concatenate in one scan even where a column is all
+null in one of them::
 
     pl.scan_parquet("muontrack-out/reports/*/summary.parquet")
 
@@ -30,7 +31,7 @@ import polars as pl
 from analysis.metrics import TRUTH_MODELS
 from pipeline.atomic import write_atomic
 from pipeline.errors import MuontrackError
-from pipeline.schema import MODEL_NAMES
+from pipeline.models import SUMMARY_ROWS
 
 SUMMARY_FILE = "summary.parquet"
 RESOLUTION_FILE = "resolution.parquet"
@@ -55,7 +56,8 @@ IDENTITY_SCHEMA = pl.Schema(
 )
 #: the per-model metrics with their errors (summary.json's score, core-fraction and σ68 figures, and the errors
 #: that summary.json leaves out); AUC and rejections are those of the raw classifier score, null for the truth
-#: references; a rejection is null where it is infinite (no background hit passes)
+#: references; a rejection is null where it is infinite (no background hit passes); ``sigma68_over_limit`` is
+#: σ68 / the limit row's σ68 (null without a limit), the limit row's own ``sigma68_err`` is null (exact)
 METRICS_SCHEMA = pl.Schema(
     {
         "auc": pl.Float64,
@@ -69,6 +71,8 @@ METRICS_SCHEMA = pl.Schema(
         "sigma68": pl.Float64,
         "sigma68_err": pl.Float64,
         "n_events": pl.Int64,
+        "sigma68_over_limit": pl.Float64,
+        "sigma68_over_limit_err": pl.Float64,
     }
 )
 #: where the evaluation ran
@@ -194,14 +198,21 @@ def metrics_frame(
     models: Sequence[str], classification: pl.DataFrame, core: pl.DataFrame, resolution: pl.DataFrame
 ) -> pl.DataFrame:
     """One row per model (in ``models`` order) of ``model`` and :data:`METRICS_SCHEMA`, from the report's tables
-    (analysis.metrics classification_metrics, core_fraction_table, resolution_by_model)."""
+    (analysis.metrics classification_metrics, core_fraction_table, resolution_by_model with the limit row and
+    the ratio columns of analysis.metrics.with_limit_ratio where it has them)."""
     base = pl.DataFrame({"model": list(models)}, schema={"model": pl.String})
     scores = classification.select("model", *_CLASSIFICATION_COLUMNS).filter(~pl.col("model").is_in(TRUTH_MODELS))
     frame = (
         base.join(scores, on="model", how="left", maintain_order="left")
         .join(core.select("model", "core_fraction", "core_fraction_err"), on="model", how="left", maintain_order="left")
         .join(
-            resolution.select("model", "sigma68", "sigma68_err", n_events="n"),
+            resolution.select(
+                "model",
+                "sigma68",
+                "sigma68_err",
+                *(name for name in ("sigma68_over_limit", "sigma68_over_limit_err") if name in resolution.columns),
+                n_events="n",
+            ),
             on="model",
             how="left",
             maintain_order="left",
@@ -331,8 +342,9 @@ def find_summaries(folders: Iterable[Path]) -> list[Path]:
 
 
 def model_rank_expr(column: str = "model") -> pl.Expr:
-    """The rank of a model in the report order (pipeline.schema.MODEL_NAMES; unknown models last)."""
-    rank = {model: index for index, model in enumerate(MODEL_NAMES)}
+    """The rank of a row in the report order (pipeline.models.SUMMARY_ROWS: the limit, then the models; unknown
+    models last)."""
+    rank = {model: index for index, model in enumerate(SUMMARY_ROWS)}
     return pl.col(column).replace_strict(rank, default=len(rank), return_dtype=pl.Int64)
 
 
@@ -380,6 +392,7 @@ def compact_table(catalog: pl.DataFrame) -> pl.DataFrame:
         pl.col("core_fraction").round(4),
         pl.col("sigma68").round_sig_figs(4),
         pl.col("sigma68_err").round_sig_figs(2),
+        pl.col("sigma68_over_limit").round(3),
         "n_events",
     )
 

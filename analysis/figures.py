@@ -19,6 +19,7 @@ import matplotlib.style
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from analysis.metrics import (
     CORE_WINDOW_N_SIGMA,
@@ -26,7 +27,7 @@ from analysis.metrics import (
     GaussianFit,
 )
 from pipeline.atomic import replacing
-from pipeline.schema import MODEL_NAMES
+from pipeline.models import LIMIT_ROW, SUMMARY_ROWS
 
 #: a fixed colour, line style, marker and label per known model (pipeline.schema.MODEL_NAMES), so a model looks
 #: the same in every figure; the paper-chain networks share their robust counterparts' family of hues and are
@@ -41,6 +42,10 @@ MODEL_STYLE = {
     "e2e": {"color": "tab:red", "linestyle": "-", "marker": "^", "label": "end-to-end, robust reco"},
     "assignment": {"color": "tab:purple", "linestyle": ":", "marker": "P", "label": "assignment (LAP)"},
 }
+#: the limit row (pipeline.models.LIMIT_ROW): no model, drawn as a line across each pT bin
+LIMIT_STYLE = {"color": "0.3", "linestyle": "-", "marker": "_", "label": "Cramér–Rao limit"}
+#: the σ68 / limit panel's y axis ends here at most; points beyond it are drawn as arrows at its top edge
+RATIO_AXIS_MAX = 3.0
 #: colours of models outside MODEL_NAMES (none of MODEL_STYLE's)
 _EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "gold", "teal", "navy")
 #: panels per row of the score histograms
@@ -90,14 +95,17 @@ def _hep_styled(plot: Callable[_P, Path]) -> Callable[_P, Path]:
 
 
 def model_order(models: list[str] | set[str]) -> list[str]:
-    """Known models in the documented order, then any others alphabetically."""
-    known = [m for m in MODEL_NAMES if m in models]
-    return known + sorted(set(models) - set(MODEL_NAMES))
+    """Known rows in the documented order (pipeline.models.SUMMARY_ROWS: the limit, then the models), then any
+    others alphabetically."""
+    known = [m for m in SUMMARY_ROWS if m in models]
+    return known + sorted(set(models) - set(SUMMARY_ROWS))
 
 
 def model_style(model: str) -> dict[str, str]:
     """color, linestyle, marker and label of a model: MODEL_STYLE's, or a colour picked from the name for an
-    unknown model (the same name always gets the same colour)."""
+    unknown model (the same name always gets the same colour); :data:`LIMIT_STYLE` for the limit row."""
+    if model == LIMIT_ROW:
+        return LIMIT_STYLE
     if model in MODEL_STYLE:
         return MODEL_STYLE[model]
     index = sum(map(ord, model)) % len(_EXTRA_COLOURS)
@@ -327,49 +335,116 @@ def plot_q_over_pt_residuals(
     return _save(fig, path)
 
 
+def _plain_log_labels(ax) -> None:
+    """Plain numbers (0.005, 0.01, 0.02) on a log y axis whose range is set; besides the decades, the minor
+    ticks at 2 and 5 (and 3 where the axis spans under a decade and a half) are labelled too."""
+    low, high = ax.get_ylim()
+    span = math.log10(high / low)
+    shown = {2, 3, 5} if span < 1.5 else ({2, 5} if span < 3 else set())
+
+    def minor(value: float, _position: int) -> str:
+        mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
+        return f"{value:g}" if mantissa in shown else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 @_hep_styled
 def plot_sigma68_vs_pt(resolution_pt: pl.DataFrame, path: Path) -> Path:
-    """σ68 of the relative q/pT residual vs true pT, error bars from the bootstrap (paper Fig. 6). The models
-    stand side by side within each pT bin, whose edges are drawn as grey lines.
+    """σ68 of the relative q/pT residual vs true pT, error bars from the bootstrap (paper Fig. 6), on a log axis
+    (rows near the limit and rows a hundred times worse both readable). The models stand side by side within
+    each pT bin, whose edges are drawn as grey lines.
+
+    With rows of the limit (``model`` = pipeline.models.LIMIT_ROW) the limit is drawn as a line across each bin,
+    the region below it shaded, and a second panel shows each model's σ68 / limit per bin on a linear axis
+    zoomed on the models (at most :data:`RATIO_AXIS_MAX`; a point beyond is an arrow at the top edge).
 
     Args:
         resolution_pt: (model, pt_lo, pt_hi, n, sigma68, sigma68_err) from
-            :func:`analysis.metrics.resolution_by_pt`.
+            :func:`analysis.metrics.resolution_by_pt`, the limit's rows among them or not.
     """
-    fig = Figure(figsize=_LEGEND_FIGSIZE)
-    ax = fig.add_subplot()
-    models = model_order(set(resolution_pt["model"].unique().to_list()))
+    limit = resolution_pt.filter((pl.col("model") == LIMIT_ROW) & (pl.col("sigma68") > 0))
+    rows = resolution_pt.filter((pl.col("model") != LIMIT_ROW) & (pl.col("sigma68") > 0))
+    if limit.height:
+        fig = Figure(figsize=(_LEGEND_FIGSIZE[0], 6.6))
+        ax, ratio_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (2.0, 1.0)})
+        axes = [ax, ratio_ax]
+    else:
+        fig = Figure(figsize=_LEGEND_FIGSIZE)
+        ax, ratio_ax = fig.add_subplot(), None
+        axes = [ax]
+    ax.set_yscale("log")
+    models = model_order(set(resolution_pt.filter(pl.col("model") != LIMIT_ROW)["model"].to_list()))
     n_models = max(1, len(models))
     edges = np.unique(resolution_pt.select("pt_lo", "pt_hi").to_numpy())
-    for edge in edges:
-        # the bin edges as lines: with several models side by side, per-point horizontal bars would overlap
-        ax.axvline(edge, color="0.85", linewidth=0.8, zorder=0)
+    for axis in axes:
+        for edge in edges:
+            # the bin edges as lines: with several models side by side, per-point horizontal bars would overlap
+            axis.axvline(edge, color="0.85", linewidth=0.8, zorder=0)
+    limit_of = dict(zip(limit["pt_lo"].to_list(), limit["sigma68"].to_list(), strict=True))
+    # what sets the axis ranges: the points and the limit, not the error bars (a bar of a few events can span
+    # decades), except the upper bars of the ratio panel up to its cap
+    values = [*limit["sigma68"].to_list(), *rows["sigma68"].to_list()]
+    ratio_low: list[float] = []
+    ratio_high: list[float] = []
     for index, model in enumerate(models):
-        rows = resolution_pt.filter((pl.col("model") == model) & pl.col("sigma68").is_not_null())
-        if rows.height == 0:
+        group = rows.filter(pl.col("model") == model)
+        if group.height == 0:
             continue
-        lo, hi = rows["pt_lo"].to_numpy(), rows["pt_hi"].to_numpy()
+        style = model_style(model)
+        lo, hi = group["pt_lo"].to_numpy(), group["pt_hi"].to_numpy()
         # the models side by side within the middle 80 % of each bin, in report order, so error bars never overlap
         offset = (index + 0.5) / n_models - 0.5
         centre = 0.5 * (lo + hi) + 0.8 * offset * (hi - lo)
-        ax.errorbar(
-            centre,
-            rows["sigma68"].to_numpy(),
-            yerr=rows["sigma68_err"].fill_null(0.0).to_numpy(),
-            fmt=model_style(model)["marker"],
-            markersize=4,
-            capsize=2,
-            color=model_style(model)["color"],
-            label=model_style(model)["label"],
+        value, err = group["sigma68"].to_numpy(), group["sigma68_err"].fill_null(0.0).to_numpy()
+        points = {"fmt": style["marker"], "markersize": 4, "capsize": 2, "color": style["color"]}
+        # the lower bar stops short of zero, which a log axis cannot show
+        ax.errorbar(centre, value, yerr=[np.minimum(err, 0.9 * value), err], label=style["label"], **points)
+        if ratio_ax is None:
+            continue
+        reference = np.array([limit_of.get(pt_lo, np.nan) for pt_lo in group["pt_lo"].to_list()])
+        keep = np.isfinite(reference)
+        ratio, ratio_err = value[keep] / reference[keep], err[keep] / reference[keep]
+        inside = ratio <= RATIO_AXIS_MAX
+        ratio_ax.errorbar(centre[keep][inside], ratio[inside], yerr=ratio_err[inside], **points)
+        # beyond the axis: an arrow at the top edge (placed once the axis range is known)
+        ratio_ax.plot(
+            centre[keep][~inside],
+            np.full(int((~inside).sum()), np.nan),
+            linestyle="none",
+            marker="^",
+            color=style["color"],
+            gid="beyond",
         )
-    ax.set_xlabel("$p_T^{true}$ [GeV]")
+        ratio_low += list(ratio)
+        ratio_high += [*(ratio + ratio_err)[inside], *[RATIO_AXIS_MAX] * int((~inside).sum())]
+    if limit.height:
+        lo, hi, value = limit["pt_lo"].to_numpy(), limit["pt_hi"].to_numpy(), limit["sigma68"].to_numpy()
+        ax.hlines(value, lo, hi, color=LIMIT_STYLE["color"], linewidth=2.0, label=LIMIT_STYLE["label"], zorder=3)
+    if values:
+        bottom, top = 0.7 * min(values), max(ax.get_ylim()[1], 1.4 * max(values))
+        for left, right, height in limit.select("pt_lo", "pt_hi", "sigma68").rows():
+            ax.fill_between([left, right], bottom, height, color=LIMIT_STYLE["color"], alpha=0.12, linewidth=0)
+        ax.set_ylim(bottom, top)
+    if ratio_ax is not None:
+        ratio_ax.axhline(1.0, color=LIMIT_STYLE["color"], linewidth=2.0)
+        low = max(0.0, min([0.9, *(0.95 * r for r in ratio_low)]))
+        high = min(RATIO_AXIS_MAX, max([1.3, *(1.05 * r for r in ratio_high)]))
+        ratio_ax.set_ylim(low, high)
+        for line in ratio_ax.get_lines():
+            if line.get_gid() == "beyond":
+                line.set_ydata(np.full(len(line.get_xdata()), high - 0.04 * (high - low)))
+        ratio_ax.set_ylabel("$\\sigma_{68}$ / limit")
+        ratio_ax.grid(True, axis="y", alpha=0.3)
+    axes[-1].set_xlabel("$p_T^{true}$ [GeV]")
     ax.set_ylabel("$\\sigma_{68}$ of relative $q/p_T$ residual")
     ax.set_title("Resolution vs transverse momentum")
-    ax.set_ylim(bottom=0)
-    ax.grid(True, axis="y", alpha=0.3)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    _plain_log_labels(ax)
     if len(edges):
         ax.set_xlim(edges[0], edges[-1])
-    if models:
+    if models or limit.height:
         _legend_outside(ax)
     return _save(fig, path)
 

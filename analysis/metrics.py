@@ -1,5 +1,6 @@
 """Metrics of the evaluation (docs/contracts.md, "Metric definitions"): ROC/AUC of hit scores, cluster residual
-core fraction, q/pT resolution σ68 overall and in bins of true pT.
+core fraction, q/pT resolution σ68 overall and in bins of true pT, and the Cramér-Rao limit of that σ68 on the
+evaluated events (:func:`resolution_limit`, the ``limit`` row; the bound itself is :mod:`analysis.limit`).
 
 Column logic is written as functions returning ``pl.Expr``; each prediction table is read with one
 ``scan ... collect``. Sorting, interpolation, bootstrap and fits run in NumPy/SciPy on the collected columns.
@@ -26,7 +27,8 @@ import numpy as np
 import polars as pl
 
 from pipeline import stats
-from pipeline.models import get_model
+from pipeline.config import DetectorConfig
+from pipeline.models import LIMIT_ROW, get_model
 
 #: fraction of events inside ± σ68 around the median (pipeline.stats, shared with training)
 SIGMA68_COVERAGE = stats.SIGMA68_COVERAGE
@@ -46,6 +48,10 @@ N_BOOTSTRAP = 200
 HIT_DISTANCE_EDGES = (5.0, 50.0)
 #: origins of a hit (hit_origin_expr), in report order
 HIT_ORIGINS = ("signal", "extra track", "noise")
+
+#: the events and hits columns the limit row needs (analysis.limit: the truth of each event, the clean clusters)
+LIMIT_EVENT_COLUMNS = ("event_id", "pt", "q", "x0", "theta0", "x_true")
+LIMIT_HIT_COLUMNS = ("event_id", "layer", "strip", "x", "charge", "is_signal", "particle_id")
 
 # Bound the memory of the vectorised bootstrap: replicas are processed in chunks of about this many values.
 _BOOTSTRAP_CHUNK_VALUES = 4_000_000
@@ -825,3 +831,142 @@ def resolution_by_pt(
     # a NaN error (fewer than 2 entries) is written as null, like an empty bin
     table = table.with_columns(pl.col("sigma68_err").fill_nan(None))
     return table.select("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The limit row: the Cramér-Rao bound of σ68(q/pT) on the evaluated events
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolutionLimit:
+    """The ``limit`` row (pipeline.models.LIMIT_ROW) of an evaluation, :func:`resolution_limit`."""
+
+    #: the bound's point error [mm]: the RMS of the clean-cluster charge-centroid residuals
+    point_sigma: float
+    #: σ68 and mean [mm] of the same residuals, and how many clusters they are
+    point_sigma68: float
+    point_mean: float
+    clusters: int
+    #: the events the bound was computed for, and those among them with fewer than three measured layers
+    #: (no bound: left out of σ68, as failed fits are)
+    n_events: int
+    n_unbounded: int
+    #: σ68 of the mixture of the bounded events' Gaussians (exact; no error)
+    sigma68: float
+    #: the row of the resolution table (resolution_by_model's columns; sigma68_err null)
+    resolution: pl.DataFrame
+    #: the rows of the pT-binned table (resolution_by_pt's columns; sigma68_err null, empty bins null)
+    resolution_pt: pl.DataFrame
+
+
+def resolution_limit(
+    event_ids: pl.Series | np.ndarray,
+    dataset_hits: pl.LazyFrame,
+    dataset_events: pl.LazyFrame,
+    detector: DetectorConfig,
+    edges: tuple[float, ...] = PT_BIN_EDGES,
+) -> ResolutionLimit:
+    """The Cramér-Rao limit of σ68 of the relative q/pT residual on the events ``event_ids`` (the evaluated ones).
+
+    Per event, the bound on σ(q/pT) of :func:`analysis.limit.cramer_rao_sigma` (an exact circle from the true
+    x0 and angle, a Highland kink of the ``detector``'s material after every layer crossed, the measured layers
+    those with a finite ``x_true``) with the point error measured on the same events: the RMS of the
+    charge-centroid residuals of their clean clusters (:func:`analysis.limit.clean_cluster_residuals`; the muon's
+    cluster where no other particle or noise strip touches it). Relative to |q/pT| it is a zero-mean Gaussian
+    width; σ68 of the limit, overall and per true-pT bin, is that of the mixture of the events' Gaussians
+    (:func:`analysis.limit.mixture_sigma68`, exact). Events with fewer than three measured layers have no bound
+    and are left out, as failed fits are from the models' σ68.
+
+    Raises:
+        ValueError: a column the bound needs is missing (:data:`LIMIT_EVENT_COLUMNS`, :data:`LIMIT_HIT_COLUMNS`),
+            ``x_true`` does not have one entry per layer of ``detector``, or no event or clean cluster.
+    """
+    from analysis import limit as cramer_rao  # scipy: imported when a limit is computed
+
+    for frame, columns, what in (
+        (dataset_events, LIMIT_EVENT_COLUMNS, "events"),
+        (dataset_hits, LIMIT_HIT_COLUMNS, "hits"),
+    ):
+        missing = [column for column in columns if column not in frame.collect_schema().names()]
+        if missing:
+            raise ValueError(f"the dataset {what} lack the columns {', '.join(missing)}")
+    ids = pl.DataFrame({"event_id": np.asarray(event_ids)}, schema={"event_id": pl.Int64}).unique().lazy()
+    events = (
+        dataset_events.select(LIMIT_EVENT_COLUMNS)
+        .with_columns(pl.col("event_id").cast(pl.Int64))
+        .join(ids, on="event_id", how="semi")
+        .sort("event_id")
+        .collect()
+    )
+    if events.height == 0:
+        raise ValueError("no evaluated event in the dataset events")
+    lengths = events["x_true"].list.len().unique().to_list()
+    if lengths != [detector.n_layers]:
+        raise ValueError(f"x_true has {lengths} entries per event, the detector {detector.n_layers} layers")
+    hits = dataset_hits.with_columns(pl.col("event_id").cast(pl.Int64)).join(ids, on="event_id", how="semi")
+    clean = cramer_rao.clean_cluster_residuals(hits, events)
+    if clean.height == 0:
+        raise ValueError("no clean cluster in the evaluated events")
+    point = cramer_rao.point_resolution(clean["residual"])
+    bounds = cramer_rao.event_bounds(events, detector, point["rms"])
+    relative = bounds["relative_sigma"].to_numpy()
+    bounded = np.isfinite(relative)
+    if not bounded.any():
+        raise ValueError("no evaluated event crosses three layers")
+    pt = bounds["pt"].cast(pl.Float64).to_numpy()[bounded]
+    table = cramer_rao.limit_table(pt, relative[bounded], edges)
+    overall, bins = table.row(0, named=True), table.slice(1)
+    resolution = pl.DataFrame(
+        {
+            "model": [LIMIT_ROW],
+            "n_tracks": [events.height],
+            "n_failed": [int((~bounded).sum())],
+            "n": [overall["events"]],
+            "sigma68": [overall["sigma68"]],
+            "sigma68_err": [None],
+        },
+        schema={
+            "model": pl.String,
+            "n_tracks": pl.UInt32,
+            "n_failed": pl.UInt32,
+            "n": pl.UInt32,
+            "sigma68": pl.Float64,
+            "sigma68_err": pl.Float64,
+        },
+    )
+    resolution_pt = bins.select(
+        model=pl.lit(LIMIT_ROW),
+        pt_lo="pt_lo",
+        pt_hi="pt_hi",
+        n=pl.col("events").cast(pl.Int64),
+        sigma68=pl.when(pl.col("events") > 0).then(pl.col("sigma68")),
+        sigma68_err=pl.lit(None, dtype=pl.Float64),
+    )
+    return ResolutionLimit(
+        point_sigma=point["rms"],
+        point_sigma68=point["sigma68"],
+        point_mean=point["mean"],
+        clusters=point["clusters"],
+        n_events=events.height,
+        n_unbounded=int((~bounded).sum()),
+        sigma68=float(overall["sigma68"]),
+        resolution=resolution,
+        resolution_pt=resolution_pt,
+    )
+
+
+def with_limit_ratio(resolution: pl.DataFrame) -> pl.DataFrame:
+    """``resolution`` (resolution_by_model's columns, the ``limit`` row among them or not) with
+    ``sigma68_over_limit`` = sigma68 / the limit row's sigma68 and ``sigma68_over_limit_err`` = sigma68_err / the
+    same (the limit is exact: no error of its own); both null without a limit row or a finite, positive limit."""
+    limits = resolution.filter(pl.col("model") == LIMIT_ROW)["sigma68"].to_list()
+    limit = limits[0] if limits else None
+    if limit is None or not (math.isfinite(limit) and limit > 0):
+        return resolution.with_columns(
+            sigma68_over_limit=pl.lit(None, dtype=pl.Float64), sigma68_over_limit_err=pl.lit(None, dtype=pl.Float64)
+        )
+    return resolution.with_columns(
+        sigma68_over_limit=pl.col("sigma68").cast(pl.Float64) / limit,
+        sigma68_over_limit_err=pl.col("sigma68_err").cast(pl.Float64) / limit,
+    )

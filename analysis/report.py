@@ -2,9 +2,10 @@
 PDF) and the catalog files REPORT/summary.parquet and REPORT/resolution.parquet (:mod:`analysis.catalog`).
 
 :func:`write_report` reads REPORT/predictions/*.parquet, joins them with the dataset's truth, computes every
-metric of docs/contracts.md, "Metric definitions" (see :mod:`analysis.metrics`), draws the figures and writes
-the files. All numbers are computed before anything is written, so a bad input leaves an existing report
-untouched.
+metric of docs/contracts.md, "Metric definitions" (see :mod:`analysis.metrics`), with the ``limit`` row (the
+Cramér-Rao limit of σ68(q/pT) on the evaluated events, :func:`analysis.metrics.resolution_limit`) and every row's
+σ68 / limit, draws the figures and writes the files. All numbers are computed before anything is written, so a
+bad input leaves an existing report untouched.
 
 :func:`staged_report` makes a whole evaluation (predictions and report) atomic: it is written into a staging
 folder beside REPORT and swapped into place at the end, so a writer killed at any point leaves the previous
@@ -21,7 +22,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ from analysis import figures as fig
 from analysis import metrics as m
 from analysis.figures import format_value_error, model_order
 from pipeline.atomic import write_text_atomic
-from pipeline.errors import MuontrackError
+from pipeline.config import DetectorConfig, load_config
+from pipeline.errors import ConfigError, MuontrackError
+from pipeline.models import LIMIT_ROW
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 
 #: a difference counts as significant from this many standard deviations on
@@ -58,6 +61,8 @@ SUMMARY_KEYS = (
     "hit_efficiency_err",
     "hit_purity",
     "hit_purity_err",
+    "sigma68_over_limit",
+    "sigma68_over_limit_err",
 )
 #: columns of resolution.csv
 RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err")
@@ -138,6 +143,10 @@ class ReportResults:
     resolution_pt: pl.DataFrame  # resolution_by_pt
     #: hit_weight_table; None when the dataset hits lack the columns it needs (x, layer, particle_id)
     hit_weights: pl.DataFrame | None = None
+    #: the limit row (its rows are also in ``resolution``, ``resolution_pt``); None when it could not be computed,
+    #: and why in ``limit_problem``
+    limit: m.ResolutionLimit | None = None
+    limit_problem: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,8 +191,13 @@ def compute_results(
     dataset_events: pl.LazyFrame,
     n_boot: int = m.N_BOOTSTRAP,
     seed: int = 0,
+    detector: DetectorConfig | None = None,
 ) -> ReportResults:
     """All metric tables from the prediction LazyFrames ({"hits", "clusters", "tracks"}) and the truth.
+
+    With the dataset's ``detector`` (and events and hits with the columns of metrics.LIMIT_EVENT_COLUMNS,
+    LIMIT_HIT_COLUMNS) the ``limit`` row is computed on the events of the predictions and added to the
+    resolution tables; every row of ``resolution`` gets its σ68 / limit (metrics.with_limit_ratio).
 
     Raises:
         MuontrackError: the predictions hold no ``truth`` clusters (the core window needs them).
@@ -203,6 +217,17 @@ def compute_results(
     track_residuals = m.track_residual_table(predictions["tracks"], dataset_events)
     resolution = m.resolution_by_model(track_residuals, n_boot=n_boot, seed=seed)
     resolution_pt = m.resolution_by_pt(track_residuals, n_boot=n_boot, seed=seed)
+    limit, limit_problem = None, "no detector config was given (the report context's `detector`)"
+    if detector is not None:
+        try:
+            limit = m.resolution_limit(track_residuals["event_id"].unique(), dataset_hits, dataset_events, detector)
+            limit_problem = None
+        except ValueError as err:
+            limit_problem = str(err)
+    if limit is not None:
+        resolution = pl.concat([limit.resolution, resolution.select(limit.resolution.columns)], how="vertical_relaxed")
+        resolution_pt = pl.concat([limit.resolution_pt, resolution_pt], how="vertical_relaxed")
+    resolution = m.with_limit_ratio(resolution)
     hit_weights = None
     if set(_HIT_WEIGHT_COLUMNS) <= set(dataset_hits.collect_schema().names()):
         hit_weights = m.hit_weight_table(predictions["hits"], dataset_hits, predictions["clusters"])
@@ -210,6 +235,7 @@ def compute_results(
         set(classification["model"].to_list())
         | set(cluster_residuals["model"].unique().to_list())
         | set(track_residuals["model"].unique().to_list())
+        | ({LIMIT_ROW} if limit is not None else set())
     )
     return ReportResults(
         models=models,
@@ -224,7 +250,28 @@ def compute_results(
         resolution=resolution,
         resolution_pt=resolution_pt,
         hit_weights=hit_weights,
+        limit=limit,
+        limit_problem=limit_problem,
     )
+
+
+def context_detector(context: dict[str, Any]) -> DetectorConfig | None:
+    """The dataset's detector config the limit row needs, from ``context["detector"]`` (a DetectorConfig, or a
+    mapping of every one of its fields, as flows.steps.report_context writes it); None when the context has none.
+
+    Raises:
+        MuontrackError: ``context["detector"]`` is not a complete, valid detector config.
+    """
+    value = context.get("detector")
+    if value is None or isinstance(value, DetectorConfig):
+        return value
+    names = {field.name for field in fields(DetectorConfig)}
+    if not isinstance(value, dict) or set(value) != names:
+        raise MuontrackError(f"report context: `detector` must hold exactly the fields {', '.join(sorted(names))}")
+    try:
+        return load_config(DetectorConfig, value, "detector")
+    except ConfigError as err:
+        raise MuontrackError(f"report context: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,7 +297,9 @@ def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | N
     ``auc`` and the rejections are those of the raw classifier score (``score``); ``auc_weight``,
     ``hit_efficiency`` and ``hit_purity`` (with ``_err``) those of the final hit weights (``weight``). All of
     them are null for the truth models; a rejection is also null when no background hit passes at that
-    efficiency (infinite). ``n_events`` counts the events whose track fit succeeded (those that enter σ68).
+    efficiency (infinite). ``n_events`` counts the events whose track fit succeeded (those that enter σ68); for
+    the ``limit`` row, the events with a bound. ``sigma68_over_limit`` (with ``_err``) is σ68 / the limit row's
+    σ68 (null without a limit); the limit's own ``sigma68_err`` is null (exact, no bootstrap).
     """
     summary: dict[str, dict[str, float | int | None]] = {}
     for model in results.models:
@@ -271,6 +320,7 @@ def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | N
             for key in SUMMARY_KEYS
             if key.startswith(("auc_weight", "hit_efficiency", "hit_purity"))
         }
+        summary[model] |= {key: _finite_or_none(resolution.get(key)) for key in SUMMARY_KEYS if "_over_limit" in key}
     return summary
 
 
@@ -280,10 +330,16 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
     def cell(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    def ratio(value: float | None) -> str:
+        """σ68 / limit in at most 6 characters: 1.152, 45.3, 6645, 2e+06."""
+        if value is None:
+            return "-"
+        return format(value, ".3f" if value < 10 else ".1f" if value < 1000 else ".0f" if value < 1e6 else ".0e")
+
     width = max([13, *map(len, summary)])
     header = (
         f"{'model':<{width}} {'AUC':>7} {'AUC(w)':>7} {'eff(w)':>7} {'pur(w)':>7} {'rej@90%':>9} {'rej@95%':>9} "
-        f"{'core':>7} {'sigma68':>9} {'±':>8} {'events':>7}"
+        f"{'core':>7} {'sigma68':>9} {'±':>8} {'÷limit':>6} {'events':>7}"
     )
     lines = [header, "-" * len(header)]
     for model, row in summary.items():
@@ -293,11 +349,11 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
             f"{cell(row.get('rejection_at_90'), '.4g'):>9} "
             f"{cell(row.get('rejection_at_95'), '.4g'):>9} {cell(row.get('core_fraction'), '.4f'):>7} "
             f"{cell(row.get('sigma68'), '.4g'):>9} {cell(row.get('sigma68_err'), '.2g'):>8} "
-            f"{cell(row.get('n_events'), 'd'):>7}"
+            f"{ratio(row.get('sigma68_over_limit')):>6} {cell(row.get('n_events'), 'd'):>7}"
         )
     lines.append(
         "AUC = raw classifier score; AUC(w), eff(w), pur(w) = final hit weights "
-        f"(selected at w >= {m.HIT_SELECTION_THRESHOLD:g})."
+        f"(selected at w >= {m.HIT_SELECTION_THRESHOLD:g}); ÷limit = sigma68 / {LIMIT_ROW}'s."
     )
     return "\n".join(lines)
 
@@ -535,6 +591,7 @@ def render_markdown(
         "rejection @ 95 %",
         "core fraction",
         "σ68(q/pT)",
+        "σ68 / limit",
         "events in σ68",
     ]
     rows = []
@@ -551,6 +608,7 @@ def render_markdown(
                 _rejection_text(cls.get("rejection_at_95"), cls.get("rejection_at_95_err"), n_background),
                 format_value_error(core["core_fraction"], core["core_fraction_err"]) if core else None,
                 format_value_error(row["sigma68"], row["sigma68_err"]) if row["sigma68"] is not None else None,
+                _value_error_or_none(row, "sigma68_over_limit"),
                 row["n_events"],
             ]
         )
@@ -558,6 +616,8 @@ def render_markdown(
     lines += [
         "",
         "AUC (score): the raw classifier score; AUC (weight): the final hit weights (see Hit classification).",
+        "",
+        _limit_sentence(results),
     ]
     lines += ["", "## Comparison", "", "Generated from the numbers above; significance uses the quoted errors.", ""]
     for lead, sentences in comparison_blocks(results):
@@ -660,6 +720,28 @@ def render_markdown(
 
     lines += ["", "## Definitions", "", *DEFINITIONS, ""]
     return "\n".join(lines)
+
+
+def _limit_sentence(results: ReportResults) -> str:
+    """What the limit row is, with the point resolution it used (or why there is none)."""
+    limit = results.limit
+    if limit is None:
+        return f"No `{LIMIT_ROW}` row and no σ68 / limit: {results.limit_problem}."
+    unbounded = (
+        f"; {limit.n_unbounded} events crossing fewer than three layers have no bound and are left out"
+        if limit.n_unbounded
+        else ""
+    )
+    return (
+        f"`{LIMIT_ROW}`: the Cramér–Rao limit of σ68(q/pT) on the {limit.n_events} evaluated events, σ68 = "
+        f"{limit.sigma68:.4g} (exact for these events' true pT, position and angle; no error quoted){unbounded}. "
+        f"Its point resolution is {1000 * limit.point_sigma:.2f} µm, the RMS of the charge-centroid residuals of "
+        f"the {limit.clusters} clean clusters of the same events (the muon's cluster where no other particle or "
+        f"noise strip touches it; their σ68 {1000 * limit.point_sigma68:.2f} µm), on every layer the muon crosses, "
+        "with the Highland scattering of the dataset's material after each. It is what an efficient fit of the "
+        "muon's clusters would reach were every cluster as good as a clean one: σ68 / limit = 1 is that floor, "
+        "1.2 is 20 % above it (error: the row's bootstrap error over the limit)."
+    )
 
 
 def _hit_weight_rows(results: ReportResults) -> list[str]:
@@ -774,6 +856,15 @@ DEFINITIONS = [
     "half-width of the median-centred interval holding 68 % of the events; 0.9945σ for a Gaussian. Error: "
     f"standard deviation of σ68 over {m.N_BOOTSTRAP} bootstrap resamples (seed 0).",
     "- **pT bins**: true pT in [20, 25), [25, 30), ..., [45, 50] GeV (last bin closed); successful fits only.",
+    f"- **{LIMIT_ROW}, σ68 / limit**: for each evaluated event the Cramér–Rao bound on σ(q/pT) of an unbiased fit "
+    "of its clusters (`analysis/limit.py`): an exact circle from the event's true x0, angle and pT, a Gaussian "
+    "Highland kink (the detector's x/X0 per layer, the path through it) after every layer the muon crosses, and a "
+    "Gaussian point error on every layer with a true crossing, equal to the RMS of the clean-cluster "
+    "charge-centroid residuals of the evaluated events. Relative to |q/pT| each event is a zero-mean Gaussian; "
+    "the row's σ68 (overall and per pT bin) is the exact σ68 of the mixture of the events' Gaussians (root "
+    "finding, no sampling), so it has no error (null). Events crossing fewer than three layers have no bound "
+    "(counted as failed). A row's σ68 / limit is its σ68 over the limit's, its error the row's σ68 error over "
+    "the limit.",
     f"- **Comparisons**: a difference is called significant from {SIGNIFICANCE_THRESHOLD:g}σ, σ being the two "
     "errors added in quadrature (conservative: both models see the same events).",
 ]
@@ -799,7 +890,9 @@ def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
         "rejection": fig.plot_rejection_vs_efficiency(results.rocs, figures_dir / _FIGURE_NAMES["rejection"]),
         "scores": fig.plot_score_histograms(results.hit_scores, figures_dir / _FIGURE_NAMES["scores"]),
         "q_over_pt": fig.plot_q_over_pt_residuals(
-            results.track_residuals, results.resolution, figures_dir / _FIGURE_NAMES["q_over_pt"]
+            results.track_residuals,
+            results.resolution.filter(pl.col("model") != LIMIT_ROW),
+            figures_dir / _FIGURE_NAMES["q_over_pt"],
         ),
         "sigma68_pt": fig.plot_sigma68_vs_pt(results.resolution_pt, figures_dir / _FIGURE_NAMES["sigma68_pt"]),
     }
@@ -844,7 +937,9 @@ def write_report(
         dataset_events: the dataset's events (needs event_id, pt [GeV], q).
         context: free-form description of what was run (e.g. dataset, n_events, config, runs as a list of
             {model, preset, epochs, seed, training_seconds}); rendered as given. The catalog takes its identity
-            columns from it (see :func:`analysis.catalog.identity_frame`).
+            columns from it (see :func:`analysis.catalog.identity_frame`), the ``limit`` row the dataset's
+            detector config from its ``detector`` (:func:`context_detector`; without one the report has no limit
+            row and says so).
         published_as: the folder the report will be read from, when ``report_dir`` is a staging folder
             (:func:`staged_report`); the catalog's ``report`` column. Default: ``report_dir``.
 
@@ -852,14 +947,15 @@ def write_report(
         The summary written to summary.json (see :func:`build_summary`).
 
     Raises:
-        MuontrackError: missing or malformed predictions or truth; nothing is written then.
+        MuontrackError: missing or malformed predictions or truth, or a malformed ``context["detector"]``;
+            nothing is written then.
     """
     report_dir = Path(report_dir)
     context = context or {}
     predictions = _scan_predictions(report_dir / "predictions")
     _check_dataset_frame(dataset_hits, "hits")
     _check_dataset_frame(dataset_events, "events")
-    results = compute_results(predictions, dataset_hits, dataset_events)
+    results = compute_results(predictions, dataset_hits, dataset_events, detector=context_detector(context))
     summary = build_summary(results)
     catalog_summary, catalog_resolution = catalog_frames(
         results, context, Path(os.path.abspath(published_as or report_dir))

@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -271,8 +271,9 @@ def combine_shards(shards: list[list[dict[str, pl.DataFrame]]], out: Path) -> Pa
 
 
 def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
-    """What the report says was run: dataset, code, each run's configuration (with the model rows it gives,
-    ``reported_as``, and the training code version it recorded) and the environment (versions, device)."""
+    """What the report says was run: dataset, code, the dataset's detector config (``detector``: the report's
+    limit row is computed from it, analysis.report.context_detector), each run's configuration (with the model rows
+    it gives, ``reported_as``, and the training code version it recorded) and the environment (versions, device)."""
     from analysis.catalog import environment
     from pipeline.dataset import open_dataset
 
@@ -283,6 +284,7 @@ def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
         "dataset_seed": dataset.seed,
         "dataset_config_hash": dataset.manifest.get("config_hash"),
         "code_version": code_version(),
+        "detector": asdict(dataset.config.detector),
         "runs": [],
     }
     for run in runs:

@@ -2,7 +2,8 @@
 
 Everything that lists models derives from here: the CLI's ``--model`` and ``--estimator`` choices
 (flows.cli), the models a ``muontrack run`` job trains (flows.steps), the `model` column's values and the
-report's row order (pipeline.schema.MODEL_NAMES, analysis), TrainConfig's estimator and noise choices
+report's row order (pipeline.schema.MODEL_NAMES, analysis), the rows of the summary and catalog
+(:data:`SUMMARY_ROWS`: the model rows and the :data:`LIMIT_ROW`), TrainConfig's estimator and noise choices
 (model.config). The implementations check themselves against it: model.objectives registers exactly the
 :data:`TRAINED_MODELS` with the rows named here, model.assignment implements the :data:`ESTIMATORS` and
 :data:`NOISES`.
@@ -54,6 +55,15 @@ REPORT_ROWS: tuple[str, ...] = (
     "assignment",
 )
 
+#: the summary's reference row that no model gives: the Cramér-Rao limit of σ68(q/pT) on the evaluated events
+#: (analysis.limit, analysis.metrics.resolution_limit). Neither trained nor a prediction, so not in
+#: :data:`REPORT_ROWS` (the `model` column of REPORT/predictions); a row of summary.json, resolution.csv and the
+#: catalog, and the yardstick of every row's ``sigma68_over_limit``
+LIMIT_ROW = "limit"
+#: the rows of summary.json, the report's tables, resolution.csv and the catalog, in report order: the limit
+#: first (the floor every row is measured against), then :data:`REPORT_ROWS`
+SUMMARY_ROWS: tuple[str, ...] = (LIMIT_ROW, *REPORT_ROWS)
+
 #: the models ``muontrack train --model`` takes
 TRAINED_MODELS: tuple[str, ...] = tuple(spec.name for spec in MODELS if spec.trained)
 #: what the ``cpu`` job trains unless told otherwise
@@ -79,6 +89,8 @@ def _check() -> None:
     rows = [row for spec in MODELS for row in spec.rows]
     if sorted(rows) != sorted(REPORT_ROWS) or len(set(rows)) != len(rows):
         raise AssertionError(f"REPORT_ROWS {REPORT_ROWS} must list each model's rows once, got {rows}")
+    if LIMIT_ROW in rows or LIMIT_ROW in {spec.name for spec in MODELS}:
+        raise AssertionError(f"{LIMIT_ROW!r} is the limit's row: no model may give it")
 
 
 _check()

@@ -54,6 +54,8 @@ SUMMARY_COLUMNS = {
     "sigma68": pl.Float64,
     "sigma68_err": pl.Float64,
     "n_events": pl.Int64,
+    "sigma68_over_limit": pl.Float64,
+    "sigma68_over_limit_err": pl.Float64,
     "jax_version": pl.String,
     "flax_version": pl.String,
     "numba_version": pl.String,
@@ -228,3 +230,45 @@ def test_results_without_reports_is_a_one_line_error(tmp_path):
         assert_one_line_error(run_muontrack("results", *arguments, cwd=tmp_path), *fragments)
     with pytest.raises(MuontrackError, match=r"no summary\.parquet under"):
         find_summaries([tmp_path])
+
+
+@pytest.mark.usefixtures("placeholder_figures")
+def test_the_limit_row_and_the_ratio_in_the_catalog(tiny_dataset, tmp_path):
+    """A report with the limit beside one without (synthetic truth) and one written before the ratio columns
+    existed: one scan reads them all; the limit row comes first in its report, with its ratio 1."""
+    import dataclasses
+
+    from analysis.catalog import compact_table, read_catalog
+    from pipeline.config import DetectorConfig
+    from pipeline.dataset import open_dataset
+    from pipeline.models import LIMIT_ROW
+
+    data = open_dataset(tiny_dataset)
+    context = catalog_context(0) | {"detector": dataclasses.asdict(DetectorConfig())}
+    with_limit = tmp_path / "reports" / "limit"
+    with staged_report(with_limit) as staging:
+        _write_predictions(staging, data.hits(), data.events().sort("event_id"), **GOOD_E2E)
+        _keep_models(staging, {"truth", "e2e"})
+        summary = write_report(staging, data.hits(), data.events(), context, published_as=with_limit)
+    hits, events = _synthetic_truth(np.random.default_rng(8))
+    publish_report(tmp_path / "reports" / "plain", hits, events, catalog_context(1), seed=1, models={"truth", "e2e"})
+    old = tmp_path / "reports" / "old"
+    publish_report(old, hits, events, catalog_context(2), seed=2, models={"truth", "e2e"})
+    frame = pl.read_parquet(old / "summary.parquet").drop("sigma68_over_limit", "sigma68_over_limit_err")
+    frame.write_parquet(old / "summary.parquet")
+
+    catalog = read_catalog([tmp_path / "reports"])
+    per_report = {
+        name: group.drop("report")
+        for (name,), group in catalog.with_columns(pl.col("report").str.split("/").list.last()).group_by("report")
+    }
+    assert per_report["limit"]["model"].to_list() == [LIMIT_ROW, "truth", "e2e"]
+    limit = per_report["limit"].row(0, named=True)
+    assert (limit["sigma68"], limit["sigma68_err"], limit["run"]) == (summary[LIMIT_ROW]["sigma68"], None, None)
+    e2e = per_report["limit"].filter(pl.col("model") == "e2e").row(0, named=True)
+    assert_allclose(e2e["sigma68_over_limit"], e2e["sigma68"] / limit["sigma68"], rtol=1e-12)
+    assert_allclose(e2e["sigma68_over_limit_err"], e2e["sigma68_err"] / limit["sigma68"], rtol=1e-12)
+    for name in ("plain", "old"):
+        assert per_report[name]["model"].to_list() == ["truth", "e2e"]
+        assert per_report[name]["sigma68_over_limit"].null_count() == 2
+    assert round(e2e["sigma68_over_limit"], 3) in compact_table(catalog)["sigma68_over_limit"].to_list()

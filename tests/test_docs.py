@@ -11,7 +11,7 @@ import typer.main
 from analysis.catalog import RESOLUTION_SCHEMA, SUMMARY_SCHEMA
 from flows.cli import app
 from pipeline import schema
-from pipeline.models import REPORT_ROWS
+from pipeline.models import SUMMARY_ROWS
 
 CONTRACTS = Path(__file__).resolve().parent.parent / "docs" / "contracts.md"
 
@@ -40,7 +40,8 @@ def test_every_column_is_documented(table: str, columns: list[str]) -> None:
 
 
 def test_every_model_row_is_documented() -> None:
-    missing = [row for row in REPORT_ROWS if row not in _documented_names()]
+    # the model rows and the limit row (pipeline.models.SUMMARY_ROWS)
+    missing = [row for row in SUMMARY_ROWS if row not in _documented_names()]
     assert not missing, missing
 
 

@@ -14,9 +14,12 @@ from matplotlib.figure import Figure
 
 from analysis import figures
 from analysis.metrics import GaussianFit, roc_curve
+from pipeline.models import LIMIT_ROW
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODELS = ("truth", "baseline", "e2e", "classical")
+#: the limit row's σ68 in the two pT bins of the inputs
+LIMIT = {20.0: 0.015, 35.0: 0.018}
 #: rcParams set by mplhep's ROOT style that differ from matplotlib's defaults, checked at drawing time
 STYLE_KEYS = ("xtick.direction", "ytick.direction", "xtick.top", "ytick.right", "xaxis.labellocation")
 
@@ -50,6 +53,10 @@ def _tiny_inputs() -> dict[str, object]:
                     "sigma68_err": 0.002,
                 }
             )
+    for pt_lo, value in LIMIT.items():
+        resolution_pt.append(
+            {"model": LIMIT_ROW, "pt_lo": pt_lo, "pt_hi": pt_lo + 15.0, "n": n, "sigma68": value, "sigma68_err": None}
+        )
     return {
         "hit_scores": pl.concat(hit_scores),
         "rocs": rocs,
@@ -74,6 +81,9 @@ FIGURES: dict[str, Callable[[Path], Path]] = {
         INPUTS["track_residuals"], INPUTS["resolution"], path
     ),
     "sigma68_vs_pt.png": lambda path: figures.plot_sigma68_vs_pt(INPUTS["resolution_pt"], path),
+    "sigma68_vs_pt_without_limit.png": lambda path: figures.plot_sigma68_vs_pt(
+        INPUTS["resolution_pt"].filter(pl.col("model") != LIMIT_ROW), path
+    ),
 }
 
 
@@ -124,8 +134,9 @@ def test_figures_are_drawn_in_mplheps_style_without_changing_global_rcparams(tmp
             assert rc[key] == mplhep.style.ROOT[key], key
         assert rc["font.sans-serif"][0] == "TeX Gyre Heros"
         assert rc["font.size"] == figures._STYLE_OVERRIDES["font.size"]
-        # ... and in the figure: ticks inside on all four sides, minor ticks, axis labels at the axis ends
-        ax = fig.axes[0]
+        # ... and in the figure: ticks inside on all four sides, minor ticks, axis labels at the axis ends (of the
+        # panel with the x label, the lowest)
+        ax = next(axis for axis in fig.axes if axis.get_xlabel())
         tick = ax.xaxis.get_major_ticks()[0]
         assert tick.tick2line.get_visible()
         assert ax.yaxis.get_major_ticks()[0].tick2line.get_visible()
@@ -143,8 +154,9 @@ def test_axis_labels_carry_hep_units(tmp_path, saves):
     labels = {}
     for (fig, _, fmt), name in zip(saves[::2], FIGURES, strict=True):
         assert fmt == "png"
-        labels[name] = (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel())
+        labels[name] = (next(ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()), fig.axes[0].get_ylabel())
     assert labels["sigma68_vs_pt.png"][0] == "$p_T^{true}$ [GeV]"
+    assert labels["sigma68_vs_pt_without_limit.png"][0] == "$p_T^{true}$ [GeV]"
     assert labels["cluster_residuals.png"][0].endswith("[mm]")
     assert labels["cluster_residuals.png"][1].endswith("[1/mm]")
     assert "q/p_T" in labels["q_over_pt_residuals.png"][0]
@@ -191,7 +203,65 @@ def test_empty_inputs_still_draw(tmp_path):
         figures.plot_q_over_pt_residuals(
             INPUTS["track_residuals"].clear(), INPUTS["resolution"].clear(), tmp_path / "q.png"
         ),
+        figures.plot_sigma68_vs_pt(INPUTS["resolution_pt"].clear(), tmp_path / "pt.png"),
     ):
         assert path.read_bytes()[:8] == PNG_MAGIC
         assert path.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
-    assert len(list(tmp_path.iterdir())) == 6
+    assert len(list(tmp_path.iterdir())) == 8
+
+
+def _errorbar_points(ax) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{colour: (x, y)} of the markers of every error bar drawn in ``ax``."""
+    points = {}
+    for container in ax.containers:
+        line = container.lines[0]
+        points[matplotlib.colors.to_hex(line.get_color())] = (
+            np.asarray(line.get_xdata()),
+            np.asarray(line.get_ydata()),
+        )
+    return points
+
+
+def test_sigma68_vs_pt_draws_the_limit_and_every_models_ratio_to_it(tmp_path, saves):
+    resolution_pt = INPUTS["resolution_pt"]
+    # one point far beyond the ratio axis (issue 26: a model at σ68 ~ 5 squashed the others on a linear axis)
+    resolution_pt = resolution_pt.with_columns(
+        sigma68=pl.when((pl.col("model") == "classical") & (pl.col("pt_lo") == 35.0)).then(5.0).otherwise("sigma68")
+    )
+    figures.plot_sigma68_vs_pt(resolution_pt, tmp_path / "pt.png")
+    fig = saves[0][0]
+    top, ratio = fig.axes
+    # the σ68 panel: log axis holding every point, the limit a line across each bin at its value
+    assert top.get_yscale() == "log"
+    (limit_lines,) = [c for c in top.collections if c.get_label() == figures.LIMIT_STYLE["label"]]
+    segments = sorted((tuple(seg[0]), tuple(seg[1])) for seg in limit_lines.get_segments())
+    assert segments == [((lo, value), (lo + 15.0, value)) for lo, value in sorted(LIMIT.items())]
+    low, high = top.get_ylim()
+    assert low < min(LIMIT.values())
+    assert high > 5.0
+    # the ratio panel: each model's σ68 / the limit of its bin, on a linear axis that zooms on the models
+    assert ratio.get_yscale() == "linear"
+    assert ratio.get_ylim()[1] == figures.RATIO_AXIS_MAX
+    drawn, above = _errorbar_points(ratio), _errorbar_points(top)
+    arrows = {
+        matplotlib.colors.to_hex(line.get_color()): line for line in ratio.get_lines() if line.get_gid() == "beyond"
+    }
+    for model in MODELS:
+        colour = matplotlib.colors.to_hex(figures.model_style(model)["color"])
+        rows = resolution_pt.filter(pl.col("model") == model).sort("pt_lo")
+        ratios = np.array([value / LIMIT[lo] for lo, value in rows.select("pt_lo", "sigma68").rows()])
+        inside = ratios <= figures.RATIO_AXIS_MAX
+        x, y = drawn[colour]
+        np.testing.assert_allclose(y, ratios[inside], rtol=1e-12)
+        np.testing.assert_allclose(x, above[colour][0][inside])  # below the model's points of the σ68 panel
+        np.testing.assert_allclose(above[colour][1], rows["sigma68"].to_numpy())
+        # a point beyond the axis: an arrow at the top edge of the ratio panel, in its model's colour
+        assert len(arrows[colour].get_xdata()) == int((~inside).sum())
+        assert np.all(np.asarray(arrows[colour].get_ydata()) > ratio.get_ylim()[0])
+        assert np.all(np.asarray(arrows[colour].get_ydata()) < figures.RATIO_AXIS_MAX)
+    assert len(arrows[matplotlib.colors.to_hex("tab:green")].get_xdata()) >= 1  # classical's σ68 of 5
+    # without the limit: one panel, still a log axis
+    figures.plot_sigma68_vs_pt(resolution_pt.filter(pl.col("model") != LIMIT_ROW), tmp_path / "bare.png")
+    (only,) = saves[2][0].axes
+    assert only.get_yscale() == "log"
+    assert not [c for c in only.collections if c.get_label() == figures.LIMIT_STYLE["label"]]

@@ -247,3 +247,47 @@ def test_clean_clusters_without_background_are_all_the_muon_crossings():
     h = pl.DataFrame(hits).filter((pl.col("event_id") == one["event_id"]) & (pl.col("layer") == one["layer"]))
     centroid = float((h["x"].cast(pl.Float64) * h["charge"]).sum() / h["charge"].cast(pl.Float64).sum())
     assert_allclose(one["x_centroid"], centroid, rtol=1e-12)
+
+
+def test_the_limit_row_of_an_evaluation(tiny_dataset):
+    """analysis.metrics.resolution_limit: the bound of the given events with the point resolution of their own
+    clean clusters; events crossing fewer than three layers are left out and counted, as failed fits are."""
+    from analysis.metrics import resolution_limit, with_limit_ratio
+
+    dataset = open_dataset(tiny_dataset)
+    events = dataset.events().sort("event_id").collect()
+    chosen = events["event_id"].to_numpy()[::2]
+    # two of the chosen events keep only two measured layers
+    cut = set(chosen[:2].tolist())
+    two_layers = [
+        [x if (layer < 2 or event_id not in cut) else math.nan for layer, x in enumerate(xs)]
+        for event_id, xs in zip(events["event_id"].to_list(), events["x_true"].to_list(), strict=True)
+    ]
+    events = events.with_columns(pl.Series("x_true", two_layers, dtype=pl.List(pl.Float32)))
+    limit = resolution_limit(chosen, dataset.hits(), events.lazy(), DETECTOR)
+    assert (limit.n_events, limit.n_unbounded) == (chosen.size, 2)
+    row = limit.resolution.row(0, named=True)
+    assert (row["model"], row["n_tracks"], row["n_failed"], row["n"]) == ("limit", chosen.size, 2, chosen.size - 2)
+    assert row["sigma68_err"] is None
+    # the same numbers from the module's parts on the chosen events
+    selected = events.filter(pl.col("event_id").is_in(chosen.tolist()))
+    hits = dataset.hits().filter(pl.col("event_id").is_in(chosen.tolist()))
+    point = point_resolution(clean_cluster_residuals(hits, selected)["residual"])
+    assert (limit.point_sigma, limit.clusters) == (point["rms"], point["clusters"])
+    bounds = event_bounds(selected, DETECTOR, point["rms"])["relative_sigma"].to_numpy()
+    assert np.isinf(bounds).sum() == 2
+    assert limit.sigma68 == mixture_sigma68(bounds[np.isfinite(bounds)])
+    assert limit.resolution_pt["n"].sum() == chosen.size - 2
+    # the ratio of every row to it
+    table = pl.concat(
+        [limit.resolution, limit.resolution.with_columns(model=pl.lit("e2e"), sigma68=0.02, sigma68_err=0.001)]
+    )
+    ratios = with_limit_ratio(table)
+    assert ratios["sigma68_over_limit"].to_list() == [1.0, 0.02 / limit.sigma68]
+    assert ratios["sigma68_over_limit_err"].to_list() == [None, 0.001 / limit.sigma68]
+    assert with_limit_ratio(table.slice(1))["sigma68_over_limit"].to_list() == [None]
+    # what it needs
+    with pytest.raises(ValueError, match="lack the columns x0, theta0"):
+        resolution_limit(chosen, dataset.hits(), events.drop("x0", "theta0").lazy(), DETECTOR)
+    with pytest.raises(ValueError, match="17 layers"):
+        resolution_limit(chosen, dataset.hits(), events.lazy(), DetectorConfig(layers_per_station=(8, 4, 5)))

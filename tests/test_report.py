@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
 import re
 import shutil
 import sys
@@ -28,7 +30,9 @@ from analysis.report import (
     staged_report,
     write_report,
 )
+from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
 from pipeline.errors import MuontrackError
+from pipeline.models import LIMIT_ROW
 from pipeline.schema import MODEL_NAMES, PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 from tests.helpers import snapshot
 
@@ -313,6 +317,10 @@ def test_write_report_files_and_contents(tmp_path, truth):
     assert "## Definitions" in report
 
     assert "`auc` is the raw score's AUC and `auc_weight` the final weights'" in report
+    # no detector in the context (and no truth track columns): no limit row, and the report says why
+    assert LIMIT_ROW not in summary
+    assert all(row["sigma68_over_limit"] is None for row in summary.values())
+    assert "No `limit` row and no σ68 / limit: no detector config was given" in report
 
     # the comparison says e2e is better, with a significance
     comparisons = _comparison_lines(report)
@@ -718,9 +726,190 @@ def test_evaluate_refuses_a_report_of_other_runs_without_overwrite(tiny_dataset,
     assert status == 0, stderr
     document = json.loads(stdout)
     assert document["report"] == str(out / "report.md")
-    assert list(document["summary"]) == ["truth", "classical", "e2e"]
+    # a real dataset: report_context gives its detector, so the report has the limit row, first
+    assert list(document["summary"]) == [LIMIT_ROW, "truth", "classical", "e2e"]
     assert document["summary"] == json.loads((out / "summary.json").read_text())
     catalog = pl.read_parquet(out / "summary.parquet")
     assert catalog.filter(pl.col("model") == "e2e")["run"].to_list() == [str(second.resolve())]
     assert catalog["dataset"].unique().to_list() == [str(tiny_dataset.resolve())]
     assert _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The limit row (the Cramér-Rao limit of σ68(q/pT)), against computations written out here
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _clean_cluster_residuals(hits: pl.DataFrame, events: pl.DataFrame) -> np.ndarray:
+    """Charge-centroid residuals [mm] of the muon's clean clusters, one (event, layer) at a time: the run of
+    contiguous strips holding the muon's signal strips, when it is the only such run of the layer and every strip
+    of it is the muon's."""
+    x_true = dict(zip(events["event_id"].to_list(), events["x_true"].to_list(), strict=True))
+    residuals = []
+    for (event_id, layer), group in hits.sort("strip").group_by("event_id", "layer"):
+        truth = x_true[event_id][layer]
+        if truth is None or not math.isfinite(truth):
+            continue
+        strips = group["strip"].to_numpy()
+        muon = group["is_signal"].to_numpy() & (group["particle_id"].to_numpy() == 0)
+        runs = np.split(np.arange(strips.size), np.flatnonzero(np.diff(strips) != 1) + 1)
+        with_muon = [run for run in runs if muon[run].any()]
+        if len(with_muon) != 1 or not muon[with_muon[0]].all():
+            continue
+        charge = group["charge"].to_numpy().astype(np.float64)[with_muon[0]]
+        x = group["x"].to_numpy().astype(np.float64)[with_muon[0]]
+        residuals.append(np.sum(charge * x) / np.sum(charge) - float(np.float32(truth)))
+    return np.array(residuals)
+
+
+def _circle_x(layer_y: np.ndarray, x0: float, theta0: float, q_over_pt: float, b_field: float) -> np.ndarray:
+    """x of the circle through (x0, the first layer) with direction theta0 to the y axis and curvature
+    0.3 B q/pT (a positive muon bends towards +x), on every layer: the centre-and-radius form."""
+    kappa = q_over_pt * PT_PER_TESLA_METRE * b_field / 1000.0  # [1/mm]
+    xc, yc = x0 + math.cos(theta0) / kappa, layer_y[0] - math.sin(theta0) / kappa
+    return xc - math.copysign(1.0, kappa) * np.sqrt(1.0 / kappa**2 - (layer_y - yc) ** 2)
+
+
+def _least_squares_widths(events: pl.DataFrame, detector: DetectorConfig, sigma: float) -> np.ndarray:
+    """Relative width sigma(q/pT) pT of each event without material: the plain least-squares bound
+    sigma^2 [(J^T J)^-1]_(q/pT) over the layers with a finite x_true, J by central finite differences."""
+    layer_y = detector.layer_y()
+    widths = []
+    for row in events.iter_rows(named=True):
+        measured = np.isfinite(np.array(row["x_true"], np.float64))
+        p = np.array([row["x0"], row["theta0"], row["q"] / row["pt"]], np.float64)
+        steps = np.array([1e-3, 1e-6, 1e-6])
+        jac = np.stack(
+            [
+                (
+                    _circle_x(layer_y, *(p + step * unit), detector.b_field)
+                    - _circle_x(layer_y, *(p - step * unit), detector.b_field)
+                )
+                / (2 * step)
+                for step, unit in zip(steps, np.eye(3), strict=True)
+            ],
+            axis=1,
+        )[measured]
+        widths.append(sigma * math.sqrt(np.linalg.inv(jac.T @ jac)[2, 2]) * float(np.float32(row["pt"])))
+    return np.array(widths)
+
+
+def _limit_report(out: Path, dataset: Path, detector: DetectorConfig) -> tuple[dict, pl.DataFrame, pl.DataFrame]:
+    """A report of synthetic predictions of a real dataset's events, with ``detector`` in the context: (summary,
+    events, hits)."""
+    from pipeline.dataset import open_dataset
+
+    data = open_dataset(dataset)
+    events = data.events().sort("event_id")
+    _write_predictions(out, data.hits(), events, **GOOD_E2E)
+    _keep_models(out, {"truth", "truth_charge", "classical", "e2e"})
+    context = catalog_context(0) | {"detector": dataclasses.asdict(detector)}
+    summary = write_report(out, data.hits(), data.events(), context)
+    return summary, events.collect(), data.hits().collect()
+
+
+@pytest.mark.usefixtures("placeholder_figures")
+def test_limit_row_against_an_independent_bound(tiny_dataset, tmp_path):
+    """Without material the bound is the plain least-squares one; its σ68 against a Monte Carlo sample of the
+    events' Gaussians, and the point resolution against the clean clusters found here."""
+    thin = DetectorConfig(x_over_x0=0.0)
+    summary, events, hits = _limit_report(tmp_path, tiny_dataset, thin)
+    report = (tmp_path / "report.md").read_text()
+    residuals = _clean_cluster_residuals(hits, events)
+    rms = math.sqrt(np.mean(residuals**2))
+    assert 0.8 * np.isfinite(np.array(events["x_true"].to_list(), np.float64)).sum() < residuals.size
+    assert f"Its point resolution is {1000 * rms:.2f} µm, the RMS of the charge-centroid residuals of the " in report
+    assert f"the {residuals.size} clean clusters" in report
+
+    widths = _least_squares_widths(events, thin, rms)
+    limit = summary[LIMIT_ROW]
+    assert limit["n_events"] == events.height
+    assert limit["sigma68_err"] is None
+    # a Monte Carlo sample of the mixture of the events' Gaussians: its σ68 scatters by about 1.3 / sqrt(N) of
+    # itself (tests/test_limit.py)
+    rng = np.random.default_rng(11)
+    draws = 2000
+    sample = rng.normal(size=(widths.size, draws)) * widths[:, None]
+    sampled = np.quantile(np.abs(sample - np.median(sample)), 0.68)
+    assert abs(limit["sigma68"] / sampled - 1) < 4 * 1.3 / math.sqrt(sample.size)
+    # ... and the same per 5 GeV bin of true pT (resolution.csv)
+    pt = events["pt"].cast(pl.Float64).to_numpy()
+    bins = np.minimum(np.floor((pt - 20.0) / 5.0), 5).astype(int)
+    with (tmp_path / "resolution.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row["model"] == LIMIT_ROW]
+    assert [float(row["pt_lo"]) for row in rows] == [20.0, 25.0, 30.0, 35.0, 40.0, 45.0]
+    for index, row in enumerate(rows):
+        selected = sample[bins == index]
+        assert int(row["n"]) == int((bins == index).sum())
+        assert row["sigma68_err"] == ""
+        expected = np.quantile(np.abs(selected - np.median(selected)), 0.68)
+        assert abs(float(row["sigma68"]) / expected - 1) < 4 * 1.3 / math.sqrt(selected.size)
+    # the limit row is exact: the exact σ68 of the independent widths' mixture agrees to the precision of the
+    # finite differences
+    from analysis.limit import mixture_sigma68
+
+    assert_allclose(limit["sigma68"], mixture_sigma68(widths), rtol=1e-6)
+
+
+@pytest.mark.usefixtures("placeholder_figures")
+def test_limit_row_in_the_summary_table_report_and_catalog(tiny_dataset, tmp_path):
+    summary, events, _ = _limit_report(tmp_path, tiny_dataset, DetectorConfig())
+    assert list(summary) == [LIMIT_ROW, "truth", "truth_charge", "classical", "e2e"]
+    limit = summary[LIMIT_ROW]
+    assert tuple(limit) == SUMMARY_KEYS
+    assert all(limit[key] is None for key in SUMMARY_KEYS if key.startswith(("auc", "rejection", "hit_", "core")))
+    assert (limit["sigma68_err"], limit["sigma68_over_limit"], limit["sigma68_over_limit_err"]) == (None, 1.0, None)
+    # the dataset's material costs resolution: the limit is far above the one without it
+    thin, _, _ = _limit_report(tmp_path / "thin", tiny_dataset, DetectorConfig(x_over_x0=0.0))
+    assert limit["sigma68"] > 1.5 * thin[LIMIT_ROW]["sigma68"]
+    # every row's distance to the limit
+    for model in ("truth", "truth_charge", "classical", "e2e"):
+        row = summary[model]
+        assert_allclose(row["sigma68_over_limit"], row["sigma68"] / limit["sigma68"], rtol=1e-12)
+        assert_allclose(row["sigma68_over_limit_err"], row["sigma68_err"] / limit["sigma68"], rtol=1e-12)
+    # the rows were given 1 %, 1.2 %, 3 % and 2 % (GOOD_E2E): all above the limit of ~0.9 %
+    assert 1.0 < summary["truth"]["sigma68_over_limit"] < summary["e2e"]["sigma68_over_limit"]
+
+    # the console table: a ÷limit column with each row's ratio, on the row's line
+    table = format_summary_table(summary).splitlines()
+    assert "÷limit" in table[0]
+    for model, row in summary.items():
+        (line,) = [line for line in table if line.split()[0] == model]
+        assert f" {row['sigma68_over_limit']:.3f} " in line
+    # report.md: the column and the sentence
+    report = (tmp_path / "report.md").read_text()
+    header = report.split("## Summary", 1)[1].strip().splitlines()[0]
+    assert "| σ68(q/pT) | σ68 / limit | events in σ68 |" in header
+    e2e = summary["e2e"]
+    e2e_line = next(line for line in report.splitlines() if line.startswith("| e2e | "))
+    assert f"| {format_value_error(e2e['sigma68_over_limit'], e2e['sigma68_over_limit_err'])} |" in e2e_line
+    assert f"`limit`: the Cramér–Rao limit of σ68(q/pT) on the {events.height} evaluated events" in report
+
+    # the catalog: the limit row first, no training run, the numbers of summary.json, the ratio columns
+    catalog = pl.read_parquet(tmp_path / "summary.parquet")
+    assert catalog["model"].to_list() == list(summary)
+    for row in catalog.iter_rows(named=True):
+        for key in ("sigma68", "sigma68_err", "n_events", "sigma68_over_limit", "sigma68_over_limit_err"):
+            assert row[key] == summary[row["model"]][key], (row["model"], key)
+    assert catalog.filter(pl.col("model") == LIMIT_ROW)["run"].to_list() == [None]
+    resolution = pl.read_parquet(tmp_path / "resolution.parquet")
+    limit_bins = resolution.filter(pl.col("model") == LIMIT_ROW)
+    assert resolution["model"].to_list()[:6] == [LIMIT_ROW] * 6
+    assert limit_bins["n"].sum() == limit["n_events"]
+    assert limit_bins["sigma68_err"].null_count() == 6
+    assert (limit_bins["sigma68"] > 0.5 * limit["sigma68"]).all()
+
+
+def test_a_malformed_detector_in_the_context_writes_nothing(tiny_dataset, tmp_path):
+    from pipeline.dataset import open_dataset
+
+    data = open_dataset(tiny_dataset)
+    _write_predictions(tmp_path, data.hits(), data.events().sort("event_id"), **GOOD_E2E)
+    partial = {"pitch": 0.5}  # the other fields would silently take their defaults
+    for detector, message in (
+        (partial, "must hold exactly the fields"),
+        (dataclasses.asdict(DetectorConfig()) | {"pitch": -1.0}, "pitch"),
+    ):
+        with pytest.raises(MuontrackError, match=message):
+            write_report(tmp_path, data.hits(), data.events(), {"detector": detector})
+    assert not (tmp_path / "summary.json").exists()
