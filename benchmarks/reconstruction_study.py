@@ -31,27 +31,35 @@ from analysis import metrics
 from classical import predict_classical
 from model.inference import BUCKET_STEP, predict_run
 from model.steps import device_batch
-from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct
+from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, ROBUST_CIRCLE_CHAIN, Chain, reconstruct
 from pipeline.batches import Geometry, iter_batches, split_summary
 from pipeline.dataset import open_dataset
 
+#: the circle-fit variants ablate the robust chain as it was before the scattering-aware fit
+#: (ROBUST_CIRCLE_CHAIN: layer widths in mm); the scatter_* ones ablate ROBUST_CHAIN (layer widths in pulls)
 VARIANTS: dict[str, Chain] = {
     "paper": PAPER_CHAIN,
     "paper_hyper": Chain(fit="hyper"),
     "paper_charge": Chain(charge_weighted=True),
     "robust": ROBUST_CHAIN,
-    "robust_kasa": replace(ROBUST_CHAIN, fit="kasa"),
-    "robust_nocharge": replace(ROBUST_CHAIN, charge_weighted=False),
-    "robust_kasa_nocharge": replace(ROBUST_CHAIN, fit="kasa", charge_weighted=False),
-    "hits_only": replace(ROBUST_CHAIN, layer_widths=()),
-    "hits_only_cut3": replace(ROBUST_CHAIN, layer_widths=(), cut=3.0),
-    "hits_K3": replace(ROBUST_CHAIN, widths=(20.0, 5.0, 1.0)),
-    "hits_end_1mm": replace(ROBUST_CHAIN, widths=(20.0, 5.0, 2.0, 1.0)),
-    "clusters_K3": replace(ROBUST_CHAIN, layer_widths=(0.3, 0.1, 0.03)),
-    "clusters_end_50um": replace(ROBUST_CHAIN, layer_widths=(1.0, 0.3, 0.1, 0.07, 0.05)),
-    "clusters_end_20um": replace(ROBUST_CHAIN, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03, 0.02)),
-    "cut2": replace(ROBUST_CHAIN, cut=2.0),
-    "cut3": replace(ROBUST_CHAIN, cut=3.0),
+    "robust_circle": ROBUST_CIRCLE_CHAIN,
+    "robust_kasa": replace(ROBUST_CIRCLE_CHAIN, fit="kasa"),
+    "robust_nocharge": replace(ROBUST_CIRCLE_CHAIN, charge_weighted=False),
+    "robust_kasa_nocharge": replace(ROBUST_CIRCLE_CHAIN, fit="kasa", charge_weighted=False),
+    "hits_only": replace(ROBUST_CIRCLE_CHAIN, layer_widths=()),
+    "hits_only_cut3": replace(ROBUST_CIRCLE_CHAIN, layer_widths=(), cut=3.0),
+    "hits_K3": replace(ROBUST_CIRCLE_CHAIN, widths=(20.0, 5.0, 1.0)),
+    "hits_end_1mm": replace(ROBUST_CIRCLE_CHAIN, widths=(20.0, 5.0, 2.0, 1.0)),
+    "clusters_K3": replace(ROBUST_CIRCLE_CHAIN, layer_widths=(0.3, 0.1, 0.03)),
+    "clusters_end_50um": replace(ROBUST_CIRCLE_CHAIN, layer_widths=(1.0, 0.3, 0.1, 0.07, 0.05)),
+    "clusters_end_20um": replace(ROBUST_CIRCLE_CHAIN, layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03, 0.02)),
+    "cut2": replace(ROBUST_CIRCLE_CHAIN, cut=2.0),
+    "cut3": replace(ROBUST_CIRCLE_CHAIN, cut=3.0),
+    "scatter_no_layer_steps": replace(ROBUST_CHAIN, layer_widths=()),
+    "scatter_K3": replace(ROBUST_CHAIN, layer_widths=(10.0, 4.0, 2.0)),
+    "scatter_end_3": replace(ROBUST_CHAIN, layer_widths=(30.0, 10.0, 5.0, 3.0)),
+    "scatter_end_1.5": replace(ROBUST_CHAIN, layer_widths=(30.0, 10.0, 5.0, 3.0, 2.0, 1.5)),
+    "scatter_sigma_10um": replace(ROBUST_CHAIN, point_sigma=0.010),
 }
 
 

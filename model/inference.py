@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from model.config import ModelConfig
 from model.objectives import get_objective
 from model.run_folder import CONFIG_NAME, latest_epoch, read_run_config, restore_params
 from model.steps import abstract_params, device_batch, enable_compilation_cache, gat
-from model.tracker import PAPER_CHAIN, Chain, reconstruct
+from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct
 from pipeline.batches import Batch, Geometry, check_buckets, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import ConfigError, RunError
@@ -143,23 +144,25 @@ def _forward_fn(model_config: ModelConfig, objective: str, geometry: Geometry, r
     return forward
 
 
-#: the truth references: (name, weights use the strip charge, chain). ``truth`` is the paper's reference
-#: (labels as weights, Kasa); ``truth_charge`` the charge centroid of the signal strips, fitted with the robust
-#: chain's circle fit, the limit of a cluster-based fit (no reweighting step: labels need none)
-TRUTH_REFERENCES: tuple[tuple[str, bool, Chain], ...] = (
-    ("truth", False, PAPER_CHAIN),
-    ("truth_charge", True, Chain(fit="hyper")),
+#: the truth references, the truth labels as hit weights through a chain: (name, chain). ``truth`` is the paper's
+#: reference (weighted mean of the signal strips, Kasa fit): what the paper's chain gives with perfect labels.
+#: ``truth_charge`` is the reference of a cluster-based fit: the charge centroid of the signal strips, fitted
+#: with the robust chain's scattering-aware fit and its cluster-level steps (no hit-level step: labels need
+#: none; the cluster-level steps take out the layers whose signal cluster another particle's charge shifted),
+#: what the robust chain gives with perfect labels
+TRUTH_REFERENCES: tuple[tuple[str, Chain], ...] = (
+    ("truth", PAPER_CHAIN),
+    ("truth_charge", replace(ROBUST_CHAIN, widths=())),
 )
-if tuple(name for name, _, _ in TRUTH_REFERENCES) != get_model("truth").rows:  # pipeline.models names them
+if tuple(name for name, _ in TRUTH_REFERENCES) != get_model("truth").rows:  # pipeline.models names them
     raise AssertionError(f"TRUTH_REFERENCES do not match pipeline.models' truth rows {get_model('truth').rows}")
 
 
 @functools.cache
-def _truth_forward(geometry: Geometry, use_charge: bool, chain: Chain):
+def _truth_forward(geometry: Geometry, chain: Chain):
     @jax.jit
     def forward(batch: Batch):
-        weights = batch.label * batch.charge if use_charge else batch.label
-        return reconstruct(jnp.where(batch.mask, weights, 0.0), batch, geometry, chain)
+        return reconstruct(jnp.where(batch.mask, batch.label, 0.0), batch, geometry, chain)
 
     return forward
 
@@ -316,8 +319,8 @@ def predict_truth(
     on_batch: Callable[[int], None] | None = None,
     max_hits: int | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """The truth references (:data:`TRUTH_REFERENCES`) on one split: ``truth`` (weights = is_signal) and
-    ``truth_charge`` (is_signal * charge, the charge centroid), as the same three tables as
+    """The truth references (:data:`TRUTH_REFERENCES`) on one split: ``truth`` and ``truth_charge`` (weights =
+    is_signal through the paper's and the robust chain's fit), as the same three tables as
     :func:`predict_run`, stacked. ``on_batch(n_events)`` is called after each batch (a progress display);
     ``max_hits`` as for :func:`predict_run`."""
     dataset = _as_dataset(dataset)
@@ -327,11 +330,11 @@ def predict_truth(
         _, max_hits = split_summary(dataset, split)
     # one shape: no network, so the padding costs little, and a second shape would cost a compilation
     buckets = (BUCKET_STEP * max(1, math.ceil(max_hits / BUCKET_STEP)),)
-    tables = [_Tables(name) for name, _, _ in TRUTH_REFERENCES]
+    tables = [_Tables(name) for name, _ in TRUTH_REFERENCES]
     for batch in iter_batches(dataset, split, TRUTH_BATCH_SIZE, buckets):
         device = device_batch(batch)
-        for table, (_, use_charge, chain) in zip(tables, TRUTH_REFERENCES, strict=True):
-            table.add(batch, batch.label, _truth_forward(geometry, use_charge, chain)(device))
+        for table, (_, chain) in zip(tables, TRUTH_REFERENCES, strict=True):
+            table.add(batch, batch.label, _truth_forward(geometry, chain)(device))
         if on_batch is not None:
             on_batch(int(batch.event_mask.sum()))
     return _stack([table.frames() for table in tables])

@@ -46,9 +46,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from model.cluster import cluster_layers
-from model.fit import FIT_METHODS, fit_track
+from model.cluster import EMPTY_LAYER_WEIGHT, cluster_layers
+from model.fit import FIT_METHODS, TrackFit, fit_track
+from model.scattering_fit import ScatteringFit, scattering_fit
 from pipeline.batches import Batch, Geometry
+from pipeline.config import PT_PER_TESLA_METRE
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,15 @@ class Chain:
     cut: float = 3.0
     #: cluster positions weighted by weight x charge (the charge centroid) instead of the weight alone
     charge_weighted: bool = False
-    #: residual widths t_k [mm] of the cluster-level steps that follow the hit-level ones, in order: each
-    #: layer's cluster is kept with its soft assignment to the current circle (a DAF over clusters, the null
-    #: term as for hits); () is none
+    #: widths t_k of the cluster-level steps that follow the hit-level ones, in order: each layer's cluster is
+    #: kept with its soft assignment to the current track (a DAF over clusters, the null term as for hits); ()
+    #: is none. In mm (the residual to the circle) for a circle-fit chain, in units of the pull (the residual to
+    #: the track fitted without the layer, over its standard deviation with scattering) with ``point_sigma``
     layer_widths: tuple[float, ...] = ()
+    #: point resolution [mm] of the scattering-aware fit (model.scattering_fit, General Broken Lines): with it,
+    #: the cluster-level steps and the final fit are that fit (the hit-level steps keep the circle fit); None:
+    #: circle fits only
+    point_sigma: float | None = None
 
     @property
     def steps(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -86,14 +93,30 @@ class Chain:
             raise ValueError(f"reweighting widths must be > 0, got {self.widths!r}, {self.layer_widths!r}")
         if not self.cut > 0:
             raise ValueError(f"the null-term cut must be > 0, got {self.cut!r}")
+        if self.point_sigma is not None and not self.point_sigma > 0:
+            raise ValueError(f"the point resolution must be > 0 mm, got {self.point_sigma!r}")
 
 
 #: Coccaro et al.'s reconstruction: weighted mean per layer, Kasa fit
 PAPER_CHAIN = Chain()
-#: the default for `baseline` and `e2e`: five annealed hit-level steps, then five cluster-level steps down to the
-#: classical DAF's point resolution (classical.reco: 0.03 mm), charge centroids, Hyper fit. The cut was chosen
-#: on the validation split (benchmarks/reconstruction_study.py; README "Results")
+#: the clean-cluster charge-centroid resolution of the default detector [mm] (RMS 5.17-5.18 um measured on 5k and
+#: 20k events: `python -m benchmarks.limit`), the point error of the scattering-aware fit
+CENTROID_SIGMA = 0.0052
+#: the default for `baseline` and `e2e`: five annealed hit-level steps with the Hyper circle fit, then five
+#: cluster-level steps with the scattering-aware fit, gating each layer on its pull down to a width of 2 (with
+#: the cut of 2.5 a layer 5 sigma off keeps half of its weight: the outlier cut of the issue-23 study), charge
+#: centroids. The hit-level cut was chosen on the validation split (benchmarks/reconstruction_study.py)
 ROBUST_CHAIN = Chain(
+    fit="hyper",
+    widths=(20.0, 5.0, 2.0, 1.0, 0.5),
+    cut=2.5,
+    charge_weighted=True,
+    layer_widths=(30.0, 10.0, 5.0, 3.0, 2.0),
+    point_sigma=CENTROID_SIGMA,
+)
+#: the robust chain before the scattering-aware fit (cluster-level steps on the Hyper circle down to 0.03 mm),
+#: kept for the ablation
+ROBUST_CIRCLE_CHAIN = Chain(
     fit="hyper",
     widths=(20.0, 5.0, 2.0, 1.0, 0.5),
     cut=2.5,
@@ -108,9 +131,7 @@ class Reconstruction(NamedTuple):
     x_hat: Float[Array, "B L"]  # cluster position per layer [mm] (0 on empty layers)
     sigma: Float[Array, "B L"]  # cluster spread [mm], >= pitch / sqrt(12)
     layer_weight: Float[Array, "B L"]  # summed hit weight per layer
-    xc: Float[Array, " B"]  # centre of the fitted circle [mm]
-    yc: Float[Array, " B"]  # [mm]
-    radius: Float[Array, " B"]  # [mm]
+    radius: Float[Array, " B"]  # radius of curvature [mm] (of the unscattered circle with the scattering fit)
     pt: Float[Array, " B"]  # [GeV]
     q: Float[Array, " B"]  # +1.0 / -1.0
     q_over_pt: Float[Array, " B"]  # signed, smooth [1/GeV]
@@ -151,6 +172,27 @@ def soft_assignment(residual: Float[ArrayLike, " N"], width: float, cut: float) 
     return jax.nn.sigmoid(0.5 * (cut * cut - pull * pull))
 
 
+class TrackEstimate(NamedTuple):
+    """What a chain's final fit gives for one event (scalars and ``[L]``; batched by vmap): the common part of
+    model.fit.TrackFit and model.scattering_fit.ScatteringFit."""
+
+    pt: Float[Array, ...]  # [GeV]
+    q: Float[Array, ...]  # +1.0 / -1.0
+    q_over_pt: Float[Array, ...]  # [1/GeV], signed, smooth
+    radius: Float[Array, ...]  # radius of curvature [mm]
+    status: Int[Array, ...]  # model.fit.STATUS_*
+    x_fit: Float[Array, "... L"]  # the fitted track's crossing of each layer [mm]
+
+
+def _circle_estimate(fit: TrackFit) -> TrackEstimate:
+    return TrackEstimate(fit.pt, fit.q, fit.q_over_pt, fit.radius, fit.status, fit.x_fit)
+
+
+def _scattering_estimate(fit: ScatteringFit, b_field: float) -> TrackEstimate:
+    radius = 1e3 * fit.pt / (PT_PER_TESLA_METRE * abs(b_field))  # pT [GeV] = 0.3 B [T] R [m]
+    return TrackEstimate(fit.pt, fit.q, fit.q_over_pt, radius, fit.status, fit.x_fit)
+
+
 def reconstruct_event(
     weights: Float[ArrayLike, " N"],
     x: Float[ArrayLike, " N"],
@@ -158,8 +200,8 @@ def reconstruct_event(
     charge: Float[ArrayLike, " N"],
     geometry: Geometry,
     chain: Chain = PAPER_CHAIN,
-):
-    """One event through ``chain``: ``(x_hat, sigma, layer_weight, TrackFit, final hit weights)``.
+) -> tuple[Float[Array, " L"], Float[Array, " L"], Float[Array, " L"], TrackEstimate, Float[Array, " N"]]:
+    """One event through ``chain``: ``(x_hat, sigma, layer_weight, TrackEstimate, final hit weights)``.
 
     ``charge`` is in units of the mean cluster charge (``Batch.features[..., 2]``); it only matters with
     ``chain.charge_weighted``. Padding must carry weight 0. Computes in float32, or in float64 when
@@ -173,15 +215,14 @@ def reconstruct_event(
     n_layers = len(geometry.layer_y)
     charge = jnp.asarray(charge, dtype)
 
-    def cluster_and_fit(hit_weights):
+    def cluster(hit_weights):
         positions = hit_weights * charge if chain.charge_weighted else None
-        x_hat, sigma, layer_weight = cluster_layers(x, layer, hit_weights, n_layers, geometry.pitch, positions)
+        return cluster_layers(x, layer, hit_weights, n_layers, geometry.pitch, positions)
+
+    def cluster_and_fit(hit_weights):
+        x_hat, sigma, layer_weight = cluster(hit_weights)
         fit = fit_track(x_hat, layer_y, layer_weight, sigma, geometry.b_field, method=chain.fit)
         return x_hat, sigma, layer_weight, fit
-
-    state = (*cluster_and_fit(weights), weights)
-    if not chain.steps:
-        return state
 
     def reweight(state, widths):
         hit_width, layer_width = widths
@@ -192,10 +233,47 @@ def reconstruct_event(
         hit_weights = weights * assignment * jnp.take(gate, layer)
         return (*cluster_and_fit(hit_weights), hit_weights), None
 
-    # a scan, not a Python loop: the step is compiled once, whatever K (an unrolled K = 5 chain took minutes
-    # to compile inside the training step)
-    state, _ = jax.lax.scan(reweight, state, jnp.asarray(chain.steps, dtype).T)
-    return state
+    state = (*cluster_and_fit(weights), weights)
+    if chain.point_sigma is None:
+        if chain.steps:
+            # a scan, not a Python loop: the step is compiled once, whatever K (an unrolled K = 5 chain took
+            # minutes to compile inside the training step)
+            state, _ = jax.lax.scan(reweight, state, jnp.asarray(chain.steps, dtype).T)
+        x_hat, sigma, layer_weight, fit, hit_weights = state
+        return x_hat, sigma, layer_weight, _circle_estimate(fit), hit_weights
+
+    # the scattering-aware chain: the hit-level steps on the circle, then the cluster-level steps and the final
+    # fit with the broken-lines fit
+    if chain.widths:
+        hit_steps = jnp.asarray([chain.widths, [math.inf] * len(chain.widths)], dtype).T
+        state, _ = jax.lax.scan(reweight, state, hit_steps)
+    material = {"x_over_x0": geometry.x_over_x0, "x_min": geometry.x_min, "x_max": geometry.x_max}
+
+    def scattering(x_hat, layer_weight, gate):
+        # a layer's fit weight is its cluster's summed hit weight, capped at 1 (a whole cluster is one
+        # measurement of resolution point_sigma), times its gate; 0 on an empty layer, whose x_hat is a placeholder
+        fit_weight = jnp.where(layer_weight >= EMPTY_LAYER_WEIGHT, jnp.minimum(layer_weight, 1), 0) * gate
+        return scattering_fit(x_hat, layer_y, fit_weight, chain.point_sigma, geometry.b_field, **material)
+
+    x_hat, sigma, layer_weight, _, hit_weights = state
+    state = (x_hat, sigma, layer_weight, scattering(x_hat, layer_weight, 1.0), hit_weights)
+
+    def layer_step(state, pull_width):
+        fit = state[3]
+        # the hits keep the last hit-level step's assignment, now to the broken line (none without such steps)
+        assignment = (
+            soft_assignment(x - jnp.take(fit.x_fit, layer), chain.widths[-1], chain.cut) if chain.widths else 1.0
+        )
+        gate = soft_assignment(fit.pull, pull_width, chain.cut)
+        # the gate scales a layer's hits alike: it leaves the cluster's position as it is and acts on its weight
+        x_hat, sigma, layer_weight = cluster(weights * assignment)
+        final_weights = weights * assignment * jnp.take(gate, layer)
+        return (x_hat, sigma, layer_weight * gate, scattering(x_hat, layer_weight, gate), final_weights), None
+
+    if chain.layer_widths:
+        state, _ = jax.lax.scan(layer_step, state, jnp.asarray(chain.layer_widths, dtype))
+    x_hat, sigma, layer_weight, fit, hit_weights = state
+    return x_hat, sigma, layer_weight, _scattering_estimate(fit, geometry.b_field), hit_weights
 
 
 def reconstruct(
@@ -220,8 +298,6 @@ def reconstruct(
         x_hat=x_hat,
         sigma=sigma,
         layer_weight=layer_weight,
-        xc=fit.xc,
-        yc=fit.yc,
         radius=fit.radius,
         pt=fit.pt,
         q=fit.q,

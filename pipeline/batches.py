@@ -37,6 +37,7 @@ Streaming
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,11 @@ class Geometry(NamedTuple):
     layer_y: tuple[float, ...]  # [mm], length L
     pitch: float  # [mm]
     b_field: float  # [T]
+    #: material per layer [radiation lengths] (0: no multiple scattering), for the scattering-aware fit
+    x_over_x0: float = 0.0
+    #: the active width [mm]: a layer scatters a track only where it crosses inside
+    x_min: float = -math.inf
+    x_max: float = math.inf
 
     @property
     def n_layers(self) -> int:
@@ -99,6 +105,9 @@ class Geometry(NamedTuple):
             layer_y=tuple(float(v) for v in detector.layer_y()),
             pitch=float(detector.pitch),
             b_field=float(detector.b_field),
+            x_over_x0=float(detector.x_over_x0) if detector.multiple_scattering else 0.0,
+            x_min=float(detector.x_min),
+            x_max=float(detector.x_max),
         )
 
 

@@ -21,7 +21,7 @@ from flows import end_to_end, steps, tasks
 from pipeline import provenance
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.schema import MODEL_NAMES
+from pipeline.models import SUMMARY_ROWS
 from tests.helpers import placeholder_figures, snapshot
 
 
@@ -64,7 +64,8 @@ def test_end_to_end_caches_and_recomputes(tmp_path):
     for name in ("summary.json", "resolution.csv", "predictions/hits.parquet", "predictions/tracks.parquet"):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "summary.json").read_text())
-    assert set(summary) == set(MODEL_NAMES)  # every row of the `model` contract, the test job trains all four
+    # every row of the `model` contract (the test job trains all four) and the limit
+    assert set(summary) == set(SUMMARY_ROWS)
     # a real dataset carries x, layer and particle_id: the report says where each model's hit weight goes
     text = report.read_text()
     assert "### Where the hit weight goes" in text

@@ -146,6 +146,7 @@ def _one_event(batch, e: int):
     return batch.x[e], batch.layer[e], batch.features[e, :, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_widths", [(), (1.0, 0.3)], ids=["hit_steps", "hit_and_cluster_steps"])
 def test_robust_chain_gradient_matches_finite_differences(layer_widths):
     batch = make_batch(np.random.default_rng(6), n_events=1, noise_hits=30)
@@ -171,6 +172,7 @@ def test_robust_chain_gradient_matches_finite_differences(layer_widths):
     assert np.any(grad[batch.label[0] == 0] != 0)  # background weights reach q/pT too (nothing is stopped)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     ["all_zero", "one_layer", "two_layers", "empty_layers"],
@@ -188,24 +190,45 @@ def test_robust_chain_is_finite_on_degenerate_events(case):
     else:
         weights[(layer >= 4) & (layer <= 13)] = 0
     x, layer, charge = _one_event(batch, 0)
+    values, grad = _robust_outputs_and_gradient(jnp.asarray(weights), x, layer, charge)
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in values)
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+@jax.jit
+def _robust_outputs_and_gradient(weights, x, layer, charge):
+    """ROBUST_CHAIN's outputs of one event and the gradient of q/pT + sum(x_hat), compiled once for every case."""
 
     def outputs(w):
         x_hat, _sigma, _layer_weight, fit, final = reconstruct_event(w, x, layer, charge, GEOMETRY, ROBUST_CHAIN)
         return x_hat, fit.q_over_pt, fit.x_fit, final
 
-    values = outputs(jnp.asarray(weights))
-    assert all(np.all(np.isfinite(np.asarray(v))) for v in values)
-    grad = jax.grad(lambda w: outputs(w)[1] + jnp.sum(outputs(w)[0]))(jnp.asarray(weights))
-    assert np.all(np.isfinite(np.asarray(grad)))
+    return outputs(weights), jax.grad(lambda w: outputs(w)[1] + jnp.sum(outputs(w)[0]))(weights)
 
 
 def test_robust_chain_under_jit_and_vmap_agrees():
+    """The batched chain (vmap under jit) against each event alone (jit of one event; op by op, ten float32
+    fits in scans take minutes): the track and clusters equal to float32 rounding, which XLA may order
+    differently in the two. The weights follow the pull gates, and float32 pulls are good to about 0.02
+    (model.scattering_fit): a layer near a gate's edge then keeps a weight that differs by up to ~2 %, and
+    q/pT follows."""
     batch = make_batch(np.random.default_rng(9), n_events=3)
     weights = np.where(batch.label > 0, 0.9, 0.2).astype(np.float32)
-    eager = reconstruct(weights, batch, GEOMETRY, ROBUST_CHAIN)
-    jitted = jax.jit(reconstruct, static_argnums=(2, 3))(weights, batch, GEOMETRY, ROBUST_CHAIN)
-    for a, b in zip(jitted, eager, strict=True):
-        assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    batched = jax.jit(reconstruct, static_argnums=(2, 3))(weights, batch, GEOMETRY, ROBUST_CHAIN)
+    one_event = jax.jit(reconstruct_event, static_argnums=(4, 5))
+    for e in range(3):
+        mask = batch.mask[e]
+        x, layer, charge = (np.where(mask, v, 0) for v in _one_event(batch, e))  # as reconstruct pads
+        x_hat, sigma, layer_weight, fit, final = one_event(
+            np.where(mask, weights[e], 0), x, layer, charge, GEOMETRY, ROBUST_CHAIN
+        )
+        for a, b in ((batched.x_hat[e], x_hat), (batched.status[e], fit.status)):
+            assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        assert_allclose(np.asarray(batched.sigma[e]), np.asarray(sigma), rtol=1e-4, atol=1e-6)
+        for a, b in ((batched.layer_weight[e], layer_weight), (batched.hit_weight[e], final)):
+            assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-2, atol=1e-6)
+        # those weights move q/pT by up to a few 1e-3 of itself, well inside its resolution (~1e-2)
+        assert_allclose(np.asarray(batched.q_over_pt[e]), np.asarray(fit.q_over_pt), rtol=5e-3)
 
 
 def test_finite_gradient_guard_zeroes_only_events_with_non_finite_gradients():
@@ -266,3 +289,98 @@ def test_cluster_steps_drop_a_displaced_cluster_and_keep_the_rest():
     assert_allclose(np.asarray(reco.q_over_pt), np.asarray(without.q_over_pt), rtol=2e-3)
     assert_allclose(np.asarray(reco.q_over_pt), true, rtol=1e-3)
     assert np.all(np.abs(np.asarray(kept.q_over_pt) / true - 1) > 5e-3)  # what keeping it costs
+
+
+# ---- the scattering-aware chain (cluster-level steps gate on pulls, model.scattering_fit) -----------------
+
+#: the robust chain's hit-level steps, then pull gates: what ROBUST_CHAIN is, on the synthetic events' geometry
+SCATTERING = Chain(
+    fit="hyper",
+    widths=(5.0, 2.0, 1.0),
+    charge_weighted=True,
+    layer_widths=(30.0, 10.0, 5.0, 3.0, 2.0),
+    point_sigma=0.005,
+)
+
+
+def test_the_scattering_chain_ends_with_the_scattering_fit_of_its_clusters():
+    """The wiring against a direct call: with gates that keep every layer (a width of 1e12 pulls: each keeps
+    sigmoid(cut^2 / 2) of its weight), the track is model.scattering_fit.scattering_fit of the chain's final
+    clusters, each weighted min(W, 1) times its gate; the clusters are the hit-level steps' (the last step's
+    assignment now to the broken line)."""
+    from model.scattering_fit import scattering_fit
+
+    batch = make_batch(np.random.default_rng(12), n_events=3, noise_hits=20)
+    weights = np.where(batch.label > 0, 0.9, 0.1).astype(np.float32)
+    hit_steps = Chain(fit="hyper", widths=(5.0, 2.0, 1.0, 1.0), charge_weighted=True)
+    wide = Chain(fit="hyper", widths=(5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1e12,), point_sigma=0.005)
+    clusters = reconstruct(weights, batch, GEOMETRY, hit_steps)
+    reco = reconstruct(weights, batch, GEOMETRY, wide)
+    gate = float(jax.nn.sigmoid(4.5))
+    summed = np.asarray(reco.layer_weight) / gate
+    fit_weight = np.where(summed >= 1e-6, np.minimum(summed, 1), 0) * gate  # an empty layer's x_hat is no point
+    for e in range(3):
+        fit = scattering_fit(
+            reco.x_hat[e],
+            jnp.asarray(GEOMETRY.layer_y),
+            jnp.asarray(fit_weight[e], jnp.float32),
+            0.005,
+            GEOMETRY.b_field,
+            GEOMETRY.x_over_x0,
+            x_min=GEOMETRY.x_min,
+            x_max=GEOMETRY.x_max,
+        )
+        assert_allclose(float(reco.q_over_pt[e]), float(fit.q_over_pt), rtol=5e-4)  # float32, weights rounded
+    assert_allclose(np.asarray(reco.x_hat), np.asarray(clusters.x_hat), atol=1e-3)
+
+
+def test_pull_gates_drop_a_displaced_cluster_and_keep_the_rest():
+    """Layer 9's cluster moved by 0.4 mm (a merged cluster): the hit-level steps keep it, the pull gates drop it
+    and the track equals the fit without that layer."""
+    batch = make_batch(np.random.default_rng(11), n_events=3, noise_hits=0, exact_clusters=True)
+    moved = (batch.layer == 9) & (batch.label > 0) & batch.mask
+    features = batch.features.copy()
+    features[..., 2] = 1.0  # equal charges: every charge centroid is the exact crossing
+    batch = batch._replace(x=np.where(moved, batch.x + 0.4, batch.x).astype(np.float32), features=features)
+    no_gates = Chain(fit="hyper", widths=(5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1e12,), point_sigma=0.005)
+    with jax.enable_x64(True):
+        weights = np.asarray(batch.label, np.float64)
+        reco = reconstruct(weights, batch, GEOMETRY, SCATTERING)
+        kept = reconstruct(weights, batch, GEOMETRY, no_gates)
+        without = reconstruct(np.where(batch.layer == 9, 0.0, weights), batch, GEOMETRY, no_gates)
+    assert np.all(np.asarray(kept.layer_weight)[:, 9] > 3.0)  # the hit-level steps keep the displaced cluster
+    assert np.all(np.asarray(reco.layer_weight)[:, 9] < 1e-3)
+    others, others_kept = (np.delete(np.asarray(r.layer_weight), 9, axis=1) for r in (reco, kept))
+    assert np.all(others[others_kept > 0.5] > 0.9 * others_kept[others_kept > 0.5])  # the other layers stay
+    true = batch.q / batch.pt
+    assert_allclose(np.asarray(reco.q_over_pt), np.asarray(without.q_over_pt), rtol=1e-3)
+    assert_allclose(np.asarray(reco.q_over_pt), true, rtol=1e-3)
+    assert np.all(np.abs(np.asarray(kept.q_over_pt) / true - 1) > 2e-3)  # what keeping it costs
+
+
+@pytest.mark.slow
+def test_scattering_chain_gradient_matches_finite_differences():
+    batch = make_batch(np.random.default_rng(6), n_events=1, noise_hits=30)
+    rng = np.random.default_rng(7)
+    weights = np.where(batch.label[0] > 0, rng.uniform(0.6, 1.0, batch.label.shape[1]), rng.uniform(0, 0.4, 128))
+    weights = weights * batch.mask[0]
+    geometry = GEOMETRY  # the default detector's, with its material: kinks in the fit
+    assert geometry.x_over_x0 > 0
+    chain = Chain(fit="hyper", widths=(20.0, 3.0), charge_weighted=True, layer_widths=(10.0, 3.0), point_sigma=0.005)
+    x, layer, charge = (np.asarray(v, np.float64) for v in _one_event(batch, 0))
+    with jax.enable_x64(True):
+
+        def q_over_pt(w):
+            return reconstruct_event(
+                w, jnp.asarray(x), jnp.asarray(layer, jnp.int32), jnp.asarray(charge), geometry, chain
+            )[3].q_over_pt
+
+        w = jnp.asarray(weights, jnp.float64)
+        grad = np.asarray(jax.grad(q_over_pt)(w))
+        directions = rng.normal(size=(3, w.size)) * batch.mask[0]
+        for direction in directions:
+            h = 1e-6
+            numeric = (q_over_pt(w + h * direction) - q_over_pt(w - h * direction)) / (2 * h)
+            assert_allclose(grad @ direction, float(numeric), rtol=1e-4, atol=1e-10)
+    assert np.all(np.isfinite(grad))
+    assert np.any(grad != 0)
