@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from numpy.testing import assert_allclose
 
 from flows import steps
 
@@ -28,17 +29,45 @@ def _predictions(report: Path) -> dict[str, pl.DataFrame]:
     return {name: pl.read_parquet(report / "predictions" / f"{name}.parquet") for name in TABLES}
 
 
+#: the rows whose chain ends with the scattering-aware fit (model.scattering_fit): its batched linear algebra
+#: rounds differently with the batch an event is in (measured between batches of 8 and 64: q/pT within 2.4e-6
+#: 1/GeV, positions within 1.5e-5 mm, 4 of 30 tracks), so they agree to float32 rounding, not bit for bit
+SCATTERING_ROWS = ("truth_charge", "baseline", "e2e", "assignment")
+
+
 def _assert_same_tables(got: dict[str, pl.DataFrame], expected: dict[str, pl.DataFrame]) -> None:
     for name in TABLES:
         assert got[name].height == expected[name].height > 0, name
-        # bit for bit, row order included (equals: NaN equal to NaN, nulls equal to nulls)
-        assert got[name].equals(expected[name]), name
+        assert got[name].columns == expected[name].columns, name
+        # every other row bit for bit, row order included (equals: NaN equal to NaN, nulls equal to nulls)
+        exact = pl.col("model").is_in(SCATTERING_ROWS).not_()
+        assert got[name].filter(exact).equals(expected[name].filter(exact)), name
+        for column, dtype in expected[name].schema.items():
+            if dtype.is_float():
+                assert_allclose(got[name][column].to_numpy(), expected[name][column].to_numpy(), rtol=1e-3, atol=1e-4)
+            else:
+                assert got[name][column].equals(expected[name][column]), (name, column)
+
+
+def _assert_same_summary(got, expected) -> None:
+    """Equal summaries, the numbers to 1e-3 relative (they are computed from tables equal to float32 rounding),
+    everything else exactly."""
+    got = json.loads(json.dumps(got, default=str))
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            _assert_same_summary(got[key], value)
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=1e-3, abs=1e-6, nan_ok=True)
+    else:
+        assert got == expected
 
 
 @pytest.mark.slow
 def test_predictions_do_not_depend_on_the_inference_batch_size(tiny_dataset, run_dir):
     """The default inference batch (model.inference.INFERENCE_BATCH_SIZE) gives the rows of the run's training
-    batch, which was the default before, bit for bit: an event's rows do not depend on the batch it is in."""
+    batch, which was the default before: an event's rows do not depend on the batch it is in (bit for bit but
+    for the rounding of the scattering-aware fit, :data:`SCATTERING_ROWS`)."""
     from model.inference import INFERENCE_BATCH_SIZE, predict_run
 
     trained_with = json.loads((run_dir / "config.json").read_text())["train_config"]["batch_size"]
@@ -49,7 +78,8 @@ def test_predictions_do_not_depend_on_the_inference_batch_size(tiny_dataset, run
 
 @pytest.mark.slow
 def test_shard_by_shard_predictions_equal_the_in_process_ones(tiny_dataset, run_dir, tmp_path):
-    """predict_shard on each shard, concatenated by combine_shards, writes predict_all's tables bit for bit."""
+    """predict_shard on each shard, concatenated by combine_shards, writes predict_all's tables (bit for bit but
+    for the rounding of the scattering-aware fit, :data:`SCATTERING_ROWS`)."""
     from pipeline.dataset import open_dataset
 
     runs = [run_dir]
@@ -96,8 +126,9 @@ def test_evaluate_on_dask_equals_in_process(tiny_dataset, run_dir, tmp_path, mon
         summary = evaluate_on_dask(str(tiny_dataset), [str(run) for run in runs], str(tmp_path / "dask"), workers=2)
     _assert_same_tables(_predictions(tmp_path / "dask"), _predictions(tmp_path / "in-process"))
     expected = json.loads((tmp_path / "in-process" / "summary.json").read_text())
-    assert json.loads((tmp_path / "dask" / "summary.json").read_text()) == expected
-    assert json.loads(json.dumps(summary, default=str)) == expected
+    for row, values in expected.items():
+        _assert_same_summary(json.loads((tmp_path / "dask" / "summary.json").read_text())[row], values)
+        _assert_same_summary(summary[row], values)
 
 
 def test_evaluate_refuses_zero_workers(tmp_path):
