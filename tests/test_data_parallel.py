@@ -51,9 +51,12 @@ def spy(state, batch, key, lam):
 
 
 model.train.train_step = spy
-# 7 events a batch: two devices get it padded to 8 (one padding event), one device gets it as it is
+# 7 events a batch: two devices get it padded to 8 (one padding event), one device gets it as it is.
+# e2e_paper: its pT loss runs through the paper chain, whose arithmetic is smooth in the weights. The robust
+# chain gates layers on float32 pulls, good to ~0.02: an ulp of difference between the two layouts can move a
+# layer across a gate's edge in the first epochs of a 56-event training (one event's loss by ~0.8, measured)
 overrides = {"train": {"batch_size": 7, "max_train_events": 56}}
-train_run(data, "e2e", out, preset="test", epochs=2, seed=5, overrides=overrides, progress=True)
+train_run(data, "e2e_paper", out, preset="test", epochs=2, seed=5, overrides=overrides, progress=True)
 print(json.dumps({"losses": [float(loss) for loss in losses], "devices": devices, "events": events}))
 """
 
@@ -88,8 +91,9 @@ def test_two_devices_train_as_one(tiny_dataset, tmp_path):
     assert set(two["events"]) == {8}
     assert set(one["devices"]) == {1}
     assert set(one["events"]) == {7}
-    assert "e2e: training on 2 cpu devices (cpu), each batch of 7 events (padded to 8) split 2 ways" in two["printed"]
-    assert "e2e: training on 1 cpu device (cpu)" in one["printed"]
+    split = "e2e_paper: training on 2 cpu devices (cpu), each batch of 7 events (padded to 8) split 2 ways"
+    assert split in two["printed"]
+    assert "e2e_paper: training on 1 cpu device (cpu)" in one["printed"]
     for n in (1, 2):
         devices = json.loads((tmp_path / f"devices{n}" / "config.json").read_text())["devices"]
         assert devices["count"] == n
