@@ -89,7 +89,7 @@ def dask_task_runner(workers: int, dask_address: str | None):
     if dask_address:
         check_dask_scheduler(dask_address)
     # process-based Dask workers inherit PREFECT_API_URL and talk to one API instead of each starting a server
-    ensure_prefect_api()
+    ensure_prefect_api(export=True)
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
@@ -268,7 +268,7 @@ def run_end_to_end(
 
         raise MuontrackError(f"--out {out} is a file, not a folder")
     with exclusive_writer(out):
-        ensure_prefect_api()
+        ensure_prefect_api(export=False)
         result = end_to_end(str(out), preset=preset, models=models, overrides=overrides)
     if echo:
         print(format_summary_table(result["summary"]))

@@ -71,9 +71,11 @@ def _server_class() -> type:
     return ChildASGIServer
 
 
-def ensure_prefect_api() -> str:
-    """The URL of the Prefect API this process uses: ``PREFECT_API_URL`` when set, else a local server started
-    here (:func:`_server_class`) and exported in ``PREFECT_API_URL`` so that worker processes share it."""
+def ensure_prefect_api(*, export: bool) -> str:
+    """The URL of the Prefect API this process uses: the configured one (``PREFECT_API_URL``, a profile, a test
+    harness), else a local server started here (:func:`_server_class`; this process's Prefect client finds it
+    as its ephemeral server). ``export``: also put the URL in this process's environment, for the worker
+    processes it is about to start (Dask), which would otherwise each start a server of their own."""
     import prefect.settings
 
     url = prefect.settings.PREFECT_API_URL.value()
@@ -84,5 +86,6 @@ def ensure_prefect_api() -> str:
         except RuntimeError as err:
             raise MuontrackError(f"the local Prefect server did not start: {str(err).splitlines()[0]}") from None
         url = server.api_url
-    os.environ["PREFECT_API_URL"] = url
+    if export:
+        os.environ["PREFECT_API_URL"] = url
     return url

@@ -139,7 +139,9 @@ def test_simulate_flow_matches_library_and_rejects_bad_input(tmp_path):
 def test_run_reports_a_user_error_in_one_line(tmp_path, capfd):
     """A MuontrackError inside the flows reaches the caller, without Prefect's tracebacks on the console."""
     job = steps.job_preset("test")
-    data = tmp_path / "job" / "data" / f"{SimConfig(shard_events=job.shard_events).config_hash()}-n{job.events}-s0"
+    simulation_code = end_to_end.simulation_code_version().rsplit("+", 1)[-1]
+    key = f"{SimConfig(shard_events=job.shard_events).config_hash()}-n{job.events}-s0-c{simulation_code}"
+    data = tmp_path / "job" / "data" / key
     data.mkdir(parents=True)
     (data / "notes.txt").write_text("not a dataset")
     with pytest.raises(DatasetError, match="holds no muontrack dataset"):

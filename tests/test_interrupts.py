@@ -21,9 +21,12 @@ pytestmark = pytest.mark.slow
 
 
 def _start(arguments: list[str], cwd: Path) -> subprocess.Popen[str]:
+    # as a user's shell would start it: no Prefect API of an earlier test (a test harness may have exported one)
+    env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
     return subprocess.Popen(
         [*muontrack_command(), *arguments],
         cwd=cwd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
