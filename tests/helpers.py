@@ -89,3 +89,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     assert lines[0].startswith("error: "), lines[0]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def central_differences(fun, args, argnum: int, h: float, skip=None):
+    """The float64 central differences of the scalar ``fun(*args)`` along every entry of ``args[argnum]`` (step
+    ``h``); entries where ``skip`` is True are left at 0."""
+    import numpy as np
+
+    base = [np.array(a, np.float64) for a in args]
+    out = np.zeros(base[argnum].shape)
+    for i in range(base[argnum].size):
+        if skip is not None and skip[i]:
+            continue
+        plus = [a.copy() for a in base]
+        minus = [a.copy() for a in base]
+        plus[argnum][i] += h
+        minus[argnum][i] -= h
+        out[i] = (float(fun(*plus)) - float(fun(*minus))) / (2 * h)
+    return out

@@ -25,6 +25,7 @@ from model.fit import (
     kasa_circle_fit,
 )
 from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
+from tests.helpers import central_differences
 
 LAYER_Y = DetectorConfig().layer_y()  # float64 [16], 0 .. 1575 mm
 
@@ -118,16 +119,6 @@ def test_zero_weight_points_are_ignored():
 
 
 # ---- gradients ---------------------------------------------------------------------------------------------
-def _central_differences(fun, args, argnum, h):
-    base = [np.array(a, np.float64) for a in args]
-    out = np.zeros(base[argnum].shape)
-    for i in range(base[argnum].size):
-        plus = [a.copy() for a in base]
-        minus = [a.copy() for a in base]
-        plus[argnum][i] += h
-        minus[argnum][i] -= h
-        out[i] = (float(fun(*plus)) - float(fun(*minus))) / (2 * h)
-    return out
 
 
 @pytest.mark.parametrize("output", [0, 1, 2])
@@ -145,7 +136,7 @@ def test_gradients_equal_finite_differences_float64(output):
         grads = jax.grad(fun, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
         for argnum, grad in enumerate(grads):
             assert np.asarray(grad).dtype == np.float64
-            expected = _central_differences(fun, (x, y, w), argnum, h=1e-6)
+            expected = central_differences(fun, (x, y, w), argnum, h=1e-6)
             assert_allclose(np.asarray(grad), expected, rtol=1e-6, atol=1e-7 * np.abs(expected).max())
 
 
@@ -161,7 +152,7 @@ def test_q_over_pt_gradient_equals_finite_differences_float64():
 
         grads = jax.grad(fun, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(sigma))
         for argnum, grad in enumerate(grads):
-            expected = _central_differences(fun, (x, weight, sigma), argnum, h=1e-5)
+            expected = central_differences(fun, (x, weight, sigma), argnum, h=1e-5)
             assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
@@ -537,7 +528,7 @@ def test_fit_track_gradients_equal_finite_differences_float64(method, output):
             grad = np.asarray(grad)
             assert grad.dtype == np.float64
             # (the empty layer sits at weight 0: the one-sided difference of the clamp is not differentiable)
-            expected = _central_differences(fun, (x, weight), argnum, h=1e-5)
+            expected = central_differences(fun, (x, weight), argnum, h=1e-5)
             keep = np.arange(x.size) != 5
             assert_allclose(grad[keep], expected[keep], rtol=1e-5, atol=1e-6 * np.abs(expected).max())
             assert np.abs(expected).max() > 0

@@ -25,6 +25,7 @@ from model.scattering_fit import detector_material as jax_detector_material
 from model.scattering_fit import scattering_fit
 from pipeline.config import SimConfig
 from simulation.generate import generate_events
+from tests.helpers import central_differences
 from tests.test_limit import DETECTOR, LAYER_Y, NO_BACKGROUND, linear_model, propagate
 
 MATERIAL = detector_material(DETECTOR)
@@ -258,20 +259,6 @@ def test_jax_fit_agrees_with_the_float64_fit():
         assert np.asarray(got64.q_over_pt).dtype == np.float64
 
 
-def _central_differences(fun, args, argnum, h, skip=None):
-    base = [np.array(a, np.float64) for a in args]
-    out = np.zeros(base[argnum].shape)
-    for i in range(base[argnum].size):
-        if skip is not None and skip[i]:
-            continue
-        plus = [a.copy() for a in base]
-        minus = [a.copy() for a in base]
-        plus[argnum][i] += h
-        minus[argnum][i] -= h
-        out[i] = (float(fun(*plus)) - float(fun(*minus))) / (2 * h)
-    return out
-
-
 def _objective(x, w, sigma):
     """Every output at once: q/pT, its variance, chi2, the crossings and the pulls (weighted to O(1))."""
     fit = scattering_fit(x, LAYER_Y, w, sigma, **JAX_MATERIAL)
@@ -320,7 +307,7 @@ def test_gradients_equal_finite_differences_float64(case):
         for argnum, (grad, h) in enumerate(zip(grads, (1e-6, 1e-6, 1e-8), strict=True)):
             # w = 0 is the edge of the weights' domain (negative weights count as 0): no central difference there
             skip = w == 0 if argnum == 1 else None
-            expected = _central_differences(_objective_jit, (x, w, sigma), argnum, h, skip)
+            expected = central_differences(_objective_jit, (x, w, sigma), argnum, h, skip)
             got = np.where(skip, 0.0, np.asarray(grad)) if skip is not None else np.asarray(grad)
             assert np.abs(expected).max() > 0
             assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
