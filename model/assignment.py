@@ -49,7 +49,7 @@ from optax import perturbations
 
 from model.config import ESTIMATORS, NOISES, TrainConfig
 from model.losses import bce_loss, reconstructed_pt_loss
-from model.tracker import ROBUST_CHAIN
+from model.tracker import ASSIGNMENT_CHAIN
 
 #: the window half-width in strip pitches: a window of up to 5 strips holds the muon's ~4-strip cluster
 HALF_WIDTH_PITCH = 2.0
@@ -330,7 +330,7 @@ def assignment_loss(logits, batch, geometry, lam, key, *, estimator: Estimator) 
     choices = candidates(logits, batch, geometry)
     z = select_windows(choices.costs, choices.layer, choices.mask, geometry.n_layers, estimator, key)
     selection = selected_hits(z, choices.membership)
-    momentum, q_over_pt = reconstructed_pt_loss(selection, batch, geometry, ROBUST_CHAIN)
+    momentum, q_over_pt = reconstructed_pt_loss(selection, batch, geometry, ASSIGNMENT_CHAIN)
     bce = bce_loss(logits, batch.label, batch.mask)
     hamming = hamming_loss(selection, batch.label, batch.mask, batch.event_mask)
     # the share of (event, layer) with hits whose choice is a window, not "no hit"

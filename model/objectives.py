@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from model.assignment import DEFAULT_ESTIMATOR, Estimator, assignment_loss, hard_hit_weights
 from model.config import TrainConfig
 from model.losses import bce_loss, composite_loss, reconstructed_pt_loss
-from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain
+from model.tracker import ASSIGNMENT_CHAIN, PAPER_CHAIN, ROBUST_CHAIN, Chain
 from pipeline import models as registry
 from pipeline.batches import Batch, Geometry
 from pipeline.errors import ConfigError
@@ -131,7 +131,7 @@ def assignment_objective(estimator: Estimator = DEFAULT_ESTIMATOR) -> Objective:
         functools.partial(assignment_loss, estimator=estimator),
         hard_hit_weights,
         uses_lambda=True,
-        reported_as=(("assignment", ROBUST_CHAIN),),
+        reported_as=(("assignment", ASSIGNMENT_CHAIN),),
         with_estimator=assignment_objective,
     )
 

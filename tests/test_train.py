@@ -74,9 +74,9 @@ def _state(dataset, batch, objective, learning_rate=None, estimator=None):
 # ---- steps -----------------------------------------------------------------------------------------------
 
 
-# `assignment`'s steps are tested in a process of their own (test_assignment_steps_lower_the_loss_...): its step
-# compiles the gradient of the scattering-aware chain, and such compilations late in the long test process
-# crashed XLA (an abort inside the compilation cache's write, seen in a full run)
+# `assignment`'s steps are tested in a process of their own (test_assignment_steps_lower_the_loss_...), not again
+# here: compilations late in the long test process have crashed XLA (an abort inside the compilation cache's
+# write, seen in a full run at this revision, in this test)
 @pytest.mark.parametrize(("objective", "lam", "warmup_steps"), [("baseline", 0.0, 0), ("e2e_paper", 0.5, 40)])
 def test_training_steps_lower_the_loss(dataset, first_batch, objective, lam, warmup_steps):
     state = _state(dataset, first_batch, objective, learning_rate=1e-2)
