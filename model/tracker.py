@@ -124,8 +124,8 @@ ROBUST_CIRCLE_CHAIN = Chain(
     layer_widths=(1.0, 0.3, 0.1, 0.05, 0.03),
 )
 #: `assignment` (Kortus et al.) keeps the circle chain it was studied with: through the scattering-aware chain its
-#: estimators behave otherwise (measured in the test of 30 steps: blackbox no longer lowers the loss once the pT
-#: term is on, identity no longer diverges), and its study must be redone before it moves
+#: estimators behave otherwise (measured in the test of 30 steps: identity no longer diverges once the pT term is
+#: on), and its study must be redone before it moves
 ASSIGNMENT_CHAIN = ROBUST_CIRCLE_CHAIN
 
 
