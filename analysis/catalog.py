@@ -4,8 +4,9 @@ Every evaluation writes, beside summary.json, one row per model and one for the 
 report has it (``summary.parquet``: summary.json's score, core-fraction, σ68 and σ68 / limit figures with the
 errors the report quotes; not the final-weight figures ``auc_weight``, ``hit_efficiency`` and ``hit_purity``) and
 one row per model (and limit) and true-pT bin (``resolution.parquet``: the rows of resolution.csv), each with the
-identity of the evaluation: the report folder, when it was written, the dataset, the code, and the training run
-behind the row (null for the references ``truth``, ``truth_charge``, ``classical`` and for ``limit``). The
+identity of the evaluation: the report folder, when it was written, the dataset and its regime (the named
+detector and the background scale, :func:`regime_identity`), the code, and the training run behind the row (null
+for the references ``truth``, ``truth_charge``, ``classical`` and for ``limit``). The
 schemas are explicit, so the files of any number of reports concatenate in one scan even where a column is all
 null in one of them::
 
@@ -18,10 +19,12 @@ A report being written lives in a hidden folder one level deeper (``reports/.NAM
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import math
 import os
 import platform
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,8 @@ import polars as pl
 
 from analysis.metrics import TRUTH_MODELS
 from pipeline.atomic import write_atomic
-from pipeline.errors import MuontrackError
+from pipeline.config import BackgroundConfig, SimConfig, detector_name
+from pipeline.errors import ConfigError, MuontrackError
 from pipeline.models import SUMMARY_ROWS
 
 SUMMARY_FILE = "summary.parquet"
@@ -45,6 +49,8 @@ IDENTITY_SCHEMA = pl.Schema(
         "dataset_config_hash": pl.String,
         "dataset_seed": pl.Int64,
         "dataset_events": pl.Int64,
+        "detector": pl.String,
+        "background_scale": pl.Float64,
         "code_version": pl.String,
         "model": pl.String,
         "preset": pl.String,
@@ -93,6 +99,9 @@ BIN_SCHEMA = pl.Schema(
 )
 #: REPORT/resolution.parquet: one row per model and true-pT bin
 RESOLUTION_SCHEMA = pl.Schema({**IDENTITY_SCHEMA, **BIN_SCHEMA})
+
+#: the background rates a regime scan multiplies (flows.scan): extra tracks, noise strips and noise clusters
+SCALED_BACKGROUND_FIELDS = ("extra_tracks_per_event", "noise_strips_per_layer", "noise_clusters_per_layer")
 
 _CLASSIFICATION_COLUMNS = tuple(name for name in METRICS_SCHEMA if name.startswith(("auc", "rejection")))
 _VERSION_PACKAGES = {"jax_version": "jax", "flax_version": "flax", "numba_version": "numba"}
@@ -153,11 +162,65 @@ def _run_of(model: str, runs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return {}
 
 
+def scaled_background(background: BackgroundConfig, scale: float) -> BackgroundConfig:
+    """``background`` with its :data:`SCALED_BACKGROUND_FIELDS` multiplied by ``scale`` (> 0), the rest kept."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"a background scale must be a finite number > 0, got {scale!r}")
+    return replace(background, **{name: getattr(background, name) * scale for name in SCALED_BACKGROUND_FIELDS})
+
+
+def background_scale(background: BackgroundConfig) -> float | None:
+    """The multiple of the default background (``BackgroundConfig()``) that ``background`` is in the
+    :data:`SCALED_BACKGROUND_FIELDS` (whatever its other fields): the ``s`` of :func:`scaled_background`
+    ``(BackgroundConfig(), s)``; None when the three rates are not one common multiple of the defaults."""
+    default = BackgroundConfig()
+    ratios = [
+        getattr(background, name) / getattr(default, name)
+        for name in SCALED_BACKGROUND_FIELDS
+        if getattr(default, name) > 0
+    ]
+    if not ratios or any(not math.isclose(ratio, ratios[0], rel_tol=1e-9) for ratio in ratios):
+        return None
+    return ratios[0]
+
+
+def _simulation_config(context: Mapping[str, Any]) -> SimConfig | None:
+    """The dataset's simulation config: ``context["simulation"]`` (a SimConfig mapping) when the context has it,
+    else the config recorded in the manifest of the dataset folder ``context["dataset"]``; None when neither can
+    be read."""
+    from pipeline.dataset import MANIFEST_NAME
+
+    data = context.get("simulation")
+    if not isinstance(data, Mapping) and context.get("dataset") is not None:
+        try:
+            data = json.loads((Path(str(context["dataset"])) / MANIFEST_NAME).read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            data = None
+    if not isinstance(data, Mapping):
+        return None
+    try:
+        return SimConfig.from_dict(dict(data))
+    except ConfigError:
+        return None
+
+
+def regime_identity(context: Mapping[str, Any]) -> dict[str, str | float | None]:
+    """The regime of the evaluated dataset, the identity columns a scan adds (flows.scan): ``detector``, the name of
+    its detector in pipeline.config.DETECTORS (``custom`` for another), and ``background_scale``
+    (:func:`background_scale`); both None when the dataset's config cannot be read (:func:`_simulation_config`)."""
+    config = _simulation_config(context)
+    if config is None:
+        return {"detector": None, "background_scale": None}
+    return {"detector": detector_name(config.detector), "background_scale": background_scale(config.background)}
+
+
 def identity_frame(context: Mapping[str, Any], models: Sequence[str], report: Path, created: datetime) -> pl.DataFrame:
     """One row per model of :data:`IDENTITY_SCHEMA` from the report context (as built by
     ``flows.steps.report_context``: dataset, dataset_config_hash, dataset_seed, dataset_events, code_version and
-    runs as a list of {run, model, reported_as, preset, epochs, seed, code_version}); missing keys give nulls."""
+    runs as a list of {run, model, reported_as, preset, epochs, seed, code_version}); missing keys give nulls.
+    ``detector`` and ``background_scale`` come from the dataset's config (:func:`regime_identity`)."""
     runs = [run for run in context.get("runs") or [] if isinstance(run, Mapping)]
+    regime = regime_identity(context)
     rows = []
     for model in models:
         run = _run_of(model, runs)
@@ -169,6 +232,7 @@ def identity_frame(context: Mapping[str, Any], models: Sequence[str], report: Pa
                 "dataset_config_hash": _str_or_none(context.get("dataset_config_hash")),
                 "dataset_seed": _int_or_none(context.get("dataset_seed")),
                 "dataset_events": _int_or_none(context.get("dataset_events")),
+                **regime,
                 "code_version": _str_or_none(context.get("code_version")),
                 "model": model,
                 "preset": _str_or_none(run.get("preset")),
@@ -385,6 +449,8 @@ def compact_table(catalog: pl.DataFrame) -> pl.DataFrame:
         pl.col("created").dt.strftime("%Y-%m-%d %H:%M"),
         "model",
         pl.col("run").str.split("/").list.last(),
+        "detector",
+        "background_scale",
         "dataset_seed",
         "train_seed",
         "epochs",

@@ -457,3 +457,71 @@ def format_value_error(value: float | None, err: float | None) -> str:
         return f"{value:.4g}"
     digits = max(0, 1 - math.floor(math.log10(err)))
     return f"{value:.{digits}f} ± {err:.{digits}f}"
+
+
+@_hep_styled
+def plot_scan_metric(table: pl.DataFrame, metric: str, label: str, path: Path, log_y: bool = False) -> Path:
+    """One metric of a regime scan against the background scale: one panel per detector (side by side, in the
+    table's order, a shared y axis), one line per row with its error bars (analysis.scan.points_table). The rows
+    stand slightly apart around each scale (a few percent on the log x axis), so their error bars do not overlap.
+
+    Args:
+        table: (detector, background_scale, model, ``metric``, ``metric``_err, ...); rows whose value is null
+            (a hit metric of a truth reference or of the limit) are not drawn.
+        metric: the column drawn; ``label`` its axis label.
+        log_y: a log y axis (σ68, whose rows span decades at high background).
+    """
+    detectors = table["detector"].unique(maintain_order=True).to_list() or ["(no point)"]
+    fig = Figure(figsize=(4.2 * len(detectors) + 3.2, 4.8))
+    axes = fig.subplots(1, len(detectors), sharey=True, squeeze=False)[0]
+    drawn = table.filter(pl.col(metric).is_not_null() & pl.col(metric).is_finite())
+    if log_y:
+        drawn = drawn.filter(pl.col(metric) > 0)
+    scales = sorted(set(table["background_scale"].to_list()))
+    for ax, detector in zip(axes, detectors, strict=True):
+        rows = drawn.filter(pl.col("detector") == detector)
+        models = model_order(set(rows["model"].to_list()))
+        for index, model in enumerate(models):
+            group = rows.filter(pl.col("model") == model).sort("background_scale")
+            dodge = 2.0 ** (0.05 * (index - (len(models) - 1) / 2))
+            style = model_style(model)
+            value = group[metric].to_numpy()
+            err = group[f"{metric}_err"].fill_null(0.0).fill_nan(0.0).to_numpy()
+            lower = np.minimum(err, 0.9 * value) if log_y else err
+            ax.errorbar(
+                group["background_scale"].to_numpy() * dodge,
+                value,
+                yerr=[lower, err],
+                fmt=style["marker"],
+                linestyle=style["linestyle"],
+                color=style["color"],
+                markersize=5,
+                capsize=3,
+                label=style["label"],
+            )
+        if rows.height == 0:
+            _empty(ax, "no value")
+        ax.set_xscale("log", base=2)
+        if scales:
+            ax.set_xticks(scales)
+            ax.set_xlim(min(scales) / 1.3, max(scales) * 1.3)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda _value, _position: ""))
+        ax.set_xlabel("background scale")
+        ax.set_title(f"detector: {detector}")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    if log_y and drawn.height:
+        axes[0].set_yscale("log")
+        _plain_log_labels(axes[0])
+    axes[0].set_ylabel(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for handle, text in zip(*ax.get_legend_handles_labels(), strict=True):
+            if text not in labels:
+                handles.append(handle)
+                labels.append(text)
+    if handles:
+        axes[-1].legend(
+            handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0
+        )
+    return _save(fig, path)

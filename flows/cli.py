@@ -273,6 +273,49 @@ def run_all(
         _echo_json(result)
 
 
+@app.command(name="scan")
+def scan_regimes(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the points' datasets, runs, reports and scan/.")],
+    preset: Annotated[Preset, typer.Option("--preset", help="Size of the job at every point.")] = Preset.cpu,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="JSON or TOML config file: its simulation, model and train sections override the preset's values "
+            "(not the detector or the scaled background rates); its scan section sets the grid (detectors, "
+            "background_scales).",
+        ),
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Seeds per point (seed k: dataset and training seed k).")
+    ] = 1,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", min=1, help="Run the points in parallel on a local Dask cluster of K processes."),
+    ] = 1,
+    dask_address: Annotated[
+        str | None, typer.Option("--dask-address", help="Run the points on this Dask cluster (tcp://HOST:PORT).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document (report paths and the points) instead of the table.")
+    ] = False,
+) -> None:
+    """Regime scan: the whole flow (baseline and e2e) at every detector x background scale, and a scan report."""
+    from flows.scan import run_scan
+
+    result = run_scan(
+        preset=preset.value,
+        out=out,
+        seeds=seeds,
+        workers=workers,
+        dask_address=dask_address,
+        config=config,
+        echo=not as_json,
+    )
+    if as_json:
+        _echo_json(result)
+
+
 @app.command()
 def serve() -> None:
     """Serve the flows as Prefect deployments with schedules (needs a running Prefect server)."""
