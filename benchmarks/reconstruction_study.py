@@ -59,7 +59,6 @@ VARIANTS: dict[str, Chain] = {
     "scatter_K3": replace(ROBUST_CHAIN, layer_widths=(10.0, 4.0, 2.0)),
     "scatter_end_3": replace(ROBUST_CHAIN, layer_widths=(30.0, 10.0, 5.0, 3.0)),
     "scatter_end_1.5": replace(ROBUST_CHAIN, layer_widths=(30.0, 10.0, 5.0, 3.0, 2.0, 1.5)),
-    "scatter_sigma_10um": replace(ROBUST_CHAIN, point_sigma=0.010),
 }
 
 

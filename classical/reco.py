@@ -31,7 +31,8 @@ Per event (events are independent; :func:`reconstruct_events` runs them in a ``p
 
 Parameters (:class:`ClassicalParams`), chosen on the train split of a 20k-event default dataset (seed 0):
 
-- ``point_sigma = 0.03 mm``, ``chi2_cut = 9``: the charge centroid of a clean muon cluster lies 0.006 mm
+- ``point_sigma``: ``hypot(0.03 mm, the detector's point resolution)`` (0.0304 mm for the default detector;
+  0.101 mm for ``realistic``); ``0.03 mm``, ``chi2_cut = 9``: the charge centroid of a clean muon cluster lies 0.006 mm
   (sigma68) from the circle through the others, RMS 0.024 mm, 99 % within 0.08 mm; at ``T = 1`` a cluster
   is kept within about ``3 sigma = 0.09 mm``. Wider (0.1, 0.2 mm) keeps more merged clusters and gave
   sigma68(q/pT) 0.0105, 0.0109 instead of 0.0098.
@@ -50,8 +51,9 @@ shard_events 5000), train split (15943 events): sigma68(q/pT) 0.00882 +- 0.00008
 centroids: 0.00882); the cost: about half the throughput (one thread, 20k events, a shared 2-core machine:
 13k instead of 23k events/s, ~55 microseconds per event for the fit and its refits).
 
-- ``fit_sigma = 0.0052 mm``: the clean-cluster charge-centroid resolution (``rms_mm`` of ``python -m
-  benchmarks.limit --data D --split train``: 0.00518); 0.0045 and 0.006 gave 0.00881 and 0.00886.
+- ``fit_sigma``: the detector's clean-cluster charge-centroid resolution (pipeline.config.point_resolution:
+  0.0052 mm for the default detector, ``rms_mm`` of ``python -m benchmarks.limit --data D --split train``:
+  0.00518); 0.0045 and 0.006 gave 0.00881 and 0.00886.
 - ``pull_cut = 5``, ``max_removed = 4`` (as benchmarks/limit.py): cuts of 4, 6 and 8 gave 0.00882, 0.00884,
   0.00889; at most 2 removed 0.00883; no removal 0.00916. About 0.1 layer per track is removed (merged
   clusters), hit efficiency 0.991 -> 0.987, purity 0.998 -> 0.999.
@@ -88,7 +90,7 @@ from classical.scattering_fit import (
     scattering_fit,
     scattering_fit_removing_outliers,
 )
-from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
+from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig, point_resolution
 from pipeline.jit import chunk_bounds, jit, largest_span
 
 #: a track needs at least this many layers
@@ -103,6 +105,12 @@ ROLE_INNER = 1
 ROLE_OUTER = 2
 
 
+#: [mm] the residual of a clean cluster to the Hyper circle through the others that the scattering kinks give
+#: (RMS 0.024 mm on the default detector, see the module docstring); the DAF's point error adds the detector's
+#: point resolution to it in quadrature
+DAF_SCATTER_SIGMA = 0.03
+
+
 class ClassicalParams(NamedTuple):
     """Tunable settings of the classical reconstruction (defaults: see the module docstring)."""
 
@@ -110,8 +118,9 @@ class ClassicalParams(NamedTuple):
     road_half_width: float = 5.0
     #: [mm] a candidate seed's layers further than this from its circle are dropped when judging it
     seed_cut: float = 0.5
-    #: [mm] per-point resolution in the DAF weights (wide: the Hyper circle ignores the scattering kinks)
-    point_sigma: float = 0.03
+    #: [mm] per-point resolution in the DAF weights (wide: the Hyper circle ignores the scattering kinks); None:
+    #: ``hypot(DAF_SCATTER_SIGMA, the detector's point resolution)``
+    point_sigma: float | None = None
     #: chi2 of the null (empty layer) option
     chi2_cut: float = 9.0
     #: annealing schedule, hot enough at the start (sqrt(T) * point_sigma ~ the road) to leave a wrong seed
@@ -121,9 +130,9 @@ class ClassicalParams(NamedTuple):
     restart_temperatures: tuple[float, ...] = (9.0, 3.0, 1.0)
     #: split a run of strips at a local charge minimum below this fraction of the smaller peak (0: never)
     split_ratio: float = 1.0
-    #: [mm] point error of the scattering fits (the final fit and the DAF's last refits): the clean-cluster
-    #: charge-centroid resolution, measured by ``python -m benchmarks.limit --data D --split train`` (rms_mm)
-    fit_sigma: float = 0.0052
+    #: [mm] point error of the scattering fits (the final fit and the DAF's last refits); None: the detector's
+    #: clean-cluster charge-centroid resolution (pipeline.config.point_resolution)
+    fit_sigma: float | None = None
     #: the final fit removes the layer of largest |pull| above this and refits ...
     pull_cut: float = 5.0
     #: ... at most this many times per track (never below four layers; 0: no removal)
@@ -700,6 +709,8 @@ def reconstruct(
     event; ``event_start`` of length ``E + 1``)."""
     params = ClassicalParams() if params is None else params
     material = detector_material(detector)
+    fit_sigma = point_resolution(detector) if params.fit_sigma is None else params.fit_sigma
+    daf_sigma = math.hypot(DAF_SCATTER_SIGMA, fit_sigma) if params.point_sigma is None else params.point_sigma
     settings = RecoSettings(
         layer_y=np.ascontiguousarray(detector.layer_y(), dtype=np.float64),
         seed_role=seed_roles(detector),
@@ -707,7 +718,7 @@ def reconstruct(
         restart_temperatures=np.ascontiguousarray(params.restart_temperatures, dtype=np.float64),
         road_half_width=float(params.road_half_width),
         seed_cut=float(params.seed_cut),
-        point_sigma=float(params.point_sigma),
+        point_sigma=float(daf_sigma),
         chi2_cut=float(params.chi2_cut),
         split_ratio=float(params.split_ratio),
         sigma_floor=float(detector.pitch) / math.sqrt(12.0),
@@ -715,7 +726,7 @@ def reconstruct(
         x_over_x0=np.full(detector.n_layers, material["x_over_x0"], np.float64),
         x_min=material["x_min"],
         x_max=material["x_max"],
-        fit_sigma=float(params.fit_sigma),
+        fit_sigma=float(fit_sigma),
         pull_cut=float(params.pull_cut),
         max_removed=int(params.max_removed),
         scattering_temperatures=int(params.scattering_temperatures),

@@ -68,12 +68,12 @@ class Chain:
     #: widths t_k of the cluster-level steps that follow the hit-level ones, in order: each layer's cluster is
     #: kept with its soft assignment to the current track (a DAF over clusters, the null term as for hits); ()
     #: is none. In mm (the residual to the circle) for a circle-fit chain, in units of the pull (the residual to
-    #: the track fitted without the layer, over its standard deviation with scattering) with ``point_sigma``
+    #: the track fitted without the layer, over its standard deviation with scattering) with ``scattering_fit``
     layer_widths: tuple[float, ...] = ()
-    #: point resolution [mm] of the scattering-aware fit (model.scattering_fit, General Broken Lines): with it,
-    #: the cluster-level steps and the final fit are that fit (the hit-level steps keep the circle fit); None:
-    #: circle fits only
-    point_sigma: float | None = None
+    #: the cluster-level steps and the final fit are the scattering-aware fit (model.scattering_fit, General
+    #: Broken Lines, point error: the detector's clean-cluster resolution ``Geometry.point_sigma``); the hit-level
+    #: steps keep the circle fit. False: circle fits only
+    scattering_fit: bool = False
 
     @property
     def steps(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -93,15 +93,10 @@ class Chain:
             raise ValueError(f"reweighting widths must be > 0, got {self.widths!r}, {self.layer_widths!r}")
         if not self.cut > 0:
             raise ValueError(f"the null-term cut must be > 0, got {self.cut!r}")
-        if self.point_sigma is not None and not self.point_sigma > 0:
-            raise ValueError(f"the point resolution must be > 0 mm, got {self.point_sigma!r}")
 
 
 #: Coccaro et al.'s reconstruction: weighted mean per layer, Kasa fit
 PAPER_CHAIN = Chain()
-#: the clean-cluster charge-centroid resolution of the default detector [mm] (RMS 5.17-5.18 um measured on 5k and
-#: 20k events: `python -m benchmarks.limit`), the point error of the scattering-aware fit
-CENTROID_SIGMA = 0.0052
 #: the default for `baseline` and `e2e`: five annealed hit-level steps with the Hyper circle fit, then five
 #: cluster-level steps with the scattering-aware fit, gating each layer on its pull down to a width of 2 (with
 #: the cut of 2.5 a layer 5 sigma off keeps half of its weight: the outlier cut of the issue-23 study), charge
@@ -112,7 +107,7 @@ ROBUST_CHAIN = Chain(
     cut=2.5,
     charge_weighted=True,
     layer_widths=(30.0, 10.0, 5.0, 3.0, 2.0),
-    point_sigma=CENTROID_SIGMA,
+    scattering_fit=True,
 )
 #: the robust chain before the scattering-aware fit (cluster-level steps on the Hyper circle down to 0.03 mm),
 #: kept for the ablation
@@ -238,7 +233,7 @@ def reconstruct_event(
         return (*cluster_and_fit(hit_weights), hit_weights), None
 
     state = (*cluster_and_fit(weights), weights)
-    if chain.point_sigma is None:
+    if not chain.scattering_fit:
         if chain.steps:
             # a scan, not a Python loop: the step is compiled once, whatever K (an unrolled K = 5 chain took
             # minutes to compile inside the training step)
@@ -255,9 +250,10 @@ def reconstruct_event(
 
     def scattering(x_hat, layer_weight, gate):
         # a layer's fit weight is its cluster's summed hit weight, capped at 1 (a whole cluster is one
-        # measurement of resolution point_sigma), times its gate; 0 on an empty layer, whose x_hat is a placeholder
+        # measurement of the detector's point resolution), times its gate; 0 on an empty layer, whose x_hat is a
+        # placeholder
         fit_weight = jnp.where(layer_weight >= EMPTY_LAYER_WEIGHT, jnp.minimum(layer_weight, 1), 0) * gate
-        return scattering_fit(x_hat, layer_y, fit_weight, chain.point_sigma, geometry.b_field, **material)
+        return scattering_fit(x_hat, layer_y, fit_weight, geometry.point_sigma, geometry.b_field, **material)
 
     x_hat, sigma, layer_weight, _, hit_weights = state
     state = (x_hat, sigma, layer_weight, scattering(x_hat, layer_weight, 1.0), hit_weights)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import polars as pl
 
-from pipeline.config import DetectorConfig
+from pipeline.config import POINT_RESOLUTION, DetectorConfig, point_resolution
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -94,6 +94,9 @@ class Geometry(NamedTuple):
     #: the active width [mm]: a layer scatters a track only where it crosses inside
     x_min: float = -math.inf
     x_max: float = math.inf
+    #: the clean-cluster charge-centroid resolution [mm] (pipeline.config.point_resolution), the point error of
+    #: the scattering-aware fits; the default detector's unless given
+    point_sigma: float = POINT_RESOLUTION["default"]
 
     @property
     def n_layers(self) -> int:
@@ -108,6 +111,7 @@ class Geometry(NamedTuple):
             x_over_x0=float(detector.x_over_x0) if detector.multiple_scattering else 0.0,
             x_min=float(detector.x_min),
             x_max=float(detector.x_max),
+            point_sigma=point_resolution(detector),
         )
 
 

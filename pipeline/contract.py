@@ -56,12 +56,12 @@ if TYPE_CHECKING:
     import polars as pl
 
 #: bump when the checks change: a file verified under an older contract is checked again
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 
 #: dataset seeds (simulation.dataset: a uint64)
 MAX_SEED = 2**64 - 1
 
-HITS_COLUMNS = ("event_id", "hit_id", "layer", "strip", "x", "y", "charge", "is_signal", "particle_id")
+HITS_COLUMNS = ("event_id", "hit_id", "layer", "strip", "x", "y", "charge", "charge_muon", "is_signal", "particle_id")
 EVENTS_COLUMNS = ("event_id", "pt", "q", "x0", "theta0", "n_hits", "x_true")
 
 _NULL = "{file}: column {column} is null at row {row} ({count} null values; the dataset contract has none)"
@@ -188,6 +188,7 @@ def hits_checks(config: SimConfig, first_event_id: int, n_events: int) -> list[C
         _finite("x"),
         _finite("y"),
         _finite("charge"),
+        _finite("charge_muon"),
         _outside(
             "event_id",
             first_event_id,
@@ -229,6 +230,11 @@ def hits_checks(config: SimConfig, first_event_id: int, n_events: int) -> list[C
             expected=plane,
         ),
         Check("charge", pl.col("charge") < 0, "{file}: column {column} has {value} at row {row}, a negative charge"),
+        Check(
+            "charge_muon",
+            pl.col("charge_muon") < 0,
+            "{file}: column {column} has {value} at row {row}, a negative charge",
+        ),
         Check(
             "particle_id",
             pl.col("particle_id") < -1,

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     import polars as pl
 
 FORMAT = "muontrack-dataset"
-FORMAT_VERSION = 1
+#: 2: hits gained ``charge_muon`` (the muon's own charge on the strip)
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 STAGING_DIR = ".staging"
 STAGING_RECORD = "dataset.json"
@@ -497,7 +498,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise DatasetError(f"{path} is not a muontrack dataset (manifest format is not {FORMAT!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise DatasetError(f"{path} has dataset format version {version!r}; this muontrack reads {FORMAT_VERSION}")
+        raise DatasetError(
+            f"{path} has dataset format version {version!r}; this muontrack reads {FORMAT_VERSION} "
+            "(simulate it again into a new folder)"
+        )
     required = ("config", "seed", "n_events", "n_hits", "shards")
     missing = [key for key in required if key not in manifest]
     if missing or not isinstance(manifest["shards"], list) or not manifest["shards"]:

@@ -19,7 +19,9 @@ HITS_SCHEMA = pa.schema(
         pa.field("strip", pa.int32(), nullable=False),
         pa.field("x", pa.float32(), nullable=False),  # strip centre [mm]
         pa.field("y", pa.float32(), nullable=False),  # layer plane [mm]
-        pa.field("charge", pa.float32(), nullable=False),
+        pa.field("charge", pa.float32(), nullable=False),  # measured: particles, cross-talk and electronic noise
+        # the muon's own charge on the strip, after cross-talk and before the noise (0 where it gave none)
+        pa.field("charge_muon", pa.float32(), nullable=False),
         pa.field("is_signal", pa.bool_(), nullable=False),  # the muon gave most of the strip's charge
         pa.field("particle_id", pa.int32(), nullable=False),  # 0 muon, -1 noise, k > 0 extra track k
     ]

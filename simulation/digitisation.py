@@ -1,8 +1,14 @@
-"""Digitisation of the toy strip detector: charge sharing among strips, summing per strip, threshold.
+"""Digitisation of the toy strip detector: charge sharing among strips, summing per strip, cross-talk,
+electronic noise, threshold.
 
 A crossing deposits a total charge (drawn by :mod:`simulation.events`) shared among strips by a Gaussian
-cloud of width ``charge_sigma``; the charges of all particles are summed per strip and a strip fires above
-``threshold * charge_mean``.
+cloud of width ``charge_sigma``; the charges of all particles are summed per strip, each strip passes the
+fraction ``crosstalk`` of its charge to each neighbour, gets Gaussian electronic noise of width
+``electronic_noise * charge_mean``, and fires above ``threshold * charge_mean``. The noise is drawn on every
+strip inside a charge window; a strip outside all of them fires only where its noise alone crosses the
+threshold, which :mod:`simulation.events` draws directly as "tail" sources (a Poisson number per layer, the
+charge from the normal tail above the threshold). Cross-talk into a strip outside every window (4.5 sigma of the
+cloud from any crossing) is dropped; an isolated noise strip keeps ``1 - 2 crosstalk`` of its charge.
 
 Scalar kernels first (the Gaussian CDF, one strip's share), then the array kernels built on them.
 """
@@ -15,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.jit import argsort_small, jit
+from simulation.rng import rng_normal
 
 #: strips starting further than this many sigma from a crossing get no charge: the dropped tail is below
 #: 3.4e-6 of the cluster charge on each side, far under any sensible threshold (~1e-2)
@@ -47,8 +54,9 @@ class Sources(NamedTuple):
 
     A source is a run of consecutive strips on one layer that got charge from one particle: source ``s``
     starts at strip key ``key[s] = layer * n_strips + first_strip``, covers ``length[s]`` strips inside the
-    layer, and its charges are ``deposit[offset[s] : offset[s] + length[s]]``. ``particle[s]`` is -1 for
-    noise or a track id >= 0 (0 = the muon).
+    layer, and its charges are ``deposit[offset[s] : offset[s] + length[s]]``. ``particle[s]`` is a track id
+    >= 0 (0 = the muon), -1 (``NOISE_ID``) for background noise, -2 (``NOISE_TAIL_ID``) for the electronic
+    noise of a strip outside every charge window that crossed the threshold.
     """
 
     key: np.ndarray
@@ -59,10 +67,16 @@ class Sources(NamedTuple):
     deposit: np.ndarray
 
 
+#: particle id of background noise sources (noise strips and clusters of the background config)
+NOISE_ID = -1
+#: particle id of an electronic-noise tail source: its charge is the strip's noise, not a deposit
+NOISE_TAIL_ID = -2
+
+
 class StripSums(NamedTuple):
     """Per-strip accumulators of one run of overlapping sources (float64 / int64 arrays of one capacity)."""
 
-    #: charge of all particles
+    #: charge of all particles and the background noise
     total: np.ndarray
     #: charge of the muon (track id 0)
     muon: np.ndarray
@@ -72,6 +86,8 @@ class StripSums(NamedTuple):
     best_charge: np.ndarray
     #: the track that gave it (the lower id on a tie)
     best_track: np.ndarray
+    #: electronic noise drawn on the tail above threshold (NOISE_TAIL_ID sources), 0 elsewhere
+    tail: np.ndarray
 
 
 class HitColumns(NamedTuple):
@@ -80,6 +96,7 @@ class HitColumns(NamedTuple):
     layer: np.ndarray
     strip: np.ndarray
     charge: np.ndarray
+    charge_muon: np.ndarray
     is_signal: np.ndarray
     particle_id: np.ndarray
 
@@ -94,8 +111,8 @@ def new_sources(capacity):
 @jit()
 def new_strip_sums(capacity):
     """Uninitialised :class:`StripSums` for runs of up to ``capacity`` strips."""
-    columns = np.empty((4, capacity), dtype=np.float64)
-    return StripSums(columns[0], columns[1], columns[2], columns[3], np.empty(capacity, dtype=np.int64))
+    columns = np.empty((5, capacity), dtype=np.float64)
+    return StripSums(columns[0], columns[1], columns[2], columns[3], np.empty(capacity, dtype=np.int64), columns[4])
 
 
 # ---- scalar kernels ------------------------------------------------------------------------------------
@@ -172,16 +189,31 @@ def add_source(sources, n_sources, n_deposits, key, length, particle):
     return n_sources + 1, n_deposits + length
 
 
+@jit(inline=True)
+def share_with_neighbours(values, n, fraction):
+    """Cross-talk on ``values[:n]`` in place: each strip keeps ``1 - 2 fraction`` of its value and passes
+    ``fraction`` to each neighbour; what would leave the range is dropped."""
+    previous = 0.0
+    for cell in range(n):
+        current = values[cell]
+        following = values[cell + 1] if cell + 1 < n else 0.0
+        values[cell] = (1.0 - 2.0 * fraction) * current + fraction * (previous + following)
+        previous = current
+
+
 @jit()
-def digitise_sources(sources, n_sources, n_strips, threshold_charge, sums, hits):
-    """Sum the charge of the first ``n_sources`` :class:`Sources` per (layer, strip) and keep the strips
-    above ``threshold_charge``.
+def digitise_sources(sources, n_sources, n_strips, threshold_charge, noise_sigma, crosstalk, state, sums, hits):
+    """Sum the charge of the first ``n_sources`` :class:`Sources` per (layer, strip), apply the cross-talk
+    ``crosstalk`` and Gaussian electronic noise of width ``noise_sigma`` (drawn from the generator ``state``
+    strip by strip in (layer, strip) order, none when it is 0), and keep the strips above ``threshold_charge``.
 
     A track gives at most one source per layer (it crosses each layer once), noise any number. A fired
-    strip's ``is_signal`` is "the muon gave more than half of its charge", its ``particle_id`` the particle
-    with the largest summed contribution (ties: the lower id). ``sums`` (:class:`StripSums`) is scratch with
-    capacity >= the total length of the sources; the hits go to ``hits`` (:class:`HitColumns`, same capacity)
-    in (layer, strip) order. Returns the number of hits.
+    strip's ``charge_muon`` is the muon's charge on it after the cross-talk and before the noise, its
+    ``is_signal`` "the muon gave more than half of its charge", its ``particle_id`` the contributor with the
+    largest deposit before the cross-talk, the background and the (positive) electronic noise counted together
+    as noise (-1; ties: the lower id). ``sums`` (:class:`StripSums`) is scratch with capacity >= the total
+    length of the sources; the hits go to ``hits`` (:class:`HitColumns`, same capacity) in (layer, strip)
+    order. Returns the number of hits.
 
     Sources are visited in key order, so every run of overlapping windows is a contiguous strip range that
     is accumulated densely and flushed when the next source starts past its end: no hashing, one small sort.
@@ -190,8 +222,8 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, sums, hits)
     # a tuple in a helper called per run) costs an atomic incref and decref of each array per pass (Numba's
     # NRT_incref / NRT_decref were ~20 % of the simulation's run time).
     key_of, length_of, particle_of, offset_of, deposit = sources
-    total, muon, noise, best_charge, best_track = sums
-    hit_layer, hit_strip, hit_charge, hit_is_signal, hit_particle = hits
+    total, muon, noise, best_charge, best_track, tail = sums
+    hit_layer, hit_strip, hit_charge, hit_charge_muon, hit_is_signal, hit_particle = hits
     order = np.empty(n_sources, dtype=np.int64)
     argsort_small(key_of, n_sources, order)
     n_hits = 0
@@ -205,14 +237,25 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, sums, hits)
             # flush the run of overlapping windows so far: its fired strips, in strip order
             layer = run_start // n_strips  # a run never straddles layers: one integer division per run
             first_strip = run_start - layer * n_strips
-            for cell in range(run_end - run_start):
-                if total[cell] > threshold_charge:
+            n_cells = run_end - run_start
+            if crosstalk > 0.0:
+                share_with_neighbours(total, n_cells, crosstalk)
+                share_with_neighbours(muon, n_cells, crosstalk)
+            for cell in range(n_cells):
+                # a tail source is its strip's noise; elsewhere the noise is drawn here (no draw without noise)
+                electronic = tail[cell]
+                if electronic == 0.0 and noise_sigma > 0.0:
+                    electronic = noise_sigma * rng_normal(state)
+                measured = total[cell] + electronic
+                if measured > threshold_charge:
                     hit_layer[n_hits] = layer
                     hit_strip[n_hits] = first_strip + cell
-                    hit_charge[n_hits] = total[cell]
-                    hit_is_signal[n_hits] = muon[cell] > 0.5 * total[cell]
+                    hit_charge[n_hits] = measured
+                    hit_charge_muon[n_hits] = muon[cell]
+                    hit_is_signal[n_hits] = muon[cell] > 0.5 * measured
                     # ties go to the lower id, so noise (-1) wins a tie and a cell without tracks is noise
-                    hit_particle[n_hits] = -1 if noise[cell] >= best_charge[cell] else best_track[cell]
+                    noise_charge = noise[cell] + max(electronic, 0.0)
+                    hit_particle[n_hits] = NOISE_ID if noise_charge >= best_charge[cell] else best_track[cell]
                     n_hits += 1
             if j == n_sources:
                 break
@@ -225,15 +268,19 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, sums, hits)
             noise[cell] = 0.0
             best_charge[cell] = -1.0
             best_track[cell] = 0
+            tail[cell] = 0.0
             run_end += 1
         particle = particle_of[s]
         for t in range(length_of[s]):
             cell = key - run_start + t
             charge = deposit[offset_of[s] + t]
-            total[cell] += charge
-            if particle < 0:
+            if particle == NOISE_TAIL_ID:
+                tail[cell] += charge
+            elif particle < 0:
+                total[cell] += charge
                 noise[cell] += charge
             else:
+                total[cell] += charge
                 if particle == 0:
                     muon[cell] += charge
                 if charge > best_charge[cell] or (charge == best_charge[cell] and particle < best_track[cell]):

@@ -10,6 +10,10 @@ Background: per layer Poisson(noise_strips_per_layer) isolated strips, uniformly
 uniform x with the normal charge sharing; per event Poisson(extra_tracks_per_event) low-pT tracks (uniform
 pT, random charge, angle uniform in +-``EXTRA_TRACK_MAX_ANGLE``) that start on a random layer within
 N(0, extra_track_spread) of the muon and cross up to U{extra_track_layers_min..max} consecutive layers.
+With electronic noise (``detector.electronic_noise``), per layer Poisson(n_strips x P(z > threshold / noise))
+strips outside the charge windows fire on their noise alone, their charge drawn from the normal tail above the
+threshold (:func:`simulation.rng.rng_normal_tail`); the noise of the strips inside the windows is drawn by
+:func:`simulation.digitisation.digitise_sources`.
 
 A crossing deposits ``Q = charge_mean * Gamma(k) / k`` (``k = 1 / charge_rms**2``) before it is shared
 among strips.
@@ -25,6 +29,8 @@ import numpy as np
 
 from pipeline.jit import chunk_bounds, jit, largest_span
 from simulation.digitisation import (
+    NOISE_ID,
+    NOISE_TAIL_ID,
     HitColumns,
     add_source,
     cluster_strip_charges,
@@ -39,6 +45,7 @@ from simulation.rng import (
     rng_gamma,
     rng_integer,
     rng_normal,
+    rng_normal_tail,
     rng_poisson,
     rng_poisson_with_limit,
     rng_sign,
@@ -51,8 +58,6 @@ EXTRA_TRACK_MAX_ANGLE = 0.3
 NOISE_STRIP_EXCESS_MEAN = 0.1
 #: particle id of the muon in the digitisation (extra tracks are 1, 2, ...)
 MUON_ID = 0
-#: particle id of noise sources
-NOISE_ID = -1
 
 #: events handled by one prange iteration; each chunk allocates its scratch once
 _EVENTS_PER_CHUNK = 64
@@ -71,6 +76,14 @@ class KernelParams(NamedTuple):
     #: gamma shape 1 / charge_rms**2 of the total cluster charge; 0 means a constant charge
     charge_shape: float
     threshold_charge: float
+    #: electronic noise sigma of a strip [charge units]; 0 without electronic noise
+    noise_sigma: float
+    #: cross-talk fraction to each neighbouring strip
+    crosstalk: float
+    #: mean number of strips per layer whose electronic noise alone crosses the threshold (0 without noise)
+    noise_tail_per_layer: float
+    #: the threshold in units of noise_sigma (where the tail starts)
+    noise_tail_z: float
     b_field: float
     #: 0 when multiple scattering is off
     x_over_x0: float
@@ -109,6 +122,7 @@ class HitTable(NamedTuple):
     x: np.ndarray
     y: np.ndarray
     charge: np.ndarray
+    charge_muon: np.ndarray
     is_signal: np.ndarray
     particle_id: np.ndarray
 
@@ -117,27 +131,33 @@ class HitTable(NamedTuple):
 
 
 @jit()
-def _draw_counts(state, params, n_layers, noise_strip_counts, noise_cluster_counts):
-    """The first draws of every event: the background multiplicities. Returns the number of extra tracks."""
+def _draw_counts(state, params, n_layers, counts):
+    """The first draws of every event: the background multiplicities per layer into ``counts`` (int64
+    ``[3, n_layers]``: noise strips, noise clusters, electronic-noise tail strips; the last drawn only with
+    electronic noise, after the others). Returns the number of extra tracks."""
     n_extra = rng_poisson(state, params.extra_tracks_per_event)
     strips_limit = math.exp(-params.noise_strips_per_layer)
     clusters_limit = math.exp(-params.noise_clusters_per_layer)
     for layer in range(n_layers):
-        noise_strip_counts[layer] = rng_poisson_with_limit(state, params.noise_strips_per_layer, strips_limit)
-        noise_cluster_counts[layer] = rng_poisson_with_limit(state, params.noise_clusters_per_layer, clusters_limit)
+        counts[0, layer] = rng_poisson_with_limit(state, params.noise_strips_per_layer, strips_limit)
+        counts[1, layer] = rng_poisson_with_limit(state, params.noise_clusters_per_layer, clusters_limit)
+    tail_limit = math.exp(-params.noise_tail_per_layer)
+    for layer in range(n_layers):
+        # no draw at all without electronic noise: the default detector's streams stay as they were
+        counts[2, layer] = rng_poisson_with_limit(state, params.noise_tail_per_layer, tail_limit)
     return n_extra
 
 
 @jit()
-def _deposit_bound(params, n_layers, n_extra, noise_strip_counts, noise_cluster_counts):
+def _deposit_bound(params, n_layers, n_extra, counts):
     """Upper bound on the strip deposits of an event (every crossing with a full window), hence on its hits."""
     window = 2 * params.half_window + 1
     n_crossings = n_layers + n_extra * min(params.extra_layers_max, n_layers)
-    n_noise_strips = 0
+    n_single_strips = 0
     for layer in range(n_layers):
-        n_crossings += noise_cluster_counts[layer]
-        n_noise_strips += noise_strip_counts[layer]
-    return n_crossings * window + n_noise_strips
+        n_crossings += counts[1, layer]
+        n_single_strips += counts[0, layer] + counts[2, layer]
+    return n_crossings * window + n_single_strips
 
 
 @jit(parallel=True)
@@ -148,12 +168,11 @@ def event_deposit_bounds(seed, first_event_id, n_events, params, n_layers):
     for chunk in nb.prange(n_chunks):
         lo, hi = chunk_bounds(chunk, _EVENTS_PER_CHUNK, n_events)
         state = np.empty(1, dtype=np.uint64)
-        noise_strip_counts = np.empty(n_layers, dtype=np.int64)
-        noise_cluster_counts = np.empty(n_layers, dtype=np.int64)
+        counts = np.empty((3, n_layers), dtype=np.int64)
         for i in range(lo, hi):
             state[0] = event_seed_kernel(seed, first_event_id + i)
-            n_extra = _draw_counts(state, params, n_layers, noise_strip_counts, noise_cluster_counts)
-            bounds[i] = _deposit_bound(params, n_layers, n_extra, noise_strip_counts, noise_cluster_counts)
+            n_extra = _draw_counts(state, params, n_layers, counts)
+            bounds[i] = _deposit_bound(params, n_layers, n_extra, counts)
     return bounds
 
 
@@ -243,19 +262,24 @@ def _simulate_extra_track(state, params, layer_y, particle, muon_x, extra_x, sou
 
 
 @jit()
-def _simulate_noise(state, params, noise_strip_counts, noise_cluster_counts, sources, n_src, n_dep):
-    """Per layer the noise clusters (normal charge sharing), then the isolated strips above threshold."""
+def _simulate_noise(state, params, counts, sources, n_src, n_dep):
+    """Per layer the noise clusters (normal charge sharing), then the isolated strips above threshold, then
+    the electronic-noise tail strips (``counts``: see :func:`_draw_counts`)."""
     deposit = sources.deposit  # a field read once, not per strip (each read is an atomic incref and decref)
-    for layer in range(noise_strip_counts.shape[0]):
-        for _ in range(noise_cluster_counts[layer]):
+    for layer in range(counts.shape[1]):
+        for _ in range(counts[1, layer]):
             x = params.x_min + (params.x_max - params.x_min) * rng_uniform(state)
             n_src, n_dep = _add_cluster(state, params, layer, x, NOISE_ID, sources, n_src, n_dep)
-        for _ in range(noise_strip_counts[layer]):
+        for _ in range(counts[0, layer]):
             key = layer * params.n_strips + rng_integer(state, params.n_strips)
             deposit[n_dep] = params.threshold_charge + (
                 NOISE_STRIP_EXCESS_MEAN * params.charge_mean * rng_exponential(state)
             )
             n_src, n_dep = add_source(sources, n_src, n_dep, key, 1, NOISE_ID)
+        for _ in range(counts[2, layer]):
+            key = layer * params.n_strips + rng_integer(state, params.n_strips)
+            deposit[n_dep] = params.noise_sigma * rng_normal_tail(state, params.noise_tail_z)
+            n_src, n_dep = add_source(sources, n_src, n_dep, key, 1, NOISE_TAIL_ID)
     return n_src, n_dep
 
 
@@ -263,16 +287,14 @@ def _simulate_noise(state, params, noise_strip_counts, noise_cluster_counts, sou
 def _simulate_sources(state, params, layer_y, event, truth, counts, muon_x, extra_x, sources):
     """All charge sources of one event, drawn in the documented order (see :func:`simulate_events_kernel`);
     writes the muon's truth to row ``event`` of ``truth`` and returns the number of sources. Scratch:
-    ``counts`` (int64 ``[2, n_layers]``: noise strips, noise clusters per layer), ``muon_x`` and ``extra_x``
+    ``counts`` (int64 ``[3, n_layers]``: :func:`_draw_counts`), ``muon_x`` and ``extra_x``
     (float64 ``[n_layers]``: crossings), ``sources`` (:class:`~simulation.digitisation.Sources`)."""
-    noise_strip_counts = counts[0]
-    noise_cluster_counts = counts[1]
-    n_extra = _draw_counts(state, params, layer_y.shape[0], noise_strip_counts, noise_cluster_counts)
+    n_extra = _draw_counts(state, params, layer_y.shape[0], counts)
     _simulate_muon(state, params, layer_y, event, truth, muon_x)
     n_src, n_dep = _add_crossings(state, params, muon_x, 0, layer_y.shape[0], MUON_ID, sources, 0, 0)
     for particle in range(MUON_ID + 1, MUON_ID + 1 + n_extra):
         n_src, n_dep = _simulate_extra_track(state, params, layer_y, particle, muon_x, extra_x, sources, n_src, n_dep)
-    n_src, n_dep = _simulate_noise(state, params, noise_strip_counts, noise_cluster_counts, sources, n_src, n_dep)
+    n_src, n_dep = _simulate_noise(state, params, counts, sources, n_src, n_dep)
     return n_src
 
 
@@ -283,6 +305,7 @@ def _hit_slot(columns, start, stop):
         columns.layer[start:stop],
         columns.strip[start:stop],
         columns.charge[start:stop],
+        columns.charge_muon[start:stop],
         columns.is_signal[start:stop],
         columns.particle_id[start:stop],
     )
@@ -294,7 +317,7 @@ def _simulate_chunk(seed, first_event_id, lo, hi, params, layer_y, deposit_offse
     n_layers = layer_y.shape[0]
     capacity = largest_span(deposit_offsets, lo, hi, 0)
     state = np.empty(1, dtype=np.uint64)
-    counts = np.empty((2, n_layers), dtype=np.int64)
+    counts = np.empty((3, n_layers), dtype=np.int64)
     sources = new_sources(capacity)
     sums = new_strip_sums(capacity)
     muon_x = np.empty(n_layers, dtype=np.float64)
@@ -303,7 +326,17 @@ def _simulate_chunk(seed, first_event_id, lo, hi, params, layer_y, deposit_offse
         state[0] = event_seed_kernel(seed, first_event_id + i)
         n_src = _simulate_sources(state, params, layer_y, i, truth, counts, muon_x, extra_x, sources)
         hits = _hit_slot(slots, deposit_offsets[i], deposit_offsets[i + 1])
-        n_hits[i] = digitise_sources(sources, n_src, params.n_strips, params.threshold_charge, sums, hits)
+        n_hits[i] = digitise_sources(
+            sources,
+            n_src,
+            params.n_strips,
+            params.threshold_charge,
+            params.noise_sigma,
+            params.crosstalk,
+            state,
+            sums,
+            hits,
+        )
 
 
 @jit(parallel=True)
@@ -314,7 +347,8 @@ def simulate_events_kernel(seed, first_event_id, n_events, params, layer_y, depo
 
     Random draws of one event, in order: background multiplicities; muon pT, charge, x0, theta0, its
     scattering kicks, its crossing charges; per extra track its layers, pT, charge, angle, start, kicks and
-    charges; per layer the noise clusters then the noise strips.
+    charges; per layer the noise clusters, the noise strips, then the electronic-noise tail strips; last, the
+    electronic noise of every strip inside a charge window, in (layer, strip) order.
     """
     n_chunks = (n_events + _EVENTS_PER_CHUNK - 1) // _EVENTS_PER_CHUNK
     for chunk in nb.prange(n_chunks):
@@ -332,8 +366,8 @@ def _copy_event_hits(slots, src, out, dst, n, event_id, layer_y, x_min, pitch):
     """Copy the ``n`` hits of one event from row ``src`` of ``slots`` to row ``dst`` of ``out``."""
     # the columns are unpacked once: a NamedTuple field read inside the loop costs an atomic incref and
     # decref of the array per row (Numba's NRT_incref/NRT_decref were ~20 % of the run time)
-    slot_layer, slot_strip, slot_charge, slot_is_signal, slot_particle_id = slots
-    event_ids, hit_ids, layers, strips, xs, ys, charges, is_signal, particle_ids = out
+    slot_layer, slot_strip, slot_charge, slot_charge_muon, slot_is_signal, slot_particle_id = slots
+    event_ids, hit_ids, layers, strips, xs, ys, charges, charges_muon, is_signal, particle_ids = out
     for j in range(n):
         lay = slot_layer[src + j]
         s = slot_strip[src + j]
@@ -344,6 +378,7 @@ def _copy_event_hits(slots, src, out, dst, n, event_id, layer_y, x_min, pitch):
         xs[dst + j] = x_min + (s + 0.5) * pitch
         ys[dst + j] = layer_y[lay]
         charges[dst + j] = slot_charge[src + j]
+        charges_muon[dst + j] = slot_charge_muon[src + j]
         is_signal[dst + j] = slot_is_signal[src + j]
         particle_ids[dst + j] = slot_particle_id[src + j]
 

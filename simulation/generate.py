@@ -18,9 +18,11 @@ above ``threshold * charge_mean``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from pipeline.config import SimConfig
+from pipeline.config import DetectorConfig, SimConfig
 from pipeline.errors import ConfigError
 from simulation.digitisation import HitColumns, charge_half_window
 from simulation.events import (
@@ -47,6 +49,7 @@ HIT_DTYPES: dict[str, np.dtype] = {
     "x": np.dtype(np.float32),
     "y": np.dtype(np.float32),
     "charge": np.dtype(np.float32),
+    "charge_muon": np.dtype(np.float32),
     "is_signal": np.dtype(np.bool_),
     "particle_id": np.dtype(np.int32),
 }
@@ -87,6 +90,14 @@ def event_seed(seed: int, event_id: int) -> int:
     return int(event_seed_kernel(np.uint64(seed), np.uint64(event_id)))
 
 
+def noise_tail_probability(detector: DetectorConfig) -> float:
+    """The probability that a strip no particle touched fires on its electronic noise alone, P(z > threshold /
+    noise) for a standard normal z (0 without electronic noise)."""
+    if detector.electronic_noise <= 0:
+        return 0.0
+    return 0.5 * math.erfc(detector.threshold_in_noise_sigmas / math.sqrt(2.0))
+
+
 def kernel_params(config: SimConfig) -> KernelParams:
     """The numbers the event kernels need, as plain floats and ints (stable Numba types)."""
     det, muon, bkg = config.detector, config.muon, config.background
@@ -100,6 +111,10 @@ def kernel_params(config: SimConfig) -> KernelParams:
         charge_mean=float(det.charge_mean),
         charge_shape=float(1.0 / det.charge_rms**2) if det.charge_rms > 0 else 0.0,
         threshold_charge=float(det.threshold * det.charge_mean),
+        noise_sigma=float(det.electronic_noise * det.charge_mean),
+        crosstalk=float(det.crosstalk),
+        noise_tail_per_layer=float(det.n_strips * noise_tail_probability(det)),
+        noise_tail_z=float(min(det.threshold_in_noise_sigmas, 1e300)),
         b_field=float(det.b_field),
         x_over_x0=float(det.x_over_x0) if det.multiple_scattering else 0.0,
         pt_min=float(muon.pt_min),

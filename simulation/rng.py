@@ -145,3 +145,15 @@ def rng_poisson_with_limit(state, lam, limit):
             continue
         if math.log(v) + math.log(inv_alpha) - math.log(a / (us * us) + b) <= -lam + k * loglam - math.lgamma(k + 1.0):
             return int(k)
+
+
+@jit(inline=True)
+def rng_normal_tail(state, t):
+    """A standard normal drawn on its tail ``z > t`` (``t >= 0``): Robert's (1995) rejection from a shifted
+    exponential of rate ``alpha = (t + sqrt(t^2 + 4)) / 2``, accepted with ``exp(-(z - alpha)^2 / 2)`` (at
+    least 0.85 of the proposals for t >= 1)."""
+    alpha = 0.5 * (t + math.sqrt(t * t + 4.0))
+    while True:
+        z = t + rng_exponential(state) / alpha
+        if rng_uniform(state) <= math.exp(-0.5 * (z - alpha) * (z - alpha)):
+            return z

@@ -114,27 +114,72 @@ def strip_fraction_erf(x_lo: float, x_hi: float, x_center: float, sigma: float) 
     return 0.5 * (math.erf((x_hi - x_center) / s) - math.erf((x_lo - x_center) / s))
 
 
-def digitise_ref(layers, first_strips, charges_per_source, particles, n_layers, n_strips, threshold):
+def digitise_ref(
+    layers, first_strips, charges_per_source, particles, n_layers, n_strips, threshold, crosstalk=0.0, noise=None
+):
     """Dense reference of the strip digitisation: np.add.at into a (layer, strip, particle) grid.
 
-    ``charges_per_source[s]`` holds the charges of strips first_strips[s], first_strips[s] + 1, ...
-    Returns a dict of hit columns in (layer, strip) order: layer, strip, charge, is_signal, particle_id.
+    ``charges_per_source[s]`` holds the charges of strips first_strips[s], first_strips[s] + 1, ...; particle
+    -2 is an electronic-noise tail source (its charge is the strip's noise). Cross-talk acts inside each run
+    of overlapping source windows (the kernel's documented unit); ``noise()``, when given, returns the next
+    noise value of a strip inside a window, called strip by strip in (layer, strip) order except on tail
+    strips. Returns a dict of hit columns in (layer, strip) order: layer, strip, charge, charge_muon,
+    is_signal, particle_id.
     """
-    particle_ids = np.unique(np.asarray(particles))  # sorted: ties in argmax go to the lower id
+    particles = [int(p) for p in particles]
+    particle_ids = np.unique([p for p in particles if p != -2] or [-1])  # sorted: argmax ties go to the lower id
     column = {int(p): i for i, p in enumerate(particle_ids)}
     grid = np.zeros((n_layers, n_strips, len(particle_ids)))
+    tail = np.zeros((n_layers, n_strips))
     for layer, first, charges, particle in zip(layers, first_strips, charges_per_source, particles, strict=True):
         strips = first + np.arange(len(charges))
-        np.add.at(grid, (np.full(len(charges), layer), strips, np.full(len(charges), column[int(particle)])), charges)
-    total = grid.sum(axis=2)
-    layer_idx, strip_idx = np.nonzero(total > threshold)  # row-major: (layer, strip) order
-    muon = grid[:, :, column[0]] if 0 in column else np.zeros_like(total)
-    best = particle_ids[np.argmax(grid, axis=2)]
+        if particle == -2:
+            np.add.at(tail, (np.full(len(charges), layer), strips), charges)
+        else:
+            np.add.at(grid, (np.full(len(charges), layer), strips, np.full(len(charges), column[particle])), charges)
+    # runs of overlapping windows, as strip keys [start, end)
+    windows = sorted(
+        (layer * n_strips + first, layer * n_strips + first + len(charges))
+        for layer, first, charges in zip(layers, first_strips, charges_per_source, strict=True)
+    )
+    runs: list[list[int]] = []
+    for start, end in windows:
+        if runs and start < runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    deposits = grid.copy()  # who gave most of a strip's charge is judged on the deposits before the cross-talk
+    flat = grid.reshape(n_layers * n_strips, len(particle_ids))
+    if crosstalk > 0:
+        for start, end in runs:
+            block = flat[start:end].copy()
+            shared = (1 - 2 * crosstalk) * block
+            shared[1:] += crosstalk * block[:-1]
+            shared[:-1] += crosstalk * block[1:]
+            flat[start:end] = shared
+    electronic = np.zeros(n_layers * n_strips)
+    tail_flat = tail.reshape(-1)
+    for start, end in runs:
+        for key in range(start, end):
+            if tail_flat[key] != 0:
+                electronic[key] = tail_flat[key]
+            elif noise is not None:
+                electronic[key] = noise()
+    electronic = electronic.reshape(n_layers, n_strips)
+    measured = grid.sum(axis=2) + electronic
+    layer_idx, strip_idx = np.nonzero(measured > threshold)  # row-major: (layer, strip) order
+    muon = grid[:, :, column[0]] if 0 in column else np.zeros_like(measured)
+    if -1 in column:
+        deposits[:, :, column[-1]] += np.maximum(electronic, 0.0)
+    best = particle_ids[np.argmax(deposits, axis=2)]
+    if -1 not in column:  # a strip with electronic noise only
+        best = np.where(deposits.max(axis=2) <= np.maximum(electronic, 0.0), -1, best)
     return {
         "layer": layer_idx,
         "strip": strip_idx,
-        "charge": total[layer_idx, strip_idx],
-        "is_signal": muon[layer_idx, strip_idx] > 0.5 * total[layer_idx, strip_idx],
+        "charge": measured[layer_idx, strip_idx],
+        "charge_muon": muon[layer_idx, strip_idx],
+        "is_signal": muon[layer_idx, strip_idx] > 0.5 * measured[layer_idx, strip_idx],
         "particle_id": best[layer_idx, strip_idx],
     }
 

@@ -53,6 +53,7 @@ def write_random_dataset(path, n_events: int, shard_events: int, seed: int = 0, 
             "x": detector.strip_center(strip),
             "y": layer_y[layer],
             "charge": charge,
+            "charge_muon": charge * (rng.random(len(event_id)) < 0.5),
             "is_signal": rng.random(len(event_id)) < 0.5,
             "particle_id": np.zeros(len(event_id), int),
         }

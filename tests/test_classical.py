@@ -27,7 +27,7 @@ from classical import (
 )
 from classical.scattering_fit import DEFAULT_STEPS, detector_material, new_scattering_scratch, scattering_fit
 from pipeline.batches import split_expr
-from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, SimConfig
+from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, SimConfig, point_resolution
 from pipeline.dataset import open_dataset
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 from simulation.dataset import simulate_dataset
@@ -125,7 +125,7 @@ def scattering_reference(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray,
     ClassicalParams and the detector's material; every fit must succeed."""
     x, weight = np.atleast_2d(x), np.atleast_2d(weight).astype(np.float64)
     material = detector_material(DETECTOR)
-    sigma = np.full(N_LAYERS, ClassicalParams().fit_sigma)
+    sigma = np.full(N_LAYERS, point_resolution(DETECTOR))
     x_over_x0 = np.full(N_LAYERS, material["x_over_x0"])
     scratch = new_scattering_scratch(N_LAYERS)
     q_over_pt, pulls, x_fit = np.empty(len(x)), np.empty(x.shape), np.empty(N_LAYERS)

@@ -44,6 +44,7 @@ HITS_COLUMNS_DUCKDB = {
     "x": "FLOAT",
     "y": "FLOAT",
     "charge": "FLOAT",
+    "charge_muon": "FLOAT",
     "is_signal": "BOOLEAN",
     "particle_id": "INTEGER",
 }
@@ -64,6 +65,7 @@ HITS_COLUMNS_POLARS = {
     "x": pl.Float32,
     "y": pl.Float32,
     "charge": pl.Float32,
+    "charge_muon": pl.Float32,
     "is_signal": pl.Boolean,
     "particle_id": pl.Int32,
 }
@@ -160,7 +162,7 @@ def test_key_value_metadata_holds_config_and_seed(dataset_dir: Path) -> None:
 def test_manifest_lists_every_shard_with_counts_and_checksums(dataset_dir: Path) -> None:
     manifest = json.loads((dataset_dir / MANIFEST_NAME).read_text())
     assert manifest["format"] == "muontrack-dataset"
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert SimConfig.from_dict(manifest["config"]) == SMALL
     assert manifest["config_hash"] == SMALL.config_hash()
     assert manifest["seed"] == SEED
@@ -551,6 +553,7 @@ def test_write_shard_tables_round_trips_columns_and_x_true(tmp_path: Path) -> No
         "x": np.array([0.1, 0.2, 0.3], dtype=np.float32),
         "y": np.array([0.0, 50.0, 25.0], dtype=np.float32),
         "charge": np.array([0.5, 0.25, 1.0], dtype=np.float32),
+        "charge_muon": np.array([0.5, 0.0, 0.0], dtype=np.float32),
         "is_signal": np.array([True, False, True]),
         "particle_id": np.array([0, -1, 3], dtype=np.int32),
     }

@@ -14,6 +14,7 @@ from pipeline.errors import ConfigError
 from pipeline.schema import EVENTS_SCHEMA, HITS_SCHEMA
 from simulation import digitisation, physics, rng
 from simulation.generate import EVENT_DTYPES, HIT_DTYPES, event_seed, generate_events
+from simulation.rng import rng_normal
 from tests.sim_reference import (
     circle_crossings_ref,
     digitise_ref,
@@ -221,43 +222,110 @@ def _random_sources(rng, n_layers, n_strips, sigma, pitch):
     return [sources[i] for i in order]
 
 
+def _digitise(sources, n_strips, threshold, noise_sigma=0.0, crosstalk=0.0, state=None):
+    """digitise_sources on ``sources`` ((layer, first strip, charges, particle) tuples): the hit columns."""
+    layers, firsts, charges, particles = zip(*sources, strict=True)
+    lengths = np.array([len(c) for c in charges])
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    capacity = int(lengths.sum())
+    hits = {
+        "layer": np.empty(capacity, np.int16),
+        "strip": np.empty(capacity, np.int32),
+        "charge": np.empty(capacity, np.float64),
+        "charge_muon": np.empty(capacity, np.float64),
+        "is_signal": np.empty(capacity, np.bool_),
+        "particle_id": np.empty(capacity, np.int32),
+    }
+    n_hits = digitisation.digitise_sources(
+        digitisation.Sources(
+            key=np.array(layers, dtype=np.int64) * n_strips + np.array(firsts, dtype=np.int64),
+            length=lengths.astype(np.int64),
+            particle=np.array(particles, dtype=np.int64),
+            offset=offsets.astype(np.int64),
+            deposit=np.concatenate(charges),
+        ),
+        len(sources),
+        n_strips,
+        threshold,
+        noise_sigma,
+        crosstalk,
+        np.zeros(1, np.uint64) if state is None else state,
+        digitisation.new_strip_sums(capacity),
+        digitisation.HitColumns(**hits),
+    )
+    return {name: column[:n_hits] for name, column in hits.items()}
+
+
+def _assert_hits_equal(got, want, rtol=1e-12):
+    assert len(got["layer"]) == len(want["layer"])
+    for name in ("layer", "strip", "is_signal", "particle_id"):
+        assert_array_equal(got[name], want[name], err_msg=name)
+    for name in ("charge", "charge_muon"):
+        assert_allclose(got[name], want[name], rtol=rtol, atol=1e-15, err_msg=name)
+
+
 def test_digitise_sources_matches_dense_accumulation():
     rng = np.random.default_rng(2024)
     n_layers, n_strips, sigma, pitch, threshold = 6, 40, 1.0 / 3.0, 0.5, 0.0115
     for _ in range(30):
         sources = _random_sources(rng, n_layers, n_strips, sigma, pitch)
-        layers, firsts, charges, particles = zip(*sources, strict=True)
-        lengths = np.array([len(c) for c in charges])
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        capacity = int(lengths.sum())
-        hits = {
-            "layer": np.empty(capacity, np.int16),
-            "strip": np.empty(capacity, np.int32),
-            "charge": np.empty(capacity, np.float64),
-            "is_signal": np.empty(capacity, np.bool_),
-            "particle_id": np.empty(capacity, np.int32),
-        }
-        n_hits = digitisation.digitise_sources(
-            digitisation.Sources(
-                key=np.array(layers, dtype=np.int64) * n_strips + np.array(firsts, dtype=np.int64),
-                length=lengths.astype(np.int64),
-                particle=np.array(particles, dtype=np.int64),
-                offset=offsets.astype(np.int64),
-                deposit=np.concatenate(charges),
-            ),
-            len(sources),
+        got = _digitise(sources, n_strips, threshold)
+        want = digitise_ref(*zip(*sources, strict=True), n_layers, n_strips, threshold)
+        _assert_hits_equal(got, want)
+        # the sample must exercise overlaps between different particles, and merged strips the muon shares
+        assert len(set(want["particle_id"].tolist())) >= 3
+        assert np.any((want["particle_id"] != 0) & (want["charge_muon"] > 0))
+        # charge_muon: the muon's whole charge on a strip only it touched, 0 where it gave none
+        assert np.all(want["charge_muon"] <= want["charge"] + 1e-15)
+
+
+def test_digitise_sources_with_crosstalk_and_noise_matches_the_dense_reference():
+    """Cross-talk, electronic noise drawn strip by strip from the event's generator and tail sources (-2),
+    against the dense reference fed with the same draws in the same (layer, strip) order."""
+    rng = np.random.default_rng(77)
+    n_layers, n_strips, sigma, pitch = 6, 40, 1.0 / 3.0, 0.5
+    noise_sigma, crosstalk, threshold = 0.05, 0.05, 0.15
+    fired_noise_only = 0
+    for trial in range(30):
+        sources = _random_sources(rng, n_layers, n_strips, sigma, pitch)
+        for _ in range(3):  # tail strips: their charge is their noise, above threshold
+            sources.append((int(rng.integers(0, n_layers)), int(rng.integers(0, n_strips)), np.array([0.2]), -2))
+        state = np.array([event_seed(5, trial)], np.uint64)
+        got = _digitise(sources, n_strips, threshold, noise_sigma, crosstalk, state)
+        replay = np.array([event_seed(5, trial)], np.uint64)
+        want = digitise_ref(
+            *zip(*sources, strict=True),
+            n_layers,
             n_strips,
             threshold,
-            digitisation.new_strip_sums(capacity),
-            digitisation.HitColumns(**hits),
+            crosstalk=crosstalk,
+            noise=lambda replay=replay: noise_sigma * rng_normal(replay),
         )
-        want = digitise_ref(layers, firsts, charges, particles, n_layers, n_strips, threshold)
-        assert n_hits == len(want["layer"])
-        for name in ("layer", "strip", "is_signal", "particle_id"):
-            assert_array_equal(hits[name][:n_hits], want[name], err_msg=name)
-        assert_allclose(hits["charge"][:n_hits], want["charge"], rtol=1e-12)
-        # the sample must exercise overlaps between different particles
-        assert len(set(want["particle_id"].tolist())) >= 3
+        _assert_hits_equal(got, want, rtol=1e-9)
+        assert state[0] == replay[0]  # the same number of draws
+        fired_noise_only += int(np.sum((want["particle_id"] == -1) & (want["charge_muon"] == 0)))
+    assert fired_noise_only > 0
+
+
+def test_zero_noise_and_crosstalk_leave_the_generator_untouched():
+    rng = np.random.default_rng(3)
+    sources = _random_sources(rng, 4, 40, 1.0 / 3.0, 0.5)
+    state = np.array([12345], np.uint64)
+    _digitise(sources, 40, 0.0115, 0.0, 0.0, state)
+    assert state[0] == 12345
+
+
+def test_crosstalk_keeps_the_charge_of_a_run_and_spreads_it():
+    """Inside a run the cross-talk moves charge to the neighbours and keeps the sum (the edge strips of a
+    window hold ~1e-6 of the charge, so little leaves the run)."""
+    buf = np.empty(9)
+    first, n = digitisation.cluster_strip_charges(10.1, 1.0, 0.0, 0.5, 40, 1.0 / 3.0, 4, buf)
+    source = [(0, first, buf[:n].copy(), 0)]
+    plain = _digitise(source, 40, 1e-3)
+    shared = _digitise(source, 40, 1e-3, crosstalk=0.1)
+    assert_allclose(shared["charge"].sum(), plain["charge"].sum(), rtol=1e-4)
+    assert len(shared["strip"]) > len(plain["strip"])  # the neighbours of the edge strips now fire
+    assert shared["charge"].max() < plain["charge"].max()
 
 
 # ---- generate_events -----------------------------------------------------------------------------------

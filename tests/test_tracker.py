@@ -153,7 +153,7 @@ def _one_event(batch, e: int):
         Chain(fit="hyper", widths=(20.0, 3.0, 1.0), charge_weighted=True),
         Chain(fit="hyper", widths=(20.0, 3.0, 1.0), charge_weighted=True, layer_widths=(1.0, 0.3)),
         # the scattering-aware fit with the default detector's material (GEOMETRY): kinks in every fit
-        Chain(fit="hyper", widths=(20.0, 3.0), charge_weighted=True, layer_widths=(10.0, 3.0), point_sigma=0.005),
+        Chain(fit="hyper", widths=(20.0, 3.0), charge_weighted=True, layer_widths=(10.0, 3.0), scattering_fit=True),
     ],
     ids=["hit_steps", "hit_and_cluster_steps", "scattering_pull_steps"],
 )
@@ -308,7 +308,7 @@ SCATTERING = Chain(
     widths=(5.0, 2.0, 1.0),
     charge_weighted=True,
     layer_widths=(30.0, 10.0, 5.0, 3.0, 2.0),
-    point_sigma=0.005,
+    scattering_fit=True,
 )
 
 
@@ -322,7 +322,7 @@ def test_the_scattering_chain_ends_with_the_scattering_fit_of_its_clusters():
     batch = make_batch(np.random.default_rng(12), n_events=3, noise_hits=20)
     weights = np.where(batch.label > 0, 0.9, 0.1).astype(np.float32)
     hit_steps = Chain(fit="hyper", widths=(5.0, 2.0, 1.0, 1.0), charge_weighted=True)
-    wide = Chain(fit="hyper", widths=(5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1e12,), point_sigma=0.005)
+    wide = Chain(fit="hyper", widths=(5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1e12,), scattering_fit=True)
     clusters = reconstruct(weights, batch, GEOMETRY, hit_steps)
     reco = reconstruct(weights, batch, GEOMETRY, wide)
     gate = float(jax.nn.sigmoid(4.5))
@@ -333,7 +333,7 @@ def test_the_scattering_chain_ends_with_the_scattering_fit_of_its_clusters():
             reco.x_hat[e],
             jnp.asarray(GEOMETRY.layer_y),
             jnp.asarray(fit_weight[e], jnp.float32),
-            0.005,
+            GEOMETRY.point_sigma,
             GEOMETRY.b_field,
             GEOMETRY.x_over_x0,
             x_min=GEOMETRY.x_min,
@@ -351,12 +351,15 @@ def test_pull_gates_drop_a_displaced_cluster_and_keep_the_rest():
     features = batch.features.copy()
     features[..., 2] = 1.0  # equal charges: every charge centroid is the exact crossing
     batch = batch._replace(x=np.where(moved, batch.x + 0.4, batch.x).astype(np.float32), features=features)
-    no_gates = Chain(fit="hyper", widths=(5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1e12,), point_sigma=0.005)
+    no_gates = Chain(
+        fit="hyper", widths=(5.0, 2.0, 1.0), charge_weighted=True, layer_widths=(1e12,), scattering_fit=True
+    )
+    geometry = GEOMETRY._replace(point_sigma=0.005)  # the point error the 0.4 mm displacement was chosen for
     with jax.enable_x64(True):
         weights = np.asarray(batch.label, np.float64)
-        reco = reconstruct(weights, batch, GEOMETRY, SCATTERING)
-        kept = reconstruct(weights, batch, GEOMETRY, no_gates)
-        without = reconstruct(np.where(batch.layer == 9, 0.0, weights), batch, GEOMETRY, no_gates)
+        reco = reconstruct(weights, batch, geometry, SCATTERING)
+        kept = reconstruct(weights, batch, geometry, no_gates)
+        without = reconstruct(np.where(batch.layer == 9, 0.0, weights), batch, geometry, no_gates)
     assert np.all(np.asarray(kept.layer_weight)[:, 9] > 3.0)  # the hit-level steps keep the displaced cluster
     assert np.all(np.asarray(reco.layer_weight)[:, 9] < 1e-3)
     others, others_kept = (np.delete(np.asarray(r.layer_weight), 9, axis=1) for r in (reco, kept))
