@@ -98,6 +98,8 @@ def read_scan_config(path: str | Path) -> tuple[dict[str, dict[str, Any]], ScanG
 
     ConfigError (one line naming the key) for a file that is not JSON or TOML, an unknown section or key, a wrong
     type, an empty grid, an unknown detector, a scale that is not > 0, or a ``simulation`` key the grid sets.
+    The file is read here, with read_config_file's checks and messages, because read_config_file refuses a
+    ``scan`` section (the other commands have no grid).
     """
     path = Path(path)
     if not path.is_file():
