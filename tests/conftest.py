@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,24 @@ from tests import helpers
 TINY_EVENTS = 300
 TINY_SHARD_EVENTS = 150
 TINY_SEED = 11
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs() -> Iterator[None]:
+    """Drop JAX's compiled programs after each test module.
+
+    Every XLA:CPU executable holds a few memory mappings of its JIT-compiled code for as long as JAX's caches
+    keep it; the whole suite in one process compiles thousands of them (56 000 mappings after test_tracker)
+    and crossed Linux's default ``vm.max_map_count`` of 65 530 in test_train, where the next mapping failed
+    and XLA aborted the process ("Fatal Python error: Aborted" while writing the compilation cache). A module
+    rarely reuses another's programs, and the persistent cache reloads those it does.
+    """
+    yield
+    if "jax" in sys.modules:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,8 @@ SUMMARY_COLUMNS = {
     "dataset_config_hash": pl.String,
     "dataset_seed": pl.Int64,
     "dataset_events": pl.Int64,
+    "detector": pl.String,
+    "background_scale": pl.Float64,
     "code_version": pl.String,
     "model": pl.String,
     "preset": pl.String,
@@ -62,7 +64,7 @@ SUMMARY_COLUMNS = {
     "python_version": pl.String,
     "device": pl.String,
 }
-IDENTITY_COLUMNS = dict(list(SUMMARY_COLUMNS.items())[:13])
+IDENTITY_COLUMNS = dict(list(SUMMARY_COLUMNS.items())[:15])
 RESOLUTION_COLUMNS = IDENTITY_COLUMNS | {
     "pt_lo": pl.Float64,
     "pt_hi": pl.Float64,

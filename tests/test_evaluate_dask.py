@@ -31,8 +31,11 @@ def _predictions(report: Path) -> dict[str, pl.DataFrame]:
 
 #: the rows whose chain ends with the scattering-aware fit (model.scattering_fit): its batched linear algebra
 #: rounds differently with the batch an event is in (measured between batches of 8 and 64: q/pT within 2.4e-6
-#: 1/GeV, positions within 1.5e-5 mm, 4 of 30 tracks), so they agree to float32 rounding, not bit for bit
+#: 1/GeV, positions within 1.5e-5 mm, 4 of 30 tracks), so they agree to float32 rounding, not bit for bit; the
+#: soft pull gates amplify that rounding in the hit weights (measured: 10 of 8970 weights of one event off by up
+#: to 3.8e-4, 0.6 %), hence the tolerances below
 SCATTERING_ROWS = ("truth_charge", "baseline", "e2e", "assignment")
+SCATTERING_RTOL, SCATTERING_ATOL = 1e-2, 1e-3
 
 
 def _assert_same_tables(got: dict[str, pl.DataFrame], expected: dict[str, pl.DataFrame]) -> None:
@@ -44,7 +47,13 @@ def _assert_same_tables(got: dict[str, pl.DataFrame], expected: dict[str, pl.Dat
         assert got[name].filter(exact).equals(expected[name].filter(exact)), name
         for column, dtype in expected[name].schema.items():
             if dtype.is_float():
-                assert_allclose(got[name][column].to_numpy(), expected[name][column].to_numpy(), rtol=1e-3, atol=1e-4)
+                assert_allclose(
+                    got[name][column].to_numpy(),
+                    expected[name][column].to_numpy(),
+                    rtol=SCATTERING_RTOL,
+                    atol=SCATTERING_ATOL,
+                    err_msg=f"{name}.{column}",
+                )
             else:
                 assert got[name][column].equals(expected[name][column]), (name, column)
 
