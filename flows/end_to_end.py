@@ -27,7 +27,7 @@ def _run_complete(path: Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "metrics.parquet").is_file()
 
 
-def _job_configs(job: steps.JobPreset, overrides: dict | None) -> tuple[SimConfig, dict | None, str]:
+def job_configs(job: steps.JobPreset, overrides: dict | None) -> tuple[SimConfig, dict | None, str]:
     """A job's dataset config, training overrides and training label (model.config.preset_label: the preset's
     name, with a hash when ``overrides`` change its values) from the sections of a config file (``overrides``,
     pipeline.config.read_config_file): ``simulation`` over the job's dataset config, ``model`` and ``train``
@@ -225,7 +225,7 @@ def end_to_end(
     """simulate -> train the preset's models (or ``models``) -> evaluate -> report, all under ``out``;
     ``overrides``: the sections of a config file (simulation, model, train) applied over the preset's values."""
     job = steps.job_preset(preset, models)
-    config, training, label = _job_configs(job, overrides)
+    config, training, label = job_configs(job, overrides)
     root = Path(out)
     # Folder names carry what their content depends on, so a changed config or seed writes beside the
     # old results (and recomputes only what depends on the change) instead of clashing with them.
@@ -260,7 +260,7 @@ def run_end_to_end(
     from flows.logs import quiet_user_errors
 
     # a one-line error for an unknown preset or model or a bad config file, before Prefect starts
-    _job_configs(steps.job_preset(preset, models), overrides)
+    job_configs(steps.job_preset(preset, models), overrides)
     quiet_user_errors()
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -17,7 +17,6 @@ sets: the detector, or the three scaled background rates.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,9 +28,9 @@ from prefect.cache_policies import NONE
 
 from analysis.catalog import SCALED_BACKGROUND_FIELDS, scaled_background
 from flows import steps
-from flows.end_to_end import _job_configs, dask_task_runner, end_to_end
+from flows.end_to_end import dask_task_runner, end_to_end, job_configs
 from flows.server import ensure_prefect_api
-from pipeline.config import CONFIG_SECTIONS, DETECTORS, STRICT, SimConfig, check, load_config
+from pipeline.config import CONFIG_SECTIONS, DETECTORS, STRICT, SimConfig, check, load_config, read_config_file
 from pipeline.errors import ConfigError, MuontrackError
 from pipeline.locks import exclusive_writer
 
@@ -98,39 +97,8 @@ def read_scan_config(path: str | Path) -> tuple[dict[str, dict[str, Any]], ScanG
 
     ConfigError (one line naming the key) for a file that is not JSON or TOML, an unknown section or key, a wrong
     type, an empty grid, an unknown detector, a scale that is not > 0, or a ``simulation`` key the grid sets.
-    The file is read here, with read_config_file's checks and messages, because read_config_file refuses a
-    ``scan`` section (the other commands have no grid).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    kind = "TOML" if path.suffix == ".toml" else "JSON"
-    try:
-        text = path.read_text()
-        if kind == "TOML":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except (ValueError, TypeError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"config file {path} is not valid {kind}: {message}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections ({', '.join(CONFIG_SECTIONS)}, scan)")
-    sim_keys = {name for name in SimConfig.__dataclass_fields__}
-    for key, value in data.items():
-        if key in sim_keys:
-            raise ConfigError(
-                f"config key {key} of {path} belongs in the simulation section ([simulation.{key}] in TOML, "
-                f'{{"simulation": {{"{key}": ...}}}} in JSON)'
-            )
-        if key not in (*CONFIG_SECTIONS, SCAN_SECTION):
-            raise ConfigError(
-                f"unknown config key {key} in {path} (known sections: {', '.join(CONFIG_SECTIONS)}, {SCAN_SECTION})"
-            )
-        if not isinstance(value, dict):
-            raise ConfigError(f"config section {key} must be a mapping of keys to values, got {value!r}")
+    data = read_config_file(path, sections=(*CONFIG_SECTIONS, SCAN_SECTION))
     grid = load_config(ScanGrid, data.pop(SCAN_SECTION, {}), SCAN_SECTION)
     check_grid_free(data)
     return data, grid
@@ -264,7 +232,7 @@ def scan(
     {"report", "summary", "comparisons", "points": the points' records}."""
     job = steps.job_preset(preset, SCAN_MODELS)
     sections = overrides or {}
-    base, _, _ = _job_configs(job, sections)
+    base, _, _ = job_configs(job, sections)
     grid = [(ScanPoint(p["detector"], float(p["background_scale"])), seed) for p in points for seed in range(seeds)]
     calls = [
         (out, preset, point.detector, point.background_scale, seed, point_overrides(point, base, sections))
@@ -304,10 +272,10 @@ def run_scan(
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     job = steps.job_preset(preset, SCAN_MODELS)
-    base, _, _ = _job_configs(job, sections)
+    base, _, _ = job_configs(job, sections)
     points = grid.points()
     for point in points:  # each point's config checked before any work (a scale can break a config's rules)
-        _job_configs(job, point_overrides(point, base, sections))
+        job_configs(job, point_overrides(point, base, sections))
     quiet_user_errors()
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -298,11 +298,12 @@ class SimConfig:
         return cls.from_dict(read_config_file(path).get("simulation", {}), "simulation", base)
 
 
-def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+def read_config_file(path: str | Path, sections: tuple[str, ...] = CONFIG_SECTIONS) -> dict[str, dict[str, Any]]:
     """Read a config file, JSON (``.json``, or any other suffix) or TOML (``.toml``): a mapping of optional
     sections ``simulation`` (SimConfig's fields: detector, muon, background, shard_events), ``model`` and
     ``train`` (ModelConfig's and TrainConfig's fields, model.config.configure). Each section holds only the
-    values to change. Returns the sections found, not yet validated (:func:`load_config` does)."""
+    values to change; ``sections`` names the sections the command reads (``muontrack scan`` adds ``scan``).
+    Returns the sections found, not yet validated (:func:`load_config` does)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -319,7 +320,7 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"config file {path} is not valid {kind}: {message}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections ({', '.join(CONFIG_SECTIONS)})")
+        raise ConfigError(f"config file {path} must hold a mapping of sections ({', '.join(sections)})")
     sim_keys = {f.name for f in dataclasses.fields(SimConfig)}
     for key, value in data.items():
         if key in sim_keys:
@@ -327,8 +328,8 @@ def read_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
                 f"config key {key} of {path} belongs in the simulation section ([simulation.{key}] in TOML, "
                 f'{{"simulation": {{"{key}": ...}}}} in JSON)'
             )
-        if key not in CONFIG_SECTIONS:
-            raise ConfigError(f"unknown config key {key} in {path} (known sections: {', '.join(CONFIG_SECTIONS)})")
+        if key not in sections:
+            raise ConfigError(f"unknown config key {key} in {path} (known sections: {', '.join(sections)})")
         if not isinstance(value, dict):
             raise ConfigError(f"config section {key} must be a mapping of keys to values, got {value!r}")
     return data

@@ -202,15 +202,15 @@ def test_a_config_file_that_does_not_parse(tmp_path: Path) -> None:
 
 
 def test_run_job_config_follows_the_simulation_section() -> None:
-    from flows.end_to_end import _job_configs
+    from flows.end_to_end import job_configs
     from flows.steps import job_preset
 
     job = job_preset("test")
-    plain, training, label = _job_configs(job, None)
+    plain, training, label = job_configs(job, None)
     assert plain == SimConfig(shard_events=job.shard_events)
     assert training is None
     assert label == "test"
-    changed, training, label = _job_configs(
+    changed, training, label = job_configs(
         job, {"simulation": {"muon": {"pt_min": 10.0}}, "model": {"logit_mlp": [8, 4]}}
     )
     assert changed.muon.pt_min == 10.0

@@ -69,11 +69,11 @@ def test_the_default_grid_and_a_file_grid():
 def _read_and_check(path: Path) -> None:
     """What `muontrack scan` checks of a config file before any work: the grid, and the model and train sections
     against the preset as `run` checks them."""
-    from flows.end_to_end import _job_configs
+    from flows.end_to_end import job_configs
     from flows.steps import job_preset
 
     sections, _grid = read_scan_config(path)
-    _job_configs(job_preset("test", SCAN_MODELS), sections)
+    job_configs(job_preset("test", SCAN_MODELS), sections)
 
 
 @pytest.mark.parametrize(
