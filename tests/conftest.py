@@ -51,6 +51,21 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert helpers.snapshot(out) == before, "a test wrote into the shared tiny_dataset (copy it to tmp_path first)"
 
 
+@pytest.fixture(scope="session")
+def tiny_baseline_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A ``baseline`` run of one epoch on :func:`tiny_dataset` (test preset, seed 0), trained once per session.
+
+    Shared by every module that asks for it: read it, never write into it (train a run of your own to resume).
+    """
+    from model.train import train_run
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    train_run(tiny_dataset, "baseline", out, preset="test", epochs=1, seed=0)
+    before = helpers.snapshot(out)
+    yield out
+    assert helpers.snapshot(out) == before, "a test wrote into the shared tiny_baseline_run"
+
+
 @pytest.fixture
 def placeholder_figures() -> Iterator[None]:
     """The report's figures written as placeholder files, not rendered (tests.helpers.placeholder_figures)."""

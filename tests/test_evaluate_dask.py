@@ -16,13 +16,9 @@ TABLES = ("hits", "clusters", "tracks")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_dataset, tmp_path_factory) -> Path:
-    """A tiny baseline run (two model rows: baseline and baseline_paper) on the shared tiny dataset."""
-    from model.train import train_run
-
-    out = tmp_path_factory.mktemp("evaluate-dask") / "run"
-    train_run(tiny_dataset, "baseline", out, preset="test", epochs=1, seed=0)
-    return out
+def run_dir(tiny_baseline_run) -> Path:
+    """The session's tiny baseline run (two model rows: baseline and baseline_paper) on the shared tiny dataset."""
+    return tiny_baseline_run
 
 
 def _predictions(report: Path) -> dict[str, pl.DataFrame]:

@@ -14,13 +14,13 @@ from numpy.testing import assert_allclose, assert_array_equal
 from polars.testing import assert_frame_equal
 
 from model.inference import inference_buckets, load_run, predict_run, predict_truth
-from model.train import train_run
 from pipeline.batches import split_expr
 from pipeline.config import BackgroundConfig, SimConfig
 from pipeline.dataset import open_dataset
 from pipeline.errors import RunError
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 from simulation.dataset import simulate_dataset
+from tests.conftest import TINY_EVENTS, TINY_SEED
 
 SCHEMAS = {"hits": PRED_HITS_SCHEMA, "clusters": PRED_CLUSTERS_SCHEMA, "tracks": PRED_TRACKS_SCHEMA}
 
@@ -31,15 +31,13 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dataset(root):
-    simulate_dataset(root / "data", n_events=300, seed=21, config=SimConfig(shard_events=150))
-    return open_dataset(root / "data")
+def dataset(tiny_dataset):
+    return open_dataset(tiny_dataset)
 
 
 @pytest.fixture(scope="module")
-def run_dir(root, dataset) -> Path:
-    train_run(dataset.path, "baseline", root / "run", preset="test", epochs=1, seed=0)
-    return root / "run"
+def run_dir(tiny_baseline_run) -> Path:
+    return tiny_baseline_run
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +183,7 @@ def test_missing_or_unfinished_runs_are_refused(run_dir, tmp_path):
 
 def test_a_run_applies_to_the_same_physics_cut_into_other_shards(root, run_dir, dataset):
     resharded = root / "resharded"
-    simulate_dataset(resharded, n_events=300, seed=21, config=SimConfig(shard_events=100))
+    simulate_dataset(resharded, n_events=TINY_EVENTS, seed=TINY_SEED, config=SimConfig(shard_events=100))
     assert open_dataset(resharded).config.config_hash() != dataset.config.config_hash()
     tracks = predict_run(resharded, run_dir, split="test")["tracks"]
     assert_frame_equal(tracks, predict_run(dataset, run_dir, split="test")["tracks"])
