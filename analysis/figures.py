@@ -21,11 +21,8 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from analysis.metrics import (
-    CORE_WINDOW_N_SIGMA,
-    SIGNAL_EFFICIENCY_POINTS,
-    GaussianFit,
-)
+from analysis.metrics import SIGNAL_EFFICIENCY_POINTS
+from analysis.statistics import CORE_WINDOW_N_SIGMA, GaussianFit
 from pipeline.atomic import replacing
 from pipeline.models import LIMIT_ROW, SUMMARY_ROWS
 
@@ -160,7 +157,7 @@ def plot_rejection_vs_efficiency(
     the selection, (1, 1)) is drawn as one marker at that point, not as a line to (1, 1).
 
     Args:
-        rocs: {model: (signal_eff, background_eff)} from :func:`analysis.metrics.roc_curve`.
+        rocs: {model: (signal_eff, background_eff)} from :func:`analysis.statistics.roc_curve`.
         path: PNG to write.
         min_signal_eff: left edge of the x axis.
     """

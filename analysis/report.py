@@ -34,6 +34,7 @@ from analysis import catalog
 from analysis import figures as fig
 from analysis import metrics as m
 from analysis.figures import format_value_error, model_order
+from analysis.statistics import ratio_with_error, relative_change
 from pipeline.atomic import write_text_atomic
 from pipeline.config import DetectorConfig, load_config
 from pipeline.errors import ConfigError, MuontrackError
@@ -429,7 +430,7 @@ def _pair_sentences(results: ReportResults, pair: ComparisonPair) -> list[str]:
         for label, row, row_ref, key, err_key, higher_is_better in specs
     ]
     if pair.paper_gain and core.get("core_fraction") is not None and core_ref.get("core_fraction"):
-        change, change_err = m.relative_change(
+        change, change_err = relative_change(
             core["core_fraction"],
             core["core_fraction_err"],
             core_ref["core_fraction"],
@@ -450,7 +451,7 @@ def _resolution_limit_sentence(results: ReportResults, model: str, limit: str) -
     value, limit_value = res.get("sigma68"), res_limit.get("sigma68")
     if value is None or not limit_value:
         return f"σ68(q/pT) of {model} relative to {limit}: not computable (a σ68 is missing or zero)."
-    ratio, ratio_err = m.ratio_with_error(
+    ratio, ratio_err = ratio_with_error(
         value,
         res.get("sigma68_err") or 0.0,
         limit_value,

@@ -31,6 +31,7 @@ import polars as pl
 
 from analysis import figures as fig
 from analysis import metrics as m
+from analysis import statistics as st
 from analysis.catalog import model_rank_expr, write_parquet_atomic
 from analysis.figures import format_value_error
 from analysis.report import SIGNIFICANCE_THRESHOLD
@@ -138,7 +139,7 @@ def _sigma68_rows(samples: np.ndarray) -> np.ndarray:
 
 
 def paired_sigma68(
-    track_residuals: pl.DataFrame, candidate: str, reference: str, n_boot: int = m.N_BOOTSTRAP, seed: int = 0
+    track_residuals: pl.DataFrame, candidate: str, reference: str, n_boot: int = st.N_BOOTSTRAP, seed: int = 0
 ) -> PairedDifference:
     """σ68(candidate) − σ68(reference) on the events both rows have, each row's σ68 over its own successful fits
     (as in the report), and the bootstrap error of the difference: the events are resampled with replacement
@@ -156,7 +157,7 @@ def paired_sigma68(
     for column, model in enumerate((candidate, reference)):
         if not np.isfinite(values[:, column]).any():
             raise MuontrackError(f"paired comparison: {model} has no successful fit on the events of {candidate}")
-    c_value, r_value = m.sigma68(values[:, 0]), m.sigma68(values[:, 1])
+    c_value, r_value = st.sigma68(values[:, 0]), st.sigma68(values[:, 1])
     n = values.shape[0]
     rng = np.random.default_rng(seed)
     differences = np.empty(n_boot)
@@ -422,7 +423,7 @@ def render_scan_markdown(
         "## Who wins, point by point (paired on the same events)",
         "",
         f"Each pair is compared on the events both rows have: σ68 with the events resampled together "
-        f"({m.N_BOOTSTRAP} bootstrap replicas), the failed-fit rate as the mean per-event difference. A row wins "
+        f"({st.N_BOOTSTRAP} bootstrap replicas), the failed-fit rate as the mean per-event difference. A row wins "
         f"from {SIGNIFICANCE_THRESHOLD:g}σ of the difference on; σ > 0 favours the first row.",
         "",
     ]

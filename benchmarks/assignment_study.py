@@ -14,7 +14,7 @@ One ``key=value`` line per run:
     model=.. estimator=.. seed=.. sigma68=.. sigma68_err=.. failed_fits=.. auc=.. seconds=..
     selected_layers=.. solver_grad_nonzero=.. grad_ratio=..
 
-- sigma68 (analysis.metrics) of the relative q/pT residual over the successful fits, with its bootstrap error;
+- sigma68 (analysis.statistics) of the relative q/pT residual over the successful fits, with its bootstrap error;
   failed_fits the share of test events whose fit failed; auc that of the raw hit scores.
 - seconds: the training time recorded in RUN/metrics.parquet (all epochs, validation included).
 - selected_layers, solver_grad_nonzero and grad_ratio = solver_grad / bce_grad: the last epoch's training
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from analysis import metrics
+from analysis import metrics, statistics
 from flows.steps import evaluate_runs
 from model.config import ESTIMATORS, get_preset
 from model.inference import predict_run
@@ -75,7 +75,7 @@ def test_metrics(dataset, tables: dict[str, pl.DataFrame], model: str) -> dict[s
     events = dataset.events().select("event_id", "pt", "q")
     residuals = metrics.track_residual_table(tables["tracks"].filter(pl.col("model") == model).lazy(), events)
     ok = residuals.filter(pl.col("fit_ok"))["residual"].to_numpy()
-    sigma, err = metrics.bootstrap_sigma68(ok, n_boot=N_BOOT, seed=0)
+    sigma, err = statistics.bootstrap_sigma68(ok, n_boot=N_BOOT, seed=0)
     labels = (
         dataset.hits()
         .select("event_id", "hit_id", "is_signal")
@@ -86,7 +86,7 @@ def test_metrics(dataset, tables: dict[str, pl.DataFrame], model: str) -> dict[s
         "sigma68": sigma,
         "sigma68_err": err,
         "failed_fits": 1 - ok.size / max(residuals.height, 1),
-        "auc": metrics.auc(labels["score"].to_numpy(), labels["is_signal"].to_numpy()),
+        "auc": statistics.auc(labels["score"].to_numpy(), labels["is_signal"].to_numpy()),
     }
 
 

@@ -10,7 +10,7 @@ each on the test split through the robust chain. One ``key=value`` line per run:
 
 then a Markdown table per (model, lambda): the mean over seeds with its standard error, and the paired
 difference e2e - baseline per seed (same seed, same warm-up: the two runs share their first epochs exactly,
-so the difference measures what the pT term changed). sigma68 (analysis.metrics) of the relative q/pT
+so the difference measures what the pT term changed). sigma68 (analysis.statistics) of the relative q/pT
 residual over the successful fits with a bootstrap error; auc of the raw scores, auc_weight of the chain's
 final hit weights.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from analysis import metrics
+from analysis import metrics, statistics
 from model.config import PRESETS
 from model.inference import predict_run
 from model.train import train_run
@@ -38,7 +38,7 @@ def evaluate(dataset, run: Path, model: str) -> dict[str, float]:
     events = dataset.events().select("event_id", "pt", "q")
     residuals = metrics.track_residual_table(tables["tracks"].filter(pl.col("model") == model).lazy(), events)
     ok = residuals.filter(pl.col("fit_ok"))["residual"].to_numpy()
-    sigma, err = metrics.bootstrap_sigma68(ok, n_boot=200, seed=0)
+    sigma, err = statistics.bootstrap_sigma68(ok, n_boot=200, seed=0)
     labels = (
         dataset.hits()
         .select("event_id", "hit_id", "is_signal")
@@ -50,8 +50,8 @@ def evaluate(dataset, run: Path, model: str) -> dict[str, float]:
         "sigma68": sigma,
         "sigma68_err": err,
         "failed_fits": 1 - ok.size / max(residuals.height, 1),
-        "auc": metrics.auc(labels["score"].to_numpy(), truth),
-        "auc_weight": metrics.auc(labels["weight"].to_numpy(), truth),
+        "auc": statistics.auc(labels["score"].to_numpy(), truth),
+        "auc_weight": statistics.auc(labels["weight"].to_numpy(), truth),
     }
 
 

@@ -23,7 +23,7 @@ Methods (every fit is float64):
 - ``hyper``: the Hyper circle fit of the same centroids on every layer (the ``truth_charge`` row's fit).
 - ``hyper_same_layers``: the Hyper fit of the layers that ``scattering`` kept.
 
-σ68 and its bootstrap error as the evaluation's (analysis.metrics.bootstrap_sigma68 of ((q/pT)_fit -
+σ68 and its bootstrap error as the evaluation's (analysis.statistics.bootstrap_sigma68 of ((q/pT)_fit -
 (q/pT)_true) / (q/pT)_true over the fits with status 0; the bound's line has no error: it is exact for the
 events' pT); failed = share of fits with status > 0; pT bins as analysis.metrics.
 
@@ -69,7 +69,7 @@ def _bin_lines(method, truth, q_over_pt, status, pt, removed=None):
     import numpy as np
 
     from analysis.limit import PT_BIN_EDGES, pt_bin_index
-    from analysis.metrics import bootstrap_sigma68
+    from analysis.statistics import bootstrap_sigma68
 
     bins = pt_bin_index(pt)
     r = (q_over_pt - truth) / truth

@@ -7,7 +7,7 @@ the scores into tracks (model.tracker). One line per (run, chain):
 
     run=.. chain=.. sigma68=.. sigma68_err=.. failed_fits=.. events=..
 
-sigma68 of the relative q/pT residual over the successful fits (analysis.metrics), bootstrap error. The
+sigma68 of the relative q/pT residual over the successful fits (analysis.statistics), bootstrap error. The
 widths are the annealing schedule [mm]; "charge" weights the cluster positions by the strip charge.
 
 ``--classical`` adds the classical reconstruction of the split (run=-); ``--references`` adds, for every
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import polars as pl
 
-from analysis import metrics
+from analysis import metrics, statistics
 from classical import predict_classical
 from model.inference import BUCKET_STEP, predict_run
 from model.steps import device_batch
@@ -112,7 +112,7 @@ def reference_residuals(dataset, split: str, names: list[str]) -> dict[str, pl.D
 
 def _print_row(run: str, chain: str, rows: pl.DataFrame) -> None:
     ok = rows.filter(pl.col("fit_ok"))["residual"].to_numpy()
-    sigma, err = metrics.bootstrap_sigma68(ok, n_boot=200, seed=0) if ok.size else (np.nan, np.nan)
+    sigma, err = statistics.bootstrap_sigma68(ok, n_boot=200, seed=0) if ok.size else (np.nan, np.nan)
     print(
         f"run={run} chain={chain} sigma68={sigma:.5f} sigma68_err={err:.5f} "
         f"failed_fits={1 - ok.size / max(rows.height, 1):.4f} events={rows.height}",

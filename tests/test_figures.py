@@ -13,7 +13,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from analysis import figures
-from analysis.metrics import GaussianFit, roc_curve
+from analysis.statistics import GaussianFit, roc_curve
 from pipeline.models import LIMIT_ROW
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Metrics against known distributions and brute-force references (analysis/metrics.py)."""
+"""Metrics against known distributions and brute-force references (analysis/statistics.py, analysis/metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from analysis import metrics as m
+from analysis import statistics as st
 
 # σ68/σ for a Gaussian: the 0.68 quantile of |N(0, 1)| = Φ⁻¹(0.84)
 GAUSSIAN_SIGMA68_OVER_SIGMA = 0.994457883
@@ -24,14 +25,14 @@ def test_sigma68_of_large_gaussian_is_its_sigma():
     rng = np.random.default_rng(1)
     sigma = 2.5
     residuals = rng.normal(0.3, sigma, size=200_000)
-    assert_allclose(m.sigma68(residuals), sigma, rtol=0.02)
-    assert_allclose(m.sigma68(residuals), GAUSSIAN_SIGMA68_OVER_SIGMA * sigma, rtol=0.006)
+    assert_allclose(st.sigma68(residuals), sigma, rtol=0.02)
+    assert_allclose(st.sigma68(residuals), GAUSSIAN_SIGMA68_OVER_SIGMA * sigma, rtol=0.006)
 
 
 def test_sigma68_is_shift_invariant():
     rng = np.random.default_rng(2)
     residuals = rng.standard_t(3, size=5001)
-    assert_allclose(m.sigma68(residuals + 1000.0), m.sigma68(residuals), rtol=1e-9)
+    assert_allclose(st.sigma68(residuals + 1000.0), st.sigma68(residuals), rtol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -44,10 +45,10 @@ def test_sigma68_is_shift_invariant():
     ],
 )
 def test_sigma68_uses_linear_interpolation(values, expected):
-    assert_allclose(m.sigma68(np.array(values)), expected, rtol=1e-12)
+    assert_allclose(st.sigma68(np.array(values)), expected, rtol=1e-12)
     # the same through Polars: a Series, with a null and a NaN that must be dropped
     series = pl.Series([*values, None, float("nan")], dtype=pl.Float64)
-    assert_allclose(m.sigma68(series), expected, rtol=1e-12)
+    assert_allclose(st.sigma68(series), expected, rtol=1e-12)
     # and the Polars expression used in the tables
     expr_value = pl.DataFrame({"r": values}).select(m.sigma68_expr("r")).item()
     assert_allclose(expr_value, expected, rtol=1e-12)
@@ -55,16 +56,16 @@ def test_sigma68_uses_linear_interpolation(values, expected):
 
 def test_sigma68_rejects_empty_input():
     with pytest.raises(ValueError, match="no non-NaN values"):
-        m.sigma68(np.array([]))
+        st.sigma68(np.array([]))
     with pytest.raises(ValueError, match="no non-NaN values"):
-        m.sigma68(np.array([np.nan, np.nan]))
+        st.sigma68(np.array([np.nan, np.nan]))
 
 
 def test_bootstrap_error_scales_as_inverse_sqrt_n():
     rng = np.random.default_rng(3)
     n = 2000
-    _, err_n = m.bootstrap_sigma68(rng.normal(size=n), n_boot=400, seed=10)
-    _, err_4n = m.bootstrap_sigma68(rng.normal(size=4 * n), n_boot=400, seed=11)
+    _, err_n = st.bootstrap_sigma68(rng.normal(size=n), n_boot=400, seed=10)
+    _, err_4n = st.bootstrap_sigma68(rng.normal(size=4 * n), n_boot=400, seed=11)
     assert_allclose(err_n / err_4n, 2.0, rtol=0.2)
     # and both agree with the asymptotic standard error of a quantile of |N(0, 1)|
     assert_allclose(err_n, GAUSSIAN_SIGMA68_SE / math.sqrt(n), rtol=0.2)
@@ -73,12 +74,12 @@ def test_bootstrap_error_scales_as_inverse_sqrt_n():
 
 def test_bootstrap_value_and_reproducibility():
     residuals = np.random.default_rng(4).normal(size=500)
-    value, err = m.bootstrap_sigma68(residuals, n_boot=50, seed=7)
-    assert value == m.sigma68(residuals)
-    assert m.bootstrap_sigma68(residuals, n_boot=50, seed=7) == (value, err)
-    assert m.bootstrap_sigma68(residuals, n_boot=50, seed=8)[1] != err
+    value, err = st.bootstrap_sigma68(residuals, n_boot=50, seed=7)
+    assert value == st.sigma68(residuals)
+    assert st.bootstrap_sigma68(residuals, n_boot=50, seed=7) == (value, err)
+    assert st.bootstrap_sigma68(residuals, n_boot=50, seed=8)[1] != err
     # the order of the residuals (row order after a join) does not matter
-    assert m.bootstrap_sigma68(residuals[::-1], n_boot=50, seed=7) == (value, err)
+    assert st.bootstrap_sigma68(residuals[::-1], n_boot=50, seed=7) == (value, err)
 
 
 # --------------------------------------------------------------------------------------------- ROC
@@ -101,14 +102,14 @@ def test_auc_equals_pairwise_count_with_ties(seed):
     scores = np.r_[signal, background]
     labels = np.r_[np.ones(signal.size, bool), np.zeros(background.size, bool)]
     permutation = rng.permutation(scores.size)
-    assert_allclose(m.auc(scores[permutation], labels[permutation]), _brute_force_auc(signal, background), rtol=1e-12)
+    assert_allclose(st.auc(scores[permutation], labels[permutation]), _brute_force_auc(signal, background), rtol=1e-12)
 
 
 def test_roc_end_points_and_monotonicity():
     rng = np.random.default_rng(5)
     scores = rng.uniform(size=300)
     labels = rng.uniform(size=300) < 0.4
-    signal_eff, background_eff, thresholds = m.roc_curve(scores, labels)
+    signal_eff, background_eff, thresholds = st.roc_curve(scores, labels)
     assert (signal_eff[0], background_eff[0]) == (0.0, 0.0)
     assert (signal_eff[-1], background_eff[-1]) == (1.0, 1.0)
     assert thresholds[0] == np.inf
@@ -124,9 +125,9 @@ def test_roc_end_points_and_monotonicity():
 
 def test_roc_rejects_single_class_and_nan():
     with pytest.raises(ValueError, match="need both classes, got 2 signal and 0 background"):
-        m.roc_curve(np.array([0.1, 0.2]), np.array([True, True]))
+        st.roc_curve(np.array([0.1, 0.2]), np.array([True, True]))
     with pytest.raises(ValueError, match="1 NaN scores"):
-        m.roc_curve(np.array([0.1, np.nan]), np.array([True, False]))
+        st.roc_curve(np.array([0.1, np.nan]), np.array([True, False]))
 
 
 def test_rejection_at_90_matches_threshold_scan():
@@ -135,11 +136,11 @@ def test_rejection_at_90_matches_threshold_scan():
     background = rng.normal(0.0, 1.0, size=400)
     scores = np.r_[signal, background]
     labels = np.r_[np.ones(100, bool), np.zeros(400, bool)]
-    signal_eff, background_eff, _ = m.roc_curve(scores, labels)
+    signal_eff, background_eff, _ = st.roc_curve(scores, labels)
     # the tightest threshold keeping 90 of the 100 signal hits is the 90th highest signal score
     threshold = np.sort(signal)[::-1][89]
     expected = 1.0 / np.mean(background >= threshold)
-    assert_allclose(m.background_rejection_at(signal_eff, background_eff, 0.90), expected, rtol=1e-12)
+    assert_allclose(st.background_rejection_at(signal_eff, background_eff, 0.90), expected, rtol=1e-12)
 
 
 def test_rejection_interpolates_between_scanned_working_points():
@@ -156,16 +157,16 @@ def test_rejection_interpolates_between_scanned_working_points():
     below = max(p for p in points if p[0] < target)
     above = min(p for p in points if p[0] >= target)
     expected_eff = below[1] + (target - below[0]) / (above[0] - below[0]) * (above[1] - below[1])
-    signal_eff, background_eff, _ = m.roc_curve(scores, labels)
-    assert_allclose(m.background_rejection_at(signal_eff, background_eff, target), 1.0 / expected_eff, rtol=1e-12)
+    signal_eff, background_eff, _ = st.roc_curve(scores, labels)
+    assert_allclose(st.background_rejection_at(signal_eff, background_eff, target), 1.0 / expected_eff, rtol=1e-12)
 
 
 def test_rejection_is_infinite_for_perfect_separation():
     scores = np.r_[np.linspace(0.6, 1.0, 50), np.linspace(0.0, 0.4, 50)]
     labels = np.r_[np.ones(50, bool), np.zeros(50, bool)]
-    signal_eff, background_eff, _ = m.roc_curve(scores, labels)
-    assert m.background_rejection_at(signal_eff, background_eff, 0.9) == math.inf
-    assert m.auc(scores, labels) == 1.0
+    signal_eff, background_eff, _ = st.roc_curve(scores, labels)
+    assert st.background_rejection_at(signal_eff, background_eff, 0.9) == math.inf
+    assert st.auc(scores, labels) == 1.0
 
 
 def test_hanley_mcneil_against_bootstrap_spread():
@@ -175,8 +176,8 @@ def test_hanley_mcneil_against_bootstrap_spread():
     for _ in range(200):
         scores = np.r_[rng.normal(1.0, 1.0, n_signal), rng.normal(0.0, 1.0, n_background)]
         labels = np.r_[np.ones(n_signal, bool), np.zeros(n_background, bool)]
-        values.append(m.auc(scores, labels))
-    predicted = m.auc_uncertainty(float(np.mean(values)), n_signal, n_background)
+        values.append(st.auc(scores, labels))
+    predicted = st.auc_uncertainty(float(np.mean(values)), n_signal, n_background)
     assert_allclose(np.std(values, ddof=1), predicted, rtol=0.2)
 
 
@@ -187,11 +188,11 @@ def test_gaussian_fit_recovers_core_sigma_under_tails():
     rng = np.random.default_rng(9)
     core = rng.normal(0.2, 1.0, size=90_000)
     tails = rng.normal(0.0, 10.0, size=10_000)
-    fit = m.fit_gaussian_core(np.r_[core, tails])
+    fit = st.fit_gaussian_core(np.r_[core, tails])
     assert_allclose(fit.sigma, 1.0, rtol=0.03)
     assert_allclose(fit.mu, 0.2, atol=0.02)
     # σ68 of the same sample is pulled up by the tails: the fit is doing work
-    assert m.sigma68(np.r_[core, tails]) > 1.1
+    assert st.sigma68(np.r_[core, tails]) > 1.1
 
 
 def test_core_fraction_of_gaussian_truth_is_two_sigma_coverage():
@@ -220,13 +221,13 @@ def test_core_fraction_of_gaussian_truth_is_two_sigma_coverage():
 
 def test_gaussian_fit_falls_back_for_flat_top_and_refuses_discrete_data():
     rng = np.random.default_rng(12)
-    flat = m.fit_gaussian_core(rng.uniform(-1.0, 1.0, size=10_000))
+    flat = st.fit_gaussian_core(rng.uniform(-1.0, 1.0, size=10_000))
     assert flat.method == "fixed window"
     assert 0.2 < flat.sigma < 1.0
     with pytest.raises(ValueError, match="no Gaussian-like core"):
-        m.fit_gaussian_core(np.round(rng.normal(0.0, 0.1, size=10_000) / 0.05) * 0.05)
+        st.fit_gaussian_core(np.round(rng.normal(0.0, 0.1, size=10_000) / 0.05) * 0.05)
     with pytest.raises(ValueError, match="zero spread"):
-        m.fit_gaussian_core(np.zeros(100))
+        st.fit_gaussian_core(np.zeros(100))
 
 
 def test_cluster_residuals_skip_layers_outside_acceptance():
@@ -299,7 +300,7 @@ def test_resolution_bins_match_numpy_on_filtered_samples():
     overall = m.resolution_by_model(residuals, n_boot=50).row(0, named=True)
     assert overall["n_failed"] == int((~ok).sum())
     assert overall["n"] == int(ok.sum())
-    assert_allclose(overall["sigma68"], m.sigma68(residual[ok]), rtol=1e-12)
+    assert_allclose(overall["sigma68"], st.sigma68(residual[ok]), rtol=1e-12)
 
 
 def test_resolution_table_keeps_empty_bins():
@@ -452,13 +453,13 @@ def test_auc_weight_is_the_roc_auc_of_the_weight_column():
     table, rocs = m.classification_metrics(_hit_scores({"e2e": (score, weight), "e2e_paper": (score, score)}, labels))
     rows = {row["model"]: row for row in table.iter_rows(named=True)}
     n_signal, n_background = int(labels.sum()), int((~labels).sum())
-    expected = m.auc(weight, labels)
+    expected = st.auc(weight, labels)
     assert_allclose(rows["e2e"]["auc_weight"], expected, rtol=1e-12)
-    assert_allclose(rows["e2e"]["auc_weight_err"], m.auc_uncertainty(expected, n_signal, n_background), rtol=1e-12)
-    assert_allclose(rows["e2e"]["auc"], m.auc(score, labels), rtol=1e-12)
+    assert_allclose(rows["e2e"]["auc_weight_err"], st.auc_uncertainty(expected, n_signal, n_background), rtol=1e-12)
+    assert_allclose(rows["e2e"]["auc"], st.auc(score, labels), rtol=1e-12)
     assert abs(rows["e2e"]["auc_weight"] - rows["e2e"]["auc"]) > 0.02
     # the plotted ROC stays the score's
-    assert_allclose(m.auc_from_roc(*rocs["e2e"]), rows["e2e"]["auc"], rtol=1e-12)
+    assert_allclose(st.auc_from_roc(*rocs["e2e"]), rows["e2e"]["auc"], rtol=1e-12)
     # where weight = score (the paper chain) the two AUCs are one number
     assert rows["e2e_paper"]["auc_weight"] == rows["e2e_paper"]["auc"]
 
@@ -477,9 +478,9 @@ def test_hard_selection_auc_is_its_single_working_point():
 
 
 def test_ratio_with_error_by_hand():
-    ratio, err = m.ratio_with_error(0.02, 0.001, 0.01, 0.0005)
+    ratio, err = st.ratio_with_error(0.02, 0.001, 0.01, 0.0005)
     assert_allclose(ratio, 2.0, rtol=1e-12)
     assert_allclose(err, 2.0 * math.hypot(0.05, 0.05), rtol=1e-12)  # relative errors in quadrature
-    change, change_err = m.relative_change(0.02, 0.001, 0.01, 0.0005)
+    change, change_err = st.relative_change(0.02, 0.001, 0.01, 0.0005)
     assert_allclose((change, change_err), (1.0, err), rtol=1e-12)
-    assert all(math.isnan(v) for v in m.ratio_with_error(1.0, 0.1, 0.0, 0.1))
+    assert all(math.isnan(v) for v in st.ratio_with_error(1.0, 0.1, 0.0, 0.1))

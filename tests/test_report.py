@@ -19,7 +19,6 @@ from numpy.testing import assert_allclose
 
 import analysis.report as report_module
 from analysis.figures import MODEL_STYLE, format_value_error, model_style
-from analysis.metrics import auc, ratio_with_error
 from analysis.report import (
     RESOLUTION_COLUMNS,
     SUMMARY_KEYS,
@@ -30,6 +29,7 @@ from analysis.report import (
     staged_report,
     write_report,
 )
+from analysis.statistics import auc, ratio_with_error
 from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
 from pipeline.errors import MuontrackError
 from pipeline.models import LIMIT_ROW
