@@ -13,7 +13,7 @@ null in one of them::
     pl.scan_parquet("muontrack-out/reports/*/summary.parquet")
 
 A report being written lives in a hidden folder one level deeper (``reports/.NAME.staging-…/NAME/``, see
-:func:`analysis.report.staged_report`), so that glob only ever sees published reports.
+:func:`analysis.report_folder.staged_report`), so that glob only ever sees published reports.
 """
 
 from __future__ import annotations
@@ -32,13 +32,11 @@ from typing import Any
 import polars as pl
 
 from analysis.metrics import TRUTH_MODELS
+from analysis.report_folder import CATALOG_SUMMARY_NAME
 from pipeline.atomic import write_atomic
 from pipeline.config import BackgroundConfig, SimConfig, detector_name
 from pipeline.errors import ConfigError, MuontrackError
 from pipeline.models import SUMMARY_ROWS
-
-SUMMARY_FILE = "summary.parquet"
-RESOLUTION_FILE = "resolution.parquet"
 
 #: what a row is about: the evaluation (report, dataset, code) and the training run behind the model
 IDENTITY_SCHEMA = pl.Schema(
@@ -356,7 +354,7 @@ def context_identity(context: Mapping[str, Any]) -> EvaluationIdentity:
 def recorded_identity(report_dir: Path) -> EvaluationIdentity | None:
     """The identity recorded in ``report_dir/summary.parquet``; None when the folder has no readable catalog
     (no report, or one written before the catalog existed)."""
-    path = Path(report_dir) / SUMMARY_FILE
+    path = Path(report_dir) / CATALOG_SUMMARY_NAME
     if not path.is_file():
         return None
     try:
@@ -397,11 +395,13 @@ def find_summaries(folders: Iterable[Path]) -> list[Path]:
             raise MuontrackError(f"{folder}: no such folder")
         for parent, subfolders, files in os.walk(folder):
             subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-            if SUMMARY_FILE in files:
-                found.add((Path(parent) / SUMMARY_FILE).resolve())
+            if CATALOG_SUMMARY_NAME in files:
+                found.add((Path(parent) / CATALOG_SUMMARY_NAME).resolve())
     if not found:
         where = ", ".join(str(folder) for folder in folders)
-        raise MuontrackError(f"no {SUMMARY_FILE} under {where} (evaluate first: muontrack evaluate or muontrack run)")
+        raise MuontrackError(
+            f"no {CATALOG_SUMMARY_NAME} under {where} (evaluate first: muontrack evaluate or muontrack run)"
+        )
     return sorted(found)
 
 

@@ -9,7 +9,7 @@ seed) has its own ordinary report (analysis.report) under OUT/reports/. This mod
   efficiency and purity of the final weights;
 - ``comparisons.parquet``: the paired comparisons of :data:`SCAN_PAIRS` at every point (:func:`paired_comparison`):
   both rows on the same events, resampled together, so the error of the difference is that of the difference,
-  not the two rows' errors added as if independent (analysis.report.compare_sentence, which overstates it);
+  not the two rows' errors added as if independent (analysis.comparisons.compare_sentence, which overstates it);
 - one figure per metric of :data:`SCAN_METRICS` against the background scale, one line per row of
   :data:`SCAN_FIGURE_ROWS`, one panel per detector (analysis.figures.plot_scan_metric);
 - ``report.md``: the grid, the tables, who wins at each point and by how many σ, the figures.
@@ -33,8 +33,8 @@ from analysis import figures as fig
 from analysis import metrics as m
 from analysis import statistics as st
 from analysis.catalog import model_rank_expr, write_parquet_atomic
+from analysis.comparisons import SIGNIFICANCE_THRESHOLD
 from analysis.figures import format_value_error
-from analysis.report import SIGNIFICANCE_THRESHOLD
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import MuontrackError
 from pipeline.models import LIMIT_ROW
@@ -188,7 +188,7 @@ def paired_failed_fit_rate(track_residuals: pl.DataFrame, candidate: str, refere
 
 
 def winner(candidate: str, reference: str, n_sigma: float) -> str | None:
-    """The better row when the difference reaches analysis.report.SIGNIFICANCE_THRESHOLD σ, else None."""
+    """The better row when the difference reaches analysis.comparisons.SIGNIFICANCE_THRESHOLD σ, else None."""
     if n_sigma >= SIGNIFICANCE_THRESHOLD:
         return candidate
     if n_sigma <= -SIGNIFICANCE_THRESHOLD:

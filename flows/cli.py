@@ -202,17 +202,19 @@ def evaluate(
     """Evaluate trained runs against the truth reference and write the report (progress on stderr)."""
     import json
 
+    from analysis.report_folder import REPORT_NAME, SUMMARY_NAME
+
     if workers > 1 or dask_address:
         from flows.end_to_end import evaluate_on_dask
 
         evaluate_on_dask(str(data), [str(r) for r in run], str(out), overwrite, workers, dask_address)
-        report = out / "report.md"
+        report = out / REPORT_NAME
     else:
         from flows.steps import evaluate_runs
 
         report = evaluate_runs(data, run, out, progress=True, overwrite=overwrite)
     if json_output:
-        summary = json.loads((report.parent / "summary.json").read_text())
+        summary = json.loads((report.parent / SUMMARY_NAME).read_text())
         _echo_json({"report": str(report), "summary": summary})
     else:
         typer.echo(f"report: {report}")

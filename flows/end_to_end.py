@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from analysis.report_folder import REPORT_NAME
 from flows import steps, tasks
 from flows.server import ensure_prefect_api
 from pipeline.config import SimConfig
@@ -175,13 +176,13 @@ def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True, 
     predictions as the single predict task (flows.steps.combine_shards).
 
     The predictions and the report are written into a staging folder that replaces ``out`` at the end
-    (analysis.report.staged_report), so a kill leaves the previous report. The predict task is cached and
+    (analysis.report_folder.staged_report), so a kill leaves the previous report. The predict task is cached and
     writes nothing on a cache hit: the predictions of the report already in ``out`` are linked into the staging
     folder first when that report is of these runs on this dataset, and the task is forced to run otherwise.
     ``overwrite``: replace a report of other runs (``muontrack run`` owns its report folders, whose names carry
     the dataset key); False refuses it as ``muontrack evaluate`` does without ``--overwrite``.
     """
-    from analysis.report import staged_report
+    from analysis.report_folder import staged_report
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(Path(data))
@@ -247,7 +248,7 @@ def end_to_end(
     ]
     report = root / "reports" / f"{label}-{data_key}"
     summary = evaluate_flow(data, runs, str(report))
-    return {"report": str(report / "report.md"), "summary": summary}
+    return {"report": str(report / REPORT_NAME), "summary": summary}
 
 
 def run_end_to_end(
@@ -256,7 +257,7 @@ def run_end_to_end(
     """The ``muontrack run`` entry point: run the flow, print (with ``echo``) the summary table and where the
     report is, and return ``{"report": path of report.md, "summary": summary.json's content}``. ``overrides``:
     the sections of a config file (pipeline.config.read_config_file) applied over the preset's values."""
-    from analysis.report import format_summary_table
+    from analysis.render import format_summary_table
     from flows.logs import quiet_user_errors
 
     # a one-line error for an unknown preset or model or a bad config file, before Prefect starts

@@ -18,6 +18,7 @@ from typing import Any
 
 import polars as pl
 
+from analysis.report_folder import PREDICTION_TABLES, PREDICTIONS_DIR, REPORT_NAME, SUMMARY_NAME
 from pipeline import provenance
 from pipeline.errors import ConfigError, DatasetError, MuontrackError, RunError
 from pipeline.locks import exclusive_writer
@@ -84,7 +85,7 @@ def _check_report_out(out: Path, context: dict[str, Any] | None = None, overwrit
         raise MuontrackError(f"report path {out} is a file, not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not (out / "summary.json").exists() and not (out / "predictions").is_dir():
+    if not (out / SUMMARY_NAME).exists() and not (out / PREDICTIONS_DIR).is_dir():
         raise MuontrackError(f"report folder {out} is not empty and holds no muontrack report; choose another --out")
     if context is None or overwrite:
         return
@@ -172,9 +173,9 @@ def _check_one_run_per_model(tables: list[dict[str, pl.DataFrame]]) -> None:
 def _write_predictions(tables: list[dict[str, pl.DataFrame]], out: Path) -> Path:
     from analysis.catalog import write_parquet_atomic
 
-    pred_dir = out / "predictions"
+    pred_dir = out / PREDICTIONS_DIR
     pred_dir.mkdir(parents=True, exist_ok=True)
-    for table in ("hits", "clusters", "tracks"):
+    for table in PREDICTION_TABLES:
         write_parquet_atomic(pl.concat([t[table] for t in tables], how="vertical"), pred_dir / f"{table}.parquet")
     return pred_dir
 
@@ -272,7 +273,7 @@ def combine_shards(shards: list[list[dict[str, pl.DataFrame]]], out: Path) -> Pa
 
 def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
     """What the report says was run: dataset, code, the dataset's detector config (``detector``: the report's
-    limit row is computed from it, analysis.report.context_detector), each run's configuration (with the model rows
+    limit row is computed from it, analysis.results.context_detector), each run's configuration (with the model rows
     it gives, ``reported_as``, and the training code version it recorded) and the environment (versions, device)."""
     from analysis.catalog import environment
     from pipeline.dataset import open_dataset
@@ -323,9 +324,9 @@ def _reported_as(model: str | None) -> list[str]:
 
 
 def prepare_report_out(out: Path, context: dict[str, Any], overwrite: bool) -> None:
-    """With ``out``'s lock held: clean up what a killed writer left beside ``out`` (analysis.report
+    """With ``out``'s lock held: clean up what a killed writer left beside ``out`` (analysis.report_folder
     .recover_report_dir), then check that ``out`` may take the report of ``context`` (:func:`_check_report_out`)."""
-    from analysis.report import recover_report_dir
+    from analysis.report_folder import recover_report_dir
 
     recover_report_dir(out)
     _check_report_out(out, context, overwrite)
@@ -347,11 +348,11 @@ def stage_previous_predictions(out: Path, staging: Path, context: dict[str, Any]
     """
     from analysis.catalog import context_identity, recorded_identity
 
-    source = Path(out) / "predictions"
-    files = [source / f"{name}.parquet" for name in ("hits", "clusters", "tracks")]
+    source = Path(out) / PREDICTIONS_DIR
+    files = [source / f"{name}.parquet" for name in PREDICTION_TABLES]
     if not all(path.is_file() for path in files) or recorded_identity(Path(out)) != context_identity(context):
         return False
-    target = Path(staging) / "predictions"
+    target = Path(staging) / PREDICTIONS_DIR
     target.mkdir(parents=True, exist_ok=True)
     for path in files:
         _link_or_copy(path, target / path.name)
@@ -362,11 +363,12 @@ def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = Fals
     """Inference of every run on the test split, the truth references, and the report in ``out``.
 
     The predictions and the report are written into a staging folder that replaces ``out`` at the end
-    (analysis.report.staged_report): a kill leaves the previous report. A folder holding the report of another
+    (analysis.report_folder.staged_report): a kill leaves the previous report. A folder holding the report of another
     dataset or set of runs is refused unless ``overwrite``; the same runs on the same data refresh it.
     ``progress``: a progress display on stderr. Returns the path of report.md.
     """
-    from analysis.report import staged_report, write_report
+    from analysis.report import write_report
+    from analysis.report_folder import staged_report
     from pipeline.dataset import open_dataset
 
     out = Path(out)
@@ -380,4 +382,4 @@ def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = Fals
             write_report(staging, dataset.hits(), dataset.events(), context, published_as=out)
             if progress:
                 print(f"write report (metrics, figures, catalog): {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return out / "report.md"
+    return out / REPORT_NAME

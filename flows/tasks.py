@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
+from analysis.report_folder import PREDICTIONS_DIR, REPORT_NAME, RESOLUTION_NAME
 from flows import steps
 
 
@@ -113,7 +114,7 @@ def predict(
     """Inference on the test split for the truth references and every run; writes the predictions/ of the report
     ``out``, into its staging folder ``staging`` when given (see flows.end_to_end.evaluate_flow)."""
     steps.predict_all(Path(data), [Path(r) for r in runs], Path(staging or out))
-    return str(Path(out) / "predictions")
+    return str(Path(out) / PREDICTIONS_DIR)
 
 
 @task(name="predict-shard", cache_policy=NONE, persist_result=False, retries=1, retry_delay_seconds=2)
@@ -144,13 +145,13 @@ def publish_artifacts(summary: dict, out: str) -> None:
 
     rows = [{"model": model, **{k: v for k, v in values.items()}} for model, values in summary.items()]
     create_table_artifact(key="muontrack-summary", table=rows, description=f"Summary of {out}")
-    resolution = Path(out) / "resolution.csv"
+    resolution = Path(out) / RESOLUTION_NAME
     if resolution.is_file():
         create_table_artifact(
             key="muontrack-resolution",
             table=pl.read_csv(resolution).to_dicts(),
             description="sigma68 of the q/pT residual in 5 GeV bins of true pT",
         )
-    report = Path(out) / "report.md"
+    report = Path(out) / REPORT_NAME
     if report.is_file():
         create_markdown_artifact(key="muontrack-report", markdown=report.read_text(), description=str(report))

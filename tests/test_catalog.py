@@ -15,7 +15,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 from analysis.catalog import find_summaries
-from analysis.report import staged_report, write_report
+from analysis.report import write_report
+from analysis.report_folder import staged_report
 from pipeline.errors import MuontrackError
 from tests.helpers import assert_one_line_error, placeholder_figures, run_muontrack
 from tests.test_report import (

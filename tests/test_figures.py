@@ -70,7 +70,7 @@ def _tiny_inputs() -> dict[str, object]:
 
 INPUTS = _tiny_inputs()
 
-#: every figure the report draws: its file name in the report (analysis/report.py) and how to draw it
+#: every figure the report draws: its file name in the report (analysis/report_folder.py) and how to draw it
 FIGURES: dict[str, Callable[[Path], Path]] = {
     "roc_rejection.png": lambda path: figures.plot_rejection_vs_efficiency(INPUTS["rocs"], path),
     "score_histograms.png": lambda path: figures.plot_score_histograms(INPUTS["hit_scores"], path),

@@ -1,4 +1,5 @@
-"""write_report on synthetic predictions with known resolutions (analysis/report.py, analysis/figures.py)."""
+"""write_report on synthetic predictions with known resolutions (analysis/report.py and the modules it calls:
+results, comparisons, render, figures, report_folder)."""
 
 from __future__ import annotations
 
@@ -18,17 +19,13 @@ import pytest
 from numpy.testing import assert_allclose
 
 import analysis.report as report_module
+import analysis.report_folder as folder_module
+from analysis.comparisons import comparison_blocks
 from analysis.figures import MODEL_STYLE, format_value_error, model_style
-from analysis.report import (
-    RESOLUTION_COLUMNS,
-    SUMMARY_KEYS,
-    comparison_blocks,
-    compute_results,
-    format_summary_table,
-    recover_report_dir,
-    staged_report,
-    write_report,
-)
+from analysis.render import format_summary_table
+from analysis.report import RESOLUTION_COLUMNS, write_report
+from analysis.report_folder import recover_report_dir, staged_report
+from analysis.results import SUMMARY_KEYS, compute_results
 from analysis.statistics import auc, ratio_with_error
 from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
 from pipeline.errors import MuontrackError
@@ -482,7 +479,7 @@ def test_malformed_predictions_raise(tmp_path, truth, column):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Atomic reports (analysis.report.staged_report) and evaluate --overwrite
+# Atomic reports (analysis.report_folder.staged_report) and evaluate --overwrite
 # ---------------------------------------------------------------------------------------------------------
 
 #: few models: fewer figure panels, faster reports
@@ -555,7 +552,7 @@ def test_a_killed_report_write_leaves_the_previous_report(tmp_path, truth, monke
         raise RuntimeError("killed")
 
     monkeypatch.setattr(report_module, "_write_catalog", killed)
-    monkeypatch.setattr(report_module, "_discard", lambda _path: None)
+    monkeypatch.setattr(folder_module, "_discard", lambda _path: None)
     with pytest.raises(RuntimeError, match="killed"):
         publish_report(out, hits, events, catalog_context(1), seed=1)
     assert snapshot(out) == before  # every file of the previous report, byte for byte, and nothing else
@@ -580,16 +577,16 @@ def test_a_kill_between_the_renames_leaves_a_recoverable_report(tmp_path, truth,
     out = tmp_path / "job"
     publish_report(out, hits, events, catalog_context(0), models={"truth", "e2e"})
     before = snapshot(out)
-    rename = report_module.os.rename
+    rename = folder_module.os.rename
 
     def killed_before_moving_in(source, target):
         if ".staging-" in str(source):
             raise RuntimeError("killed")
         rename(source, target)
 
-    monkeypatch.setattr(report_module.os, "rename", killed_before_moving_in)
-    monkeypatch.setattr(report_module, "_discard", lambda _path: None)
-    monkeypatch.setattr(report_module, "_exchange", lambda _a, _b: False)  # the two-rename fallback
+    monkeypatch.setattr(folder_module.os, "rename", killed_before_moving_in)
+    monkeypatch.setattr(folder_module, "_discard", lambda _path: None)
+    monkeypatch.setattr(folder_module, "_exchange", lambda _a, _b: False)  # the two-rename fallback
     with pytest.raises(RuntimeError, match="killed"):
         publish_report(out, hits, events, catalog_context(1), seed=1, models={"truth", "e2e"})
     monkeypatch.undo()
@@ -608,7 +605,7 @@ def test_a_report_is_replaced_in_one_atomic_exchange(tmp_path, truth, monkeypatc
     probe_a.mkdir()
     probe_b.mkdir()
     (probe_a / "mark").touch()
-    if not report_module._exchange(probe_a, probe_b):
+    if not folder_module._exchange(probe_a, probe_b):
         pytest.skip("this system or file system has no renameat2(RENAME_EXCHANGE)")
     assert (probe_b / "mark").exists()
     assert not (probe_a / "mark").exists()
@@ -619,7 +616,7 @@ def test_a_report_is_replaced_in_one_atomic_exchange(tmp_path, truth, monkeypatc
     def killed(source, _target):
         raise RuntimeError(f"killed at the rename of {source}")
 
-    monkeypatch.setattr(report_module.os, "rename", killed)
+    monkeypatch.setattr(folder_module.os, "rename", killed)
     publish_report(out, hits, events, catalog_context(1), seed=1, models={"truth", "e2e"})
     monkeypatch.undo()
     runs = pl.read_parquet(out / "summary.parquet")["run"].drop_nulls().unique().sort().to_list()
