@@ -134,7 +134,7 @@ def _check_arguments(n_events: Any, seed: Any, workers: Any) -> None:
 
 
 #: bytes of one row of the hits columns (simulation.generate.HIT_DTYPES), for the memory check
-_HIT_ROW_BYTES = 35
+_HIT_ROW_BYTES = 39
 
 
 def _check_sizes(config: SimConfig) -> None:
@@ -142,15 +142,18 @@ def _check_sizes(config: SimConfig) -> None:
     ``hit_id`` and ``n_hits`` columns count, or a shard whose hit buffers exceed the machine's memory.
 
     The hits of an event are bounded as the generator bounds them (simulation.events._deposit_bound), here at the
-    expected background counts: every crossing with a full charge window plus the noise strips."""
+    expected background counts: every crossing with a full charge window plus the noise strips and the strips
+    that fire on their electronic noise alone."""
     from simulation.digitisation import charge_half_window
+    from simulation.generate import noise_tail_probability
 
     detector, background = config.detector, config.background
     window = 2 * charge_half_window(detector.charge_sigma, detector.pitch) + 1
     crossings = detector.n_layers * (1 + background.noise_clusters_per_layer) + background.extra_tracks_per_event * min(
         background.extra_track_layers_max, detector.n_layers
     )
-    per_event = crossings * window + background.noise_strips_per_layer * detector.n_layers
+    single_strips = background.noise_strips_per_layer + detector.n_strips * noise_tail_probability(detector)
+    per_event = crossings * window + single_strips * detector.n_layers
     if per_event >= 2**31:
         raise ConfigError(
             f"this background makes about {per_event:.3g} strip deposits per event; hit ids are int32 (at most "
