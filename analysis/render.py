@@ -376,7 +376,7 @@ DEFINITIONS = [
     "active width (x_true NaN) are skipped; a layer where a model built no cluster (x̂ not finite) counts as "
     "outside the core.",
     f"- **Core window**: μ ± {CORE_WINDOW_N_SIGMA:g}σ of a Gaussian fitted to the `truth` residuals. Fit "
-    "(`analysis.metrics.fit_gaussian_core`): start from μ = median, σ = min(σ68, 2 × the 0.383 quantile of "
+    "(`analysis.statistics.fit_gaussian_core`): start from μ = median, σ = min(σ68, 2 × the 0.383 quantile of "
     "|r − median|); on a fixed grid of σ/10 wide bins, least-squares fit A·exp(−(x−μ)²/2σ²) (Poisson errors, "
     f"scipy.optimize.curve_fit) to the bins within μ ± {CORE_WINDOW_N_SIGMA:g}σ, move the window to the new "
     "(μ, σ) and repeat until it selects the same bins again; if that runs away (flat-topped distribution) a "

@@ -35,10 +35,11 @@ from analysis import statistics as st
 from analysis.catalog import model_rank_expr, write_parquet_atomic
 from analysis.comparisons import SIGNIFICANCE_THRESHOLD
 from analysis.figures import format_value_error
+from analysis.report_folder import SUMMARY_NAME, prediction_path
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import MuontrackError
 from pipeline.models import LIMIT_ROW
-from pipeline.stats import SIGMA68_COVERAGE
+from pipeline.stats import sigma68
 
 #: the folder of the scan report inside the scan's --out
 SCAN_DIR = "scan"
@@ -133,9 +134,8 @@ def _paired_residuals(track_residuals: pl.DataFrame, candidate: str, reference: 
 
 
 def _sigma68_rows(samples: np.ndarray) -> np.ndarray:
-    """σ68 (pipeline.stats.sigma68) of each row of ``samples``, NaNs (failed fits) left out."""
-    deviations = np.abs(samples - np.nanmedian(samples, axis=1, keepdims=True))
-    return np.nanquantile(deviations, SIGMA68_COVERAGE, axis=1, method="linear")
+    """σ68 (pipeline.stats.sigma68, NaNs (failed fits) left out) of each row of ``samples``."""
+    return np.array([sigma68(row) if not np.isnan(row).all() else np.nan for row in samples])
 
 
 def paired_sigma68(
@@ -213,7 +213,7 @@ def failed_fit_table(track_residuals: pl.DataFrame) -> pl.DataFrame:
 
 def point_residuals(report: Path, dataset_events: pl.LazyFrame) -> pl.DataFrame:
     """analysis.metrics.track_residual_table of a point's report (its predictions/tracks.parquet)."""
-    tracks = Path(report) / "predictions" / "tracks.parquet"
+    tracks = prediction_path(Path(report), "tracks")
     if not tracks.is_file():
         raise MuontrackError(f"{tracks}: the report of a scan point has no predictions (run the scan again)")
     return m.track_residual_table(pl.scan_parquet(tracks), dataset_events)
@@ -223,7 +223,7 @@ def point_summary(point: Mapping[str, Any], track_residuals: pl.DataFrame) -> pl
     """The rows of :data:`SCAN_SUMMARY_SCHEMA` of one point: its report's summary.json with the failed-fit rates."""
     report = Path(point["report"])
     try:
-        summary = json.loads((report / "summary.json").read_text())
+        summary = json.loads((report / SUMMARY_NAME).read_text())
     except (OSError, ValueError):
         raise MuontrackError(f"{report / 'summary.json'}: missing or unreadable (run the scan again)") from None
     rows = [

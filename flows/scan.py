@@ -27,6 +27,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from analysis.catalog import SCALED_BACKGROUND_FIELDS, scaled_background
+from analysis.report_folder import CATALOG_SUMMARY_NAME, prediction_path
 from flows import steps
 from flows.end_to_end import dask_task_runner, end_to_end, job_configs
 from flows.server import ensure_prefect_api
@@ -143,7 +144,7 @@ def point_record(point: ScanPoint, seed: int, report: Path, start: float) -> dic
     cached prediction is a link to the previous file)."""
     import polars as pl
 
-    catalog = pl.read_parquet(report / "summary.parquet", columns=["dataset", "model", "run"])
+    catalog = pl.read_parquet(report / CATALOG_SUMMARY_NAME, columns=["dataset", "model", "run"])
     dataset = Path(catalog["dataset"].drop_nulls()[0])
     runs = {
         model: run
@@ -159,7 +160,7 @@ def point_record(point: ScanPoint, seed: int, report: Path, start: float) -> dic
         "runs": runs,
         "simulated": _mtime_since(dataset / "manifest.json", start),
         "trained": [model for model, run in runs.items() if _mtime_since(Path(run) / "metrics.parquet", start)],
-        "predicted": _mtime_since(report / "predictions" / "tracks.parquet", start),
+        "predicted": _mtime_since(prediction_path(report, "tracks"), start),
     }
 
 

@@ -1,7 +1,7 @@
 """Plain NumPy statistics shared by training (model) and evaluation (analysis), which may not import each other.
 
 The q/pT resolution σ68 is the figure of merit of both: training reports it on the validation split after every
-epoch, the evaluation per model and pT bin. One definition serves both (analysis.metrics re-exports
+epoch, the evaluation per model and pT bin. One definition serves both (analysis.statistics calls
 :func:`sigma68`; its Polars form ``sigma68_expr`` computes the same quantile inside a query).
 """
 
