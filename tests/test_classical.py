@@ -275,6 +275,7 @@ def test_clustering_keeps_a_single_charge_cloud_whole_and_splits_two():
 # ---- reconstruction --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_decoy_tracks_in_the_road_do_not_steal_the_muon():
     """A muon of 20 GeV (4.6 mm sagitta) with a decoy track 9 mm inside its bend on station 3, which makes
     the straight line (muon on station 1, decoy on station 3) follow the muon through station 2, a second

@@ -238,6 +238,7 @@ def test_train_with_a_bad_config_file_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_train_applies_the_config_file(tiny_dataset: Path, tmp_path: Path) -> None:
     config = tmp_path / "heads.toml"
     config.write_text("[model]\nlogit_mlp = [8, 4]\n\n[train]\nmax_train_events = 16\nepochs = 2\n")

@@ -311,6 +311,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line(tiny_dataset: Path, small_disk:
 # ---- a Dask address that answers, but not as Dask ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_dask_address_of_another_server_is_one_line(tmp_path: Path) -> None:
     import socket
 

@@ -312,6 +312,7 @@ SCATTERING = Chain(
 )
 
 
+@pytest.mark.slow
 def test_the_scattering_chain_ends_with_the_scattering_fit_of_its_clusters():
     """The wiring against a direct call: with gates that keep every layer (a width of 1e12 pulls: each keeps
     sigmoid(cut^2 / 2) of its weight), the track is model.scattering_fit.scattering_fit of the chain's final
@@ -343,6 +344,7 @@ def test_the_scattering_chain_ends_with_the_scattering_fit_of_its_clusters():
     assert_allclose(np.asarray(reco.x_hat), np.asarray(clusters.x_hat), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_pull_gates_drop_a_displaced_cluster_and_keep_the_rest():
     """Layer 9's cluster moved by 0.4 mm (a merged cluster): the hit-level steps keep it, the pull gates drop it
     and the track equals the fit without that layer."""

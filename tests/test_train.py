@@ -166,6 +166,7 @@ def test_gradient_split_is_exact_for_a_model_trained_on_the_bce_alone(dataset, f
     assert float(e2e["solver_grad_nonzero"]) > 0
 
 
+@pytest.mark.slow
 def test_lambda_drives_e2e_but_not_baseline(dataset, first_batch):
     def params_after_one_step(objective, lam):
         state = _state(dataset, first_batch, objective, learning_rate=1e-2)
@@ -190,6 +191,7 @@ def test_lambda_drives_e2e_but_not_baseline(dataset, first_batch):
     assert_allclose(float(e2e_metrics_0["loss"]), float(e2e_metrics_0["bce"]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_reports_the_global_norm_of_the_gradients(dataset, first_batch):
     state = _state(dataset, first_batch, "e2e")
     key, lam = jax.random.key(3), jnp.float32(0.5)
@@ -385,6 +387,7 @@ def _muontrack(*arguments: str | Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_assignment_run_records_its_estimator_diagnostics_and_predicts_one_window_per_layer(dataset_dir, tmp_path):
     # through the CLI, in processes of their own: compiling the assignment step late in this long test process
     # crashed XLA (SIGSEGV / SIGABRT inside backend_compile, 3 of 3 full-suite runs; alone it compiles)
@@ -459,6 +462,7 @@ def diagnosed_runs(dataset_dir, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_metrics_hold_grad_norm_learning_rate_and_val_sigma68_per_epoch(diagnosed_runs):
     metrics = read_metrics(diagnosed_runs["callback"])
     assert metrics.schema == pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table()).schema
@@ -484,6 +488,7 @@ def test_metrics_hold_grad_norm_learning_rate_and_val_sigma68_per_epoch(diagnose
     assert np.all(sigma > 0)
 
 
+@pytest.mark.slow
 def test_on_epoch_is_called_once_per_epoch_with_its_figures(diagnosed_runs):
     calls = diagnosed_runs["calls"]
     assert [info["epoch"] for info in calls] == [1, 2]
@@ -517,6 +522,7 @@ def test_on_epoch_is_called_once_per_epoch_with_its_figures(diagnosed_runs):
         assert line.endswith(" s")
 
 
+@pytest.mark.slow
 def test_progress_prints_one_line_per_epoch_and_the_weights_do_not_depend_on_reporting(diagnosed_runs):
     printed = [line for line in diagnosed_runs["printed"].splitlines() if ": train loss " in line]
     assert [line.split(":")[0] for line in printed] == ["e2e epoch 1/2", "e2e epoch 2/2"]
