@@ -219,30 +219,13 @@ def render_markdown(
             f"Core window: [{fit.mu - half_width:.4g}, {fit.mu + half_width:.4g}] mm.",
             "",
         ]
-        core_rows = [
-            [
-                row["model"],
-                row["n_clusters"],
-                row["n_missing"],
-                row["n_core"],
-                format_value_error(row["core_fraction"], row["core_fraction_err"]),
-            ]
-            for row in _in_model_order(results.core, results.models)
-        ]
+        counts = ("n_clusters", "n_missing", "n_core")
+        core_rows = _counts_and_value(results.core, results.models, counts, "core_fraction")
         lines += _md_table(["model", "clusters", "no cluster built", "in core", "core fraction"], core_rows)
         lines += ["", _figure_link(figure_paths, "clusters", "Cluster residuals with the core window")]
 
     lines += ["", "## q/pT resolution", ""]
-    res_rows = [
-        [
-            row["model"],
-            row["n_tracks"],
-            row["n_failed"],
-            row["n"],
-            format_value_error(row["sigma68"], row["sigma68_err"]),
-        ]
-        for row in _in_model_order(results.resolution, results.models)
-    ]
+    res_rows = _counts_and_value(results.resolution, results.models, ("n_tracks", "n_failed", "n"), "sigma68")
     lines += _md_table(["model", "tracks", "failed fits (excluded)", "in σ68", "σ68"], res_rows)
     lines += ["", _figure_link(figure_paths, "q_over_pt", "Relative q/pT residuals")]
 
@@ -314,6 +297,14 @@ def _hit_weight_rows(results: ReportResults) -> list[str]:
 def _value_error_or_none(row: dict[str, Any], key: str) -> str | None:
     """'value ± error' of ``key`` and ``key_err`` in a table row; None (rendered "–") without a value."""
     return format_value_error(row[key], row.get(f"{key}_err")) if row.get(key) is not None else None
+
+
+def _counts_and_value(table, models, counts: tuple[str, ...], value: str) -> list[list]:
+    """Table rows in model order: the model, its ``counts`` columns, then ``value`` ± ``value_err``."""
+    return [
+        [row["model"], *(row[column] for column in counts), format_value_error(row[value], row[f"{value}_err"])]
+        for row in _in_model_order(table, models)
+    ]
 
 
 def _in_model_order(frame: pl.DataFrame, models: list[str]) -> list[dict[str, Any]]:
