@@ -11,8 +11,6 @@ import hashlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -74,9 +72,6 @@ def _state(dataset, batch, objective, learning_rate=None, estimator=None):
 # ---- steps -----------------------------------------------------------------------------------------------
 
 
-# `assignment`'s steps are tested in a process of their own (test_assignment_steps_lower_the_loss_...), not again
-# here: compilations late in the long test process have crashed XLA (an abort inside the compilation cache's
-# write, seen in a full run at this revision, in this test)
 @pytest.mark.parametrize(("objective", "lam", "warmup_steps"), [("baseline", 0.0, 0), ("e2e_paper", 0.5, 40)])
 def test_training_steps_lower_the_loss(dataset, first_batch, objective, lam, warmup_steps):
     state = _state(dataset, first_batch, objective, learning_rate=1e-2)
@@ -99,20 +94,30 @@ def test_training_steps_lower_the_loss(dataset, first_batch, objective, lam, war
 ESTIMATOR_STEPS = ("blackbox", "perturbed", "identity")
 
 
-@pytest.fixture(scope="module")
-def assignment_steps(dataset_dir) -> dict[str, dict]:
-    """30 `assignment` train steps per estimator, all in one process of their own (tests/assignment_steps.py)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.assignment_steps", str(dataset_dir), *ESTIMATOR_STEPS],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-        cwd=Path(__file__).resolve().parent.parent,
+def _assignment_steps(dataset, estimator: str) -> list[dict[str, float]]:
+    """30 `assignment` train steps on one batch: the warm-up (Hamming and BCE), then the pT term as well; per step
+    the BCE + Hamming, the loss, selected_layers, solver_grad_nonzero and solver_grad."""
+    model_config, train_config = get_preset("test")
+    train_config = dataclasses.replace(train_config, learning_rate=1e-2, estimator=estimator)
+    batch = device_batch(next(iter_batches(dataset, "train", train_config.batch_size, train_config.node_buckets)))
+    geometry = Geometry.from_detector(dataset.config.detector)
+    state = create_train_state(
+        jax.random.key(0), model_config, train_config, batch, geometry=geometry, objective="assignment"
     )
-    assert result.returncode == 0, result.stderr
-    runs = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
-    return {run["estimator"]: run for run in runs}
+    steps = []
+    for step in range(30):
+        lam = jnp.float32(0.0 if step < 15 else 0.5)
+        state, metrics = train_step(state, batch, jax.random.key(step), lam)
+        metrics = {key: float(value) for key, value in metrics.items()}
+        steps.append({"bce_hamming": metrics["bce"] + metrics["hamming"], **metrics})
+    return steps
+
+
+@pytest.fixture(scope="module")
+def assignment_steps(dataset) -> dict[str, list[dict[str, float]]]:
+    """:func:`_assignment_steps` per estimator (in this process: the XLA aborts that once sent them to a process
+    of their own were the suite exhausting Linux's memory mappings, tests/conftest.py)."""
+    return {estimator: _assignment_steps(dataset, estimator) for estimator in ESTIMATOR_STEPS}
 
 
 @pytest.mark.slow
@@ -136,8 +141,7 @@ def assignment_steps(dataset_dir) -> dict[str, dict]:
     ],
 )
 def test_assignment_steps_lower_the_loss_without_shrinking_the_selection(assignment_steps, estimator):
-    run = assignment_steps[estimator]
-    steps = run["steps"]
+    steps = assignment_steps[estimator]
     for metrics in steps:
         assert 0 < metrics["solver_grad_nonzero"] <= 1
         assert metrics["solver_grad"] > 0
@@ -389,8 +393,7 @@ def _muontrack(*arguments: str | Path) -> None:
 
 @pytest.mark.slow
 def test_assignment_run_records_its_estimator_diagnostics_and_predicts_one_window_per_layer(dataset_dir, tmp_path):
-    # through the CLI, in processes of their own: compiling the assignment step late in this long test process
-    # crashed XLA (SIGSEGV / SIGABRT inside backend_compile, 3 of 3 full-suite runs; alone it compiles)
+    # through the CLI, as a user trains and evaluates it
     from model.assignment import HALF_WIDTH_PITCH
 
     run, report = tmp_path / "assignment", tmp_path / "report"
