@@ -1,7 +1,9 @@
 """Statistics primitives of the evaluation, in NumPy (and SciPy for the one fit): nothing here knows a table.
 
 - σ68 (:func:`sigma68`: :func:`pipeline.stats.sigma68`, the one definition, shared with training, also taking a Polars
-  Series) and its bootstrap uncertainty (:func:`bootstrap_sigma68`, whose every replica is that same σ68);
+  Series) and its bootstrap uncertainty (:func:`bootstrap_sigma68`, whose every replica is that same σ68); the
+  median with the bootstrap uncertainty of the same replicas (:func:`bootstrap_median`);
+- the Clopper–Pearson interval of a binomial fraction (:func:`clopper_pearson`);
 - the exact ROC of a score, its AUC with the Hanley–McNeil error, the background efficiency and rejection at a
   signal efficiency with its binomial error;
 - the iterative Gaussian fit of a residual distribution's core (:func:`fit_gaussian_core`);
@@ -23,6 +25,8 @@ from pipeline import stats
 
 #: bootstrap replicas for σ68 uncertainties
 N_BOOTSTRAP = 200
+#: confidence level of a binomial interval (:func:`clopper_pearson`): the ±1σ coverage of a Gaussian, 68.27 %
+ONE_SIGMA_LEVEL = math.erf(1.0 / math.sqrt(2.0))
 #: half-width of the cluster core window in units of the fitted truth Gaussian sigma (the fit window of
 #: :func:`fit_gaussian_core`; the core window of analysis.metrics.core_fraction_table)
 CORE_WINDOW_N_SIGMA = 2.0
@@ -65,6 +69,19 @@ def sigma68(residuals: np.ndarray | pl.Series) -> float:
     return stats.sigma68(_finite_1d(residuals, "sigma68"))
 
 
+def _bootstrap_replicas(r: np.ndarray, n_boot: int, seed: int, statistic) -> np.ndarray:
+    """``statistic`` ([k, n] resamples -> [k] values) over ``n_boot`` resamples of ``r`` with replacement, drawn
+    in chunks of about :data:`_BOOTSTRAP_CHUNK_VALUES` values from ``np.random.default_rng(seed)``: the same
+    ``r``, ``n_boot`` and ``seed`` give the same resamples whatever the statistic."""
+    rng = np.random.default_rng(seed)
+    replicas = np.empty(n_boot)
+    chunk = max(1, _BOOTSTRAP_CHUNK_VALUES // r.size)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        replicas[start:stop] = statistic(r[rng.integers(0, r.size, size=(stop - start, r.size))])
+    return replicas
+
+
 def bootstrap_sigma68(
     residuals: np.ndarray | pl.Series, n_boot: int = N_BOOTSTRAP, seed: int = 0
 ) -> tuple[float, float]:
@@ -84,14 +101,72 @@ def bootstrap_sigma68(
     value = sigma68(r)
     if r.size < 2 or n_boot < 2:
         return value, float("nan")
-    rng = np.random.default_rng(seed)
-    replicas = np.empty(n_boot)
-    chunk = max(1, _BOOTSTRAP_CHUNK_VALUES // r.size)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        samples = r[rng.integers(0, r.size, size=(stop - start, r.size))]
-        replicas[start:stop] = [stats.sigma68(sample) for sample in samples]
+    replicas = _bootstrap_replicas(r, n_boot, seed, lambda samples: [stats.sigma68(sample) for sample in samples])
     return value, float(np.std(replicas, ddof=1))
+
+
+def bootstrap_median(
+    residuals: np.ndarray | pl.Series, n_boot: int = N_BOOTSTRAP, seed: int = 0
+) -> tuple[float, float]:
+    """The median (linear interpolation: the mean of the two middle values of an even sample) and its bootstrap
+    uncertainty.
+
+    The resamples are those of :func:`bootstrap_sigma68` with the same ``n_boot`` and ``seed`` (the residuals
+    sorted first, so row order does not matter).
+
+    Returns:
+        (median of the sample, standard deviation (ddof=1) of the median over the replicas); the error is NaN
+        for fewer than 2 residuals or fewer than 2 replicas.
+    """
+    r = np.sort(_finite_1d(residuals, "bootstrap_median"))
+    value = float(np.median(r))
+    if r.size < 2 or n_boot < 2:
+        return value, float("nan")
+    replicas = _bootstrap_replicas(r, n_boot, seed, lambda samples: np.median(samples, axis=1))
+    return value, float(np.std(replicas, ddof=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Binomial interval
+# ---------------------------------------------------------------------------------------------------------
+
+
+def clopper_pearson(
+    successes: np.ndarray | int, trials: np.ndarray | int, level: float = ONE_SIGMA_LEVEL
+) -> tuple[np.ndarray, np.ndarray]:
+    """The central Clopper–Pearson ("exact") interval of a binomial fraction k/n (vectorised).
+
+    lower = B⁻¹(α/2; k, n − k + 1), upper = B⁻¹(1 − α/2; k + 1, n − k) with α = 1 − ``level``, B⁻¹ the inverse of
+    the regularised incomplete beta function (the quantiles of a Beta distribution); lower = 0 for k = 0 and
+    upper = 1 for k = n. It covers the true fraction with at least ``level`` whatever it is, also for k = 0, where
+    the normal approximation √(f(1 − f)/n) collapses to 0.
+
+    Args:
+        successes: k, integers in [0, n].
+        trials: n, integers ≥ 0; n = 0 gives NaN bounds.
+        level: the coverage, by default 68.27 % (±1σ of a Gaussian).
+
+    Returns:
+        (lower, upper) as float64 arrays of the broadcast shape of ``successes`` and ``trials``.
+
+    Raises:
+        ValueError: k outside [0, n], n < 0, or a level outside (0, 1).
+    """
+    # imported here: scipy is most of the start-up of `muontrack results` and `evaluate`
+    from scipy.special import betaincinv
+
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"clopper_pearson: level must be in (0, 1), got {level}")
+    if np.any(n < 0) or np.any(k < 0) or np.any(k > n):
+        raise ValueError("clopper_pearson: need 0 <= successes <= trials")
+    alpha = 1.0 - level
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lower = np.where(k > 0, betaincinv(np.maximum(k, 1.0), n - k + 1.0, alpha / 2.0), 0.0)
+        upper = np.where(k < n, betaincinv(k + 1.0, np.maximum(n - k, 1.0), 1.0 - alpha / 2.0), 1.0)
+    empty = n == 0
+    return np.where(empty, np.nan, lower), np.where(empty, np.nan, upper)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -317,6 +317,60 @@ def test_resolution_table_keeps_empty_bins():
     assert table["sigma68"].null_count() == 5
 
 
+# --------------------------------------------------------------------------------- tails, bias and charge
+
+
+def _one_sigma_level() -> float:
+    """The coverage of ±1σ of a Gaussian, from SciPy (independent of analysis.statistics.ONE_SIGMA_LEVEL)."""
+    from scipy.stats import norm
+
+    return float(norm.cdf(1.0) - norm.cdf(-1.0))
+
+
+def _beta_interval(k: int, n: int) -> tuple[float, float]:
+    """The central Clopper–Pearson 68.27 % interval from scipy.stats.beta quantiles (0 and 1 at the ends)."""
+    from scipy.stats import beta
+
+    alpha = 1.0 - _one_sigma_level()
+    lower = beta.ppf(alpha / 2, k, n - k + 1) if k > 0 else 0.0
+    upper = beta.ppf(1 - alpha / 2, k + 1, n - k) if k < n else 1.0
+    return float(lower), float(upper)
+
+
+@pytest.mark.parametrize(("k", "n"), [(3, 40), (0, 40), (40, 40), (1, 1), (7, 2062), (500, 1000)])
+def test_clopper_pearson_against_beta_quantiles(k, n):
+    lower, upper = st.clopper_pearson(k, n)
+    assert_allclose((lower, upper), _beta_interval(k, n), rtol=1e-9, atol=1e-15)
+    assert lower <= k / n <= upper
+
+
+def test_clopper_pearson_covers_at_least_its_level():
+    # exact coverage of the interval for a true fraction p: Σ over k of P(k | n, p) where the interval holds p
+    from scipy.stats import binom
+
+    n = 30
+    k = np.arange(n + 1)
+    lower, upper = st.clopper_pearson(k, np.full(k.size, n))
+    for p in (0.01, 0.05, 0.2, 0.5):
+        covered = (lower <= p) & (p <= upper)
+        assert binom.pmf(k[covered], n, p).sum() >= _one_sigma_level() - 1e-12
+    # no trials: no interval; an impossible count is refused
+    assert np.isnan(st.clopper_pearson(0, 0)).all()
+    with pytest.raises(ValueError, match="successes <= trials"):
+        st.clopper_pearson(5, 4)
+
+
+def test_bootstrap_median_error_is_the_median_standard_error():
+    rng = np.random.default_rng(21)
+    n, sigma = 4000, 0.01
+    residuals = rng.normal(0.003, sigma, size=n)
+    value, err = st.bootstrap_median(residuals, n_boot=400, seed=3)
+    assert value == np.median(residuals)
+    # asymptotic standard error of the median of a Gaussian: sqrt(π/2) σ / sqrt(n)
+    assert_allclose(err, math.sqrt(math.pi / 2) * sigma / math.sqrt(n), rtol=0.2)
+    assert st.bootstrap_median(residuals[::-1], n_boot=400, seed=3) == (value, err)
+
+
 # --------------------------------------------------------------------------------------------- hit weights
 
 
