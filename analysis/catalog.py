@@ -31,7 +31,7 @@ from typing import Any
 
 import polars as pl
 
-from analysis.metrics import TRUTH_MODELS
+from analysis.metrics import TAIL_COLUMNS, TRUTH_MODELS
 from analysis.report_folder import CATALOG_SUMMARY_NAME
 from pipeline.atomic import write_atomic
 from pipeline.config import BackgroundConfig, SimConfig, detector_name
@@ -58,10 +58,15 @@ IDENTITY_SCHEMA = pl.Schema(
         "run_code_version": pl.String,
     }
 )
+#: the tails, bias and charge of a row's successful fits (analysis.metrics.TAIL_COLUMNS): the median residual and
+#: its bootstrap error, the charge-misidentified and tail counts and fractions with their Clopper–Pearson bounds;
+#: null for the limit row
+TAIL_SCHEMA = pl.Schema({name: pl.Int64 if name.startswith("n_") else pl.Float64 for name in TAIL_COLUMNS})
 #: the per-model metrics with their errors (summary.json's score, core-fraction and σ68 figures, and the errors
 #: that summary.json leaves out); AUC and rejections are those of the raw classifier score, null for the truth
 #: references; a rejection is null where it is infinite (no background hit passes); ``sigma68_over_limit`` is
-#: σ68 / the limit row's σ68 (null without a limit), the limit row's own ``sigma68_err`` is null (exact)
+#: σ68 / the limit row's σ68 (null without a limit), the limit row's own ``sigma68_err`` is null (exact); then the
+#: tails, bias and charge of the successful fits (:data:`TAIL_SCHEMA`)
 METRICS_SCHEMA = pl.Schema(
     {
         "auc": pl.Float64,
@@ -77,6 +82,7 @@ METRICS_SCHEMA = pl.Schema(
         "n_events": pl.Int64,
         "sigma68_over_limit": pl.Float64,
         "sigma68_over_limit_err": pl.Float64,
+        **TAIL_SCHEMA,
     }
 )
 #: where the evaluation ran
@@ -93,7 +99,14 @@ ENVIRONMENT_SCHEMA = pl.Schema(
 SUMMARY_SCHEMA = pl.Schema({**IDENTITY_SCHEMA, **METRICS_SCHEMA, **ENVIRONMENT_SCHEMA})
 #: the bin columns of resolution.csv (analysis.report.RESOLUTION_COLUMNS without ``model``)
 BIN_SCHEMA = pl.Schema(
-    {"pt_lo": pl.Float64, "pt_hi": pl.Float64, "n": pl.Int64, "sigma68": pl.Float64, "sigma68_err": pl.Float64}
+    {
+        "pt_lo": pl.Float64,
+        "pt_hi": pl.Float64,
+        "n": pl.Int64,
+        "sigma68": pl.Float64,
+        "sigma68_err": pl.Float64,
+        **TAIL_SCHEMA,
+    }
 )
 #: REPORT/resolution.parquet: one row per model and true-pT bin
 RESOLUTION_SCHEMA = pl.Schema({**IDENTITY_SCHEMA, **BIN_SCHEMA})
@@ -272,7 +285,11 @@ def metrics_frame(
                 "model",
                 "sigma68",
                 "sigma68_err",
-                *(name for name in ("sigma68_over_limit", "sigma68_over_limit_err") if name in resolution.columns),
+                *(
+                    name
+                    for name in ("sigma68_over_limit", "sigma68_over_limit_err", *TAIL_SCHEMA)
+                    if name in resolution.columns
+                ),
                 n_events="n",
             ),
             on="model",
@@ -305,7 +322,9 @@ def resolution_frame(identity: pl.DataFrame, resolution_pt: pl.DataFrame) -> pl.
         identity.join(resolution_pt, on="model", how="inner")
         .join(rank, on="model", how="left")
         .sort("rank", "pt_lo")
-        .with_columns(finite_or_null("sigma68"), finite_or_null("sigma68_err"))
+        .with_columns(
+            finite_or_null(name) for name, dtype in BIN_SCHEMA.items() if dtype == pl.Float64 and name in resolution_pt
+        )
     )
     return _conform(frame, RESOLUTION_SCHEMA)
 

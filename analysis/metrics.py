@@ -1,5 +1,6 @@
 """The evaluation's metric tables, in Polars (docs/contracts.md, "Metric definitions"): ROC/AUC of hit scores, cluster
-residual core fraction, q/pT resolution σ68 overall and in bins of true pT, and the Cramér-Rao limit of that σ68 on
+residual core fraction, q/pT resolution σ68 overall and in bins of true pT with the tails, bias and charge of the same
+fits (median residual, share beyond 5 σ68, charge-misidentification rate), and the Cramér-Rao limit of that σ68 on
 the evaluated events (:func:`resolution_limit`, the ``limit`` row; the bound itself is :mod:`analysis.limit`).
 
 Column logic is written as functions returning ``pl.Expr``; each prediction table is read with one
@@ -36,7 +37,9 @@ from analysis.statistics import (
     auc_uncertainty,
     background_efficiency_at,
     background_rejection_at,
+    bootstrap_median,
     bootstrap_sigma68,
+    clopper_pearson,
     fit_gaussian_core,
     rejection_uncertainty,
     roc_curve,
@@ -53,6 +56,8 @@ HIT_SELECTION_THRESHOLD = 0.5
 SIGNAL_EFFICIENCY_POINTS = (0.90, 0.95)
 #: edges of the true-pT bins [GeV]: [20,25), [25,30), ..., [45,50] (the last bin is closed on both sides)
 PT_BIN_EDGES = (20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0)
+#: a successful fit is in the tail when |r − median(r)| exceeds this many σ68 of its row (tail_fraction)
+TAIL_N_SIGMA68 = 5.0
 #: edges [mm] of the classes of a hit's distance from the muon's crossing on its layer (hit_weight_table)
 HIT_DISTANCE_EDGES = (5.0, 50.0)
 #: origins of a hit (hit_origin_expr), in report order
@@ -80,6 +85,39 @@ def sigma68_expr(residual: str | pl.Expr) -> pl.Expr:
     """
     r = _as_expr(residual)
     return (r - r.median()).abs().quantile(SIGMA68_COVERAGE, interpolation="linear")
+
+
+def tail_expr(residual: str | pl.Expr, n_sigma68: float = TAIL_N_SIGMA68) -> pl.Expr:
+    """True where |r − median(r)| > ``n_sigma68`` · σ68(r), median and σ68 over the column (or the group, in
+    ``group_by(...).agg``); null where r is null. ``.sum()`` of it counts the tail entries."""
+    r = _as_expr(residual)
+    return (r - r.median()).abs() > n_sigma68 * sigma68_expr(r)
+
+
+def charge_misid_expr(q_pred: str = "q_pred", q: str = "q", fit_ok: str = "fit_ok") -> pl.Expr:
+    """True where a successful fit's reconstructed charge differs from the true one; null where the fit failed."""
+    return pl.when(pl.col(fit_ok)).then(pl.col(q_pred).cast(pl.Int64) != pl.col(q).cast(pl.Int64))
+
+
+def binomial_interval_exprs(successes: str, trials: str, name: str) -> list[pl.Expr]:
+    """The fraction ``name`` = successes / trials and its Clopper–Pearson 68.27 % interval ``name_lo``,
+    ``name_hi`` (:func:`analysis.statistics.clopper_pearson`) of two count columns; all null where trials is 0
+    or null."""
+
+    def bound(index: int) -> pl.Expr:
+        def interval(counts: pl.Series) -> pl.Series:
+            k = counts.struct.field(successes).fill_null(0).to_numpy()
+            n = counts.struct.field(trials).fill_null(0).to_numpy()
+            return pl.Series(clopper_pearson(k, n)[index], dtype=pl.Float64).fill_nan(None)
+
+        return (
+            pl.struct(pl.col(successes).cast(pl.Int64), pl.col(trials).cast(pl.Int64))
+            .map_batches(interval, return_dtype=pl.Float64)
+            .alias(f"{name}_{('lo', 'hi')[index]}")
+        )
+
+    rate = pl.when(pl.col(trials) > 0).then(pl.col(successes).cast(pl.Float64) / pl.col(trials)).alias(name)
+    return [rate, bound(0), bound(1)]
 
 
 def q_over_pt_true_expr(q: str = "q", pt: str = "pt") -> pl.Expr:
@@ -397,8 +435,9 @@ def track_residual_table(pred_tracks: pl.LazyFrame, dataset_events: pl.LazyFrame
     """q/pT residuals of every predicted track joined with the truth.
 
     Returns:
-        DataFrame (model, event_id, pt [GeV], q, fit_ok bool, residual float64 — null where the fit failed,
-        pt_bin UInt32 — null outside the binned range). Tracks without a truth event are dropped.
+        DataFrame (model, event_id, pt [GeV], q, q_pred, fit_ok bool, residual float64 — null where the fit
+        failed, charge_misid bool — q_pred ≠ q, null where the fit failed, pt_bin UInt32 — null outside the binned
+        range). Tracks without a truth event are dropped.
     """
     truth = dataset_events.select("event_id", "pt", "q")
     return (
@@ -409,46 +448,94 @@ def track_residual_table(pred_tracks: pl.LazyFrame, dataset_events: pl.LazyFrame
             "event_id",
             "pt",
             "q",
+            "q_pred",
             "fit_ok",
             pl.when("fit_ok").then(q_over_pt_residual_expr()).alias("residual"),
+            charge_misid_expr().alias("charge_misid"),
             pt_bin_expr().alias("pt_bin"),
         )
         .collect()
     )
 
 
+#: the columns of the tails, bias and charge of a resolution row (resolution_by_model, resolution_by_pt), after σ68
+TAIL_COLUMNS = (
+    "bias",
+    "bias_err",
+    "n_charge_misid",
+    "charge_misid_rate",
+    "charge_misid_rate_lo",
+    "charge_misid_rate_hi",
+    "n_tail",
+    "tail_fraction",
+    "tail_fraction_lo",
+    "tail_fraction_hi",
+)
+
+
+def _residual_aggregations() -> dict[str, pl.Expr]:
+    """The per-group figures of the successful fits (rows with a null residual are the failed fits): their number,
+    σ68, the bias (median residual), the charge-misidentified and tail counts."""
+    return {
+        "n": pl.col("residual").is_not_null().sum(),
+        "sigma68": sigma68_expr("residual"),
+        "bias": pl.col("residual").median(),
+        "n_charge_misid": pl.col("charge_misid").sum(),
+        "n_tail": tail_expr("residual").sum(),
+    }
+
+
 def _bootstrap_errors(
     frame: pl.DataFrame, keys: list[str], n_boot: int, seed: int
 ) -> dict[tuple[object, ...], tuple[float, float]]:
-    """{group key: bootstrap_sigma68(residuals)} over the successful-fit rows of each group."""
+    """{group key: (σ68 error, median error)} by bootstrap (the same replicas for both) over the successful-fit
+    rows of each group."""
     result = {}
     for key, group in frame.partition_by(keys, as_dict=True).items():
         residuals = group["residual"].to_numpy()
         if residuals.size:
-            result[key] = bootstrap_sigma68(residuals, n_boot=n_boot, seed=seed)
+            result[key] = (
+                bootstrap_sigma68(residuals, n_boot=n_boot, seed=seed)[1],
+                bootstrap_median(residuals, n_boot=n_boot, seed=seed)[1],
+            )
     return result
 
 
+def _with_errors_and_rates(table: pl.DataFrame, errors: dict, keys: list[str]) -> pl.DataFrame:
+    """``table`` (one row per ``keys``, with the counts of :func:`_residual_aggregations`) with sigma68_err and
+    bias_err from ``errors`` (:func:`_bootstrap_errors`; NaN, fewer than 2 entries, as null) and the charge and
+    tail fractions with their Clopper–Pearson intervals."""
+    missing = (math.nan, math.nan)
+    found = [errors.get(tuple(row), missing) for row in table.select(keys).iter_rows()]
+    return table.with_columns(
+        pl.Series("sigma68_err", [err[0] for err in found], dtype=pl.Float64).fill_nan(None),
+        pl.Series("bias_err", [err[1] for err in found], dtype=pl.Float64).fill_nan(None),
+        pl.col("n_charge_misid", "n_tail").fill_null(0).cast(pl.Int64),
+    ).with_columns(
+        *binomial_interval_exprs("n_charge_misid", "n", "charge_misid_rate"),
+        *binomial_interval_exprs("n_tail", "n", "tail_fraction"),
+    )
+
+
 def resolution_by_model(track_residuals: pl.DataFrame, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> pl.DataFrame:
-    """σ68 of the q/pT residual per model over all events with a successful fit.
+    """σ68 of the q/pT residual per model over all events with a successful fit, with the tails, bias and charge of
+    the same fits.
 
     Returns:
-        DataFrame (model, n_tracks, n_failed, n, sigma68, sigma68_err): ``n`` tracks enter σ68, ``n_failed``
-        have fit_status != 0 or a non-finite q/pT and are left out.
+        DataFrame (model, n_tracks, n_failed, n, sigma68, sigma68_err, then :data:`TAIL_COLUMNS`): ``n`` tracks
+        enter σ68, ``n_failed`` have fit_status != 0 or a non-finite q/pT and are left out; ``bias`` is the median
+        residual, ``bias_err`` its bootstrap error (the replicas of σ68's); ``n_charge_misid`` of the ``n`` have
+        q_pred ≠ q, ``n_tail`` have |r − bias| > :data:`TAIL_N_SIGMA68` σ68; each fraction of ``n`` with its
+        Clopper–Pearson 68.27 % interval (``_lo``, ``_hi``).
     """
     table = (
         track_residuals.group_by("model")
-        .agg(
-            n_tracks=pl.len(),
-            n_failed=(~pl.col("fit_ok")).sum(),
-            n=pl.col("residual").is_not_null().sum(),
-            sigma68=sigma68_expr("residual"),
-        )
+        .agg(n_tracks=pl.len(), n_failed=(~pl.col("fit_ok")).sum(), **_residual_aggregations())
         .sort("model")
     )
     errors = _bootstrap_errors(track_residuals.filter(pl.col("fit_ok")), ["model"], n_boot, seed)
-    err_column = [errors.get((model,), (math.nan, math.nan))[1] for model in table["model"]]
-    return table.with_columns(pl.Series("sigma68_err", err_column, dtype=pl.Float64))
+    table = _with_errors_and_rates(table, errors, ["model"])
+    return table.select("model", "n_tracks", "n_failed", "n", "sigma68", "sigma68_err", *TAIL_COLUMNS)
 
 
 def resolution_by_pt(
@@ -457,14 +544,16 @@ def resolution_by_pt(
     n_boot: int = N_BOOTSTRAP,
     seed: int = 0,
 ) -> pl.DataFrame:
-    """σ68 of the q/pT residual per model and true-pT bin (successful fits only), empty bins included.
+    """σ68 of the q/pT residual per model and true-pT bin (successful fits only), empty bins included, with the
+    tails, bias and charge of each bin's fits (as :func:`resolution_by_model`; the tail is beyond
+    :data:`TAIL_N_SIGMA68` times the bin's own σ68 around the bin's own median).
 
     ``track_residuals`` must carry ``pt_bin`` computed with the same ``edges`` (see :func:`pt_bin_expr`);
     it is recomputed here so any edges work.
 
     Returns:
-        DataFrame (model, pt_lo, pt_hi, n, sigma68, sigma68_err) sorted by model then pt_lo; n = 0 and null
-        σ68 in empty bins.
+        DataFrame (model, pt_lo, pt_hi, n, sigma68, sigma68_err, then :data:`TAIL_COLUMNS`) sorted by model then
+        pt_lo; n = 0, zero counts and null figures in empty bins.
     """
     ok = track_residuals.filter(pl.col("fit_ok")).with_columns(pt_bin=pt_bin_expr(edges=edges)).drop_nulls("pt_bin")
     models = sorted(track_residuals["model"].unique().to_list())
@@ -477,21 +566,16 @@ def resolution_by_pt(
         },
         schema={"model": pl.String, "pt_bin": pl.UInt32, "pt_lo": pl.Float64, "pt_hi": pl.Float64},
     )
-    stats = ok.group_by("model", "pt_bin").agg(n=pl.len(), sigma68=sigma68_expr("residual"))
+    stats = ok.group_by("model", "pt_bin").agg(**_residual_aggregations())
     errors = _bootstrap_errors(ok, ["model", "pt_bin"], n_boot, seed)
     table = (
         grid.join(stats, on=["model", "pt_bin"], how="left")
         .with_columns(pl.col("n").fill_null(0).cast(pl.Int64))
         .sort("model", "pt_bin")
     )
-    err_column = [
-        errors.get((model, pt_bin), (math.nan, math.nan))[1]
-        for model, pt_bin in zip(table["model"], table["pt_bin"], strict=True)
-    ]
-    table = table.with_columns(pl.Series("sigma68_err", err_column, dtype=pl.Float64))
     # a NaN error (fewer than 2 entries) is written as null, like an empty bin
-    table = table.with_columns(pl.col("sigma68_err").fill_nan(None))
-    return table.select("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err")
+    table = _with_errors_and_rates(table, errors, ["model", "pt_bin"])
+    return table.select("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err", *TAIL_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
     width = max([13, *map(len, summary)])
     header = (
         f"{'model':<{width}} {'AUC':>7} {'AUC(w)':>7} {'eff(w)':>7} {'pur(w)':>7} {'rej@90%':>9} {'rej@95%':>9} "
-        f"{'core':>7} {'sigma68':>9} {'±':>8} {'÷limit':>6} {'events':>7}"
+        f"{'core':>7} {'sigma68':>9} {'±':>8} {'÷limit':>6} {'events':>7} {'q-mis':>5} {'tails':>5}"
     )
     lines = [header, "-" * len(header)]
     for model, row in summary.items():
@@ -47,11 +47,16 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
             f"{cell(row.get('rejection_at_90'), '.4g'):>9} "
             f"{cell(row.get('rejection_at_95'), '.4g'):>9} {cell(row.get('core_fraction'), '.4f'):>7} "
             f"{cell(row.get('sigma68'), '.4g'):>9} {cell(row.get('sigma68_err'), '.2g'):>8} "
-            f"{ratio(row.get('sigma68_over_limit')):>6} {cell(row.get('n_events'), 'd'):>7}"
+            f"{ratio(row.get('sigma68_over_limit')):>6} {cell(row.get('n_events'), 'd'):>7} "
+            f"{cell(row.get('n_charge_misid'), 'd'):>5} {cell(row.get('n_tail'), 'd'):>5}"
         )
     lines.append(
         "AUC = raw classifier score; AUC(w), eff(w), pur(w) = final hit weights "
         f"(selected at w >= {m.HIT_SELECTION_THRESHOLD:g}); ÷limit = sigma68 / {LIMIT_ROW}'s."
+    )
+    lines.append(
+        "q-mis, tails = how many of the events (the good fits) have the wrong charge, "
+        f"|r - median| > {m.TAIL_N_SIGMA68:g} sigma68."
     )
     return "\n".join(lines)
 
@@ -233,6 +238,8 @@ def render_markdown(
     lines += _resolution_pt_rows(results)
     lines += ["", _figure_link(figure_paths, "sigma68_pt", "σ68 vs true pT"), "", "Also in `resolution.csv`."]
 
+    lines += ["", "## Tails, bias and charge", "", *_tails_rows(results)]
+
     lines += ["", "## Definitions", "", *DEFINITIONS, ""]
     return "\n".join(lines)
 
@@ -333,6 +340,62 @@ def _resolution_pt_rows(results: ReportResults) -> list[str]:
     return _md_table(["true pT [GeV]", *models], rows)
 
 
+def _interval_text(value: float | None, lower: float | None, upper: float | None) -> str | None:
+    """A fraction and its 68 % interval in percent, '0.339 % (0.23–0.5 %)'; None without a value."""
+    if value is None:
+        return None
+    return f"{100 * value:.3g} % ({100 * lower:.2g}–{100 * upper:.2g} %)"
+
+
+def _tails_rows(results: ReportResults) -> list[str]:
+    """The "Tails, bias and charge" section: per model, then per model and true-pT bin (the limit has no tracks)."""
+    rows = [
+        [
+            row["model"],
+            row["n"],
+            _value_error_or_none(row, "bias"),
+            row["n_charge_misid"],
+            _interval_text(row["charge_misid_rate"], row["charge_misid_rate_lo"], row["charge_misid_rate_hi"]),
+            row["n_tail"],
+            _interval_text(row["tail_fraction"], row["tail_fraction_lo"], row["tail_fraction_hi"]),
+        ]
+        for row in _in_model_order(results.resolution, results.models)
+        if row["model"] != LIMIT_ROW
+    ]
+    n_sigma = f"{m.TAIL_N_SIGMA68:g} σ68"
+    headers = [
+        "model",
+        "fits in σ68",
+        "bias (median r)",
+        "wrong charge",
+        "charge misID rate (68 % interval)",
+        f"tails > {n_sigma}",
+        "tail fraction (68 % interval)",
+    ]
+    table = results.resolution_pt.filter(pl.col("model") != LIMIT_ROW)
+    models = [model for model in results.models if model in set(table["model"].to_list())]
+    bins = table.select("pt_lo", "pt_hi").unique().sort("pt_lo").rows()
+    bin_rows = []
+    for pt_lo, pt_hi in bins:
+        closing = "]" if pt_hi == bins[-1][1] else ")"
+        cells = {row["model"]: row for row in table.filter(pl.col("pt_lo") == pt_lo).iter_rows(named=True)}
+        counts = [(cells[model]["n_charge_misid"], cells[model]["n_tail"], cells[model]["n"]) for model in models]
+        bin_rows.append([f"[{pt_lo:g}, {pt_hi:g}{closing}"] + [f"{k} / {t} of {n}" for k, t, n in counts])
+    return [
+        "Over each row's successful fits (those in σ68): the bias is the median of the relative q/pT residual r "
+        f"(bootstrap error), a fit has the wrong charge when its `q_pred` differs from the muon's, and it is in the "
+        f"tail when |r − median| > {n_sigma} of its row. Fractions with their Clopper–Pearson 68.27 % interval. "
+        "No pulls: the predictions carry no q/pT error.",
+        "",
+        *_md_table(headers, rows),
+        "",
+        f"Per bin of true pT (wrong charge / tails beyond {n_sigma} of the bin's own, of the fits in the bin; "
+        "rates and bias in `resolution.csv`):",
+        "",
+        *_md_table(["true pT [GeV]", *models], bin_rows),
+    ]
+
+
 def _figure_link(figure_paths: dict[str, Path], key: str, title: str) -> str:
     path = figure_paths.get(key)
     if path is None:
@@ -379,6 +442,12 @@ DEFINITIONS = [
     "half-width of the median-centred interval holding 68 % of the events; 0.9945σ for a Gaussian. Error: "
     f"standard deviation of σ68 over {N_BOOTSTRAP} bootstrap resamples (seed 0).",
     "- **pT bins**: true pT in [20, 25), [25, 30), ..., [45, 50] GeV (last bin closed); successful fits only.",
+    "- **Bias**: the median of r over the successful fits; error: standard deviation of the median over the "
+    "bootstrap resamples of σ68.",
+    "- **Charge misidentification rate**: the share of the successful fits whose reconstructed charge `q_pred` "
+    "differs from the muon's q. **Tail fraction**: the share of the successful fits with |r − median(r)| > "
+    f"{m.TAIL_N_SIGMA68:g} σ68, median and σ68 those of the row (or of the pT bin). Both with the central "
+    "Clopper–Pearson interval of 68.27 % (±1σ) coverage, exact for a binomial count, also for 0 counts.",
     f"- **{LIMIT_ROW}, σ68 / limit**: for each evaluated event the Cramér–Rao bound on σ(q/pT) of an unbiased fit "
     "of its clusters (`analysis/limit.py`): an exact circle from the event's true x0, angle and pT, a Gaussian "
     "Highland kink (the detector's x/X0 per layer, the path through it) after every layer the muon crosses, and a "

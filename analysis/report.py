@@ -22,6 +22,7 @@ import polars as pl
 from analysis import catalog
 from analysis import figures as fig
 from analysis import report_folder as folder
+from analysis.metrics import TAIL_COLUMNS
 from analysis.render import render_markdown
 from analysis.results import (
     ReportResults,
@@ -35,7 +36,7 @@ from pipeline.atomic import write_text_atomic
 from pipeline.models import LIMIT_ROW
 
 #: columns of resolution.csv
-RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err")
+RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err", *TAIL_COLUMNS)
 
 
 def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:

@@ -26,7 +26,7 @@ from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_
 
 #: keys of each model's entry in summary.json (docs/contracts.md, "summary.json"): ``auc`` and the rejections are
 #: those of the raw classifier score, ``auc_weight``, ``hit_efficiency`` and ``hit_purity`` those of the final
-#: hit weights
+#: hit weights; the tails, bias and charge (``bias`` to ``n_tail``) are those of the successful fits that enter σ68
 SUMMARY_KEYS = (
     "auc",
     "rejection_at_90",
@@ -43,6 +43,7 @@ SUMMARY_KEYS = (
     "hit_purity_err",
     "sigma68_over_limit",
     "sigma68_over_limit_err",
+    *m.TAIL_COLUMNS,
 )
 
 _PREDICTION_SCHEMAS = {"hits": PRED_HITS_SCHEMA, "clusters": PRED_CLUSTERS_SCHEMA, "tracks": PRED_TRACKS_SCHEMA}
@@ -153,8 +154,9 @@ def compute_results(
         except ValueError as err:
             limit_problem = str(err)
     if limit is not None:
-        resolution = pl.concat([limit.resolution, resolution.select(limit.resolution.columns)], how="vertical_relaxed")
-        resolution_pt = pl.concat([limit.resolution_pt, resolution_pt], how="vertical_relaxed")
+        # the limit has no tracks: its tails, bias and charge columns are null
+        resolution = pl.concat([limit.resolution, resolution], how="diagonal_relaxed")
+        resolution_pt = pl.concat([limit.resolution_pt, resolution_pt], how="diagonal_relaxed")
     resolution = m.with_limit_ratio(resolution)
     hit_weights = None
     if set(_HIT_WEIGHT_COLUMNS) <= set(dataset_hits.collect_schema().names()):
@@ -214,6 +216,10 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def model_row(frame: pl.DataFrame, model: str) -> dict[str, Any]:
     """The row of ``model`` in a table with a ``model`` column, as a dict; {} when it has none."""
     rows = frame.filter(pl.col("model") == model)
@@ -228,7 +234,10 @@ def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | N
     them are null for the truth models; a rejection is also null when no background hit passes at that
     efficiency (infinite). ``n_events`` counts the events whose track fit succeeded (those that enter σ68); for
     the ``limit`` row, the events with a bound. ``sigma68_over_limit`` (with ``_err``) is σ68 / the limit row's
-    σ68 (null without a limit); the limit's own ``sigma68_err`` is null (exact, no bootstrap).
+    σ68 (null without a limit); the limit's own ``sigma68_err`` is null (exact, no bootstrap). ``bias`` (the
+    median residual, bootstrap ``bias_err``), ``charge_misid_rate`` and ``tail_fraction`` (with their
+    Clopper–Pearson 68.27 % bounds ``_lo``, ``_hi`` and their counts ``n_charge_misid``, ``n_tail``) are those of
+    the successful fits (metrics.resolution_by_model); all null for the ``limit`` row (no tracks).
     """
     summary: dict[str, dict[str, float | int | None]] = {}
     for model in results.models:
@@ -250,4 +259,8 @@ def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | N
             if key.startswith(("auc_weight", "hit_efficiency", "hit_purity"))
         }
         summary[model] |= {key: _finite_or_none(resolution.get(key)) for key in SUMMARY_KEYS if "_over_limit" in key}
+        summary[model] |= {
+            key: _int_or_none(resolution.get(key)) if key.startswith("n_") else _finite_or_none(resolution.get(key))
+            for key in m.TAIL_COLUMNS
+        }
     return summary

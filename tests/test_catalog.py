@@ -59,6 +59,16 @@ SUMMARY_COLUMNS = {
     "n_events": pl.Int64,
     "sigma68_over_limit": pl.Float64,
     "sigma68_over_limit_err": pl.Float64,
+    "bias": pl.Float64,
+    "bias_err": pl.Float64,
+    "n_charge_misid": pl.Int64,
+    "charge_misid_rate": pl.Float64,
+    "charge_misid_rate_lo": pl.Float64,
+    "charge_misid_rate_hi": pl.Float64,
+    "n_tail": pl.Int64,
+    "tail_fraction": pl.Float64,
+    "tail_fraction_lo": pl.Float64,
+    "tail_fraction_hi": pl.Float64,
     "jax_version": pl.String,
     "flax_version": pl.String,
     "numba_version": pl.String,
@@ -66,12 +76,19 @@ SUMMARY_COLUMNS = {
     "device": pl.String,
 }
 IDENTITY_COLUMNS = dict(list(SUMMARY_COLUMNS.items())[:15])
+#: the tails, bias and charge columns, in both files
+TAIL_COLUMNS = {
+    name: dtype
+    for name, dtype in SUMMARY_COLUMNS.items()
+    if name in ("bias", "bias_err") or "tail" in name or "charge" in name
+}
 RESOLUTION_COLUMNS = IDENTITY_COLUMNS | {
     "pt_lo": pl.Float64,
     "pt_hi": pl.Float64,
     "n": pl.Int64,
     "sigma68": pl.Float64,
     "sigma68_err": pl.Float64,
+    **TAIL_COLUMNS,
 }
 #: the models of report "a" (report order)
 MODELS_A = ["truth", "truth_charge", "classical", "baseline_paper", "baseline", "e2e"]
@@ -107,6 +124,11 @@ def test_summary_parquet_has_the_catalog_columns_and_the_summary_rows(reports):
         expected = summary[row["model"]]
         for key in ("auc", "rejection_at_90", "rejection_at_95", "core_fraction", "sigma68", "sigma68_err", "n_events"):
             assert row[key] == expected[key], (row["model"], key)
+        for key in TAIL_COLUMNS:
+            assert row[key] == expected[key], (row["model"], key)
+        assert row["bias_err"] > 0
+        assert row["charge_misid_rate_lo"] <= row["charge_misid_rate"] < row["charge_misid_rate_hi"]
+        assert row["tail_fraction_lo"] <= row["tail_fraction"] < row["tail_fraction_hi"]
         if row["model"] in ("truth", "truth_charge"):
             assert row["auc"] is None
             assert row["auc_err"] is None
@@ -145,6 +167,9 @@ def test_summary_parquet_has_the_catalog_columns_and_the_summary_rows(reports):
     assert resolution["model"].to_list() == [row["model"] for row in rows]
     assert resolution["n"].to_list() == [int(row["n"]) for row in rows]
     assert_allclose(resolution["sigma68"].to_numpy(), [float(row["sigma68"]) for row in rows], rtol=1e-12)
+    for name, dtype in TAIL_COLUMNS.items():
+        written = [(int if dtype == pl.Int64 else float)(row[name]) if row[name] else None for row in rows]
+        assert resolution[name].to_list() == pytest.approx(written, rel=1e-12), name
     assert resolution.filter(pl.col("model") == "e2e")["run"].unique().to_list() == ["/runs/e2e-s0"]
 
 
@@ -257,7 +282,7 @@ def test_the_limit_row_and_the_ratio_in_the_catalog(tiny_dataset, tmp_path):
     publish_report(tmp_path / "reports" / "plain", hits, events, catalog_context(1), seed=1, models={"truth", "e2e"})
     old = tmp_path / "reports" / "old"
     publish_report(old, hits, events, catalog_context(2), seed=2, models={"truth", "e2e"})
-    frame = pl.read_parquet(old / "summary.parquet").drop("sigma68_over_limit", "sigma68_over_limit_err")
+    frame = pl.read_parquet(old / "summary.parquet").drop("sigma68_over_limit", "sigma68_over_limit_err", *TAIL_COLUMNS)
     frame.write_parquet(old / "summary.parquet")
 
     catalog = read_catalog([tmp_path / "reports"])
@@ -268,10 +293,16 @@ def test_the_limit_row_and_the_ratio_in_the_catalog(tiny_dataset, tmp_path):
     assert per_report["limit"]["model"].to_list() == [LIMIT_ROW, "truth", "e2e"]
     limit = per_report["limit"].row(0, named=True)
     assert (limit["sigma68"], limit["sigma68_err"], limit["run"]) == (summary[LIMIT_ROW]["sigma68"], None, None)
+    assert all(limit[name] is None for name in TAIL_COLUMNS)  # the limit has no tracks
     e2e = per_report["limit"].filter(pl.col("model") == "e2e").row(0, named=True)
     assert_allclose(e2e["sigma68_over_limit"], e2e["sigma68"] / limit["sigma68"], rtol=1e-12)
     assert_allclose(e2e["sigma68_over_limit_err"], e2e["sigma68_err"] / limit["sigma68"], rtol=1e-12)
     for name in ("plain", "old"):
         assert per_report[name]["model"].to_list() == ["truth", "e2e"]
         assert per_report[name]["sigma68_over_limit"].null_count() == 2
+    # a catalog file written before the tails, bias and charge columns reads with them null
+    assert per_report["old"].select(list(TAIL_COLUMNS)).null_count().row(0) == (2,) * len(TAIL_COLUMNS)
+    assert per_report["plain"]["n_charge_misid"].null_count() == 0
+    limit_bins = pl.read_parquet(with_limit / "resolution.parquet").filter(pl.col("model") == LIMIT_ROW)
+    assert limit_bins.select(list(TAIL_COLUMNS)).null_count().row(0) == (limit_bins.height,) * len(TAIL_COLUMNS)
     assert round(e2e["sigma68_over_limit"], 3) in compact_table(catalog)["sigma68_over_limit"].to_list()

@@ -283,7 +283,7 @@ def test_resolution_bins_match_numpy_on_filtered_samples():
     tracks, events, raw = _synthetic_tracks(rng, 3000)
     residuals = m.track_residual_table(tracks, events)
     table = m.resolution_by_pt(residuals, n_boot=50)
-    assert table.columns == ["model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err"]
+    assert table.columns == ["model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err", *m.TAIL_COLUMNS]
     assert table["pt_lo"].to_list() == [20.0, 25.0, 30.0, 35.0, 40.0, 45.0]
     # independent NumPy computation on the raw arrays
     pt = raw["pt"].astype(np.float64)
@@ -310,11 +310,17 @@ def test_resolution_table_keeps_empty_bins():
             "pt": [21.0, 22.0, 23.0],
             "fit_ok": [True, True, True],
             "residual": [0.01, -0.02, 0.03],
+            "charge_misid": [False, True, False],
         }
     )
     table = m.resolution_by_pt(frame, n_boot=20)
     assert table["n"].to_list() == [3, 0, 0, 0, 0, 0]
     assert table["sigma68"].null_count() == 5
+    # an empty bin: no wrong charge and no tail counted, no rate, no bias
+    assert table["n_charge_misid"].to_list() == [1, 0, 0, 0, 0, 0]
+    assert table["n_tail"].to_list() == [0] * 6
+    for column in ("bias", "charge_misid_rate", "charge_misid_rate_lo", "tail_fraction", "tail_fraction_hi"):
+        assert table[column].null_count() == 5, column
 
 
 # --------------------------------------------------------------------------------- tails, bias and charge
@@ -369,6 +375,102 @@ def test_bootstrap_median_error_is_the_median_standard_error():
     # asymptotic standard error of the median of a Gaussian: sqrt(π/2) σ / sqrt(n)
     assert_allclose(err, math.sqrt(math.pi / 2) * sigma / math.sqrt(n), rtol=0.2)
     assert st.bootstrap_median(residuals[::-1], n_boot=400, seed=3) == (value, err)
+
+
+def _planted_tracks(
+    pt: np.ndarray, q: np.ndarray, relative: np.ndarray, flipped: np.ndarray, failed: np.ndarray
+) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """Tracks of one model with q/pT = q/pT_true (1 + relative), the charge (and q/pT's sign) flipped where
+    ``flipped``, and fit_status 1 where ``failed``."""
+    n = pt.size
+    q_over_pt = q / pt * (1.0 + relative)
+    q_pred = np.where(flipped, -q, q).astype(np.int8)
+    q_over_pt = np.where(flipped, -q_over_pt, q_over_pt).astype(np.float32)
+    events = pl.LazyFrame({"event_id": np.arange(n, dtype=np.int64), "pt": pt.astype(np.float32), "q": q})
+    tracks = pl.LazyFrame(
+        {
+            "event_id": np.arange(n, dtype=np.int64),
+            "model": ["e2e"] * n,
+            "pt_pred": np.abs(1.0 / q_over_pt),
+            "q_pred": q_pred,
+            "q_over_pt_pred": q_over_pt,
+            "radius": np.ones(n, np.float32),
+            "fit_status": failed.astype(np.int8),
+        }
+    )
+    return tracks, events
+
+
+def test_charge_misid_rate_of_planted_wrong_charges():
+    """3 of 40 successful fits with the wrong charge: rate 3/40 with the Clopper–Pearson interval of the Beta
+    quantiles; two failed fits with a wrong charge do not count."""
+    rng = np.random.default_rng(31)
+    n_ok, wrong = 40, [4, 17, 33]
+    pt = rng.uniform(20.0, 50.0, n_ok + 2)
+    q = rng.choice(np.array([-1, 1], np.int8), n_ok + 2)
+    flipped = np.isin(np.arange(n_ok + 2), [*wrong, n_ok, n_ok + 1])
+    failed = np.arange(n_ok + 2) >= n_ok
+    tracks, events = _planted_tracks(pt, q, rng.normal(0.0, 0.01, n_ok + 2), flipped, failed)
+    residuals = m.track_residual_table(tracks, events)
+    row = m.resolution_by_model(residuals, n_boot=20).row(0, named=True)
+    assert (row["n"], row["n_failed"], row["n_charge_misid"]) == (n_ok, 2, len(wrong))
+    assert_allclose(row["charge_misid_rate"], len(wrong) / n_ok, rtol=1e-12)
+    assert_allclose(
+        (row["charge_misid_rate_lo"], row["charge_misid_rate_hi"]), _beta_interval(len(wrong), n_ok), rtol=1e-9
+    )
+    # per pT bin: the wrong charges counted in the bins of their true pT
+    bins = m.resolution_by_pt(residuals, n_boot=20)
+    edges = np.asarray(m.PT_BIN_EDGES)
+    expected = np.bincount(np.searchsorted(edges, pt[wrong], side="right") - 1, minlength=edges.size - 1)
+    assert bins["n_charge_misid"].to_list() == expected.tolist()
+    for bin_row in bins.iter_rows(named=True):
+        if bin_row["n"]:
+            assert_allclose(bin_row["charge_misid_rate"], bin_row["n_charge_misid"] / bin_row["n"], rtol=1e-12)
+            interval = _beta_interval(bin_row["n_charge_misid"], bin_row["n"])
+            assert_allclose((bin_row["charge_misid_rate_lo"], bin_row["charge_misid_rate_hi"]), interval, rtol=1e-9)
+
+
+def test_bias_and_tails_of_a_planted_shift_and_outliers():
+    """A Gaussian core shifted by 0.4 σ, 30 outliers beyond 10 σ68 and 3 charge flips (r ≈ −2): the bias is the
+    median, the tails are exactly the planted ones, and both agree with NumPy on the residuals."""
+    rng = np.random.default_rng(41)
+    n, sigma, shift = 3000, 0.01, 0.004
+    pt = rng.uniform(20.0, 50.0, n)
+    q = rng.choice(np.array([-1, 1], np.int8), n)
+    relative = rng.normal(shift, sigma, n)
+    outliers = rng.choice(n, 33, replace=False)
+    relative[outliers[:30]] = shift + rng.choice([-1.0, 1.0], 30) * rng.uniform(0.1, 0.3, 30)
+    flipped = np.isin(np.arange(n), outliers[30:])
+    failed = np.zeros(n, bool)
+    failed[rng.choice(np.setdiff1d(np.arange(n), outliers), 50, replace=False)] = True
+    tracks, events = _planted_tracks(pt, q, relative, flipped, failed)
+    residuals = m.track_residual_table(tracks, events)
+    row = m.resolution_by_model(residuals, n_boot=100).row(0, named=True)
+
+    # NumPy on the residuals of the successful fits, as stored (float32 q/pT)
+    stored = tracks.collect()["q_over_pt_pred"].to_numpy().astype(np.float64)
+    true = q / pt.astype(np.float32).astype(np.float64)
+    r = ((stored - true) / true)[~failed]
+    median = np.median(r)
+    width = np.quantile(np.abs(r - median), 0.68)
+    n_tail = int(np.count_nonzero(np.abs(r - median) > 5 * width))
+    assert_allclose(row["bias"], median, rtol=1e-12)
+    assert abs(row["bias"] - shift) < 3 * row["bias_err"]
+    assert_allclose(row["bias_err"], math.sqrt(math.pi / 2) * sigma / math.sqrt(r.size), rtol=0.3)
+    assert n_tail == row["n_tail"] == 33  # the planted outliers and charge flips, no core event
+    assert row["n_charge_misid"] == 3
+    assert_allclose(row["tail_fraction"], 33 / r.size, rtol=1e-12)
+    assert_allclose((row["tail_fraction_lo"], row["tail_fraction_hi"]), _beta_interval(33, r.size), rtol=1e-9)
+
+    # per pT bin: each bin's own median and σ68
+    for bin_row in m.resolution_by_pt(residuals, n_boot=50).iter_rows(named=True):
+        upper = pt <= bin_row["pt_hi"] if bin_row["pt_hi"] == 50.0 else pt < bin_row["pt_hi"]
+        selected = ((stored - true) / true)[~failed & (pt >= bin_row["pt_lo"]) & upper]
+        bin_median = np.median(selected)
+        bin_width = np.quantile(np.abs(selected - bin_median), 0.68)
+        assert_allclose(bin_row["bias"], bin_median, rtol=1e-12)
+        assert bin_row["n_tail"] == np.count_nonzero(np.abs(selected - bin_median) > 5 * bin_width)
+        assert 0 < bin_row["bias_err"] < 0.5 * bin_width
 
 
 # --------------------------------------------------------------------------------------------- hit weights

@@ -22,6 +22,7 @@ import analysis.report as report_module
 import analysis.report_folder as folder_module
 from analysis.comparisons import comparison_blocks
 from analysis.figures import MODEL_STYLE, format_value_error, model_style
+from analysis.metrics import TAIL_COLUMNS
 from analysis.render import format_summary_table
 from analysis.report import RESOLUTION_COLUMNS, write_report
 from analysis.report_folder import recover_report_dir, staged_report
@@ -358,11 +359,106 @@ def test_write_report_files_and_contents(tmp_path, truth):
     pt_table = report.split("### σ68 in bins of true pT", 1)[1].strip().splitlines()[0]
     assert pt_table == "| true pT [GeV] | " + " | ".join(MODELS) + " |"
 
-    # the compact table names every model with its σ68
+    # the compact table names every model with its σ68, and fits in 120 characters
     table = format_summary_table(summary)
-    assert len(table.splitlines()) == 3 + len(MODELS)  # header, rule, models, footnote
+    assert len(table.splitlines()) == 4 + len(MODELS)  # header, rule, models, two lines of footnote
     for model in MODELS:
         assert model in table
+    assert max(map(len, table.splitlines()[:-2])) <= 120
+
+
+def _flip_charges(report_dir: Path, model: str, event_ids: np.ndarray) -> None:
+    """Rewrite ``model``'s tracks of ``event_ids`` with the opposite charge (q_pred and the sign of q/pT)."""
+    path = report_dir / "predictions" / "tracks.parquet"
+    chosen = (pl.col("model") == model) & pl.col("event_id").is_in(event_ids.tolist())
+    tracks = pl.read_parquet(path).with_columns(
+        pl.when(chosen).then(-pl.col("q_pred")).otherwise(pl.col("q_pred")).alias("q_pred"),
+        pl.when(chosen).then(-pl.col("q_over_pt_pred")).otherwise(pl.col("q_over_pt_pred")).alias("q_over_pt_pred"),
+    )
+    pq.write_table(tracks.to_arrow().select(PRED_TRACKS_SCHEMA.names).cast(PRED_TRACKS_SCHEMA), path)
+
+
+def _tail_figures(tracks: pl.DataFrame, events: pl.DataFrame) -> dict[str, dict[str, float | int]]:
+    """Per model, NumPy on the tracks as written: successful fits, wrong charges, median and 5 σ68 tails."""
+    truth = events.select("event_id", "pt", "q")
+    figures = {}
+    for (model,), group in tracks.join(truth, on="event_id").partition_by("model", as_dict=True).items():
+        q_over_pt = group["q_over_pt_pred"].to_numpy().astype(np.float64)
+        ok = (group["fit_status"].to_numpy() == 0) & np.isfinite(q_over_pt)
+        true = group["q"].to_numpy() / group["pt"].to_numpy().astype(np.float64)
+        r = ((q_over_pt - true) / true)[ok]
+        median = np.median(r)
+        width = np.quantile(np.abs(r - median), 0.68)
+        figures[model] = {
+            "n": r.size,
+            "bias": median,
+            "n_charge_misid": int(np.count_nonzero(group["q_pred"].to_numpy()[ok] != group["q"].to_numpy()[ok])),
+            "n_tail": int(np.count_nonzero(np.abs(r - median) > 5 * width)),
+        }
+    return figures
+
+
+@pytest.mark.usefixtures("placeholder_figures")
+def test_tails_bias_and_charge_in_the_summary_report_and_files(tmp_path, truth):
+    """Charge flips planted in baseline's tracks: summary.json, report.md, resolution.csv and the catalog carry the
+    wrong-charge counts, rates, bias and tails of a NumPy recomputation from the tracks as written."""
+    from scipy.stats import beta, norm
+
+    hits, events = truth
+    _write_predictions(tmp_path, hits, events, **GOOD_E2E)
+    flipped = np.arange(5, 400, 40)  # 10 events
+    _flip_charges(tmp_path, "baseline", flipped)
+    summary = write_report(tmp_path, hits, events, CONTEXT)
+    tracks = pl.read_parquet(tmp_path / "predictions" / "tracks.parquet")
+    expected = _tail_figures(tracks, events.collect())
+    alpha = 1.0 - (norm.cdf(1.0) - norm.cdf(-1.0))
+    for model in MODELS:
+        row, figures = summary[model], expected[model]
+        assert row["n_events"] == figures["n"]
+        assert_allclose(row["bias"], figures["bias"], rtol=1e-12)
+        assert 0 < row["bias_err"] < row["sigma68"]
+        for name, count in (("charge_misid_rate", "n_charge_misid"), ("tail_fraction", "n_tail")):
+            k, n = figures[count], figures["n"]
+            assert row[count] == k, (model, count)
+            assert_allclose(row[name], k / n, rtol=1e-12)
+            lower = beta.ppf(alpha / 2, k, n - k + 1) if k else 0.0
+            assert_allclose((row[f"{name}_lo"], row[f"{name}_hi"]), (lower, beta.ppf(1 - alpha / 2, k + 1, n - k)))
+    # the planted flips (r ≈ −2, far beyond 5 σ68) are baseline's only wrong charges, all in its tail
+    flipped_ok = tracks.filter(
+        (pl.col("model") == "baseline") & pl.col("event_id").is_in(flipped.tolist()) & (pl.col("fit_status") == 0)
+    ).height
+    assert summary["baseline"]["n_charge_misid"] == flipped_ok > 0
+    assert summary["baseline"]["n_tail"] >= flipped_ok
+    assert summary["e2e"]["n_charge_misid"] == 0
+
+    # the console table: the counts on the model's line
+    table = format_summary_table(summary).splitlines()
+    header = table[0].split()
+    baseline = next(line for line in table if line.split()[0] == "baseline").split()
+    assert baseline[header.index("q-mis")] == str(flipped_ok)
+    assert baseline[header.index("tails")] == str(summary["baseline"]["n_tail"])
+    # report.md: the section and baseline's row
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("## Tails, bias and charge", 1)[1].split("\n## ", 1)[0]
+    line = next(line for line in section.splitlines() if line.startswith("| baseline | "))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    row = summary["baseline"]
+    assert cells[1:4] == [str(row["n_events"]), format_value_error(row["bias"], row["bias_err"]), str(flipped_ok)]
+    assert cells[4].startswith(f"{100 * row['charge_misid_rate']:.3g} % (")
+    assert "No pulls: the predictions carry no q/pT error." in section
+    # resolution.csv: per bin, the counts add up to the row's
+    with (tmp_path / "resolution.csv").open() as handle:
+        rows = [line for line in csv.DictReader(handle) if line["model"] == "baseline"]
+    assert tuple(rows[0]) == RESOLUTION_COLUMNS
+    assert sum(int(line["n_charge_misid"]) for line in rows) == flipped_ok
+    for line in rows:
+        k, n = int(line["n_charge_misid"]), int(line["n"])
+        assert_allclose(float(line["charge_misid_rate"]), k / n, rtol=1e-9)
+    # the catalog: summary.json's numbers
+    catalog = pl.read_parquet(tmp_path / "summary.parquet")
+    for catalog_row in catalog.iter_rows(named=True):
+        for key in TAIL_COLUMNS:
+            assert catalog_row[key] == summary[catalog_row["model"]][key], (catalog_row["model"], key)
 
 
 def test_comparison_flips_when_baseline_is_better(tmp_path, truth):
@@ -856,6 +952,8 @@ def test_limit_row_in_the_summary_table_report_and_catalog(tiny_dataset, tmp_pat
     assert tuple(limit) == SUMMARY_KEYS
     assert all(limit[key] is None for key in SUMMARY_KEYS if key.startswith(("auc", "rejection", "hit_", "core")))
     assert (limit["sigma68_err"], limit["sigma68_over_limit"], limit["sigma68_over_limit_err"]) == (None, 1.0, None)
+    # the limit has no tracks: no tails, bias or charge
+    assert all(limit[key] is None for key in TAIL_COLUMNS)
     # the dataset's material costs resolution: the limit is far above the one without it
     thin, _, _ = _limit_report(tmp_path / "thin", tiny_dataset, DetectorConfig(x_over_x0=0.0))
     assert limit["sigma68"] > 1.5 * thin[LIMIT_ROW]["sigma68"]
