@@ -366,7 +366,7 @@ def main() -> None:
         if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
             raise
         if type(err).__name__ == "NoArgsIsHelpError":
-            typer.echo(err.ctx.get_help() if getattr(err, "ctx", None) else err.format_message(), err=True)
+            # typer has printed the help already (rich's get_help prints it and returns ""): once is enough
             sys.exit(2)
         ctx = getattr(err, "ctx", None)
         command = f" {ctx.command_path}:" if ctx is not None else ""

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.config import detector_name
 from pipeline.dataset import Dataset, open_dataset
 
 # ---- expressions -----------------------------------------------------------------------------------------
@@ -115,23 +116,26 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if not denominator or numerator is None else numerator / denominator
 
 
-def _summaries(path: str | Path, verify: bool) -> tuple[Dataset, dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The dataset and its events, hits and muon-cluster summary rows (one scan per table)."""
+def _summaries(
+    path: str | Path, verify: bool
+) -> tuple[Dataset, dict[str, Any], dict[str, Any], dict[str, Any], int | None]:
+    """The dataset, its events, hits and muon-cluster summary rows (one scan per table), and the number of files
+    ``verify`` read (None without it)."""
     dataset = open_dataset(path, verify=not verify)
-    if verify:
-        dataset.verify(force=True)
+    verified = dataset.verify(force=True) if verify else None
     events, hits, clusters = (
         frame.row(0, named=True)
         for frame in pl.collect_all([events_summary(dataset), hits_summary(dataset), signal_cluster_summary(dataset)])
     )
-    return dataset, events, hits, clusters
+    return dataset, events, hits, clusters, verified
 
 
 def dataset_record(path: str | Path, verify: bool = False) -> dict[str, Any]:
     """What `muontrack inspect --json` prints: the manifest's identity, the config and the summary rows."""
-    dataset, events, hits, clusters = _summaries(path, verify)
+    dataset, events, hits, clusters, verified = _summaries(path, verify)
     manifest = dataset.manifest
     return {
+        "verified_files": verified,
         "dataset": str(dataset.path.resolve()),
         "events": dataset.n_events,
         "hits": dataset.n_hits,
@@ -141,6 +145,7 @@ def dataset_record(path: str | Path, verify: bool = False) -> dict[str, Any]:
         "physics_hash": dataset.config.physics_hash(),
         "code_version": manifest.get("code_version"),
         "created": manifest.get("created"),
+        "detector": detector_name(dataset.config.detector),
         "config": dataset.config.to_dict(),
         "summary": {"events": events, "hits": hits, "muon_clusters": clusters},
     }
@@ -150,7 +155,7 @@ def summarize_dataset(path: str | Path, verify: bool = False) -> str:
     """A plain-text summary of the dataset at ``path`` (refuses missing, incomplete, corrupted or foreign
     folders). ``verify`` re-reads every shard file (checksums, finite hits) instead of trusting the files
     verified before in the same state."""
-    dataset, events, hits, clusters = _summaries(path, verify)
+    dataset, events, hits, clusters, verified = _summaries(path, verify)
     config = dataset.config
     manifest = dataset.manifest
     n_events = events["events"]
@@ -167,6 +172,11 @@ def summarize_dataset(path: str | Path, verify: bool = False) -> str:
                 ("config hash", manifest.get("config_hash", config.config_hash())),
                 ("code version", manifest.get("code_version", "-")),
                 ("created", manifest.get("created", "-")),
+                *(
+                    [("verified", f"{verified} files re-read: sizes, SHA-256, the dataset contract")]
+                    if verified is not None
+                    else []
+                ),
             ],
         ),
         _table(
@@ -218,11 +228,16 @@ def _config_table(dataset: Dataset) -> Table:
     return _table(
         "config",
         [
+            ("detector", detector_name(detector)),
             ("layers (per station)", f"{detector.n_layers} {detector.layers_per_station}"),
             ("strip pitch [mm] / strips per layer", f"{detector.pitch} / {detector.n_strips}"),
             ("field B [T]", detector.b_field),
             ("x/X0 per layer", f"{detector.x_over_x0} (scattering {'on' if detector.multiple_scattering else 'off'})"),
             ("threshold [fraction of mean charge]", detector.threshold),
+            (
+                "electronic noise [fraction of mean charge] / cross-talk",
+                f"{detector.electronic_noise} / {detector.crosstalk}",
+            ),
             ("muon pT range [GeV]", f"[{muon.pt_min}, {muon.pt_max}]"),
             (
                 "noise strips / clusters per layer",

@@ -206,3 +206,20 @@ def test_a_runtime_failure_exits_1_and_a_held_folder_names_its_writer(tmp_path: 
         result = run_muontrack("simulate", "--events", 20, "--out", out, cwd=tmp_path)
     assert_one_line_error(result, "is being written by another muontrack process", f"pid {os.getpid()}")
     assert result.returncode == 1
+
+
+def test_bare_muontrack_prints_its_help_once_and_exits_2():
+    result = run_muontrack()
+    assert result.returncode == 2
+    assert (result.stdout + result.stderr).count("Usage: muontrack") == 1
+
+
+def test_inspect_verify_says_what_it_verified_and_names_the_detector(dataset_dir: Path, tmp_path: Path) -> None:
+    result = run_muontrack("inspect", dataset_dir, "--verify", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    n_files = 2 * len(json.loads((dataset_dir / "manifest.json").read_text())["shards"])
+    assert f"verified       {n_files} files re-read" in result.stdout
+    assert "detector" in result.stdout
+    record = json.loads(run_muontrack("inspect", dataset_dir, "--json", "--verify", cwd=tmp_path).stdout)
+    assert record["verified_files"] == n_files
+    assert record["detector"] == "default"
