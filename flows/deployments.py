@@ -117,5 +117,21 @@ def serve_deployments() -> None:
             "schedules need a running Prefect server: start `prefect server start` and "
             "export PREFECT_API_URL=http://127.0.0.1:4200/api first"
         )
+    check_prefect_server(prefect.settings.PREFECT_API_URL.value())
     base = Path(os.environ.get("MUONTRACK_SERVE_DIR", DEFAULT_SERVE_DIR))
     serve(*build_deployments(base))
+
+
+def check_prefect_server(api_url: str, timeout: float = 5.0) -> None:
+    """MuontrackError (one line) unless a Prefect server answers ``api_url``/health: Prefect's own client would
+    fail later with a long traceback of connection errors."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as err:
+        raise MuontrackError(
+            f"no Prefect server answers at PREFECT_API_URL={api_url} ({type(err).__name__}); start "
+            "`prefect server start` or point PREFECT_API_URL at a running one"
+        ) from None

@@ -248,3 +248,18 @@ def test_the_server_schedules_and_the_runner_completes_the_nightly_run(processes
         assert [d.id for d in client.read_deployments()] == [deployment_id]
         assert client.read_flow_runs(limit=None)
         assert client.read_latest_artifacts() == []
+
+
+def test_serve_without_a_server_at_its_url_is_one_line(tmp_path):
+    from tests.helpers import assert_one_line_error, muontrack_command
+
+    with socket.socket() as probe:  # a port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(tmp_path / "prefect")}
+    result = subprocess.run(
+        [*muontrack_command(), "serve"], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert_one_line_error(result, "no Prefect server answers", url)
+    assert result.returncode == 1
