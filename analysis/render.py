@@ -61,7 +61,7 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     def text(value: Any) -> str:
         if value is None:
             return "–"
@@ -84,7 +84,7 @@ def _render_context(context: dict[str, Any]) -> list[str]:
     for key, value in context.items():
         if isinstance(value, list | tuple) and value and all(isinstance(item, dict) for item in value):
             headers = list(dict.fromkeys(k for item in value for k in item))
-            tables += [f"**{key}**", "", *_md_table(headers, [[item.get(h) for h in headers] for item in value]), ""]
+            tables += [f"**{key}**", "", *md_table(headers, [[item.get(h) for h in headers] for item in value]), ""]
         elif isinstance(value, dict):
             blocks += [f"**{key}**", "", "```json", json.dumps(value, indent=2, default=str), "```", ""]
         else:
@@ -149,7 +149,7 @@ def render_markdown(
                 row["n_events"],
             ]
         )
-    lines += _md_table(headers, rows)
+    lines += md_table(headers, rows)
     lines += [
         "",
         "AUC (score): the raw classifier score; AUC (weight): the final hit weights (see Hit classification).",
@@ -198,7 +198,7 @@ def render_markdown(
             f"hit efficiency (w ≥ {threshold})",
             f"hit purity (w ≥ {threshold})",
         ]
-        lines += _md_table(headers, cls_rows)
+        lines += md_table(headers, cls_rows)
     else:
         lines.append("No classifying model in the predictions (only truth references).")
     lines += ["", _figure_link(figure_paths, "rejection", "Background rejection vs signal efficiency")]
@@ -226,12 +226,12 @@ def render_markdown(
         ]
         counts = ("n_clusters", "n_missing", "n_core")
         core_rows = _counts_and_value(results.core, results.models, counts, "core_fraction")
-        lines += _md_table(["model", "clusters", "no cluster built", "in core", "core fraction"], core_rows)
+        lines += md_table(["model", "clusters", "no cluster built", "in core", "core fraction"], core_rows)
         lines += ["", _figure_link(figure_paths, "clusters", "Cluster residuals with the core window")]
 
     lines += ["", "## q/pT resolution", ""]
     res_rows = _counts_and_value(results.resolution, results.models, ("n_tracks", "n_failed", "n"), "sigma68")
-    lines += _md_table(["model", "tracks", "failed fits (excluded)", "in σ68", "σ68"], res_rows)
+    lines += md_table(["model", "tracks", "failed fits (excluded)", "in σ68", "σ68"], res_rows)
     lines += ["", _figure_link(figure_paths, "q_over_pt", "Relative q/pT residuals")]
 
     lines += ["", "### σ68 in bins of true pT", ""]
@@ -297,7 +297,7 @@ def _hit_weight_rows(results: ReportResults) -> list[str]:
         "classifier score for the paper chain, the refined weight for the robust chain, 1/0 for classical; "
         "for assignment, the robust chain's weight of the hits in its chosen windows).",
         "",
-        *_md_table(headers, rows),
+        *md_table(headers, rows),
     ]
 
 
@@ -337,7 +337,7 @@ def _resolution_pt_rows(results: ReportResults) -> list[str]:
                 else "– (n=0)"
             )
         rows.append(row)
-    return _md_table(["true pT [GeV]", *models], rows)
+    return md_table(["true pT [GeV]", *models], rows)
 
 
 def _interval_text(value: float | None, lower: float | None, upper: float | None) -> str | None:
@@ -387,12 +387,12 @@ def _tails_rows(results: ReportResults) -> list[str]:
         f"tail when |r − median| > {n_sigma} of its row. Fractions with their Clopper–Pearson 68.27 % interval. "
         "No pulls: the predictions carry no q/pT error.",
         "",
-        *_md_table(headers, rows),
+        *md_table(headers, rows),
         "",
         f"Per bin of true pT (wrong charge / tails beyond {n_sigma} of the bin's own, of the fits in the bin; "
         "rates and bias in `resolution.csv`):",
         "",
-        *_md_table(["true pT [GeV]", *models], bin_rows),
+        *md_table(["true pT [GeV]", *models], bin_rows),
     ]
 
 

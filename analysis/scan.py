@@ -35,6 +35,7 @@ from analysis import statistics as st
 from analysis.catalog import model_rank_expr, write_parquet_atomic
 from analysis.comparisons import SIGNIFICANCE_THRESHOLD
 from analysis.figures import format_value_error
+from analysis.render import md_table
 from analysis.report_folder import SUMMARY_NAME, prediction_path
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import MuontrackError
@@ -372,14 +373,6 @@ def _point_label(detector: str, scale: float) -> str:
     return f"{detector} × {scale:g}"
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(headers) + " |",
-        "|" + "---|" * len(headers),
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
 def _metric_table(table: pl.DataFrame, metric: str) -> list[str]:
     models = [model for model in fig.model_order(set(table["model"].to_list())) if model in SCAN_FIGURE_ROWS]
     rows = []
@@ -391,7 +384,7 @@ def _metric_table(table: pl.DataFrame, metric: str) -> list[str]:
             err = found[f"{metric}_err"][0] if found.height else None
             cells.append(format_value_error(value, err) if value is not None else "–")
         rows.append([_point_label(str(detector), float(scale)), *cells])
-    return _md_table(["point", *models], rows)
+    return md_table(["point", *models], rows)
 
 
 def render_scan_markdown(
@@ -412,7 +405,7 @@ def render_scan_markdown(
         'Every point is an ordinary report under `reports/` (`pl.scan_parquet("reports/*/summary.parquet")` reads '
         "them as one table, with the `detector` and `background_scale` columns):",
         "",
-        *_md_table(
+        *md_table(
             ["point", "seed", "report"],
             [
                 [_point_label(d, s), str(seed), f"[{Path(r).name}](../reports/{Path(r).name}/report.md)"]

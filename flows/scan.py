@@ -32,6 +32,7 @@ from flows import steps
 from flows.end_to_end import dask_task_runner, end_to_end, job_configs
 from flows.server import ensure_prefect_api
 from pipeline.config import CONFIG_SECTIONS, DETECTORS, STRICT, SimConfig, check, load_config, read_config_file
+from pipeline.dataset import MANIFEST_NAME
 from pipeline.errors import ConfigError, MuontrackError
 from pipeline.locks import exclusive_writer
 
@@ -158,7 +159,7 @@ def point_record(point: ScanPoint, seed: int, report: Path, start: float) -> dic
         "report": str(report),
         "dataset": str(dataset),
         "runs": runs,
-        "simulated": _mtime_since(dataset / "manifest.json", start),
+        "simulated": _mtime_since(dataset / MANIFEST_NAME, start),
         "trained": [model for model, run in runs.items() if _mtime_since(Path(run) / "metrics.parquet", start)],
         "predicted": _mtime_since(prediction_path(report, "tracks"), start),
     }
