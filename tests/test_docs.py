@@ -1,46 +1,119 @@
-"""docs/contracts.md stays in step with the code: every column of every table, every command and option."""
+"""docs/contracts.md stays in step with the code: every column of every table, documented in that table's own
+section and nothing more, every model row, every command and option."""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import typer.main
 
 from analysis.catalog import RESOLUTION_SCHEMA, SUMMARY_SCHEMA
+from analysis.results import SUMMARY_KEYS
 from flows.cli import app
 from pipeline import schema
-from pipeline.models import SUMMARY_ROWS
+from pipeline.models import REPORT_ROWS, SUMMARY_ROWS
 
 CONTRACTS = Path(__file__).resolve().parent.parent / "docs" / "contracts.md"
 
+_HEADING = re.compile(r"^(#{1,6}) (.+)$")
+_CELL_SEPARATOR = re.compile(r"(?<!\\)\|")  # a `|` not escaped as `\|` (meanings hold \|r − median\|)
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """The contracts page cut at every heading of any level, outside code blocks: {heading text: its lines up to
+    the next heading}."""
+    sections: dict[str, list[str]] = {}
+    lines: list[str] | None = None
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        match = None if fenced else _HEADING.match(line)
+        if match:
+            heading = match.group(2).strip()
+            assert heading not in sections, f"docs/contracts.md: two sections named {heading!r}"
+            lines = sections[heading] = []
+        elif lines is not None:
+            lines.append(line)
+    return sections
+
+
+def _table_names(lines: list[str]) -> list[str]:
+    """The names in backticks in the first cell of every body row of the section's Markdown tables (a cell may
+    hold several, `a`, `b`); the header row (no backticks in its first cell) and the |---| rule hold none."""
+    names: list[str] = []
+    for line in lines:
+        if not line.startswith("|"):
+            continue
+        first_cell = _CELL_SEPARATOR.split(line)[1]
+        names += re.findall(r"`([^`\s]+)`", first_cell)
+    return names
+
+
+def _documented(*headings: str) -> list[str]:
+    sections = _sections(CONTRACTS.read_text())
+    names: list[str] = []
+    for heading in headings:
+        assert heading in sections, f"docs/contracts.md has no section {heading!r}"
+        found = _table_names(sections[heading])
+        assert found, f"docs/contracts.md, {heading!r}: no table of columns"
+        names += found
+    return names
+
 
 def _documented_names() -> set[str]:
-    """Every `name` written in backticks in the contracts page (a cell may hold several, `a`, `b`)."""
+    """Every `name` written in backticks anywhere in the contracts page."""
     return set(re.findall(r"`([^`\s]+)`", CONTRACTS.read_text()))
 
 
-@pytest.mark.parametrize(
-    ("table", "columns"),
-    [
-        ("hits", schema.HITS_SCHEMA.names),
-        ("events", schema.EVENTS_SCHEMA.names),
-        ("predictions/hits", schema.PRED_HITS_SCHEMA.names),
-        ("predictions/clusters", schema.PRED_CLUSTERS_SCHEMA.names),
-        ("predictions/tracks", schema.PRED_TRACKS_SCHEMA.names),
-        ("RUN/metrics", schema.TRAIN_METRICS_SCHEMA.names),
-        ("summary.parquet", SUMMARY_SCHEMA.names()),
-        ("resolution.parquet", RESOLUTION_SCHEMA.names()),
-    ],
-)
-def test_every_column_is_documented(table: str, columns: list[str]) -> None:
-    missing = [column for column in columns if column not in _documented_names()]
-    assert not missing, f"{table}: columns missing from docs/contracts.md: {missing}"
+#: each written table, the contracts sections that together document its columns (in their tables), its columns
+_IDENTITY = "Identity columns (first in both files)"
+_TABLES = [
+    ("hits", ("`hits` (one row per fired strip)",), schema.HITS_SCHEMA.names),
+    ("events", ("`events` (one row per event, truth)",), schema.EVENTS_SCHEMA.names),
+    ("predictions/hits", ("`predictions/hits.parquet`",), schema.PRED_HITS_SCHEMA.names),
+    ("predictions/clusters", ("`predictions/clusters.parquet`",), schema.PRED_CLUSTERS_SCHEMA.names),
+    ("predictions/tracks", ("`predictions/tracks.parquet`",), schema.PRED_TRACKS_SCHEMA.names),
+    ("RUN/metrics", ("`metrics.parquet`",), schema.TRAIN_METRICS_SCHEMA.names),
+    ("summary.json", ("`summary.json`",), list(SUMMARY_KEYS)),
+    ("summary.parquet", (_IDENTITY, "`summary.parquet`"), SUMMARY_SCHEMA.names()),
+    ("resolution.parquet", (_IDENTITY, "`resolution.parquet`"), RESOLUTION_SCHEMA.names()),
+]
+
+
+@pytest.mark.parametrize(("table", "headings", "columns"), _TABLES, ids=[table for table, _, _ in _TABLES])
+def test_every_column_is_documented_in_its_own_table(table: str, headings: tuple[str, ...], columns: list[str]) -> None:
+    documented = _documented(*headings)
+    missing = [column for column in columns if column not in documented]
+    extra = [name for name in documented if name not in columns]
+    repeated = sorted({name for name in documented if documented.count(name) > 1})
+    assert not missing, f"{table}: columns missing from its table in docs/contracts.md: {missing}"
+    assert not extra, f"{table}: docs/contracts.md documents columns the schema does not have: {extra}"
+    assert not repeated, f"{table}: columns documented twice in docs/contracts.md: {repeated}"
+
+
+def test_a_column_missing_from_its_own_table_is_caught(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The check reads each table's own section: `layer` is documented for `hits`, but a contracts page without
+    its row in `predictions/clusters.parquet` fails, and so does one with a column the schema lacks."""
+    text = CONTRACTS.read_text()
+    row = "| `layer` | int16 | every layer of every event has a row |\n"
+    assert row in text
+    for edited in (text.replace(row, ""), text.replace(row, row + "| `layer_2` | int16 | |\n")):
+        page = tmp_path / "contracts.md"
+        page.write_text(edited)
+        monkeypatch.setattr(sys.modules[__name__], "CONTRACTS", page)
+        with pytest.raises(AssertionError):
+            test_every_column_is_documented_in_its_own_table(
+                "predictions/clusters", ("`predictions/clusters.parquet`",), schema.PRED_CLUSTERS_SCHEMA.names
+            )
 
 
 def test_every_model_row_is_documented() -> None:
-    # the model rows and the limit row (pipeline.models.SUMMARY_ROWS)
+    # the model rows in report order in the `model` column's table; the limit row (SUMMARY_ROWS) in the text
+    assert tuple(_documented("The `model` column")) == REPORT_ROWS
     missing = [row for row in SUMMARY_ROWS if row not in _documented_names()]
     assert not missing, missing
 
