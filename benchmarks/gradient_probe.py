@@ -9,7 +9,7 @@ cpu preset's shape, prints one ``key=value`` line per measurement:
     worst_event batch=.. event=.. float32=.. float64=..             the worst event alone, in both precisions
     worst_hit layer=.. weight=.. gradient=.. layer_weight=..        its five largest components
 
-Measured on the 8 x background dataset of the cpu scan with its baseline run (README, "The full scan"): median
+Measured on the 8 x background dataset of the cpu scan with its baseline run (docs/scan.md, "The full scan"): median
 0.011, 1 % above 10^3, max 6.7e5; the worst event 1.1e7 (float32) and 2.1e7 (float64), on hits of weight ~1e-7 of
 layers the chain drops (final layer weights 1e-19 to 1e-50).
 """

@@ -46,7 +46,7 @@ def check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Geometry and response of the strip detector (its defaults: README, "The detector")."""
+    """Geometry and response of the strip detector (its defaults: docs/detector.md)."""
 
     __pydantic_config__ = STRICT
 
@@ -154,7 +154,7 @@ _DETECTOR_FIELDS_OMITTED_AT_ZERO = ("electronic_noise", "crosstalk")
 #: - ``realistic``: the same layout with electronic noise of 0.065 x the mean cluster charge per strip, the
 #:   threshold at 3.5 sigma of it (0.47 noise-only strips per layer) and 5 % cross-talk, chosen so that a clean
 #:   perpendicular cluster's centroid resolves about 100 um, as the Micromegas of the ATLAS New Small Wheel that
-#:   the layout follows (measured figures: README, "The detector")
+#:   the layout follows (measured figures: docs/detector.md)
 DETECTORS: dict[str, DetectorConfig] = {
     "default": DetectorConfig(),
     "realistic": DetectorConfig(electronic_noise=0.065, threshold=0.2275, crosstalk=0.05),

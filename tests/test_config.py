@@ -80,7 +80,7 @@ def test_each_preset_round_trips_through_a_json_file(name: str, tmp_path: Path) 
     assert configure(other, read_config_file(path)) == (model, train)
 
 
-@pytest.mark.parametrize("name", ["test", "cpu"])  # paper's None values have no TOML spelling (see README)
+@pytest.mark.parametrize("name", ["test", "cpu"])  # paper's None values have no TOML spelling (see docs/operations.md)
 def test_preset_round_trips_through_a_toml_file(name: str, tmp_path: Path) -> None:
     model, train = get_preset(name)
     path = _write_toml(tmp_path / "preset.toml", {"model": model.to_dict(), "train": train.to_dict()})
@@ -105,7 +105,7 @@ def test_simulation_section_round_trips(tmp_path: Path) -> None:
 
 
 def test_a_partial_section_overrides_only_its_keys(tmp_path: Path) -> None:
-    # the README's example: a two-layer attention logit of 8 heads on the cpu preset
+    # the example of docs/operations.md ("Config files"): a two-layer attention logit of 8 heads on the cpu preset
     path = tmp_path / "heads.toml"
     path.write_text("[model]\nlogit_mlp = [32, 8]\n\n[train]\nepochs = 3\n")
     cpu_model, cpu_train = get_preset("cpu")

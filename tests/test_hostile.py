@@ -55,7 +55,7 @@ def _shard_files(folder: Path, shard: int) -> list[Path]:
 def test_a_resume_from_any_subset_of_shards_equals_an_uninterrupted_run(
     resume_reference: Path, tmp_path: Path, workers: int
 ) -> None:
-    """Every subset of the reference's shards, copied without a manifest (a folder the README says resumes),
+    """Every subset of the reference's shards, copied without a manifest (a folder docs/operations.md says resumes),
     resumed with 1, 2 and 3 workers: every table equals the uninterrupted run's. With one worker the two
     buffer sets once alternated by plan position, so a shard after an odd number of skipped ones was drawn into
     the buffers the writer thread was still encoding (shard 2's events written as shard 0's)."""

@@ -135,7 +135,7 @@ def assignment_steps(dataset) -> dict[str, list[dict[str, float]]]:
         pytest.param(
             "identity",
             # measured, not wished away: with the pT term on, identity passes dL/dz through unbounded, the
-            # solver's gradient outweighs the BCE's by 1e4-1e7 (README, the assignment study); the loss rises
+            # solver's gradient outweighs the BCE's by 1e4-1e7 (docs/studies.md, the assignment study); the loss rises
             marks=pytest.mark.xfail(strict=True, reason="identity diverges once the pT term is on"),
         ),
     ],
