@@ -22,22 +22,28 @@ _HEADING = re.compile(r"^(#{1,6}) (.+)$")
 _CELL_SEPARATOR = re.compile(r"(?<!\\)\|")  # a `|` not escaped as `\|` (meanings hold \|r − median\|)
 
 
-def _sections(text: str) -> dict[str, list[str]]:
-    """The contracts page cut at every heading of any level, outside code blocks: {heading text: its lines up to
-    the next heading}."""
-    sections: dict[str, list[str]] = {}
-    lines: list[str] | None = None
+def _cut(text: str) -> list[tuple[str, list[str]]]:
+    """A Markdown page cut at every heading of any level, outside code blocks: (heading text, its lines up to the
+    next heading), in page order."""
+    sections: list[tuple[str, list[str]]] = []
     fenced = False
     for line in text.splitlines():
         if line.startswith("```"):
             fenced = not fenced
         match = None if fenced else _HEADING.match(line)
         if match:
-            heading = match.group(2).strip()
-            assert heading not in sections, f"docs/contracts.md: two sections named {heading!r}"
-            lines = sections[heading] = []
-        elif lines is not None:
-            lines.append(line)
+            sections.append((match.group(2).strip(), []))
+        elif sections:
+            sections[-1][1].append(line)
+    return sections
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """The contracts page by section: {heading text: its lines}; each heading names one section."""
+    sections: dict[str, list[str]] = {}
+    for heading, lines in _cut(text):
+        assert heading not in sections, f"docs/contracts.md: two sections named {heading!r}"
+        sections[heading] = lines
     return sections
 
 
@@ -127,3 +133,64 @@ def test_every_command_and_option_is_documented() -> None:
             for option in param.opts:
                 if option.startswith("--") and option != "--help":
                     assert option in text, f"muontrack {name} {option}"
+
+
+ROOT = CONTRACTS.parent.parent
+#: the pages a user who clones the repository reads: the README and every page of docs/
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation (backticks, colons, parentheses) dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading, _ in _cut(page.read_text()):
+        base = _anchor(heading)
+        anchors.add(base if base not in seen else f"{base}-{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
+    return anchors
+
+
+def _links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)  # code blocks hold no links
+    return _LINK.findall(text)
+
+
+def _broken_links(page: Path, root: Path = ROOT) -> list[str]:
+    """The relative links (and images) of a page that name no file under root, or no heading of their page."""
+    broken = []
+    for link in _links(page):
+        if re.match(r"[a-z]+:", link):  # https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        exists = target.is_relative_to(root.resolve()) and target.exists()
+        if not exists or (anchor and target.suffix == ".md" and anchor not in _anchors(target)):
+            broken.append(link)
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.relative_to(ROOT).as_posix() for page in PAGES])
+def test_every_link_resolves_inside_the_repository(page: Path) -> None:
+    """The README and docs/ stand on their own: every relative link (and image) names a file of the repository,
+    and every #anchor a heading of its page."""
+    broken = _broken_links(page)
+    assert not broken, f"{page.relative_to(ROOT)}: links that resolve to nothing: {broken}"
+
+
+def test_the_link_check_can_fail(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## The `cpu` job (as measured)\n\n## A page\n")
+    (tmp_path / "outside.md").write_text("# Outside\n")
+    page = tmp_path / "docs" / "b.md"
+    page.write_text(
+        "[ok](a.md#the-cpu-job-as-measured) [again](a.md#a-page-1) [file](c.md) [anchor](a.md#no-such)\n"
+        "![image](scan/x.png) [out](../outside.md) [web](https://example.org/x.md)\n"
+        "```\n[in code](nowhere.md)\n```\n"
+    )
+    assert _broken_links(page, root=tmp_path / "docs") == ["c.md", "a.md#no-such", "scan/x.png", "../outside.md"]
