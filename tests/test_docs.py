@@ -194,3 +194,15 @@ def test_the_link_check_can_fail(tmp_path: Path) -> None:
         "```\n[in code](nowhere.md)\n```\n"
     )
     assert _broken_links(page, root=tmp_path / "docs") == ["c.md", "a.md#no-such", "scan/x.png", "../outside.md"]
+
+
+def test_ci_lints_then_runs_the_readmes_test_command() -> None:
+    """`.ci/run` runs ruff (lint, then format) and then exactly the test command of the README's second line."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    assert block, "README.md: no bash block with the two commands"
+    test_line = block.group(1).splitlines()[1]
+    readme_command = test_line.rsplit(" && ", 1)[1]
+    commands = [
+        line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+    assert commands[-3:] == ["ruff check .", "ruff format --check .", readme_command]
