@@ -31,7 +31,7 @@ from typing import Any
 
 import polars as pl
 
-from analysis.metrics import TAIL_COLUMNS, TRUTH_MODELS
+from analysis.metrics import MERGED_COLUMNS, TAIL_COLUMNS, TRUTH_MODELS
 from analysis.report_folder import CATALOG_SUMMARY_NAME
 from pipeline.atomic import write_atomic
 from pipeline.config import BackgroundConfig, SimConfig, detector_name
@@ -62,6 +62,10 @@ IDENTITY_SCHEMA = pl.Schema(
 #: its bootstrap error, the charge-misidentified and tail counts and fractions with their Clopper–Pearson bounds;
 #: null for the limit row
 TAIL_SCHEMA = pl.Schema({name: pl.Int64 if name.startswith("n_") else pl.Float64 for name in TAIL_COLUMNS})
+#: merged clusters and charge shares (analysis.metrics.MERGED_COLUMNS): the clusters on layers where the muon's
+#: charge shares a strip with another source, their σ68 and that of the other clusters [mm], and the median and σ68
+#: of the raw score's residual to the truth share on the merged strips; null where not computed
+MERGED_SCHEMA = pl.Schema({name: pl.Int64 if name.startswith("n_") else pl.Float64 for name in MERGED_COLUMNS})
 #: the per-model metrics with their errors (summary.json's score, core-fraction and σ68 figures, and the errors
 #: that summary.json leaves out); AUC and rejections are those of the raw classifier score, null for the truth
 #: references; a rejection is null where it is infinite (no background hit passes); ``sigma68_over_limit`` is
@@ -83,6 +87,7 @@ METRICS_SCHEMA = pl.Schema(
         "sigma68_over_limit": pl.Float64,
         "sigma68_over_limit_err": pl.Float64,
         **TAIL_SCHEMA,
+        **MERGED_SCHEMA,
     }
 )
 #: where the evaluation ran
@@ -270,11 +275,16 @@ def _conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
 
 
 def metrics_frame(
-    models: Sequence[str], classification: pl.DataFrame, core: pl.DataFrame, resolution: pl.DataFrame
+    models: Sequence[str],
+    classification: pl.DataFrame,
+    core: pl.DataFrame,
+    resolution: pl.DataFrame,
+    merged: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """One row per model (in ``models`` order) of ``model`` and :data:`METRICS_SCHEMA`, from the report's tables
     (analysis.metrics classification_metrics, core_fraction_table, resolution_by_model with the limit row and
-    the ratio columns of analysis.metrics.with_limit_ratio where it has them)."""
+    the ratio columns of analysis.metrics.with_limit_ratio where it has them, and ``merged``:
+    analysis.results.merged_summary_table)."""
     base = pl.DataFrame({"model": list(models)}, schema={"model": pl.String})
     scores = classification.select("model", *_CLASSIFICATION_COLUMNS).filter(~pl.col("model").is_in(TRUTH_MODELS))
     frame = (
@@ -298,6 +308,8 @@ def metrics_frame(
         )
         .with_columns(pl.col("n_events").fill_null(0))
     )
+    if merged is not None:
+        frame = frame.join(merged.select("model", *MERGED_SCHEMA), on="model", how="left", maintain_order="left")
     frame = _conform(frame, pl.Schema({"model": pl.String, **METRICS_SCHEMA}))
     return frame.with_columns(finite_or_null(name) for name, dtype in METRICS_SCHEMA.items() if dtype == pl.Float64)
 

@@ -58,6 +58,30 @@ COMPARISON_PAIRS = (
         "auc",
         paper_gain=True,
     ),
+    ComparisonPair(
+        "share_e2e",
+        "classical",
+        "do the learned charge shares beat the classical tracker's charge-minimum split of merged clusters? (AUC "
+        "of the final hit weights)",
+        "auc_weight",
+        paper_gain=False,
+    ),
+    ComparisonPair(
+        "share_e2e",
+        "share_baseline",
+        "the paper's question for the charge shares: does training through the reconstruction beat the share "
+        "regression alone? (AUC of the raw score against the labels)",
+        "auc",
+        paper_gain=True,
+    ),
+    ComparisonPair(
+        "share_e2e",
+        "e2e",
+        "do charge shares beat one yes/no score per strip, both trained end to end through the robust chain? (AUC "
+        "of the final hit weights)",
+        "auc_weight",
+        paper_gain=False,
+    ),
 )
 #: the model whose σ68 is quoted relative to the truth charge centroids, and that reference
 RESOLUTION_LIMIT_PAIR = ("e2e", "truth_charge")

@@ -38,13 +38,20 @@ MODEL_STYLE = {
     "baseline": {"color": "tab:blue", "linestyle": "-", "marker": "v", "label": "baseline (BCE), robust reco"},
     "e2e": {"color": "tab:red", "linestyle": "-", "marker": "^", "label": "end-to-end, robust reco"},
     "assignment": {"color": "tab:purple", "linestyle": ":", "marker": "P", "label": "assignment (LAP)"},
+    "share_baseline": {"color": "tab:olive", "linestyle": "-.", "marker": "<", "label": "charge shares, robust reco"},
+    "share_e2e": {
+        "color": "tab:brown",
+        "linestyle": "-",
+        "marker": ">",
+        "label": "charge shares end-to-end, robust reco",
+    },
 }
 #: the limit row (pipeline.models.LIMIT_ROW): no model, drawn as a line across each pT bin
 LIMIT_STYLE = {"color": "0.3", "linestyle": "-", "marker": "_", "label": "Cramér–Rao limit"}
 #: the σ68 / limit panel's y axis ends here at most; points beyond it are drawn as arrows at its top edge
 RATIO_AXIS_MAX = 3.0
 #: colours of models outside MODEL_NAMES (none of MODEL_STYLE's)
-_EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "gold", "teal", "navy")
+_EXTRA_COLOURS = ("tab:pink", "gold", "teal", "navy", "maroon", "lime")
 #: panels per row of the score histograms
 _MAX_PANELS_PER_ROW = 4
 _DPI = 120

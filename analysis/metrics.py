@@ -44,6 +44,7 @@ from analysis.statistics import (
     rejection_uncertainty,
     roc_curve,
 )
+from pipeline.batches import truth_share_expr
 from pipeline.config import DetectorConfig
 from pipeline.models import LIMIT_ROW, get_model
 from pipeline.stats import SIGMA68_COVERAGE
@@ -62,6 +63,22 @@ TAIL_N_SIGMA68 = 5.0
 HIT_DISTANCE_EDGES = (5.0, 50.0)
 #: origins of a hit (hit_origin_expr), in report order
 HIT_ORIGINS = ("signal", "extra track", "noise")
+
+#: edges of the truth-share classes of a strip (share s = charge_muon / charge clipped to [0, 1],
+#: pipeline.batches.truth_share_expr): s <= 0.1 none of the muon's, 0.1 < s < 0.9 merged, s >= 0.9 the muon's
+SHARE_CLASS_EDGES = (0.1, 0.9)
+#: the share classes (share_class_expr), in report order
+SHARE_CLASSES = ("other", "merged", "muon")
+#: the dataset hit columns the share and merged-cluster tables need
+SHARE_HIT_COLUMNS = ("event_id", "hit_id", "layer", "charge", "charge_muon")
+#: the summary's columns of merged clusters and charge shares (merged_cluster_table, share_residual_table)
+MERGED_COLUMNS = (
+    "n_merged_clusters",
+    "cluster_sigma68_merged",
+    "cluster_sigma68_clean",
+    "share_bias_merged",
+    "share_sigma68_merged",
+)
 
 #: the events and hits columns the limit row needs (analysis.limit: the truth of each event, the clean clusters)
 LIMIT_EVENT_COLUMNS = ("event_id", "pt", "q", "x0", "theta0", "x_true")
@@ -236,6 +253,93 @@ def hit_score_table(pred_hits: pl.LazyFrame, dataset_hits: pl.LazyFrame) -> pl.D
         .select("model", "event_id", "hit_id", pl.col("score").cast(pl.Float64), pl.col("weight").cast(pl.Float64))
         .join(truth, on=["event_id", "hit_id"], how="inner")
         .collect()
+    )
+
+
+def share_class_expr(share: str = "share", edges: tuple[float, float] = SHARE_CLASS_EDGES) -> pl.Expr:
+    """The class of a strip by the muon's share of its charge: "other" (s <= edges[0]), "merged" (between) or "muon"
+    (s >= edges[1]); :data:`SHARE_CLASSES`."""
+    low, high = edges
+    return (
+        pl.when(pl.col(share) <= low)
+        .then(pl.lit(SHARE_CLASSES[0]))
+        .when(pl.col(share) < high)
+        .then(pl.lit(SHARE_CLASSES[1]))
+        .otherwise(pl.lit(SHARE_CLASSES[2]))
+    )
+
+
+def share_residual_table(pred_hits: pl.LazyFrame, dataset_hits: pl.LazyFrame) -> pl.DataFrame:
+    """How well each model's raw score estimates the muon's share of a strip's charge, by share class.
+
+    The residual is ``score − s`` with s the truth share (pipeline.batches.truth_share_expr). For the share models
+    the score is the predicted share; for the label classifiers it is a probability that the strip is the muon's
+    (1/0 for classical), so on merged strips their residual says how far an all-or-nothing weight is from the
+    muon's part of the charge.
+
+    Returns:
+        DataFrame (model, share_class, n_hits, bias = median residual, sigma68 of the residual, mean_abs = mean
+        |residual|), sorted by model and :data:`SHARE_CLASSES`; the truth references are left out.
+    """
+    truth = dataset_hits.select("event_id", "hit_id", share=truth_share_expr().cast(pl.Float64))
+    rank = {name: index for index, name in enumerate(SHARE_CLASSES)}
+    return (
+        pred_hits.filter(~pl.col("model").is_in(TRUTH_MODELS))
+        .select("model", "event_id", "hit_id", pl.col("score").cast(pl.Float64))
+        .join(truth, on=["event_id", "hit_id"], how="inner")
+        .with_columns(residual=pl.col("score") - pl.col("share"), share_class=share_class_expr())
+        .group_by("model", "share_class")
+        .agg(
+            n_hits=pl.len(),
+            bias=pl.col("residual").median(),
+            sigma68=sigma68_expr("residual"),
+            mean_abs=pl.col("residual").abs().mean(),
+        )
+        .sort("model", pl.col("share_class").replace_strict(rank, return_dtype=pl.Int32))
+        .collect()
+    )
+
+
+def merged_layers(dataset_hits: pl.LazyFrame) -> pl.LazyFrame:
+    """(event_id, layer Int32) of every layer where the muon's charge shares a strip: a strip with charge of the
+    muon's in the "merged" share class (another particle's or the noise's charge is 10-90 % of it)."""
+    low, high = SHARE_CLASS_EDGES
+    share = truth_share_expr()
+    return (
+        dataset_hits.filter((pl.col("charge_muon") > 0) & (share > low) & (share < high))
+        .select("event_id", pl.col("layer").cast(pl.Int32))
+        .unique()
+    )
+
+
+def merged_cluster_table(cluster_residuals: pl.DataFrame, dataset_hits: pl.LazyFrame) -> pl.DataFrame:
+    """σ68 of each model's cluster residuals on the layers with a merged strip (:func:`merged_layers`) and on the
+    others (clean), where the muon crosses the layer.
+
+    Args:
+        cluster_residuals: :func:`cluster_residual_table` (model, event_id, layer, residual; null: no cluster).
+        dataset_hits: the dataset's hits with :data:`SHARE_HIT_COLUMNS`.
+
+    Returns:
+        DataFrame (model, n_merged_clusters, cluster_sigma68_merged, n_clean_clusters, cluster_sigma68_clean)
+        sorted by model; the counts are of the layers with a cluster built (finite residual).
+    """
+    merged = merged_layers(dataset_hits).with_columns(merged=pl.lit(True)).collect()
+    residuals = (
+        cluster_residuals.filter(pl.col("residual").is_not_null())
+        .with_columns(pl.col("layer").cast(pl.Int32))
+        .join(merged, on=["event_id", "layer"], how="left")
+        .with_columns(pl.col("merged").fill_null(False))
+    )
+    return (
+        residuals.group_by("model")
+        .agg(
+            n_merged_clusters=pl.col("merged").sum().cast(pl.Int64),
+            cluster_sigma68_merged=sigma68_expr(pl.col("residual").filter(pl.col("merged"))),
+            n_clean_clusters=(~pl.col("merged")).sum().cast(pl.Int64),
+            cluster_sigma68_clean=sigma68_expr(pl.col("residual").filter(~pl.col("merged"))),
+        )
+        .sort("model")
     )
 
 

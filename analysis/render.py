@@ -239,6 +239,7 @@ def render_markdown(
     lines += ["", _figure_link(figure_paths, "sigma68_pt", "σ68 vs true pT"), "", "Also in `resolution.csv`."]
 
     lines += ["", "## Tails, bias and charge", "", *_tails_rows(results)]
+    lines += _merged_rows(results)
 
     lines += ["", "## Definitions", "", *DEFINITIONS, ""]
     return "\n".join(lines)
@@ -393,6 +394,52 @@ def _tails_rows(results: ReportResults) -> list[str]:
         "rates and bias in `resolution.csv`):",
         "",
         *md_table(["true pT [GeV]", *models], bin_rows),
+    ]
+
+
+def _merged_rows(results: ReportResults) -> list[str]:
+    """The "Merged clusters and charge shares" section (empty when the dataset has no charge_muon column)."""
+    if results.merged_clusters is None or results.shares is None:
+        return []
+    low, high = m.SHARE_CLASS_EDGES
+    cluster_rows = [
+        [
+            row["model"],
+            row["n_merged_clusters"],
+            None if row["cluster_sigma68_merged"] is None else f"{1000 * row['cluster_sigma68_merged']:.1f}",
+            row["n_clean_clusters"],
+            None if row["cluster_sigma68_clean"] is None else f"{1000 * row['cluster_sigma68_clean']:.1f}",
+        ]
+        for row in _in_model_order(results.merged_clusters, results.models)
+    ]
+    share_cells = {(row["model"], row["share_class"]): row for row in results.shares.iter_rows(named=True)}
+    share_models = [model for model in results.models if any((model, c) in share_cells for c in m.SHARE_CLASSES)]
+    share_rows = []
+    for model in share_models:
+        row: list[Any] = [model]
+        for share_class in m.SHARE_CLASSES:
+            cell = share_cells.get((model, share_class))
+            row += [f"{cell['bias']:+.3f} / {cell['sigma68']:.3f}" if cell else None]
+        share_rows.append(row)
+    counts = {c: next((r["n_hits"] for (_, cc), r in share_cells.items() if cc == c), 0) for c in m.SHARE_CLASSES}
+    return [
+        "",
+        "## Merged clusters and charge shares",
+        "",
+        "A layer's cluster is *merged* when a strip of the muon's shares its charge with another particle or the "
+        f"noise (the muon's share s = charge_muon / charge of that strip between {low:g} and {high:g}); the others "
+        "are clean. σ68 of the cluster residual x_reco − x_true [µm] on each, over the clusters built:",
+        "",
+        *md_table(["model", "merged clusters", "σ68 merged [µm]", "clean clusters", "σ68 clean [µm]"], cluster_rows),
+        "",
+        "How well each row's raw score estimates the muon's share s of each strip's charge: median / σ68 of "
+        "score − s, by the strip's truth share (the share models predict s; a label classifier's score is the "
+        "probability that the strip is the muon's, classical's is 1/0):",
+        "",
+        *md_table(
+            ["model", *(f"{c} ({counts[c]} strips)" for c in m.SHARE_CLASSES)],
+            share_rows,
+        ),
     ]
 
 

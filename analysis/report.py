@@ -30,6 +30,7 @@ from analysis.results import (
     check_dataset_frame,
     compute_results,
     context_detector,
+    merged_summary_table,
     scan_predictions,
 )
 from pipeline.atomic import write_text_atomic
@@ -65,7 +66,9 @@ def catalog_frames(
     ``report``. The versions and device come from ``context["environment"]`` when it has them."""
     created = created or datetime.now(UTC)
     identity = catalog.identity_frame(context, results.models, report, created)
-    metrics = catalog.metrics_frame(results.models, results.classification, results.core, results.resolution)
+    metrics = catalog.metrics_frame(
+        results.models, results.classification, results.core, results.resolution, merged_summary_table(results)
+    )
     environment = context.get("environment")
     summary = catalog.summary_frame(identity, metrics, environment if isinstance(environment, dict) else None)
     return summary, catalog.resolution_frame(identity, results.resolution_pt)

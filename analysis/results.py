@@ -44,6 +44,7 @@ SUMMARY_KEYS = (
     "sigma68_over_limit",
     "sigma68_over_limit_err",
     *m.TAIL_COLUMNS,
+    *m.MERGED_COLUMNS,
 )
 
 _PREDICTION_SCHEMAS = {"hits": PRED_HITS_SCHEMA, "clusters": PRED_CLUSTERS_SCHEMA, "tracks": PRED_TRACKS_SCHEMA}
@@ -73,6 +74,9 @@ class ReportResults:
     #: and why in ``limit_problem``
     limit: m.ResolutionLimit | None = None
     limit_problem: str | None = None
+    #: share_residual_table and merged_cluster_table; None when the dataset hits lack charge_muon (format 1)
+    shares: pl.DataFrame | None = None
+    merged_clusters: pl.DataFrame | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,6 +165,10 @@ def compute_results(
     hit_weights = None
     if set(_HIT_WEIGHT_COLUMNS) <= set(dataset_hits.collect_schema().names()):
         hit_weights = m.hit_weight_table(predictions["hits"], dataset_hits, predictions["clusters"])
+    shares = merged_clusters = None
+    if set(m.SHARE_HIT_COLUMNS) <= set(dataset_hits.collect_schema().names()):
+        shares = m.share_residual_table(predictions["hits"], dataset_hits)
+        merged_clusters = m.merged_cluster_table(cluster_residuals, dataset_hits)
     models = model_order(
         set(classification["model"].to_list())
         | set(cluster_residuals["model"].unique().to_list())
@@ -182,6 +190,8 @@ def compute_results(
         hit_weights=hit_weights,
         limit=limit,
         limit_problem=limit_problem,
+        shares=shares,
+        merged_clusters=merged_clusters,
     )
 
 
@@ -237,9 +247,11 @@ def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | N
     σ68 (null without a limit); the limit's own ``sigma68_err`` is null (exact, no bootstrap). ``bias`` (the
     median residual, bootstrap ``bias_err``), ``charge_misid_rate`` and ``tail_fraction`` (with their
     Clopper–Pearson 68.27 % bounds ``_lo``, ``_hi`` and their counts ``n_charge_misid``, ``n_tail``) are those of
-    the successful fits (metrics.resolution_by_model); all null for the ``limit`` row (no tracks).
+    the successful fits (metrics.resolution_by_model); all null for the ``limit`` row (no tracks). The merged
+    clusters and charge shares (metrics.MERGED_COLUMNS) are :func:`merged_summary_table`'s.
     """
     summary: dict[str, dict[str, float | int | None]] = {}
+    merged = merged_summary_table(results)
     for model in results.models:
         classification = {} if model in m.TRUTH_MODELS else model_row(results.classification, model)
         resolution = model_row(results.resolution, model)
@@ -263,4 +275,38 @@ def build_summary(results: ReportResults) -> dict[str, dict[str, float | int | N
             key: _int_or_none(resolution.get(key)) if key.startswith("n_") else _finite_or_none(resolution.get(key))
             for key in m.TAIL_COLUMNS
         }
+        summary[model] |= _merged_summary(merged, model)
     return summary
+
+
+def merged_summary_table(results: ReportResults) -> pl.DataFrame:
+    """One row per model of ``results.models`` with :data:`analysis.metrics.MERGED_COLUMNS`: its clusters on layers
+    with a merged strip, and its raw score's residual to the truth share on the merged strips (null where not
+    computed or not applicable: the limit row, the truth references' scores)."""
+    frame = pl.DataFrame({"model": results.models}, schema={"model": pl.String})
+    if results.merged_clusters is not None:
+        clusters = results.merged_clusters.select(
+            "model", "n_merged_clusters", "cluster_sigma68_merged", "cluster_sigma68_clean"
+        )
+        frame = frame.join(clusters, on="model", how="left", maintain_order="left")
+    if results.shares is not None:
+        shares = results.shares.filter(pl.col("share_class") == "merged").select(
+            "model", share_bias_merged="bias", share_sigma68_merged="sigma68"
+        )
+        frame = frame.join(shares, on="model", how="left", maintain_order="left")
+    types = {name: pl.Int64 if name.startswith("n_") else pl.Float64 for name in m.MERGED_COLUMNS}
+    return frame.select(
+        "model",
+        *(
+            pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype).alias(name)
+            for name, dtype in types.items()
+        ),
+    )
+
+
+def _merged_summary(merged: pl.DataFrame, model: str) -> dict[str, float | int | None]:
+    row = model_row(merged, model)
+    return {
+        key: _int_or_none(row.get(key)) if key.startswith("n_") else _finite_or_none(row.get(key))
+        for key in m.MERGED_COLUMNS
+    }

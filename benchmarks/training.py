@@ -87,6 +87,7 @@ def synthetic_batch(batch_size: int, n_nodes: int, seed: int = 0):
         charge=charge,
         mask=mask,
         label=label,
+        share=label,
         hit_id=np.broadcast_to(np.arange(n_nodes, dtype=np.int32), shape).copy(),
         event_id=np.arange(batch_size, dtype=np.int32),
         pt=rng.uniform(20, 50, batch_size).astype(np.float32),

@@ -22,7 +22,7 @@ from analysis.report_folder import PREDICTION_TABLES, PREDICTIONS_DIR, REPORT_NA
 from pipeline import provenance
 from pipeline.errors import ConfigError, DatasetError, MuontrackError, RunError
 from pipeline.locks import exclusive_writer
-from pipeline.models import CPU_JOB_MODELS, TRAINED_MODELS
+from pipeline.models import CPU_JOB_MODELS, TEST_JOB_MODELS, TRAINED_MODELS
 
 # TRAINED_MODELS (pipeline.models): the models a job can train (each gives one or more rows of the `model`
 # column: `baseline` gives `baseline` and `baseline_paper`); the truth references and `classical` need no training
@@ -42,7 +42,7 @@ class JobPreset:
 #: `muontrack run --preset P`: `test` for tests (seconds), `cpu` for this 2-core machine (~10 min), `paper` for a GPU
 #: (the cpu job leaves out `assignment` to stay near ten minutes; `muontrack run --model ...` adds it back)
 JOB_PRESETS: dict[str, JobPreset] = {
-    "test": JobPreset(events=600, train_preset="test", models=TRAINED_MODELS, shard_events=300),
+    "test": JobPreset(events=600, train_preset="test", models=TEST_JOB_MODELS, shard_events=300),
     "cpu": JobPreset(events=20_000, train_preset="cpu", shard_events=5_000),
     "paper": JobPreset(events=1_000_000, train_preset="paper", models=TRAINED_MODELS, shard_events=50_000),
 }

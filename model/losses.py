@@ -26,7 +26,11 @@ FAILED_FIT_LOSS = PT_LOSS_DELTA * (10.0 / PT_LOSS_SCALE - 0.5 * PT_LOSS_DELTA)
 
 
 def bce_loss(logits: Float[ArrayLike, "B N"], labels: Float[ArrayLike, "B N"], mask: Bool[ArrayLike, "B N"]) -> Array:
-    """Mean binary cross-entropy over the real hits (``mask``) of the batch, computed from logits."""
+    """Mean binary cross-entropy over the real hits (``mask``) of the batch, computed from logits.
+
+    ``labels`` may be soft (in [0, 1]: the share targets); the cross-entropy is then minimal at
+    sigmoid(logit) = label, a proper loss for a probability or a fraction.
+    """
     mask = jnp.asarray(mask, bool)
     per_hit = optax.sigmoid_binary_cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.float32))
     return jnp.sum(jnp.where(mask, per_hit, 0)) / jnp.maximum(jnp.sum(mask), 1)
@@ -81,15 +85,19 @@ def composite_loss(
     geometry: Geometry,
     lam: float | Float[ArrayLike, ""],
     chain: Chain = PAPER_CHAIN,
+    targets: Float[ArrayLike, "B N"] | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """BCE(hits) + lam * L_pT(``chain``'s fit of the hits weighted by sigmoid(logits)).
+
+    The BCE's targets are ``targets`` in [0, 1] (default: the labels, ``batch.label``; the share models give the
+    truth shares, ``batch.share``).
 
     Returns ``(loss, {"bce", "pt_loss", "q_over_pt"})``, ``q_over_pt`` the reconstructed value per event. The
     pT term is differentiated through the reconstruction chain (model.tracker) back to the logits. With
     ``lam = 0`` its gradient contribution is exactly 0 (the fit's gradients are finite), so the gradient is
     the BCE gradient alone; the term is still evaluated, so ``pt_loss`` can be logged during the warm-up.
     """
-    bce = bce_loss(logits, batch.label, batch.mask)
+    bce = bce_loss(logits, batch.label if targets is None else targets, batch.mask)
     momentum, q_over_pt = reconstructed_pt_loss(jax.nn.sigmoid(jnp.asarray(logits)), batch, geometry, chain)
     return bce + lam * momentum, {"bce": bce, "pt_loss": momentum, "q_over_pt": q_over_pt}
 

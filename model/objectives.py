@@ -8,6 +8,14 @@ and is reported with both reconstruction chains (model.tracker) as ``baseline`` 
 lambda = 0 for ``lambda_warmup_epochs`` and ``lambda_pt`` afterwards. The ``assignment`` model selects one hard
 window per layer (model.assignment).
 
+The share models (``share_baseline``, ``share_e2e``) are the same network with another target: its sigmoid output
+s_i is the muon's share of strip i's charge, trained by the cross-entropy against the truth share
+``charge_muon / charge`` (pipeline.batches.truth_share_expr) instead of the 0/1 label. Through the robust chain,
+whose cluster positions are charge centroids weighted by the hit weight (Σ w q x / Σ w q), the weight s_i makes
+the muon's estimated charge s_i q_i the strip's weight: a strip of a merged cluster keeps the muon's part of its
+charge instead of all or none of it. ``share_baseline`` trains on the share alone (lambda = 0), ``share_e2e`` adds
+lambda * L_pT through the robust chain.
+
 The names come from pipeline.models, the one registry of model names: the objectives registered here are
 exactly its trained models, with the rows it names (checked at import).
 """
@@ -56,6 +64,12 @@ class Objective:
     #: the loss is the BCE of the logits and nothing else reaches them (the train step then takes the BCE's
     #: gradient from the loss's instead of computing it a second time)
     bce_only: bool = False
+    #: the BCE's targets are the truth shares of the strips' charge (``batch.share``) instead of the labels
+    share_target: bool = False
+
+    def targets(self, batch: Batch) -> jax.Array:
+        """The BCE's per-hit targets of ``batch``: the labels, or the truth shares of a share model."""
+        return batch.share if self.share_target else batch.label
 
     @property
     def chain(self) -> Chain:
@@ -74,31 +88,36 @@ def sigmoid_weights(logits: jax.Array, batch: Batch, geometry: Geometry) -> jax.
     return jnp.where(batch.mask, jax.nn.sigmoid(logits), 0.0)
 
 
-def end_to_end_loss(logits, batch, geometry, lam, key, *, chain: Chain):
-    """BCE + lam * L_pT through ``chain`` (paper eq. for the composite loss)."""
+def end_to_end_loss(logits, batch, geometry, lam, key, *, chain: Chain, share_target: bool = False):
+    """BCE + lam * L_pT through ``chain`` (paper eq. for the composite loss); the BCE against the truth shares
+    with ``share_target``."""
     del key
-    return composite_loss(logits, batch, geometry, lam, chain)
+    return composite_loss(logits, batch, geometry, lam, chain, batch.share if share_target else batch.label)
 
 
-def baseline_loss(logits, batch, geometry, lam, key, *, chain: Chain):
+def baseline_loss(logits, batch, geometry, lam, key, *, chain: Chain, share_target: bool = False):
     """BCE only; L_pT through ``chain`` is evaluated on stopped gradients, so it is logged but never trained on."""
     del lam, key
-    bce = bce_loss(logits, batch.label, batch.mask)
+    bce = bce_loss(logits, batch.share if share_target else batch.label, batch.mask)
     weights = jax.nn.sigmoid(jax.lax.stop_gradient(jnp.asarray(logits)))
     momentum, q_over_pt = reconstructed_pt_loss(weights, batch, geometry, chain)
     return bce, {"bce": bce, "pt_loss": momentum, "q_over_pt": q_over_pt}
 
 
-def network_objective(name: str, *, trained_end_to_end: bool, reported_as: tuple[tuple[str, Chain], ...]) -> Objective:
-    """A GAT whose sigmoid scores are the hit weights: trained on BCE (+ lam * L_pT through its first chain)."""
+def network_objective(
+    name: str, *, trained_end_to_end: bool, reported_as: tuple[tuple[str, Chain], ...], share_target: bool = False
+) -> Objective:
+    """A GAT whose sigmoid scores are the hit weights: trained on BCE (+ lam * L_pT through its first chain),
+    against the labels, or against the truth shares with ``share_target``."""
     loss = end_to_end_loss if trained_end_to_end else baseline_loss
     return Objective(
         name,
-        functools.partial(loss, chain=reported_as[0][1]),
+        functools.partial(loss, chain=reported_as[0][1], share_target=share_target),
         sigmoid_weights,
         uses_lambda=trained_end_to_end,
         reported_as=reported_as,
         bce_only=not trained_end_to_end,
+        share_target=share_target,
     )
 
 
@@ -146,6 +165,16 @@ register_objective(
 register_objective(network_objective("e2e", trained_end_to_end=True, reported_as=(("e2e", ROBUST_CHAIN),)))
 register_objective(network_objective("e2e_paper", trained_end_to_end=True, reported_as=(("e2e_paper", PAPER_CHAIN),)))
 register_objective(assignment_objective())
+register_objective(
+    network_objective(
+        "share_baseline", trained_end_to_end=False, reported_as=(("share_baseline", ROBUST_CHAIN),), share_target=True
+    )
+)
+register_objective(
+    network_objective(
+        "share_e2e", trained_end_to_end=True, reported_as=(("share_e2e", ROBUST_CHAIN),), share_target=True
+    )
+)
 
 
 def _check_registry() -> None:

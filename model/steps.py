@@ -94,6 +94,7 @@ def example_batch(batch_size: int, n_nodes: int, n_layers: int) -> Batch:
         charge=zeros,
         mask=np.zeros((batch_size, n_nodes), bool),
         label=zeros,
+        share=zeros,
         hit_id=np.full((batch_size, n_nodes), -1, np.int32),
         event_id=np.full(batch_size, -1, np.int64),
         pt=np.ones(batch_size, np.float32),
@@ -249,7 +250,7 @@ def train_step(state: TrainState, batch: Batch, key: jax.Array, lam: jax.Array) 
     (grads,) = network_vjp(logit_grad)
     state = state.apply_gradients(grads=grads)
     # a loss that is the BCE alone has the BCE's gradient already; any other needs it on its own
-    bce_grad = logit_grad if objective.bce_only else jax.grad(bce_loss)(logits, batch.label, batch.mask)
+    bce_grad = logit_grad if objective.bce_only else jax.grad(bce_loss)(logits, objective.targets(batch), batch.mask)
     solver_grad = logit_grad - bce_grad
     n_hits = jnp.maximum(jnp.sum(batch.mask), 1)
     metrics = {

@@ -75,6 +75,8 @@ class Batch(NamedTuple):
     charge: np.ndarray  # float32 [B, N]
     mask: np.ndarray  # bool [B, N]: True on real hits, False on padding
     label: np.ndarray  # float32 [B, N]: 1 for signal (muon) hits, 0 for background and padding
+    #: float32 [B, N]: the muon's share of the strip's charge, :func:`truth_share_expr` (0 on padding)
+    share: np.ndarray
     hit_id: np.ndarray  # int32 [B, N]: hit_id of the node (-1 on padding)
     event_id: np.ndarray  # int64 [B]
     pt: np.ndarray  # float32 [B]: true pT [GeV]
@@ -116,6 +118,16 @@ class Geometry(NamedTuple):
 
 
 # ---- splits ----------------------------------------------------------------------------------------------
+
+
+def truth_share_expr(charge_muon: str = "charge_muon", charge: str = "charge") -> pl.Expr:
+    """The muon's share of a strip's measured charge, ``charge_muon / charge`` clipped to [0, 1] (float32).
+
+    The target of the share models (model.objectives). With electronic noise the measured charge may fall below
+    the muon's own (a negative noise draw): such a strip is all the muon's, share 1. A fired strip's charge is
+    above the threshold (> 0), so the ratio is finite.
+    """
+    return (pl.col(charge_muon) / pl.col(charge)).clip(0.0, 1.0).cast(pl.Float32)
 
 
 def event_hash_expr(column: str = "event_id") -> pl.Expr:
@@ -277,6 +289,7 @@ class ShardEvents:
     y: np.ndarray  # float32 [H]
     charge: np.ndarray  # float32 [H]
     label: np.ndarray  # float32 [H]
+    share: np.ndarray  # float32 [H]
 
     @property
     def n_events(self) -> int:
@@ -303,6 +316,7 @@ class ShardEvents:
             y=self.y[source],
             charge=self.charge[source],
             label=self.label[source],
+            share=self.share[source],
         )
 
 
@@ -320,7 +334,7 @@ def read_shard(
         hits_query = hits_query.filter(split_expr(split))
     events = events_query.select("event_id", "pt", "q", "x_true").sort("event_id").collect()
     hits = (
-        hits_query.select("event_id", "hit_id", "layer", "x", "y", "charge", "is_signal")
+        hits_query.select("event_id", "hit_id", "layer", "x", "y", "charge", "is_signal", share=truth_share_expr())
         .sort("event_id", "hit_id")
         .with_columns(
             n_all=pl.len().over("event_id"),
@@ -356,6 +370,7 @@ def read_shard(
         y=hits["y"].to_numpy().astype(np.float32),
         charge=hits["charge"].to_numpy().astype(np.float32),
         label=hits["is_signal"].to_numpy().astype(np.float32),
+        share=hits["share"].to_numpy().astype(np.float32),
     )
 
 
@@ -386,6 +401,7 @@ def pack_batch(
     charge = np.zeros(shape, np.float32)
     mask = np.zeros(shape, bool)
     label = np.zeros(shape, np.float32)
+    share = np.zeros(shape, np.float32)
     hit_id = np.full(shape, -1, np.int32)
     event_id = np.full(batch_size, -1, np.int64)
     pt = np.ones(batch_size, np.float32)
@@ -416,6 +432,7 @@ def pack_batch(
         layer[row, column] = shard.layer[source]
         charge[row, column] = shard.charge[source]
         label[row, column] = shard.label[source]
+        share[row, column] = shard.share[source]
         hit_id[row, column] = shard.hit_id[source]
         mask[row, column] = True
         row0 += k
@@ -429,6 +446,7 @@ def pack_batch(
         charge=charge,
         mask=mask,
         label=label,
+        share=share,
         hit_id=hit_id,
         event_id=event_id,
         pt=pt,

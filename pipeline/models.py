@@ -27,6 +27,8 @@ class ModelSpec:
     trained: bool = True
     #: trained by the ``cpu`` job by default (``muontrack run --preset cpu``; the others add it with --model)
     in_cpu_job: bool = True
+    #: trained by the ``test`` job by default (the smoke run the tests make; the others add it with --model)
+    in_test_job: bool = True
 
 
 #: every model, trained ones in training order (the order of ``--model`` choices and of a job's runs)
@@ -40,10 +42,14 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("e2e_paper", rows=("e2e_paper",)),
     # the cpu job leaves it out to stay near ten minutes
     ModelSpec("assignment", rows=("assignment",), in_cpu_job=False),
+    # the network's output is the muon's share of each strip's charge (model.objectives): trained on the share
+    # alone, and end to end through the robust chain; added to a cpu or test job with --model
+    ModelSpec("share_baseline", rows=("share_baseline",), in_cpu_job=False, in_test_job=False),
+    ModelSpec("share_e2e", rows=("share_e2e",), in_cpu_job=False, in_test_job=False),
 )
 
 #: the rows of the `model` column, in report order: references, then the paper-chain networks, then the
-#: robust-chain ones and the assignment model
+#: robust-chain ones, the assignment model and the share models
 REPORT_ROWS: tuple[str, ...] = (
     "truth",
     "truth_charge",
@@ -53,6 +59,8 @@ REPORT_ROWS: tuple[str, ...] = (
     "baseline",
     "e2e",
     "assignment",
+    "share_baseline",
+    "share_e2e",
 )
 
 #: the summary's reference row that no model gives: the Cramér-Rao limit of σ68(q/pT) on the evaluated events
@@ -68,6 +76,8 @@ SUMMARY_ROWS: tuple[str, ...] = (LIMIT_ROW, *REPORT_ROWS)
 TRAINED_MODELS: tuple[str, ...] = tuple(spec.name for spec in MODELS if spec.trained)
 #: what the ``cpu`` job trains unless told otherwise
 CPU_JOB_MODELS: tuple[str, ...] = tuple(spec.name for spec in MODELS if spec.trained and spec.in_cpu_job)
+#: what the ``test`` job trains unless told otherwise
+TEST_JOB_MODELS: tuple[str, ...] = tuple(spec.name for spec in MODELS if spec.trained and spec.in_test_job)
 #: the rows that need no trained run (always in a report)
 REFERENCE_ROWS: tuple[str, ...] = tuple(row for spec in MODELS if not spec.trained for row in spec.rows)
 

@@ -81,6 +81,7 @@ def make_batch(
         charge=charge,
         mask=mask,
         label=label,
+        share=label.copy(),  # no strip is shared: the muon's strips are all its own
         hit_id=hit_id,
         event_id=np.arange(total, dtype=np.int64),
         pt=pt,

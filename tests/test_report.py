@@ -180,8 +180,17 @@ GOOD_E2E = {
         "baseline": 0.040,
         "e2e": 0.020,
         "assignment": 0.050,
+        "share_baseline": 0.035,
+        "share_e2e": 0.018,
     },
-    "separation": {"baseline_paper": 0.6, "e2e_paper": 1.0, "baseline": 0.6, "e2e": 1.2},
+    "separation": {
+        "baseline_paper": 0.6,
+        "e2e_paper": 1.0,
+        "baseline": 0.6,
+        "e2e": 1.2,
+        "share_baseline": 0.7,
+        "share_e2e": 1.1,
+    },
     "core_share": {
         "truth": 1.0,
         "truth_charge": 1.0,
@@ -191,6 +200,8 @@ GOOD_E2E = {
         "baseline": 0.7,
         "e2e": 0.85,
         "assignment": 0.7,
+        "share_baseline": 0.75,
+        "share_e2e": 0.9,
     },
     "selection": {"classical": (0.9, 0.1), "assignment": (0.85, 0.15)},
 }
@@ -330,6 +341,7 @@ def test_write_report_files_and_contents(tmp_path, truth):
         ("e2e", "classical"),
         ("e2e_paper", "baseline_paper"),
         ("e2e", "truth_charge"),
+        *SHARE_PAIRS,
     }
     # ... and on the final weights' AUC: the numbers quoted are auc_weight's, not the raw score's
     versus_classical = _sentence(comparisons, "hit AUC (final weights)", reference="classical")
@@ -342,7 +354,11 @@ def test_write_report_files_and_contents(tmp_path, truth):
     assert "e2e_paper better by" in _sentence(comparisons, "cluster core fraction", "e2e_paper", "baseline_paper")
     # the paper's core-fraction gain is quoted for both network pairs, not against the classical tracker
     gains = [line for line in _comparison_lines(report) if line.startswith("Relative change of the core fraction")]
-    assert [line.split(":")[0].split(", ")[1] for line in gains] == ["e2e vs baseline", "e2e_paper vs baseline_paper"]
+    assert [line.split(":")[0].split(", ")[1] for line in gains] == [
+        "e2e vs baseline",
+        "e2e_paper vs baseline_paper",
+        "share_e2e vs share_baseline",
+    ]
     assert all("+12.7 %" in line for line in gains)
     # e2e's σ68 as a multiple of the charge-centroid limit
     ratio = ratio_with_error(
@@ -506,13 +522,28 @@ def test_truth_only_predictions(tmp_path, truth):
     assert (tmp_path / "figures" / "roc_rejection.png").read_bytes()[:8] == PNG_MAGIC
 
 
+#: the share models' comparisons (each when both of its models are present)
+SHARE_PAIRS = {("share_e2e", "classical"), ("share_e2e", "share_baseline"), ("share_e2e", "e2e")}
+
+
 @pytest.mark.parametrize(
     ("dropped", "pairs"),
     [
-        ({"classical"}, {("e2e", "baseline"), ("e2e_paper", "baseline_paper"), ("e2e", "truth_charge")}),
-        ({"baseline_paper", "e2e_paper"}, {("e2e", "baseline"), ("e2e", "classical"), ("e2e", "truth_charge")}),
-        ({"e2e", "assignment"}, {("e2e_paper", "baseline_paper")}),
-        ({"truth_charge", "baseline"}, {("e2e", "classical"), ("e2e_paper", "baseline_paper")}),
+        (
+            {"classical"},
+            {("e2e", "baseline"), ("e2e_paper", "baseline_paper"), ("e2e", "truth_charge")}
+            | SHARE_PAIRS - {("share_e2e", "classical")},
+        ),
+        (
+            {"baseline_paper", "e2e_paper"},
+            {("e2e", "baseline"), ("e2e", "classical"), ("e2e", "truth_charge")} | SHARE_PAIRS,
+        ),
+        ({"e2e", "assignment"}, {("e2e_paper", "baseline_paper")} | SHARE_PAIRS - {("share_e2e", "e2e")}),
+        ({"truth_charge", "baseline"}, {("e2e", "classical"), ("e2e_paper", "baseline_paper")} | SHARE_PAIRS),
+        (
+            {"share_e2e"},
+            {("e2e", "baseline"), ("e2e", "classical"), ("e2e_paper", "baseline_paper"), ("e2e", "truth_charge")},
+        ),
     ],
 )
 def test_comparisons_follow_the_models_present(tmp_path, truth, dropped, pairs):
@@ -528,14 +559,21 @@ def test_comparisons_follow_the_models_present(tmp_path, truth, dropped, pairs):
     classical_sentences = [
         line for line in compared_sentences if " vs classical " in line or "than classical on" in line
     ]
-    assert bool(classical_sentences) == (("e2e", "classical") in pairs)
+    assert bool(classical_sentences) == bool(pairs & {("e2e", "classical"), ("share_e2e", "classical")})
     ratio_sentences = [line for line in compared_sentences if line.startswith("σ68(q/pT) of e2e / truth_charge = ")]
     assert len(ratio_sentences) == (("e2e", "truth_charge") in pairs)
     gains = [line for line in compared_sentences if line.startswith("Relative change of the core fraction")]
-    assert len(gains) == len(pairs & {("e2e", "baseline"), ("e2e_paper", "baseline_paper")})
+    assert len(gains) == len(
+        pairs & {("e2e", "baseline"), ("e2e_paper", "baseline_paper"), ("share_e2e", "share_baseline")}
+    )
     # the pairs left out are named, each once, with the missing model
     left_out = next((lines for lead, lines in sentences.items() if lead.startswith("**Not compared**")), [])
-    expected_left_out = {("e2e", "baseline"), ("e2e", "classical"), ("e2e_paper", "baseline_paper")} - pairs
+    expected_left_out = {
+        ("e2e", "baseline"),
+        ("e2e", "classical"),
+        ("e2e_paper", "baseline_paper"),
+        *SHARE_PAIRS,
+    } - pairs
     assert {tuple(line.split(" (")[0].split(" vs ")) for line in left_out} == expected_left_out
     assert all(any(f"no {model}" in line for model in dropped) for line in left_out)
 
