@@ -43,7 +43,9 @@ RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err", 
 def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
     """Draw every figure into ``figures_dir``; returns {figure key: path} of those drawn."""
     paths = {
-        "rejection": fig.plot_rejection_vs_efficiency(results.rocs, figures_dir / folder.FIGURE_NAMES["rejection"]),
+        "rejection": fig.plot_rejection_vs_efficiency(
+            results.hit_scores, figures_dir / folder.FIGURE_NAMES["rejection"]
+        ),
         "scores": fig.plot_score_histograms(results.hit_scores, figures_dir / folder.FIGURE_NAMES["scores"]),
         "q_over_pt": fig.plot_q_over_pt_residuals(
             results.track_residuals,
