@@ -690,6 +690,86 @@ def plot_sigma68_vs_pt(resolution_pt: pl.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+@dataclass(frozen=True)
+class RatePoints:
+    """One model's points of a rate figure: the bins (``lo``, ``hi``), where the marker stands within each (the
+    models side by side), the rate and its Clopper–Pearson interval (``lower``, ``upper``)."""
+
+    model: str
+    lo: np.ndarray
+    hi: np.ndarray
+    x: np.ndarray
+    rate: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def rate_points(table: pl.DataFrame, x: str, rate: str) -> list[RatePoints]:
+    """The points of ``rate`` per model (report order; bins where the rate is null left out) of an
+    analysis.performance table binned in ``x``: its ``x_lo``, ``x_hi`` columns where it has them, else the integer
+    column ``x`` (a layer) as bins of width 1. The models stand side by side within the middle 80 % of each bin."""
+    models = model_order(set(table["model"].to_list()))
+    points = []
+    for index, model in enumerate(models):
+        rows = table.filter((pl.col("model") == model) & pl.col(rate).is_not_null())
+        if f"{x}_lo" in rows.columns:
+            rows = rows.sort(f"{x}_lo")
+            lo, hi = rows[f"{x}_lo"].to_numpy().astype(np.float64), rows[f"{x}_hi"].to_numpy().astype(np.float64)
+        else:
+            rows = rows.sort(x)
+            lo, hi = rows[x].to_numpy() - 0.5, rows[x].to_numpy() + 0.5
+        offset = (index + 0.5) / len(models) - 0.5
+        centre = 0.5 * (lo + hi) + 0.8 * offset * (hi - lo)
+        values = [rows[column].to_numpy().astype(np.float64) for column in (rate, f"{rate}_lo", f"{rate}_hi")]
+        points.append(RatePoints(model, lo, hi, centre, *values))
+    return points
+
+
+@_hep_styled
+def plot_rates(
+    table: pl.DataFrame, x: str, panels: tuple[tuple[str, str], ...], xlabel: str, title: str, path: Path
+) -> Path:
+    """Binomial rates per model against a binned variable, as ACTS's performance writers draw efficiencies: per
+    model and bin a marker at the rate with the Clopper–Pearson 68.27 % interval as its error bar
+    (:func:`rate_points`), the bin edges as grey lines. One panel per (rate column, y label) of ``panels``, stacked
+    on a shared x axis.
+
+    Args:
+        table: an analysis.performance table (model, the bins of ``x``, each rate with ``_lo``, ``_hi``).
+    """
+    fig = Figure(figsize=(_LEGEND_FIGSIZE[0], 3.4 * len(panels) + 1.2))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (rate, ylabel) in zip(axes, panels, strict=True):
+        points = rate_points(table, x, rate)
+        edges = np.unique(np.concatenate([np.r_[p.lo, p.hi] for p in points])) if points else np.array([])
+        for edge in edges:
+            ax.axvline(edge, color="0.85", linewidth=0.8, zorder=0)
+        for point in points:
+            style = model_style(point.model)
+            # the interval may not hold the rate exactly at 0 or 1 in floating point: clip the bar lengths at 0
+            bars = [np.maximum(point.rate - point.lower, 0.0), np.maximum(point.upper - point.rate, 0.0)]
+            ax.errorbar(
+                point.x,
+                point.rate,
+                yerr=bars,
+                fmt=style["marker"],
+                markersize=4,
+                capsize=2,
+                color=style["color"],
+                label=style["label"],
+            )
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+        if points:
+            ax.set_xlim(edges[0], edges[-1])
+            _legend_outside(ax)
+        else:
+            _empty(ax, "no entries")
+    axes[0].set_title(title)
+    axes[-1].set_xlabel(xlabel)
+    return _save(fig, path)
+
+
 def format_value_error(value: float | None, err: float | None) -> str:
     """'v ± e' with both rounded to the error's second significant digit; 'n/a' for a missing value."""
     if value is None or not math.isfinite(value):

@@ -256,6 +256,21 @@ def render_markdown(
     lines += ["", "## Tails, bias and charge", "", *_tails_rows(results)]
     lines += _merged_rows(results)
 
+    lines += ["", "## Performance plots", ""]
+    lines += [
+        "Per bin a binomial fraction with its Clopper–Pearson 68.27 % interval (`analysis/performance.py`): hit "
+        "efficiency (selected signal / signal) and purity (selected signal / selected) of the final weights "
+        f"(selected: w ≥ {m.HIT_SELECTION_THRESHOLD:g}) against the event's true pT and against the layer; the "
+        "failed-fit rate (of all tracks) and the charge-misidentification rate (of the successful fits) against "
+        "true pT.",
+        "",
+        _figure_link(figure_paths, "hit_performance_pt", "Hit efficiency and purity vs true pT"),
+        "",
+        _figure_link(figure_paths, "hit_performance_layer", "Hit efficiency and purity per layer"),
+        "",
+        _figure_link(figure_paths, "track_performance_pt", "Failed-fit and charge-misidentification rates vs true pT"),
+    ]
+
     lines += ["", "## Definitions", "", *DEFINITIONS, ""]
     return "\n".join(lines)
 

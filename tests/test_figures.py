@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from matplotlib.figure import Figure
 
-from analysis import figures
+from analysis import figures, performance
 from analysis.statistics import GaussianFit
 from pipeline.models import LIMIT_ROW
 
@@ -66,7 +66,20 @@ def _tiny_inputs() -> dict[str, object]:
         resolution_pt.append(
             {"model": LIMIT_ROW, "pt_lo": pt_lo, "pt_hi": pt_lo + 15.0, "n": n, "sigma68": value, "sigma68_err": None}
         )
+    hits = (
+        pl.concat(hit_scores)
+        .with_columns(pt_lo=20.0 + 10.0 * (pl.col("event_id") % 3), layer=pl.col("hit_id") % 4)
+        .with_columns(pt_hi=pl.col("pt_lo") + 10.0)
+    )
+    track_table = pl.concat(tracks).with_columns(
+        pt=pl.Series(rng.uniform(20.0, 50.0, n * len(MODELS))),
+        fit_ok=pl.Series(rng.uniform(size=n * len(MODELS)) > 0.05),
+        charge_misid=pl.Series(rng.uniform(size=n * len(MODELS)) < 0.02),
+    )
     return {
+        "hit_performance_pt": performance.hit_performance(hits, ["pt_lo", "pt_hi"]),
+        "hit_performance_layer": performance.hit_performance(hits, ["layer"]),
+        "track_performance_pt": performance.track_performance_by_pt(track_table),
         "hit_scores": pl.concat(hit_scores),
         "cluster_residuals": pl.concat(clusters),
         "core": GaussianFit(mu=0.0, sigma=0.1, mu_err=0.005, sigma_err=0.005, n_fit=190),
@@ -77,6 +90,7 @@ def _tiny_inputs() -> dict[str, object]:
 
 
 INPUTS = _tiny_inputs()
+HIT_PANELS = (("hit_efficiency", "hit efficiency"), ("hit_purity", "hit purity"))
 
 #: every figure the report draws: its file name in the report (analysis/report_folder.py) and how to draw it
 FIGURES: dict[str, Callable[[Path], Path]] = {
@@ -89,6 +103,20 @@ FIGURES: dict[str, Callable[[Path], Path]] = {
         INPUTS["track_residuals"], INPUTS["resolution"], path
     ),
     "sigma68_vs_pt.png": lambda path: figures.plot_sigma68_vs_pt(INPUTS["resolution_pt"], path),
+    "hit_efficiency_purity_vs_pt.png": lambda path: figures.plot_rates(
+        INPUTS["hit_performance_pt"], "pt", HIT_PANELS, "$p_T^{true}$ [GeV]", "hits vs pT", path
+    ),
+    "hit_efficiency_purity_vs_layer.png": lambda path: figures.plot_rates(
+        INPUTS["hit_performance_layer"], "layer", HIT_PANELS, "layer", "hits per layer", path
+    ),
+    "failed_fit_charge_misid_vs_pt.png": lambda path: figures.plot_rates(
+        INPUTS["track_performance_pt"],
+        "pt",
+        (("failed_fit_rate", "failed fits"), ("charge_misid_rate", "charge misid.")),
+        "$p_T^{true}$ [GeV]",
+        "tracks vs pT",
+        path,
+    ),
     "sigma68_vs_pt_without_limit.png": lambda path: figures.plot_sigma68_vs_pt(
         INPUTS["resolution_pt"].filter(pl.col("model") != LIMIT_ROW), path
     ),
