@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec
 
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from analysis.metrics import SIGNAL_EFFICIENCY_POINTS
-from analysis.statistics import CORE_WINDOW_N_SIGMA, GaussianFit
+from analysis.statistics import CORE_WINDOW_N_SIGMA, GaussianFit, auc_from_roc, roc_curve, sigma68
 from pipeline.atomic import replacing
 from pipeline.models import LIMIT_ROW, SUMMARY_ROWS
 
@@ -154,184 +155,420 @@ def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
 
 
-@_hep_styled
-def plot_rejection_vs_efficiency(
-    rocs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, min_signal_eff: float = 0.5
-) -> Path:
-    """Background rejection 1/ε_b (log) vs signal efficiency ε_s per model (paper Fig. 4).
+# ---------------------------------------------------------------------------------------------------------
+# What each figure draws: plain arrays, computed apart from the drawing so that tests/test_figures.py can check
+# them against NumPy on the prediction tables
+# ---------------------------------------------------------------------------------------------------------
 
-    A ROC with a single working point (a hard 0/1 selection such as classical's: points (0, 0),
-    the selection, (1, 1)) is drawn as one marker at that point, not as a line to (1, 1).
+
+@dataclass(frozen=True)
+class Curve:
+    """A ROC curve (:func:`analysis.statistics.roc_curve`) and its area, shared by ``models`` (report order)
+    when their values are identical."""
+
+    models: tuple[str, ...]
+    signal_eff: np.ndarray
+    background_eff: np.ndarray
+    auc: float
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """One row's histogram as drawn: contents per bin divided by (all entries of the row × bin width), so entries
+    outside the edges (``n_outside``) show as missing area."""
+
+    models: tuple[str, ...]
+    edges: np.ndarray
+    density: np.ndarray
+    n_entries: int
+    n_outside: int
+    #: σ68 of all the row's entries (:func:`analysis.statistics.sigma68`); None without entries
+    sigma68: float | None = None
+
+
+@dataclass(frozen=True)
+class ScorePanel:
+    """One panel of the score histograms: the score density of signal and of background hits, shared by
+    ``models`` when their scores are identical hit for hit."""
+
+    models: tuple[str, ...]
+    edges: np.ndarray
+    signal: np.ndarray
+    background: np.ndarray
+
+
+@dataclass(frozen=True)
+class ClusterResidualData:
+    """What :func:`plot_cluster_residuals` draws: every row on the core window's scale (``wide``), the rows with
+    the narrowest residuals on bins matched to their σ68 (``zoom``), and the truth row's median ± σ68."""
+
+    wide: list[Histogram]
+    zoom: list[Histogram]
+    truth_median: float | None
+    truth_sigma68: float | None
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"))
+
+
+def identical_groups(values: dict[str, tuple[np.ndarray, ...]]) -> list[tuple[str, ...]]:
+    """The models of ``values`` grouped by identical arrays (every array of the tuple equal, NaN equal to NaN), in
+    report order within and between the groups: rows that share their data are drawn once (``baseline`` and
+    ``baseline_paper`` have the same classifier and so the same scores)."""
+    groups: list[list[str]] = []
+    for model in model_order(set(values)):
+        for group in groups:
+            if all(_equal(a, b) for a, b in zip(values[group[0]], values[model], strict=True)):
+                group.append(model)
+                break
+        else:
+            groups.append([model])
+    return [tuple(group) for group in groups]
+
+
+def group_label(models: tuple[str, ...]) -> str:
+    """The legend label of rows drawn as one: "baseline (BCE), paper reco = robust reco" (the labels' common part
+    before the last comma said once), else the labels joined by " = "."""
+    labels = [model_style(model)["label"] for model in models]
+    head = labels[0].rpartition(", ")[0]
+    if len(labels) > 1 and head and all(label.startswith(f"{head}, ") for label in labels):
+        return f"{head}, " + " = ".join(label[len(head) + 2 :] for label in labels)
+    return " = ".join(labels)
+
+
+def group_style(models: tuple[str, ...]) -> dict[str, str]:
+    """The style of rows drawn as one: that of the first of them drawn with a solid line (a network's robust-chain
+    row, the canonical look of its classifier), else the first's; the label is :func:`group_label`'s."""
+    solid = [model for model in models if model_style(model)["linestyle"] == "-"]
+    return model_style((solid or list(models))[0]) | {"label": group_label(models)}
+
+
+def roc_curves(hit_scores: pl.DataFrame, column: str) -> list[Curve]:
+    """The ROC of ``column`` ("score": the raw classifier output, or "weight": the hit's weight in the final
+    clusters) per classifying model, on the hits with a finite value (as analysis.metrics.classification_metrics);
+    models with identical curves share one. A model lacking signal or background hits has none.
 
     Args:
-        rocs: {model: (signal_eff, background_eff)} from :func:`analysis.statistics.roc_curve`.
-        path: PNG to write.
-        min_signal_eff: left edge of the x axis.
+        hit_scores: (model, score, weight, is_signal) from :func:`analysis.metrics.hit_score_table`.
     """
-    fig = Figure(figsize=_LEGEND_FIGSIZE)
-    ax = fig.add_subplot()
-    for model in model_order(rocs):
-        signal_eff, background_eff = rocs[model]
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for model in model_order(set(hit_scores["model"].unique().to_list())):
+        group = hit_scores.filter(pl.col("model") == model)
+        values, labels = group[column].to_numpy(), group["is_signal"].to_numpy().astype(bool)
+        finite = np.isfinite(values)
+        if labels[finite].all() or not labels[finite].any():
+            continue
+        signal_eff, background_eff, _ = roc_curve(values[finite], labels[finite])
+        curves[model] = (signal_eff, background_eff)
+    return [Curve(group, *curves[group[0]], auc=auc_from_roc(*curves[group[0]])) for group in identical_groups(curves)]
+
+
+def score_panels(hit_scores: pl.DataFrame, bins: int = 50) -> list[ScorePanel]:
+    """Per classifying model (models with the same score on every hit share a panel), the density of the
+    finite scores of signal and of background hits, each class normalised to 1, on ``bins`` bins over [0, 1] (wider
+    where a score lies outside)."""
+    values: dict[str, tuple[np.ndarray, ...]] = {}
+    for model in set(hit_scores["model"].unique().to_list()):
+        group = hit_scores.filter(pl.col("model") == model).sort("event_id", "hit_id")
+        values[model] = (
+            group["event_id"].to_numpy(),
+            group["hit_id"].to_numpy(),
+            group["score"].to_numpy(),
+            group["is_signal"].to_numpy().astype(bool),
+        )
+    panels = []
+    for models in identical_groups(values):
+        _, _, scores, signal = values[models[0]]
+        finite = np.isfinite(scores)
+        # scores outside [0, 1] (a model without a sigmoid) widen the axis instead of being dropped
+        lo = min(0.0, float(scores[finite].min(initial=0.0)))
+        hi = max(1.0, float(scores[finite].max(initial=1.0)))
+        edges = np.linspace(lo, hi, bins + 1)
+        densities = []
+        for mask in (signal & finite, ~signal & finite):
+            counts, _ = np.histogram(scores[mask], bins=edges)
+            densities.append(counts / (max(int(mask.sum()), 1) * np.diff(edges)))
+        panels.append(ScorePanel(models, edges, *densities))
+    return panels
+
+
+def _histogram(models: tuple[str, ...], values: np.ndarray, edges: np.ndarray) -> Histogram:
+    """:class:`Histogram` of the finite ``values`` on ``edges``."""
+    values = values[np.isfinite(values)]
+    counts, _ = np.histogram(values, bins=edges)
+    density = counts / (max(values.size, 1) * np.diff(edges))
+    width = sigma68(values) if values.size else None
+    return Histogram(models, edges, density, int(values.size), int(values.size - counts.sum()), width)
+
+
+def _residuals_by_model(table: pl.DataFrame) -> dict[str, np.ndarray]:
+    """{model: its finite, non-null ``residual`` values} of a table with (model, residual), rows without any
+    left out."""
+    found = {}
+    for model in model_order(set(table["model"].unique().to_list())):
+        values = table.filter(pl.col("model") == model)["residual"].drop_nulls().to_numpy().astype(np.float64)
+        values = values[np.isfinite(values)]
+        if values.size:
+            found[model] = values
+    return found
+
+
+#: the cluster residual figure's upper panel spans the core window's centre ± this many σ of the core fit
+CLUSTER_WIDE_N_SIGMA = 8.0
+#: its lower panel spans ± this many σ68 of the narrowest row, in bins of 1/ZOOM_BINS_PER_SIGMA68 of that σ68,
+#: and draws the rows whose σ68 is at most ZOOM_MAX_SIGMA68_RATIO times it
+ZOOM_N_SIGMA68 = 8.0
+ZOOM_BINS_PER_SIGMA68 = 5
+ZOOM_MAX_SIGMA68_RATIO = 3.0
+
+
+def cluster_residual_data(cluster_residuals: pl.DataFrame, core: GaussianFit, bins: int = 80) -> ClusterResidualData:
+    """What :func:`plot_cluster_residuals` draws.
+
+    ``wide``: every row on ``bins`` bins over core.mu ± :data:`CLUSTER_WIDE_N_SIGMA` core.sigma (the scale of the
+    core window and of the truth row). ``zoom``: the rows whose σ68 is at most :data:`ZOOM_MAX_SIGMA68_RATIO`
+    times the smallest σ68 s, over 0 ± :data:`ZOOM_N_SIGMA68` s in bins of s / :data:`ZOOM_BINS_PER_SIGMA68`
+    (the clean-cluster rows resolve a few µm, far below the wide panel's bins).
+    """
+    residuals = _residuals_by_model(cluster_residuals)
+    wide_edges = np.linspace(
+        core.mu - CLUSTER_WIDE_N_SIGMA * core.sigma, core.mu + CLUSTER_WIDE_N_SIGMA * core.sigma, bins + 1
+    )
+    wide = [_histogram((model,), values, wide_edges) for model, values in residuals.items()]
+    widths = {histogram.models[0]: histogram.sigma68 for histogram in wide if histogram.sigma68}
+    zoom: list[Histogram] = []
+    if widths:
+        narrowest = min(widths.values())
+        half_range = ZOOM_N_SIGMA68 * narrowest
+        zoom_edges = np.linspace(-half_range, half_range, round(2 * ZOOM_N_SIGMA68 * ZOOM_BINS_PER_SIGMA68) + 1)
+        zoom = [
+            _histogram((model,), residuals[model], zoom_edges)
+            for model, width in widths.items()
+            if width <= ZOOM_MAX_SIGMA68_RATIO * narrowest
+        ]
+    truth = residuals.get("truth")
+    if truth is None:
+        return ClusterResidualData(wide, zoom, None, None)
+    return ClusterResidualData(wide, zoom, float(np.median(truth)), sigma68(truth))
+
+
+#: the q/pT residual figure spans ± this many times the rows' median σ68, in bins of 1/Q_OVER_PT_BINS_PER_SIGMA68
+#: of it: the median, not the largest, so that a row with tails a hundred times wider (the paper chain) does not
+#: squeeze the rows near the limit into one bin
+Q_OVER_PT_RANGE_SIGMA68 = 6.0
+Q_OVER_PT_BINS_PER_SIGMA68 = 8
+
+
+def q_over_pt_histograms(track_residuals: pl.DataFrame) -> list[Histogram]:
+    """Per model, the relative q/pT residuals of its successful fits (non-null residuals) over 0 ±
+    :data:`Q_OVER_PT_RANGE_SIGMA68` times the median of the models' σ68, in bins of 1/
+    :data:`Q_OVER_PT_BINS_PER_SIGMA68` of it; [] when no model has a residual spread.
+
+    Args:
+        track_residuals: (model, residual) from :func:`analysis.metrics.track_residual_table`.
+    """
+    residuals = _residuals_by_model(track_residuals)
+    widths = [sigma68(values) for values in residuals.values()]
+    widths = [width for width in widths if width > 0]
+    if not widths:
+        return []
+    half_range = Q_OVER_PT_RANGE_SIGMA68 * float(np.median(widths))
+    edges = np.linspace(-half_range, half_range, round(2 * Q_OVER_PT_RANGE_SIGMA68 * Q_OVER_PT_BINS_PER_SIGMA68) + 1)
+    return [_histogram((model,), values, edges) for model, values in residuals.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report's figures
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _draw_rocs(ax, curves: list[Curve], min_signal_eff: float) -> None:
+    """Rejection vs efficiency of each curve, its AUC in the legend. A ROC with a single working point (a hard
+    0/1 selection such as classical's: (0, 0), the selection, (1, 1)) is drawn as one marker at that point, not
+    as a line to (1, 1)."""
+    for curve in curves:
+        style = group_style(curve.models)
         # points with no background left have infinite rejection: not drawable on a log axis
-        keep = (background_eff > 0) & (signal_eff >= min_signal_eff)
-        if signal_eff.size <= 3:
-            # a hard 0/1 selection: (0, 0), its working point, (1, 1); the chords between them are no curve, so
-            # only the working point is drawn ((1, 1) is it only when the selection takes every hit)
-            keep[-1] = keep[-1] and signal_eff.size == 2
-            style = model_style(model)
-            ax.plot(
-                signal_eff[keep],
-                1.0 / background_eff[keep],
-                linestyle="none",
-                marker=style["marker"],
-                color=style["color"],
-                label=f"{style['label']}: 0/1 selection",
-            )
+        keep = (curve.background_eff > 0) & (curve.signal_eff >= min_signal_eff)
+        hard_selection = curve.signal_eff.size <= 3
+        if hard_selection:
+            # (1, 1) is the working point only when the selection takes every hit
+            keep[-1] = keep[-1] and curve.signal_eff.size == 2
+        x, y = curve.signal_eff[keep], 1.0 / curve.background_eff[keep]
+        if hard_selection:
+            label = f"{style['label']}: 0/1 selection, AUC = {curve.auc:.4f}"
+            ax.plot(x, y, linestyle="none", marker=style["marker"], color=style["color"], label=label)
         else:
-            ax.plot(signal_eff[keep], 1.0 / background_eff[keep], **_line_style(model))
+            label = f"{style['label']}: AUC = {curve.auc:.4f}"
+            ax.plot(x, y, color=style["color"], linestyle=style["linestyle"], label=label)
     for target in SIGNAL_EFFICIENCY_POINTS:
         ax.axvline(target, color="0.7", linestyle=":", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlim(min_signal_eff, 1.0)
-    ax.set_xlabel("signal hit efficiency $\\varepsilon_s$")
     ax.set_ylabel("background rejection $1/\\varepsilon_b$")
-    ax.set_title("Hit classification (raw classifier score)")
     ax.grid(True, which="both", alpha=0.3)
-    if rocs:
+    if curves:
         _legend_outside(ax)
     else:
         _empty(ax, "no classifying model")
+
+
+@_hep_styled
+def plot_rejection_vs_efficiency(hit_scores: pl.DataFrame, path: Path, min_signal_eff: float = 0.5) -> Path:
+    """Background rejection 1/ε_b (log) vs signal efficiency ε_s per model (paper Fig. 4): above, of the raw
+    classifier score; below, of the final hit weights (the weight each hit has in the final clusters, which is what
+    separates the reconstruction chains). Models with identical curves (``baseline`` and ``baseline_paper`` share
+    their scores) are drawn once; each curve's AUC is in the legend.
+
+    Args:
+        hit_scores: (model, score, weight, is_signal) from :func:`analysis.metrics.hit_score_table`.
+        path: PNG to write.
+        min_signal_eff: left edge of the x axis.
+    """
+    fig = Figure(figsize=(_LEGEND_FIGSIZE[0] + 1.0, 8.6))
+    score_ax, weight_ax = fig.subplots(2, 1, sharex=True)
+    for ax, column, title in (
+        (score_ax, "score", "Hit classification: raw classifier score"),
+        (weight_ax, "weight", "Hit selection: final hit weight in the clusters"),
+    ):
+        _draw_rocs(ax, roc_curves(hit_scores, column), min_signal_eff)
+        ax.set_title(title)
+    weight_ax.set_xlabel("signal hit efficiency $\\varepsilon_s$")
     return _save(fig, path)
 
 
 @_hep_styled
 def plot_score_histograms(hit_scores: pl.DataFrame, path: Path, bins: int = 50) -> Path:
-    """Per-hit classifier score distributions, signal vs background, one panel per model (normalised, log y),
-    at most :data:`_MAX_PANELS_PER_ROW` panels a row.
+    """Per-hit classifier score distributions, signal vs background, one panel per distinct score (models with
+    identical scores share one), normalised, on one log y scale for all panels, at most
+    :data:`_MAX_PANELS_PER_ROW` panels a row (:func:`score_panels`).
 
     Args:
-        hit_scores: (model, score, is_signal) from :func:`analysis.metrics.hit_score_table`.
+        hit_scores: (model, event_id, hit_id, score, is_signal) from :func:`analysis.metrics.hit_score_table`.
     """
-    models = model_order(set(hit_scores["model"].unique().to_list()))
-    n_panels = max(1, len(models))
+    panels = score_panels(hit_scores, bins)
+    n_panels = max(1, len(panels))
     n_columns = min(n_panels, _MAX_PANELS_PER_ROW)
     n_rows = math.ceil(n_panels / n_columns)
-    fig = Figure(figsize=(4.2 * n_columns, 3.8 * n_rows))
-    axes = fig.subplots(n_rows, n_columns, squeeze=False).ravel()
+    fig = Figure(figsize=(4.4 * n_columns, 3.9 * n_rows))
+    axes = fig.subplots(n_rows, n_columns, squeeze=False, sharey=True).ravel()
     for ax in axes[n_panels:]:
         ax.set_axis_off()
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    for ax, model in zip(axes, models, strict=False):
-        group = hit_scores.filter(pl.col("model") == model)
-        scores = group["score"].to_numpy()
-        signal = group["is_signal"].to_numpy().astype(bool)
-        finite = np.isfinite(scores)
-        # scores outside [0, 1] (a model without a sigmoid) widen the axis instead of being dropped
-        lo, hi = min(0.0, float(scores[finite].min(initial=0.0))), max(1.0, float(scores[finite].max(initial=1.0)))
-        model_edges = edges if (lo, hi) == (0.0, 1.0) else np.linspace(lo, hi, bins + 1)
-        for mask, label, colour in ((signal, "signal hits", "tab:blue"), (~signal, "background hits", "tab:red")):
-            values = scores[mask & finite]
-            if values.size:
-                ax.hist(values, bins=model_edges, density=True, histtype="step", color=colour, label=label)
+    contents = [panel.signal for panel in panels] + [panel.background for panel in panels]
+    positive = np.concatenate(contents)[np.concatenate(contents) > 0] if contents else np.array([])
+    for ax, panel in zip(axes, panels, strict=False):
+        ax.stairs(panel.signal, panel.edges, color="tab:blue", label="signal hits")
+        ax.stairs(panel.background, panel.edges, color="tab:red", label="background hits")
         ax.set_yscale("log")
-        bottom, top = ax.get_ylim()
-        ax.set_ylim(bottom, top * 30)  # headroom for the legend
         ax.set_xlabel("classifier score $s$")
-        ax.set_ylabel("$1/N \\; dN/ds$")
-        ax.set_title(model_style(model)["label"])
+        ax.set_title(group_label(panel.models), fontsize="small")
         ax.legend(loc="upper center")
-    if not models:
+    axes[0].set_ylabel("$1/N \\; dN/ds$")
+    if positive.size:
+        # one scale for every panel, with headroom for the legends
+        axes[0].set_ylim(positive.min() / 2, positive.max() * 30)
+    if not panels:
         _empty(axes[0], "no classifying model")
     return _save(fig, path)
 
 
+def _beyond(histogram: Histogram) -> str:
+    return f"{100 * histogram.n_outside / max(histogram.n_entries, 1):.1f}% beyond axis"
+
+
+def _log_limits(ax, histograms: list[Histogram]) -> None:
+    """A log y axis following the drawn contents (not a curve's far tails)."""
+    ax.set_yscale("log")
+    contents = np.concatenate([h.density for h in histograms]) if histograms else np.array([])
+    positive = contents[contents > 0]
+    if positive.size:
+        ax.set_ylim(positive.min() / 3, positive.max() * 3)
+
+
 @_hep_styled
 def plot_cluster_residuals(
-    cluster_residuals: pl.DataFrame,
-    core: GaussianFit,
-    path: Path,
-    window_n_sigma: float = CORE_WINDOW_N_SIGMA,
-    range_n_sigma: float = 8.0,
-    bins: int = 80,
+    cluster_residuals: pl.DataFrame, core: GaussianFit, path: Path, window_n_sigma: float = CORE_WINDOW_N_SIGMA
 ) -> Path:
-    """Cluster residual x̂ − x_true per model with the core window shaded (paper Fig. 5 style).
+    """Cluster residual x̂ − x_true per model (paper Fig. 5 style), :func:`cluster_residual_data`, in two panels.
+
+    Above, every row on the scale of the core window (shaded: μ ± ``window_n_sigma``·σ of the Gaussian fitted to
+    the truth residuals, the window of the core fraction), with the truth row's median ± σ68 as dashed lines. The
+    fitted Gaussian itself is not drawn: the truth row's residuals (clusters of unweighted strips) are flat-topped
+    and a Gaussian does not describe them; the window is a definition, σ68 what the histogram holds. Below, the
+    rows with the narrowest residuals on bins matched to their σ68 (a few µm for the clean clusters), linear y.
 
     Args:
         cluster_residuals: (model, residual [mm]) from :func:`analysis.metrics.cluster_residual_table`.
-        core: the Gaussian fitted to the truth residuals; the window is μ ± ``window_n_sigma``·σ.
-        range_n_sigma: the x axis spans μ ± this many σ; entries beyond are not drawn (counted in the legend).
+        core: the Gaussian fitted to the truth residuals (analysis.metrics.core_fraction_table).
     """
-    fig = Figure(figsize=_LEGEND_FIGSIZE)
-    ax = fig.add_subplot()
-    lo, hi = core.mu - range_n_sigma * core.sigma, core.mu + range_n_sigma * core.sigma
-    edges = np.linspace(lo, hi, bins + 1)
+    data = cluster_residual_data(cluster_residuals, core)
+    fig = Figure(figsize=(_LEGEND_FIGSIZE[0] + 1.0, 8.6))
+    wide_ax, zoom_ax = fig.subplots(2, 1)
     half_width = window_n_sigma * core.sigma
-    ax.axvspan(core.mu - half_width, core.mu + half_width, color="gold", alpha=0.25, label=f"core ±{window_n_sigma:g}σ")
-    bin_width = edges[1] - edges[0]
-    drawn: list[np.ndarray] = []
-    for model in model_order(set(cluster_residuals["model"].unique().to_list())):
-        residuals = cluster_residuals.filter(pl.col("model") == model)["residual"].drop_nulls().to_numpy()
-        if residuals.size == 0:
-            continue
-        outside = int(((residuals < lo) | (residuals > hi)).sum())
-        label = f"{model_style(model)['label']} ({100 * outside / residuals.size:.1f}% beyond axis)"
-        style = _line_style(model) | {"label": label}
-        # normalised to all clusters of the model (not only those on the axis), so tails show as lost area
-        weights = np.full(residuals.size, 1.0 / (residuals.size * bin_width))
-        contents, _, _ = ax.hist(residuals, bins=edges, weights=weights, histtype="step", **style)
-        drawn.append(contents)
-    n_truth = cluster_residuals.filter(pl.col("model") == "truth")["residual"].drop_nulls().len()
-    if n_truth:
-        # the fitted Gaussian holds n_fit / coverage(window) of the truth clusters
-        coverage = math.erf(window_n_sigma / math.sqrt(2.0))
-        x = np.linspace(lo, hi, 400)
-        density = np.exp(-0.5 * ((x - core.mu) / core.sigma) ** 2) / (core.sigma * math.sqrt(2 * math.pi))
-        scale = core.n_fit / coverage / n_truth
-        ax.plot(
-            x, scale * density, color="black", linestyle="--", linewidth=1, label=f"truth fit: σ = {core.sigma:.3g} mm"
-        )
-    ax.set_yscale("log")
-    positive = np.concatenate(drawn)[np.concatenate(drawn) > 0] if drawn else np.array([])
-    if positive.size:
-        # the axis follows the histograms (not the Gaussian's far tails)
-        ax.set_ylim(positive.min() / 3, positive.max() * 3)
-    ax.set_xlim(lo, hi)
-    ax.set_xlabel("cluster residual $r = \\hat{x}_l - x_{\\mathrm{true},l}$ [mm]")
-    ax.set_ylabel("$1/N \\; dN/dr$ [1/mm]")
-    ax.set_title("Cluster position residuals")
-    _legend_outside(ax)
+    wide_ax.axvspan(
+        core.mu - half_width,
+        core.mu + half_width,
+        color="gold",
+        alpha=0.25,
+        label=f"core window ±{window_n_sigma:g}σ (σ = {core.sigma:.3g} mm)",
+    )
+    for histogram in data.wide:
+        style = _line_style(histogram.models[0]) | {"label": f"{group_label(histogram.models)} ({_beyond(histogram)})"}
+        wide_ax.stairs(histogram.density, histogram.edges, **style)
+    if data.truth_median is not None and data.truth_sigma68:
+        for side in (-1.0, 1.0):
+            wide_ax.axvline(
+                data.truth_median + side * data.truth_sigma68,
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"truth median ± σ68 ({data.truth_sigma68:.3g} mm)" if side > 0 else None,
+            )
+    _log_limits(wide_ax, data.wide)
+    if data.wide:
+        wide_ax.set_xlim(data.wide[0].edges[0], data.wide[0].edges[-1])
+    wide_ax.set_title("Cluster position residuals")
+    for histogram in data.zoom:
+        label = f"{group_label(histogram.models)}: σ68 = {1000 * histogram.sigma68:.3g} µm ({_beyond(histogram)})"
+        zoom_ax.stairs(histogram.density, histogram.edges, **(_line_style(histogram.models[0]) | {"label": label}))
+    if data.zoom:
+        zoom_ax.set_xlim(data.zoom[0].edges[0], data.zoom[0].edges[-1])
+        zoom_ax.set_ylim(bottom=0)
+        zoom_ax.set_title("Narrowest rows, bins of σ68 / 5", fontsize="small")
+    else:
+        _empty(zoom_ax, "no cluster residual")
+    for ax in (wide_ax, zoom_ax):
+        ax.set_xlabel("cluster residual $r = \\hat{x}_l - x_{\\mathrm{true},l}$ [mm]")
+        ax.set_ylabel("$1/N \\; dN/dr$ [1/mm]")
+        if ax.get_legend_handles_labels()[0]:
+            _legend_outside(ax)
     return _save(fig, path)
 
 
 @_hep_styled
-def plot_q_over_pt_residuals(
-    track_residuals: pl.DataFrame, resolution: pl.DataFrame, path: Path, range_sigma68: float = 5.0, bins: int = 80
-) -> Path:
-    """Relative q/pT residual per model with σ68 ± error in the legend (paper Fig. 5).
+def plot_q_over_pt_residuals(track_residuals: pl.DataFrame, resolution: pl.DataFrame, path: Path) -> Path:
+    """Relative q/pT residual per model (paper Fig. 5) on a log y axis, zoomed on the bulk of the rows
+    (:func:`q_over_pt_histograms`), σ68 ± error and the share beyond the axis in the legend.
 
     Args:
         track_residuals: (model, residual) from :func:`analysis.metrics.track_residual_table`.
         resolution: (model, sigma68, sigma68_err) from :func:`analysis.metrics.resolution_by_model`.
-        range_sigma68: the x axis spans ± this many times the largest σ68.
     """
-    fig = Figure(figsize=_LEGEND_FIGSIZE)
+    fig = Figure(figsize=(_LEGEND_FIGSIZE[0] + 1.0, _LEGEND_FIGSIZE[1]))
     ax = fig.add_subplot()
     widths = {row["model"]: row for row in resolution.iter_rows(named=True)}
-    largest = max((row["sigma68"] for row in widths.values() if row["sigma68"] is not None), default=None)
-    if largest is None or not largest > 0:
+    histograms = q_over_pt_histograms(track_residuals)
+    if not histograms:
         _empty(ax, "no successful track fit")
     else:
-        half_range = range_sigma68 * largest
-        edges = np.linspace(-half_range, half_range, bins + 1)
-        for model in model_order(set(widths)):
-            residuals = track_residuals.filter(pl.col("model") == model)["residual"].drop_nulls().to_numpy()
-            if residuals.size == 0:
-                continue
-            row = widths[model]
-            label = f"{model_style(model)['label']}: σ68 = {format_value_error(row['sigma68'], row['sigma68_err'])}"
-            ax.hist(residuals, bins=edges, density=True, histtype="step", **(_line_style(model) | {"label": label}))
-        ax.set_xlim(-half_range, half_range)
-        ax.set_ylim(bottom=0)
+        for histogram in histograms:
+            row = widths.get(histogram.models[0], {})
+            width = format_value_error(row.get("sigma68"), row.get("sigma68_err"))
+            label = f"{group_label(histogram.models)}: σ68 = {width} ({_beyond(histogram)})"
+            ax.stairs(histogram.density, histogram.edges, **(_line_style(histogram.models[0]) | {"label": label}))
+        _log_limits(ax, histograms)
+        ax.set_xlim(histograms[0].edges[0], histograms[0].edges[-1])
         _legend_outside(ax)
     ax.set_xlabel("relative residual $r = [(q/p_T)_{reco} - (q/p_T)_{true}]\\,/\\,(q/p_T)_{true}$")
     ax.set_ylabel("$1/N \\; dN/dr$")
@@ -450,6 +687,86 @@ def plot_sigma68_vs_pt(resolution_pt: pl.DataFrame, path: Path) -> Path:
         ax.set_xlim(edges[0], edges[-1])
     if models or limit.height:
         _legend_outside(ax)
+    return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class RatePoints:
+    """One model's points of a rate figure: the bins (``lo``, ``hi``), where the marker stands within each (the
+    models side by side), the rate and its Clopper–Pearson interval (``lower``, ``upper``)."""
+
+    model: str
+    lo: np.ndarray
+    hi: np.ndarray
+    x: np.ndarray
+    rate: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def rate_points(table: pl.DataFrame, x: str, rate: str) -> list[RatePoints]:
+    """The points of ``rate`` per model (report order; bins where the rate is null left out) of an
+    analysis.performance table binned in ``x``: its ``x_lo``, ``x_hi`` columns where it has them, else the integer
+    column ``x`` (a layer) as bins of width 1. The models stand side by side within the middle 80 % of each bin."""
+    models = model_order(set(table["model"].to_list()))
+    points = []
+    for index, model in enumerate(models):
+        rows = table.filter((pl.col("model") == model) & pl.col(rate).is_not_null())
+        if f"{x}_lo" in rows.columns:
+            rows = rows.sort(f"{x}_lo")
+            lo, hi = rows[f"{x}_lo"].to_numpy().astype(np.float64), rows[f"{x}_hi"].to_numpy().astype(np.float64)
+        else:
+            rows = rows.sort(x)
+            lo, hi = rows[x].to_numpy() - 0.5, rows[x].to_numpy() + 0.5
+        offset = (index + 0.5) / len(models) - 0.5
+        centre = 0.5 * (lo + hi) + 0.8 * offset * (hi - lo)
+        values = [rows[column].to_numpy().astype(np.float64) for column in (rate, f"{rate}_lo", f"{rate}_hi")]
+        points.append(RatePoints(model, lo, hi, centre, *values))
+    return points
+
+
+@_hep_styled
+def plot_rates(
+    table: pl.DataFrame, x: str, panels: tuple[tuple[str, str], ...], xlabel: str, title: str, path: Path
+) -> Path:
+    """Binomial rates per model against a binned variable, as ACTS's performance writers draw efficiencies: per
+    model and bin a marker at the rate with the Clopper–Pearson 68.27 % interval as its error bar
+    (:func:`rate_points`), the bin edges as grey lines. One panel per (rate column, y label) of ``panels``, stacked
+    on a shared x axis.
+
+    Args:
+        table: an analysis.performance table (model, the bins of ``x``, each rate with ``_lo``, ``_hi``).
+    """
+    fig = Figure(figsize=(_LEGEND_FIGSIZE[0], 3.4 * len(panels) + 1.2))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (rate, ylabel) in zip(axes, panels, strict=True):
+        points = rate_points(table, x, rate)
+        edges = np.unique(np.concatenate([np.r_[p.lo, p.hi] for p in points])) if points else np.array([])
+        for edge in edges:
+            ax.axvline(edge, color="0.85", linewidth=0.8, zorder=0)
+        for point in points:
+            style = model_style(point.model)
+            # the interval may not hold the rate exactly at 0 or 1 in floating point: clip the bar lengths at 0
+            bars = [np.maximum(point.rate - point.lower, 0.0), np.maximum(point.upper - point.rate, 0.0)]
+            ax.errorbar(
+                point.x,
+                point.rate,
+                yerr=bars,
+                fmt=style["marker"],
+                markersize=4,
+                capsize=2,
+                color=style["color"],
+                label=style["label"],
+            )
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+        if points:
+            ax.set_xlim(edges[0], edges[-1])
+            _legend_outside(ax)
+        else:
+            _empty(ax, "no entries")
+    axes[0].set_title(title)
+    axes[-1].set_xlabel(xlabel)
     return _save(fig, path)
 
 

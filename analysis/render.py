@@ -204,9 +204,12 @@ def render_markdown(
     lines += ["", _figure_link(figure_paths, "rejection", "Background rejection vs signal efficiency")]
     lines += [
         "",
-        "Background rejection vs signal efficiency of the raw classifier score. A hard 0/1 selection (classical) "
-        "has a single working point and is drawn as one marker; one with no background hit selected "
-        "(infinite rejection) cannot be drawn on the log axis.",
+        "Background rejection vs signal efficiency of the raw classifier score (above) and of the final hit "
+        "weights, the weight each hit has in the final clusters (below), each curve's AUC in the legend. Rows with "
+        "identical curves are drawn once (`baseline` and `baseline_paper` share one classifier, so one score). A "
+        "hard 0/1 selection (classical) has a single working point and is drawn as one marker; one with no "
+        "background hit selected (infinite rejection) cannot be drawn on the log axis. The score histograms share "
+        "one y scale.",
     ]
     lines += ["", _figure_link(figure_paths, "scores", "Hit score distributions")]
     lines += _hit_weight_rows(results)
@@ -228,11 +231,23 @@ def render_markdown(
         core_rows = _counts_and_value(results.core, results.models, counts, "core_fraction")
         lines += md_table(["model", "clusters", "no cluster built", "in core", "core fraction"], core_rows)
         lines += ["", _figure_link(figure_paths, "clusters", "Cluster residuals with the core window")]
+        lines += [
+            "",
+            "Above: every row on the scale of the core window (shaded), with the `truth` row's median ± σ68 as "
+            "dashed lines; the fitted Gaussian defines the window but is not drawn, as the `truth` residuals "
+            "(unweighted strips) are flat-topped. Below: the rows whose σ68 is within 3 times the narrowest, in "
+            "bins of a fifth of the narrowest σ68.",
+        ]
 
     lines += ["", "## q/pT resolution", ""]
     res_rows = _counts_and_value(results.resolution, results.models, ("n_tracks", "n_failed", "n"), "sigma68")
     lines += md_table(["model", "tracks", "failed fits (excluded)", "in σ68", "σ68"], res_rows)
     lines += ["", _figure_link(figure_paths, "q_over_pt", "Relative q/pT residuals")]
+    lines += [
+        "",
+        "The axis spans ± 6 times the median of the rows' σ68 (log y); the share of each row's fits beyond it is in "
+        "the legend.",
+    ]
 
     lines += ["", "### σ68 in bins of true pT", ""]
     lines += _resolution_pt_rows(results)
@@ -240,6 +255,21 @@ def render_markdown(
 
     lines += ["", "## Tails, bias and charge", "", *_tails_rows(results)]
     lines += _merged_rows(results)
+
+    lines += ["", "## Performance plots", ""]
+    lines += [
+        "Per bin a binomial fraction with its Clopper–Pearson 68.27 % interval (`analysis/performance.py`): hit "
+        "efficiency (selected signal / signal) and purity (selected signal / selected) of the final weights "
+        f"(selected: w ≥ {m.HIT_SELECTION_THRESHOLD:g}) against the event's true pT and against the layer; the "
+        "failed-fit rate (of all tracks) and the charge-misidentification rate (of the successful fits) against "
+        "true pT.",
+        "",
+        _figure_link(figure_paths, "hit_performance_pt", "Hit efficiency and purity vs true pT"),
+        "",
+        _figure_link(figure_paths, "hit_performance_layer", "Hit efficiency and purity per layer"),
+        "",
+        _figure_link(figure_paths, "track_performance_pt", "Failed-fit and charge-misidentification rates vs true pT"),
+    ]
 
     lines += ["", "## Definitions", "", *DEFINITIONS, ""]
     return "\n".join(lines)

@@ -43,7 +43,9 @@ RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err", 
 def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
     """Draw every figure into ``figures_dir``; returns {figure key: path} of those drawn."""
     paths = {
-        "rejection": fig.plot_rejection_vs_efficiency(results.rocs, figures_dir / folder.FIGURE_NAMES["rejection"]),
+        "rejection": fig.plot_rejection_vs_efficiency(
+            results.hit_scores, figures_dir / folder.FIGURE_NAMES["rejection"]
+        ),
         "scores": fig.plot_score_histograms(results.hit_scores, figures_dir / folder.FIGURE_NAMES["scores"]),
         "q_over_pt": fig.plot_q_over_pt_residuals(
             results.track_residuals,
@@ -52,6 +54,35 @@ def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
         ),
         "sigma68_pt": fig.plot_sigma68_vs_pt(results.resolution_pt, figures_dir / folder.FIGURE_NAMES["sigma68_pt"]),
     }
+    hit_panels = (("hit_efficiency", "hit efficiency"), ("hit_purity", "hit purity"))
+    pt_label = "$p_T^{true}$ [GeV]"
+    if results.hit_performance_pt is not None:
+        paths["hit_performance_pt"] = fig.plot_rates(
+            results.hit_performance_pt,
+            "pt",
+            hit_panels,
+            pt_label,
+            "Hit selection by the final weights vs transverse momentum",
+            figures_dir / folder.FIGURE_NAMES["hit_performance_pt"],
+        )
+    if results.hit_performance_layer is not None:
+        paths["hit_performance_layer"] = fig.plot_rates(
+            results.hit_performance_layer,
+            "layer",
+            hit_panels,
+            "layer",
+            "Hit selection by the final weights per layer",
+            figures_dir / folder.FIGURE_NAMES["hit_performance_layer"],
+        )
+    if results.track_performance_pt is not None:
+        paths["track_performance_pt"] = fig.plot_rates(
+            results.track_performance_pt,
+            "pt",
+            (("failed_fit_rate", "failed-fit rate"), ("charge_misid_rate", "charge misid. rate")),
+            pt_label,
+            "Track fit failures and charge misidentification",
+            figures_dir / folder.FIGURE_NAMES["track_performance_pt"],
+        )
     if results.core_fit is not None:
         paths["clusters"] = fig.plot_cluster_residuals(
             results.cluster_residuals, results.core_fit, figures_dir / folder.FIGURE_NAMES["clusters"]

@@ -44,6 +44,9 @@ FIGURE_NAMES = {
     "clusters": "cluster_residuals.png",
     "q_over_pt": "q_over_pt_residuals.png",
     "sigma68_pt": "sigma68_vs_pt.png",
+    "hit_performance_pt": "hit_efficiency_purity_vs_pt.png",
+    "hit_performance_layer": "hit_efficiency_purity_vs_layer.png",
+    "track_performance_pt": "failed_fit_charge_misid_vs_pt.png",
 }
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from analysis import metrics as m
+from analysis import performance
 from analysis.figures import model_order
 from analysis.report_folder import PREDICTIONS_DIR, prediction_path
 from analysis.statistics import N_BOOTSTRAP, GaussianFit
@@ -77,6 +78,11 @@ class ReportResults:
     #: share_residual_table and merged_cluster_table; None when the dataset hits lack charge_muon (format 1)
     shares: pl.DataFrame | None = None
     merged_clusters: pl.DataFrame | None = None
+    #: analysis.performance tables: hit efficiency and purity per true-pT bin and per layer (None when the dataset
+    #: hits have no ``layer``), failed-fit and charge-misidentification rates per true-pT bin
+    hit_performance_pt: pl.DataFrame | None = None
+    hit_performance_layer: pl.DataFrame | None = None
+    track_performance_pt: pl.DataFrame | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,6 +175,10 @@ def compute_results(
     if set(m.SHARE_HIT_COLUMNS) <= set(dataset_hits.collect_schema().names()):
         shares = m.share_residual_table(predictions["hits"], dataset_hits)
         merged_clusters = m.merged_cluster_table(cluster_residuals, dataset_hits)
+    hits_with_truth = performance.hit_truth_table(hit_scores, dataset_hits, dataset_events)
+    hit_performance_layer = None
+    if "layer" in hits_with_truth.columns:
+        hit_performance_layer = performance.hit_performance(hits_with_truth, ["layer"])
     models = model_order(
         set(classification["model"].to_list())
         | set(cluster_residuals["model"].unique().to_list())
@@ -192,6 +202,9 @@ def compute_results(
         limit_problem=limit_problem,
         shares=shares,
         merged_clusters=merged_clusters,
+        hit_performance_pt=performance.hit_performance(hits_with_truth, ["pt_lo", "pt_hi"]),
+        hit_performance_layer=hit_performance_layer,
+        track_performance_pt=performance.track_performance_by_pt(track_residuals),
     )
 
 
