@@ -33,6 +33,7 @@ from pipeline.models import LIMIT_ROW, SUMMARY_ROWS
 MODEL_STYLE = {
     "truth": {"color": "black", "linestyle": "-", "marker": "o", "label": "truth weights"},
     "truth_charge": {"color": "0.5", "linestyle": "-", "marker": "D", "label": "truth × charge"},
+    "truth_share": {"color": "0.7", "linestyle": ":", "marker": "d", "label": "truth shares × charge"},
     "classical": {"color": "tab:green", "linestyle": "-", "marker": "s", "label": "classical (road search + DAF)"},
     "baseline_paper": {"color": "tab:cyan", "linestyle": "--", "marker": "v", "label": "baseline (BCE), paper reco"},
     "e2e_paper": {"color": "tab:orange", "linestyle": "--", "marker": "^", "label": "end-to-end, paper reco"},

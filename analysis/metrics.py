@@ -69,6 +69,8 @@ HIT_ORIGINS = ("signal", "extra track", "noise")
 SHARE_CLASS_EDGES = (0.1, 0.9)
 #: the share classes (share_class_expr), in report order
 SHARE_CLASSES = ("other", "merged", "muon")
+#: a cluster counts as used by its model's track (merged_cluster_table) when its ``weight`` is at least this
+CLUSTER_USED_WEIGHT = 0.5
 #: the dataset hit columns the share and merged-cluster tables need
 SHARE_HIT_COLUMNS = ("event_id", "hit_id", "layer", "charge", "charge_muon")
 #: the summary's columns of merged clusters and charge shares (merged_cluster_table, share_residual_table)
@@ -312,34 +314,43 @@ def merged_layers(dataset_hits: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def merged_cluster_table(cluster_residuals: pl.DataFrame, dataset_hits: pl.LazyFrame) -> pl.DataFrame:
+def merged_cluster_table(pred_clusters: pl.LazyFrame, dataset_hits: pl.LazyFrame) -> pl.DataFrame:
     """σ68 of each model's cluster residuals on the layers with a merged strip (:func:`merged_layers`) and on the
-    others (clean), where the muon crosses the layer.
+    others (clean), over the clusters its track uses: ``weight`` >= :data:`CLUSTER_USED_WEIGHT`, a finite
+    ``x_reco`` and a finite ``x_true`` (the muon crosses the layer).
 
     Args:
-        cluster_residuals: :func:`cluster_residual_table` (model, event_id, layer, residual; null: no cluster).
+        pred_clusters: REPORT/predictions/clusters.parquet.
         dataset_hits: the dataset's hits with :data:`SHARE_HIT_COLUMNS`.
 
     Returns:
-        DataFrame (model, n_merged_clusters, cluster_sigma68_merged, n_clean_clusters, cluster_sigma68_clean)
-        sorted by model; the counts are of the layers with a cluster built (finite residual).
+        DataFrame (model, n_merged_layers, n_merged_clusters, cluster_sigma68_merged, n_clean_clusters,
+        cluster_sigma68_clean) sorted by model: ``n_merged_layers`` merged layers the muon crosses, of which the
+        model uses ``n_merged_clusters``; σ68 of x_reco − x_true [mm] of the used clusters on each kind of layer.
     """
-    merged = merged_layers(dataset_hits).with_columns(merged=pl.lit(True)).collect()
-    residuals = (
-        cluster_residuals.filter(pl.col("residual").is_not_null())
-        .with_columns(pl.col("layer").cast(pl.Int32))
+    merged = merged_layers(dataset_hits).with_columns(merged=pl.lit(True))
+    used = pl.col("used")
+    return (
+        pred_clusters.filter(pl.col("x_true").is_finite())
+        .select(
+            "model",
+            "event_id",
+            pl.col("layer").cast(pl.Int32),
+            cluster_residual_expr().alias("residual"),
+            used=(pl.col("weight") >= CLUSTER_USED_WEIGHT) & pl.col("x_reco").is_finite(),
+        )
         .join(merged, on=["event_id", "layer"], how="left")
         .with_columns(pl.col("merged").fill_null(False))
-    )
-    return (
-        residuals.group_by("model")
+        .group_by("model")
         .agg(
-            n_merged_clusters=pl.col("merged").sum().cast(pl.Int64),
-            cluster_sigma68_merged=sigma68_expr(pl.col("residual").filter(pl.col("merged"))),
-            n_clean_clusters=(~pl.col("merged")).sum().cast(pl.Int64),
-            cluster_sigma68_clean=sigma68_expr(pl.col("residual").filter(~pl.col("merged"))),
+            n_merged_layers=pl.col("merged").sum().cast(pl.Int64),
+            n_merged_clusters=(used & pl.col("merged")).sum().cast(pl.Int64),
+            cluster_sigma68_merged=sigma68_expr(pl.col("residual").filter(used & pl.col("merged"))),
+            n_clean_clusters=(used & ~pl.col("merged")).sum().cast(pl.Int64),
+            cluster_sigma68_clean=sigma68_expr(pl.col("residual").filter(used & ~pl.col("merged"))),
         )
         .sort("model")
+        .collect()
     )
 
 

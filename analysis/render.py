@@ -435,7 +435,7 @@ def _merged_rows(results: ReportResults) -> list[str]:
     cluster_rows = [
         [
             row["model"],
-            row["n_merged_clusters"],
+            f"{row['n_merged_clusters']} of {row['n_merged_layers']}",
             None if row["cluster_sigma68_merged"] is None else f"{1000 * row['cluster_sigma68_merged']:.1f}",
             row["n_clean_clusters"],
             None if row["cluster_sigma68_clean"] is None else f"{1000 * row['cluster_sigma68_clean']:.1f}",
@@ -458,9 +458,14 @@ def _merged_rows(results: ReportResults) -> list[str]:
         "",
         "A layer's cluster is *merged* when a strip of the muon's shares its charge with another particle or the "
         f"noise (the muon's share s = charge_muon / charge of that strip between {low:g} and {high:g}); the others "
-        "are clean. σ68 of the cluster residual x_reco − x_true [µm] on each, over the clusters built:",
+        "are clean. σ68 of the cluster residual x_reco − x_true [µm] on each, over the clusters the row's track "
+        f"uses (cluster weight ≥ {m.CLUSTER_USED_WEIGHT:g}; a row that drops a merged layer loses a point, one that "
+        "keeps it takes its position):",
         "",
-        *md_table(["model", "merged clusters", "σ68 merged [µm]", "clean clusters", "σ68 clean [µm]"], cluster_rows),
+        *md_table(
+            ["model", "merged clusters used", "σ68 merged [µm]", "clean clusters used", "σ68 clean [µm]"],
+            cluster_rows,
+        ),
         "",
         "How well each row's raw score estimates the muon's share s of each strip's charge: median / σ68 of "
         "score − s, by the strip's truth share (the share models predict s; a label classifier's score is the "

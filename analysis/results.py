@@ -174,7 +174,7 @@ def compute_results(
     shares = merged_clusters = None
     if set(m.SHARE_HIT_COLUMNS) <= set(dataset_hits.collect_schema().names()):
         shares = m.share_residual_table(predictions["hits"], dataset_hits)
-        merged_clusters = m.merged_cluster_table(cluster_residuals, dataset_hits)
+        merged_clusters = m.merged_cluster_table(predictions["clusters"], dataset_hits)
     hits_with_truth = performance.hit_truth_table(hit_scores, dataset_hits, dataset_events)
     hit_performance_layer = None
     if "layer" in hits_with_truth.columns:

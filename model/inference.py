@@ -144,25 +144,28 @@ def _forward_fn(model_config: ModelConfig, objective: str, geometry: Geometry, r
     return forward
 
 
-#: the truth references, the truth labels as hit weights through a chain: (name, chain). ``truth`` is the paper's
-#: reference (weighted mean of the signal strips, Kasa fit): what the paper's chain gives with perfect labels.
-#: ``truth_charge`` is the reference of a cluster-based fit: the charge centroid of the signal strips, fitted
-#: with the robust chain's scattering-aware fit and its cluster-level steps (no hit-level step: labels need
-#: none; the cluster-level steps take out the layers whose signal cluster another particle's charge shifted),
-#: what the robust chain gives with perfect labels
-TRUTH_REFERENCES: tuple[tuple[str, Chain], ...] = (
-    ("truth", PAPER_CHAIN),
-    ("truth_charge", replace(ROBUST_CHAIN, widths=())),
+#: the truth references, the truth labels (or shares) as hit weights through a chain: (name, chain, weights), the
+#: weights a Batch field. ``truth`` is the paper's reference (weighted mean of the signal strips, Kasa fit): what
+#: the paper's chain gives with perfect labels. ``truth_charge`` is the reference of a cluster-based fit: the charge
+#: centroid of the signal strips, fitted with the robust chain's scattering-aware fit and its cluster-level steps
+#: (no hit-level step: labels need none; the cluster-level steps take out the layers whose signal cluster another
+#: particle's charge shifted), what the robust chain gives with perfect labels. ``truth_share`` is the same with the
+#: truth shares of the strips' charge as weights (pipeline.batches.truth_share_expr), so each cluster is the
+#: centroid of the muon's own charge: what the share models (model.objectives) give with perfect shares
+TRUTH_REFERENCES: tuple[tuple[str, Chain, str], ...] = (
+    ("truth", PAPER_CHAIN, "label"),
+    ("truth_charge", replace(ROBUST_CHAIN, widths=()), "label"),
+    ("truth_share", replace(ROBUST_CHAIN, widths=()), "share"),
 )
-if tuple(name for name, _ in TRUTH_REFERENCES) != get_model("truth").rows:  # pipeline.models names them
+if tuple(name for name, _, _ in TRUTH_REFERENCES) != get_model("truth").rows:  # pipeline.models names them
     raise AssertionError(f"TRUTH_REFERENCES do not match pipeline.models' truth rows {get_model('truth').rows}")
 
 
 @functools.cache
-def _truth_forward(geometry: Geometry, chain: Chain):
+def _truth_forward(geometry: Geometry, chain: Chain, weights: str):
     @jax.jit
     def forward(batch: Batch):
-        return reconstruct(jnp.where(batch.mask, batch.label, 0.0), batch, geometry, chain)
+        return reconstruct(jnp.where(batch.mask, getattr(batch, weights), 0.0), batch, geometry, chain)
 
     return forward
 
@@ -320,9 +323,9 @@ def predict_truth(
     max_hits: int | None = None,
 ) -> dict[str, pl.DataFrame]:
     """The truth references (:data:`TRUTH_REFERENCES`) on one split: ``truth`` and ``truth_charge`` (weights =
-    is_signal through the paper's and the robust chain's fit), as the same three tables as
-    :func:`predict_run`, stacked. ``on_batch(n_events)`` is called after each batch (a progress display);
-    ``max_hits`` as for :func:`predict_run`."""
+    is_signal through the paper's and the robust chain's fit) and ``truth_share`` (the truth shares), as the same
+    three tables as :func:`predict_run`, stacked. ``on_batch(n_events)`` is called after each batch (a progress
+    display); ``max_hits`` as for :func:`predict_run`."""
     dataset = _as_dataset(dataset)
     enable_compilation_cache()
     geometry = Geometry.from_detector(dataset.config.detector)
@@ -330,11 +333,11 @@ def predict_truth(
         _, max_hits = split_summary(dataset, split)
     # one shape: no network, so the padding costs little, and a second shape would cost a compilation
     buckets = (BUCKET_STEP * max(1, math.ceil(max_hits / BUCKET_STEP)),)
-    tables = [_Tables(name) for name, _ in TRUTH_REFERENCES]
+    tables = [_Tables(name) for name, _, _ in TRUTH_REFERENCES]
     for batch in iter_batches(dataset, split, TRUTH_BATCH_SIZE, buckets):
         device = device_batch(batch)
-        for table, (_, chain) in zip(tables, TRUTH_REFERENCES, strict=True):
-            table.add(batch, batch.label, _truth_forward(geometry, chain)(device))
+        for table, (_, chain, weights) in zip(tables, TRUTH_REFERENCES, strict=True):
+            table.add(batch, getattr(batch, weights), _truth_forward(geometry, chain, weights)(device))
         if on_batch is not None:
             on_batch(int(batch.event_mask.sum()))
     return _stack([table.frames() for table in tables])

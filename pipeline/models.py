@@ -34,7 +34,7 @@ class ModelSpec:
 #: every model, trained ones in training order (the order of ``--model`` choices and of a job's runs)
 MODELS: tuple[ModelSpec, ...] = (
     # the truth references (labels as weights; model.inference) and the classical tracker (classical)
-    ModelSpec("truth", rows=("truth", "truth_charge"), trained=False),
+    ModelSpec("truth", rows=("truth", "truth_charge", "truth_share"), trained=False),
     ModelSpec("classical", rows=("classical",), trained=False),
     # the factorised baseline is one network reported with both reconstruction chains
     ModelSpec("baseline", rows=("baseline", "baseline_paper")),
@@ -53,6 +53,7 @@ MODELS: tuple[ModelSpec, ...] = (
 REPORT_ROWS: tuple[str, ...] = (
     "truth",
     "truth_charge",
+    "truth_share",
     "classical",
     "baseline_paper",
     "e2e_paper",

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from numpy.testing import assert_allclose
 
-from model.losses import FAILED_FIT_LOSS, PT_LOSS_DELTA, PT_LOSS_SCALE, bce_loss, composite_loss, pt_loss
+from model.losses import (
+    FAILED_FIT_LOSS,
+    PT_LOSS_DELTA,
+    PT_LOSS_SCALE,
+    bce_loss,
+    composite_loss,
+    pt_loss,
+    reconstructed_pt_loss,
+)
+from model.tracker import ROBUST_CHAIN, reconstruct
 from tests.synthetic_events import GEOMETRY, make_batch
 
 
@@ -77,8 +89,8 @@ def test_a_failed_fit_costs_the_most_any_event_costs():
     assert np.all(grad[[3, 4]] == 0)
 
 
-def _loss_and_grad(logits, batch, lam):
-    return jax.value_and_grad(lambda lg: composite_loss(lg, batch, GEOMETRY, lam)[0])(logits)
+def _loss_and_grad(logits, batch, lam, cap=math.inf):
+    return jax.value_and_grad(lambda lg: composite_loss(lg, batch, GEOMETRY, lam, cap=cap)[0])(logits)
 
 
 def test_composite_gradient_flows_through_the_fit():
@@ -104,8 +116,40 @@ def test_composite_gradient_flows_through_the_fit():
     direction = jnp.asarray(rng.normal(size=logits.shape) * batch.mask, jnp.float32)
 
     def pt_term(t):
-        return composite_loss(logits + t * direction, batch, GEOMETRY, 1.0)[1]["pt_loss"]
+        return composite_loss(logits + t * direction, batch, GEOMETRY, 1.0, cap=math.inf)[1]["pt_loss"]
 
     h = 1e-2
     finite_difference = (float(pt_term(h)) - float(pt_term(-h))) / (2 * h)
     assert_allclose(float(jnp.sum(grad_pt * direction)), finite_difference, rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_event_gradient_cap_bounds_each_event_and_keeps_the_rest():
+    """The cap's hard limits: with an infinite cap the plain gradient; with a finite one each event's penalty gradient
+    (L2 over its hits) is the plain one scaled to at most the cap, so events below it are untouched; the forward
+    value never changes. In float64, so that the two ways of computing agree to rounding."""
+    rng = np.random.default_rng(4)
+    batch = make_batch(rng, n_events=4)
+    n_events = float(np.sum(batch.event_mask))
+    with jax.enable_x64(True):
+        weights = jnp.asarray(np.where(batch.label > 0, 0.9, 0.1) * batch.mask, jnp.float64)
+
+        def total(w, cap):  # the sum of the events' penalties
+            return reconstructed_pt_loss(w, batch, GEOMETRY, ROBUST_CHAIN, cap=cap)[0] * n_events
+
+        def plain(w):  # no custom gradient at all: reconstruct, then pt_loss
+            reco = reconstruct(w, batch, GEOMETRY, ROBUST_CHAIN)
+            return pt_loss(reco.q_over_pt, batch.q, batch.pt, batch.event_mask, reco.status == 0) * n_events
+
+        reference = np.asarray(jax.grad(plain)(weights))
+        assert float(total(weights, math.inf)) == pytest.approx(float(plain(weights)), rel=1e-12)
+        assert_allclose(np.asarray(jax.grad(total)(weights, math.inf)), reference, rtol=1e-9, atol=1e-12)
+        norms = np.linalg.norm(reference, axis=1)
+        cap = float(np.median(norms[norms > 0]))  # half the events above, half below
+        capped = np.asarray(jax.grad(total)(weights, cap))
+        assert float(total(weights, cap)) == float(total(weights, math.inf))
+    assert np.sum(norms > cap) >= 1
+    for event, norm in enumerate(norms):
+        expected = reference[event] * min(1.0, cap / norm) if norm > 0 else reference[event]
+        assert_allclose(capped[event], expected, rtol=1e-9, atol=1e-12)
+        assert np.linalg.norm(capped[event]) <= cap * (1 + 1e-9)

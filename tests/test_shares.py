@@ -179,23 +179,28 @@ def test_share_residual_and_merged_cluster_tables_against_numpy():
         for e, ell, s, c in zip(event_id, layer, true_share, share * charge, strict=True)
         if c > 0 and 0.1 < s < 0.9
     }
+    n_clusters = 200
     clusters = pl.DataFrame(
         {
-            "model": ["share_e2e"] * 200,
+            "model": ["share_e2e"] * n_clusters,
             "event_id": np.repeat(np.arange(40), 5),
             "layer": np.tile(np.arange(5), 40).astype(np.int16),
-            "residual": rng.normal(0, 0.01, 200),
+            "x_reco": rng.normal(0, 0.01, n_clusters).astype(np.float32),
+            "weight": rng.uniform(0, 2, n_clusters).astype(np.float32),
+            "x_true": np.where(np.arange(n_clusters) % 13 == 0, np.nan, 0.0).astype(np.float32),
         }
-    ).with_columns(pl.when(pl.int_range(pl.len()) % 17 == 0).then(None).otherwise(pl.col("residual")).alias("residual"))
-    merged = m.merged_cluster_table(clusters, dataset_hits).row(0, named=True)
+    )
+    merged = m.merged_cluster_table(clusters.lazy(), dataset_hits).row(0, named=True)
     is_merged = np.array([(e, ell) in merged_layer for e, ell in clusters.select("event_id", "layer").rows()])
-    built = clusters["residual"].is_not_null().to_numpy()
-    residuals = clusters["residual"].fill_null(np.nan).to_numpy()
-    assert 0 < (is_merged & built).sum() < built.sum()
-    assert merged["n_merged_clusters"] == (is_merged & built).sum()
-    assert merged["n_clean_clusters"] == (~is_merged & built).sum()
-    assert merged["cluster_sigma68_merged"] == pytest.approx(_sigma68(residuals[is_merged & built]), abs=1e-12)
-    assert merged["cluster_sigma68_clean"] == pytest.approx(_sigma68(residuals[~is_merged & built]), abs=1e-12)
+    crossed = np.isfinite(clusters["x_true"].to_numpy())
+    used = crossed & (clusters["weight"].to_numpy() >= 0.5)
+    residuals = clusters["x_reco"].to_numpy().astype(np.float64)
+    assert 0 < (is_merged & used).sum() < used.sum()
+    assert merged["n_merged_layers"] == (is_merged & crossed).sum()
+    assert merged["n_merged_clusters"] == (is_merged & used).sum()
+    assert merged["n_clean_clusters"] == (~is_merged & used).sum()
+    assert merged["cluster_sigma68_merged"] == pytest.approx(_sigma68(residuals[is_merged & used]), abs=1e-9)
+    assert merged["cluster_sigma68_clean"] == pytest.approx(_sigma68(residuals[~is_merged & used]), abs=1e-9)
 
 
 @pytest.mark.slow
