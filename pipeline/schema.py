@@ -71,7 +71,6 @@ PRED_TRACKS_SCHEMA = pa.schema(
 )
 
 
-
 def fitted_crossings(x_fit: np.ndarray, status: np.ndarray, q_over_pt: np.ndarray) -> np.ndarray:
     """The ``x_fit`` column of PRED_TRACKS_SCHEMA from a tracker's fitted crossings ``[E, L]`` [mm]: float32, NaN
     on every layer of an event whose fit failed (``status != 0`` or a non-finite ``q_over_pt``, the failed fits
