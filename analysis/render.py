@@ -13,6 +13,7 @@ from typing import Any
 
 import polars as pl
 
+from analysis import display
 from analysis import metrics as m
 from analysis.comparisons import SIGNIFICANCE_THRESHOLD, comparison_blocks
 from analysis.figures import format_value_error
@@ -271,8 +272,32 @@ def render_markdown(
         _figure_link(figure_paths, "track_performance_pt", "Failed-fit and charge-misidentification rates vs true pT"),
     ]
 
+    lines += ["", "## Event displays", "", *_event_display_rows(results, figure_paths)]
+
     lines += ["", "## Definitions", "", *DEFINITIONS, ""]
     return "\n".join(lines)
+
+
+def _event_display_rows(results: ReportResults, figure_paths: dict[str, Path]) -> list[str]:
+    """The "Event displays" section: each displayed event, why it is shown, and its figure."""
+    if results.event_displays is None:
+        return [f"No event displays: {results.event_displays_problem}."]
+    lines = [
+        f"The events of the {display.N_WORST} largest |relative q/pT residual| of `{display.WORST_OF}`, then those "
+        f"where a row's successful fit has the wrong charge (at most {display.MAX_DISPLAYS} displays). Left: the "
+        "event's strips (x against the layer's y, the charge as colour), the muon's true crossings (black circles) and "
+        "each row's fitted track (its `x_fit` in predictions/tracks.parquet); right: the muon's road, x relative to "
+        "the chord through its first and last true crossing, with each row's chosen clusters (layer weight ≥ "
+        f"{display.CHOSEN_CLUSTER_WEIGHT:g}) as markers. Draw any other test event with "
+        "`muontrack display --report REPORT --event N`.",
+    ]
+    if not results.event_displays:
+        none = f"No event to show: `{display.WORST_OF}` has no successful fit and no fit has the wrong charge."
+        return [*lines, "", none]
+    for shown in results.event_displays:
+        title = f"Event {shown.event_id}: {shown.title}"
+        lines += ["", f"- {title}", "", _figure_link(figure_paths, display.figure_key(shown.event_id), title)]
+    return lines
 
 
 def _limit_sentence(results: ReportResults) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 
 from analysis import catalog
+from analysis import display as event_display
 from analysis import figures as fig
 from analysis import report_folder as folder
 from analysis.metrics import TAIL_COLUMNS
@@ -83,6 +84,9 @@ def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
             "Track fit failures and charge misidentification",
             figures_dir / folder.FIGURE_NAMES["track_performance_pt"],
         )
+    for shown in results.event_displays or []:
+        path = figures_dir / folder.EVENT_DISPLAY_NAME.format(event_id=shown.event_id)
+        paths[event_display.figure_key(shown.event_id)] = event_display.save_report_display(shown, path)
     if results.core_fit is not None:
         paths["clusters"] = fig.plot_cluster_residuals(
             results.cluster_residuals, results.core_fit, figures_dir / folder.FIGURE_NAMES["clusters"]

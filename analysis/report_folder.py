@@ -49,6 +49,9 @@ FIGURE_NAMES = {
     "track_performance_pt": "failed_fit_charge_misid_vs_pt.png",
 }
 
+#: the report's event displays in ``figures/`` (analysis.display), one per displayed event
+EVENT_DISPLAY_NAME = "event_display_{event_id}.png"
+
 
 def prediction_path(report_dir: Path, table: str) -> Path:
     """``report_dir/predictions/TABLE.parquet``, ``table`` one of :data:`PREDICTION_TABLES`."""

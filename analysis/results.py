@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from analysis import display as event_displays
 from analysis import metrics as m
 from analysis import performance
 from analysis.figures import model_order
@@ -83,6 +84,10 @@ class ReportResults:
     hit_performance_pt: pl.DataFrame | None = None
     hit_performance_layer: pl.DataFrame | None = None
     track_performance_pt: pl.DataFrame | None = None
+    #: analysis.display: the events the report draws (display_choices), each with why; None when they cannot be
+    #: drawn, and why in ``event_displays_problem``
+    event_displays: list[event_displays.EventDisplay] | None = None
+    event_displays_problem: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,6 +184,7 @@ def compute_results(
     hit_performance_layer = None
     if "layer" in hits_with_truth.columns:
         hit_performance_layer = performance.hit_performance(hits_with_truth, ["layer"])
+    displays, displays_problem = _event_displays(predictions, dataset_hits, dataset_events, track_residuals, detector)
     models = model_order(
         set(classification["model"].to_list())
         | set(cluster_residuals["model"].unique().to_list())
@@ -205,7 +211,38 @@ def compute_results(
         hit_performance_pt=performance.hit_performance(hits_with_truth, ["pt_lo", "pt_hi"]),
         hit_performance_layer=hit_performance_layer,
         track_performance_pt=performance.track_performance_by_pt(track_residuals),
+        event_displays=displays,
+        event_displays_problem=displays_problem,
     )
+
+
+def _event_displays(
+    predictions: dict[str, pl.LazyFrame],
+    dataset_hits: pl.LazyFrame,
+    dataset_events: pl.LazyFrame,
+    track_residuals: pl.DataFrame,
+    detector: DetectorConfig | None,
+) -> tuple[list[event_displays.EventDisplay] | None, str | None]:
+    """The report's event displays (analysis.display.display_choices), or None and why they cannot be drawn."""
+    if detector is None:
+        return None, "no detector config was given (the report context's `detector`)"
+    missing = event_displays.missing_dataset_columns(dataset_hits, dataset_events)
+    if missing:
+        return None, f"the dataset lacks {', '.join(missing)}"
+    layer_y = detector.layer_y()
+    return [
+        event_displays.event_display(
+            predictions,
+            dataset_hits,
+            dataset_events,
+            event_id,
+            layer_y,
+            detector.pitch,
+            (detector.x_min, detector.x_max),
+            title=why,
+        )
+        for event_id, why in event_displays.display_choices(track_residuals)
+    ], None
 
 
 def context_detector(context: dict[str, Any]) -> DetectorConfig | None:

@@ -12,7 +12,7 @@ import polars as pl
 from classical.reco import ClassicalParams, Reconstruction, reconstruct
 from pipeline.batches import split_expr
 from pipeline.dataset import Dataset, open_dataset
-from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
+from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA, fitted_crossings
 
 MODEL_NAME = "classical"
 
@@ -94,6 +94,7 @@ def prediction_tables(split_hits: SplitHits, reco: Reconstruction, model: str = 
             "q_over_pt_pred": reco.q_over_pt,
             "radius": reco.radius,
             "fit_status": reco.status,
+            "x_fit": pl.Series(fitted_crossings(reco.x_fit, reco.status, reco.q_over_pt)).cast(pl.List(pl.Float32)),
         },
     }
     out = {}
@@ -117,8 +118,8 @@ def predict_classical(
     row per event and layer (x_reco 0 and sigma pitch/sqrt(12) where no cluster is kept, weight 1/0); the
     layers that the final fit removed as outliers count as not kept. Tracks: one row per event with q/pT of
     the scattering-aware final fit, pT = 1/|q/pT|, q its sign, radius = pT / (0.3 B), the radius of the fitted
-    circle [mm] (all 0 unless the fit is OK), and the fit status (0 ok, 1 < 3 layers, 2 degenerate, 3
-    non-finite)."""
+    circle [mm] (all 0 unless the fit is OK), the fit status (0 ok, 1 < 3 layers, 2 degenerate, 3
+    non-finite) and x_fit, the final fit's smoothed crossing of every layer (all NaN unless the fit is OK)."""
     dataset = _as_dataset(dataset)
     split_hits = read_split(dataset, split)
     reco = reconstruct(

@@ -154,6 +154,7 @@ class Reconstruction(NamedTuple):
     q: np.ndarray  # int8 [E]: +1 / -1
     q_over_pt: np.ndarray  # float64 [E] [1/GeV]
     status: np.ndarray  # int8 [E]
+    x_fit: np.ndarray  # float64 [E, L]: the final fit's smoothed crossing of each layer [mm], NaN unless the fit is OK
 
 
 class RecoSettings(NamedTuple):
@@ -619,10 +620,11 @@ def final_fit(settings, scratch):
 
 
 @jit()
-def reconstruct_event(layer, strip, x, charge, settings, scratch, hit_weight, x_reco, sigma, layer_weight):
+def reconstruct_event(layer, strip, x, charge, settings, scratch, hit_weight, x_reco, sigma, layer_weight, x_fit):
     """Reconstruct one event (hit arrays of length ``n``; ``settings``: :class:`RecoSettings`; ``scratch``:
     :class:`EventScratch` of capacity >= n). Writes ``hit_weight[n]`` and ``x_reco / sigma / layer_weight[L]``
-    (the clusters of the final fit: outliers removed) and returns ``(radius, pt, q, q_over_pt, status)``;
+    (the clusters of the final fit: outliers removed), ``x_fit[L]`` (the final fit's smoothed crossings, NaN
+    unless the returned status is OK) and returns ``(radius, pt, q, q_over_pt, status)``;
     ``radius`` is that of the fitted circle (the scattering fit's ``x_circle``), ``pT / (0.3 B)``."""
     layer_y = settings.layer_y
     n_layers = layer_y.shape[0]
@@ -644,12 +646,16 @@ def reconstruct_event(layer, strip, x, charge, settings, scratch, hit_weight, x_
             layer_weight[lay] = 1.0
             for k in range(clusters.first[j], clusters.first[j] + clusters.size[j]):
                 hit_weight[clusters.order[k]] = 1.0
+    for lay in range(n_layers):
+        x_fit[lay] = math.nan
     if status != STATUS_OK:
         return 0.0, 0.0, 1, 0.0, status
     pt = 1.0 / abs(q_over_pt)
     radius = pt / (PT_PER_TESLA_METRE * abs(settings.b_field)) * 1e3
     if not (math.isfinite(pt) and math.isfinite(radius) and q_over_pt != 0.0):
         return 0.0, 0.0, 1, 0.0, STATUS_DEGENERATE
+    for lay in range(n_layers):
+        x_fit[lay] = scratch.layer_work[ROW_X_FIT, lay]
     return radius, pt, 1 if q_over_pt > 0.0 else -1, q_over_pt, STATUS_OK
 
 
@@ -669,6 +675,7 @@ def reconstruct_events(event_start, layer, strip, x, charge, settings):
     q = np.ones(n_events, np.int8)
     q_over_pt = np.zeros(n_events, np.float64)
     status = np.zeros(n_events, np.int8)
+    x_fit = np.full((n_events, n_layers), np.nan, np.float64)
     n_chunks = (n_events + EVENTS_PER_CHUNK - 1) // EVENTS_PER_CHUNK
     for chunk in nb.prange(n_chunks):
         lo, hi = chunk_bounds(chunk, EVENTS_PER_CHUNK, n_events)
@@ -687,13 +694,14 @@ def reconstruct_events(event_start, layer, strip, x, charge, settings):
                 x_reco[e],
                 sigma[e],
                 layer_weight[e],
+                x_fit[e],
             )
             radius[e] = r
             pt[e] = p
             q[e] = c
             q_over_pt[e] = qp
             status[e] = s
-    return hit_weight, x_reco, sigma, layer_weight, radius, pt, q, q_over_pt, status
+    return hit_weight, x_reco, sigma, layer_weight, radius, pt, q, q_over_pt, status, x_fit
 
 
 def reconstruct(

@@ -241,6 +241,24 @@ def results(
         typer.echo(format_catalog(catalog))
 
 
+@app.command()
+def display(
+    report: Annotated[Path, typer.Option("--report", help="Report folder (of `muontrack evaluate` or `run`).")],
+    event: Annotated[int, typer.Option("--event", help="Event id, one of the report's test split.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Figure to write (.png, .pdf or .svg; never inside the report). Default: display-EVENT.png."
+        ),
+    ] = None,
+) -> None:
+    """Draw one event of a report: strips, truth, each row's chosen clusters and fitted track, and the muon's road."""
+    from analysis.display import display_event
+
+    path = display_event(report, event, out if out is not None else Path(f"display-{event}.png"))
+    typer.echo(f"display: {path}")
+
+
 @app.command(name="run")
 def run_all(
     preset: Annotated[Preset, typer.Option("--preset", help="Size of the whole job.")] = Preset.cpu,

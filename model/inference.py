@@ -8,7 +8,9 @@ PRED_CLUSTERS_SCHEMA and PRED_TRACKS_SCHEMA (docs/contracts.md, "Report folder")
   hit's weight in the final clusters of the row's reconstruction chain (model.tracker);
 - ``clusters``: one row per event and layer (event_id, layer, model, x_reco, sigma, weight, x_true) from the
   differentiable clustering with the model's hit weights;
-- ``tracks``: one row per event (event_id, model, pt_pred, q_pred, q_over_pt_pred, radius, fit_status).
+- ``tracks``: one row per event (event_id, model, pt_pred, q_pred, q_over_pt_pred, radius, fit_status, x_fit);
+  ``x_fit`` is the final fit's crossing of every layer (the chain's TrackEstimate.x_fit), all NaN when the fit
+  failed (pipeline.schema.fitted_crossings).
 
 A run gives one row set per entry of its objective's ``reported_as`` (the ``baseline`` network: ``baseline``
 with the robust chain and ``baseline_paper`` with the paper's), all from one forward pass of the network.
@@ -40,7 +42,7 @@ from pipeline.batches import Batch, Geometry, check_buckets, iter_batches, split
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import ConfigError, RunError
 from pipeline.models import get_model
-from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
+from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA, fitted_crossings
 
 #: node budgets rounded up to this when a split holds events larger than the run's buckets
 BUCKET_STEP = 64
@@ -170,6 +172,11 @@ def _truth_forward(geometry: Geometry, chain: Chain, weights: str):
     return forward
 
 
+def _list_column(rows: np.ndarray) -> pl.Series:
+    """A ``[E, L]`` float32 array as a list<float32> column (one list of L values per row)."""
+    return pl.Series(rows.astype(np.float32)).cast(pl.List(pl.Float32))
+
+
 class _Tables:
     """Accumulates the rows of the three prediction tables for one model name."""
 
@@ -209,6 +216,9 @@ class _Tables:
                 "q_over_pt_pred": np.asarray(reco.q_over_pt)[events],
                 "radius": np.asarray(reco.radius)[events],
                 "fit_status": np.asarray(reco.status)[events],
+                "x_fit": fitted_crossings(
+                    np.asarray(reco.x_fit)[events], np.asarray(reco.status)[events], np.asarray(reco.q_over_pt)[events]
+                ),
             }
         )
 
@@ -225,6 +235,9 @@ class _Tables:
                 for column in dtypes
                 if column != "model"
             }
+            if "x_fit" in columns:
+                x_fit = columns["x_fit"]
+                columns["x_fit"] = _list_column(x_fit) if x_fit.ndim == 2 else pl.Series([], dtype=pl.List(pl.Float32))
             frame = pl.DataFrame(columns).with_columns(model=pl.lit(self.model))
             out[name] = frame.select([pl.col(column).cast(dtype) for column, dtype in dtypes.items()]).sort(keys)
         return out

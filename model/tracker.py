@@ -136,6 +136,7 @@ class Reconstruction(NamedTuple):
     q_over_pt: Float[Array, " B"]  # signed, smooth [1/GeV]
     status: Int[Array, " B"]  # model.fit.STATUS_* (0: ok)
     hit_weight: Float[Array, "B N"]  # the weight of each hit in the final clusters (0 on padding)
+    x_fit: Float[Array, "B L"]  # the final fit's crossing of each layer [mm] (TrackEstimate.x_fit)
 
 
 @jax.custom_vjp
@@ -304,4 +305,5 @@ def reconstruct(
         q_over_pt=fit.q_over_pt,
         status=fit.status,
         hit_weight=final_weights,
+        x_fit=fit.x_fit,
     )

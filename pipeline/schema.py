@@ -6,6 +6,7 @@ Polars and DuckDB with the documented column names and types.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.models import REPORT_ROWS
@@ -64,8 +65,20 @@ PRED_TRACKS_SCHEMA = pa.schema(
         pa.field("q_over_pt_pred", pa.float32()),
         pa.field("radius", pa.float32()),  # fitted radius [mm]
         pa.field("fit_status", pa.int8()),  # 0 ok, >0 a failed or degenerate fit
+        # the fitted track's crossing x of each layer [mm], one per layer; all NaN when the fit failed
+        pa.field("x_fit", pa.list_(pa.float32())),
     ]
 )
+
+
+def fitted_crossings(x_fit: np.ndarray, status: np.ndarray, q_over_pt: np.ndarray) -> np.ndarray:
+    """The ``x_fit`` column of PRED_TRACKS_SCHEMA from a tracker's fitted crossings ``[E, L]`` [mm]: float32, NaN
+    on every layer of an event whose fit failed (``status != 0`` or a non-finite ``q_over_pt``, the failed fits
+    of docs/contracts.md) and wherever a crossing is not finite."""
+    x_fit = np.asarray(x_fit, np.float32)
+    failed = (np.asarray(status) != 0) | ~np.isfinite(np.asarray(q_over_pt))
+    return np.where(failed[:, None] | ~np.isfinite(x_fit), np.float32(np.nan), x_fit)
+
 
 #: REPORT/predictions/clusters.parquet
 PRED_CLUSTERS_SCHEMA = pa.schema(

@@ -149,6 +149,7 @@ def _write_predictions(
                     "q_over_pt_pred": q_over_pt,
                     "radius": np.full(n_events, 1000.0, np.float32),
                     "fit_status": failed.astype(np.int8),
+                    "x_fit": pl.Series(np.full((n_events, N_LAYERS), np.nan, np.float32)).cast(pl.List(pl.Float32)),
                 }
             )
         )
