@@ -17,7 +17,7 @@ from analysis import display
 from analysis import metrics as m
 from analysis.comparisons import SIGNIFICANCE_THRESHOLD, comparison_blocks
 from analysis.figures import format_value_error
-from analysis.report_folder import FIGURES_DIR
+from analysis.report_folder import FIGURES_DIR, training_figure_key
 from analysis.results import ReportResults, model_row
 from analysis.statistics import CORE_WINDOW_N_SIGMA, N_BOOTSTRAP
 from pipeline.models import LIMIT_ROW
@@ -272,6 +272,7 @@ def render_markdown(
         _figure_link(figure_paths, "track_performance_pt", "Failed-fit and charge-misidentification rates vs true pT"),
     ]
 
+    lines += _training_rows(context, figure_paths)
     lines += ["", "## Event displays", "", *_event_display_rows(results, figure_paths)]
 
     lines += ["", "## Definitions", "", *DEFINITIONS, ""]
@@ -297,6 +298,50 @@ def _event_display_rows(results: ReportResults, figure_paths: dict[str, Path]) -
     for shown in results.event_displays:
         title = f"Event {shown.event_id}: {shown.title}"
         lines += ["", f"- {title}", "", _figure_link(figure_paths, display.figure_key(shown.event_id), title)]
+    return lines
+
+
+def _training_rows(context: dict[str, Any], figure_paths: dict[str, Path]) -> list[str]:
+    """The Training section: per evaluated run the checkpoint its predictions were made with (best validation σ68
+    or last epoch, its epoch and val σ68) and its training curves; nothing without runs in the context."""
+    runs = [run for run in context.get("runs") or [] if isinstance(run, dict) and run.get("model")]
+    if not runs:
+        return []
+
+    def sigma(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
+
+    lines = [
+        "",
+        "## Training",
+        "",
+        "Each network is evaluated with one of its run's checkpoints (`muontrack evaluate --checkpoint`): `best`, the "
+        "epoch of the lowest validation σ68(q/pT) (the default), or `last`, the last epoch's.",
+        "",
+    ]
+    rows = [
+        [
+            run["model"],
+            run.get("checkpoint") or "n/a",
+            run.get("checkpoint_epoch") if run.get("checkpoint_epoch") is not None else "n/a",
+            sigma(run.get("checkpoint_val_sigma68")),
+            run.get("best_epoch") if run.get("best_epoch") is not None else "n/a",
+            run.get("last_epoch") if run.get("last_epoch") is not None else "n/a",
+        ]
+        for run in runs
+    ]
+    lines += md_table(
+        ["run of", "checkpoint evaluated", "its epoch", "its val σ68(q/pT)", "best epoch", "last epoch"], rows
+    )
+    lines += [
+        "",
+        "Training curves per run (`RUN/metrics.parquet`): the loss terms (epoch means over the train split, solid, "
+        "and the val split, dashed), the validation σ68(q/pT), the learning rate of each epoch's last step and the "
+        "epoch's mean gradient norm before clipping; vertical lines mark the evaluated, the best and the last epoch.",
+    ]
+    for run in runs:
+        title = f"Training curves of {run['model']}"
+        lines += ["", _figure_link(figure_paths, training_figure_key(run["model"]), title)]
     return lines
 
 

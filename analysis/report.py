@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from analysis.results import (
     merged_summary_table,
     scan_predictions,
 )
+from analysis.training import plot_training_curves, training_curves
 from pipeline.atomic import write_text_atomic
 from pipeline.models import LIMIT_ROW
 
@@ -94,6 +96,32 @@ def write_figures(results: ReportResults, figures_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def write_training_figures(
+    context: dict[str, Any], training: Mapping[str, pl.DataFrame], figures_dir: Path
+) -> dict[str, Path]:
+    """The training curves of each run of ``context["runs"]`` whose metrics table ``training`` holds (keyed by the
+    run's path as the context gives it), the evaluated checkpoint's epoch marked with the best and the last;
+    returns {:func:`analysis.report_folder.training_figure_key`: path}."""
+    paths = {}
+    for run in context.get("runs") or []:
+        if not isinstance(run, Mapping) or run.get("run") not in training or not run.get("model"):
+            continue
+        marks = {
+            "evaluated": run.get("checkpoint_epoch"),
+            "best": run.get("best_epoch"),
+            "last": run.get("last_epoch"),
+        }
+        title = f"{run['model']}: {Path(str(run['run'])).name}"
+        if run.get("checkpoint") and run.get("checkpoint_epoch") is not None:
+            title += f" (evaluated: {run['checkpoint']} checkpoint, epoch {run['checkpoint_epoch']})"
+        paths[folder.training_figure_key(str(run["model"]))] = plot_training_curves(
+            training_curves(training[run["run"]], marks),
+            title,
+            figures_dir / folder.training_figure_name(str(run["model"])),
+        )
+    return paths
+
+
 def catalog_frames(
     results: ReportResults, context: dict[str, Any], report: Path, created: datetime | None = None
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -120,6 +148,7 @@ def write_report(
     dataset_events: pl.LazyFrame,
     context: dict[str, Any],
     published_as: Path | None = None,
+    training: Mapping[str, pl.DataFrame] | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Compute every metric and write report.md, summary.json, resolution.csv, figures/ and the catalog
     (summary.parquet, resolution.parquet) into ``report_dir``.
@@ -135,6 +164,9 @@ def write_report(
             has no limit row and says so).
         published_as: the folder the report will be read from, when ``report_dir`` is a staging folder
             (:func:`analysis.report_folder.staged_report`); the catalog's ``report`` column. Default: ``report_dir``.
+        training: each run's metrics table (RUN/metrics.parquet as a frame) by the run's path as ``context["runs"]``
+            names it: the report draws those runs' training curves (:func:`write_training_figures`) in its
+            Training section, which also says which checkpoint each run was evaluated with.
 
     Returns:
         The summary written to summary.json (see :func:`analysis.results.build_summary`).
@@ -155,6 +187,7 @@ def write_report(
     )
 
     figure_paths = write_figures(results, report_dir / folder.FIGURES_DIR)
+    figure_paths |= write_training_figures(context, training or {}, report_dir / folder.FIGURES_DIR)
     write_text_atomic(report_dir / folder.REPORT_NAME, render_markdown(results, summary, figure_paths, context))
     write_text_atomic(report_dir / folder.SUMMARY_NAME, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     rank = {model: index for index, model in enumerate(results.models)}

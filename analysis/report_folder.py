@@ -4,7 +4,8 @@ REPORT folder (docs/contracts.md, "Report folder")
     ``predictions/`` (:data:`PREDICTIONS_DIR`): ``hits.parquet``, ``clusters.parquet``, ``tracks.parquet``, one per
     table of :data:`PREDICTION_TABLES` (:func:`prediction_path`); ``report.md`` (:data:`REPORT_NAME`);
     ``summary.json`` (:data:`SUMMARY_NAME`); ``resolution.csv`` (:data:`RESOLUTION_NAME`); ``figures/``
-    (:data:`FIGURES_DIR`, the PNG names of :data:`FIGURE_NAMES`, each with a PDF beside it); the catalog files
+    (:data:`FIGURES_DIR`, the PNG names of :data:`FIGURE_NAMES` and each evaluated run's training curves,
+    :func:`training_figure_name`, each with a PDF beside it); the catalog files
     ``summary.parquet`` (:data:`CATALOG_SUMMARY_NAME`) and ``resolution.parquet`` (:data:`CATALOG_RESOLUTION_NAME`),
     :mod:`analysis.catalog`. analysis.report writes the files, flows reads and moves them.
 
@@ -51,6 +52,16 @@ FIGURE_NAMES = {
 
 #: the report's event displays in ``figures/`` (analysis.display), one per displayed event
 EVENT_DISPLAY_NAME = "event_display_{event_id}.png"
+
+
+def training_figure_key(model: str) -> str:
+    """The key of a run's training curves among the report's figure paths (analysis.report, analysis.render)."""
+    return f"training:{model}"
+
+
+def training_figure_name(model: str) -> str:
+    """The PNG name in ``figures/`` of the training curves of the evaluated run of ``model`` (one run per model)."""
+    return f"training_curves_{model}.png"
 
 
 def prediction_path(report_dir: Path, table: str) -> Path:

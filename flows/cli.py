@@ -33,6 +33,13 @@ ModelName = StrEnum("ModelName", {name: name for name in TRAINED_MODELS})
 EstimatorName = StrEnum("EstimatorName", {name: name for name in ESTIMATORS})
 
 
+class Checkpoint(StrEnum):
+    """``evaluate --checkpoint``: model.run_folder.CHECKPOINTS (kept equal by tests/test_training_curves.py)."""
+
+    best = "best"
+    last = "last"
+
+
 class Preset(StrEnum):
     test = "test"
     cpu = "cpu"
@@ -137,8 +144,9 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train a tracker on a dataset."""
+    """Train a tracker on a dataset; RUN/training_curves.png is redrawn after every epoch."""
     overrides = _training_overrides(config, preset.value) if config is not None else None
+    from flows.steps import write_training_curves
     from model.train import train_run
 
     summary = train_run(
@@ -152,6 +160,7 @@ def train(
         progress=True,
         estimator=estimator.value if estimator else None,
         overrides=overrides,
+        on_epoch=lambda _info: write_training_curves(out),
     )
     typer.echo(f"trained {model.value} -> {out} ({summary})")
 
@@ -198,6 +207,12 @@ def evaluate(
         str | None,
         typer.Option("--dask-address", help="Predict shard by shard on this Dask cluster (tcp://HOST:PORT)."),
     ] = None,
+    checkpoint: Annotated[
+        Checkpoint,
+        typer.Option(
+            "--checkpoint", help="Each run's parameters: of its best validation sigma68 epoch, or of its last epoch."
+        ),
+    ] = Checkpoint.best,
 ) -> None:
     """Evaluate trained runs against the truth reference and write the report (progress on stderr)."""
     import json
@@ -207,12 +222,12 @@ def evaluate(
     if workers > 1 or dask_address:
         from flows.end_to_end import evaluate_on_dask
 
-        evaluate_on_dask(str(data), [str(r) for r in run], str(out), overwrite, workers, dask_address)
+        evaluate_on_dask(str(data), [str(r) for r in run], str(out), overwrite, workers, dask_address, checkpoint.value)
         report = out / REPORT_NAME
     else:
         from flows.steps import evaluate_runs
 
-        report = evaluate_runs(data, run, out, progress=True, overwrite=overwrite)
+        report = evaluate_runs(data, run, out, progress=True, overwrite=overwrite, checkpoint=checkpoint.value)
     if json_output:
         summary = json.loads((report.parent / SUMMARY_NAME).read_text())
         _echo_json({"report": str(report), "summary": summary})

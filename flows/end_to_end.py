@@ -168,7 +168,14 @@ def train_flow(
 
 
 @flow(name="evaluate", flow_run_name=_evaluate_run_name, log_prints=True)
-def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True, by_shard: bool = False) -> dict:
+def evaluate_flow(
+    data: str,
+    runs: list[str],
+    out: str,
+    overwrite: bool = True,
+    by_shard: bool = False,
+    checkpoint: str = steps.DEFAULT_CHECKPOINT,
+) -> dict:
     """Predict with every run on the test split, then build the report and publish it as artifacts.
 
     ``by_shard``: one prediction task per dataset shard on the flow's task runner (Dask in
@@ -180,34 +187,48 @@ def evaluate_flow(data: str, runs: list[str], out: str, overwrite: bool = True, 
     writes nothing on a cache hit: the predictions of the report already in ``out`` are linked into the staging
     folder first when that report is of these runs on this dataset, and the task is forced to run otherwise.
     ``overwrite``: replace a report of other runs (``muontrack run`` owns its report folders, whose names carry
-    the dataset key); False refuses it as ``muontrack evaluate`` does without ``--overwrite``.
+    the dataset key); False refuses it as ``muontrack evaluate`` does without ``--overwrite``. ``checkpoint``: each
+    run's parameters evaluated, ``best`` (lowest validation sigma68, the default) or ``last``; the previous report's
+    predictions are reused only with the default (the catalog does not record the checkpoint).
     """
     from analysis.report_folder import staged_report
+    from model.inference import check_checkpoint
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(Path(data))
     dataset_hash = f"{dataset.manifest['config_hash']}-{dataset.seed}-{dataset.n_events}"
     run_keys = [(Path(r) / "config.json").read_text() if (Path(r) / "config.json").is_file() else "" for r in runs]
+    check_checkpoint(checkpoint)
     with exclusive_writer(out):
-        context = steps.report_context(Path(data), [Path(r) for r in runs])
+        context = steps.report_context(Path(data), [Path(r) for r in runs], checkpoint)
         steps.prepare_report_out(Path(out), context, overwrite)
         with staged_report(Path(out)) as staging:
             if by_shard:
                 n_shards, max_hits = steps.plan_prediction_shards(Path(data), [Path(r) for r in runs], staging)
-                futures = [tasks.predict_shard.submit(data, runs, index, max_hits) for index in range(n_shards)]
+                futures = [
+                    tasks.predict_shard.submit(data, runs, index, max_hits, checkpoint) for index in range(n_shards)
+                ]
                 steps.combine_shards([future.result() for future in futures], staging)
             else:
-                reused = steps.stage_previous_predictions(Path(out), staging, context)
-                tasks.predict.with_options(refresh_cache=not reused)(
-                    data, runs, out, dataset_hash, run_keys, staging=str(staging)
+                reused = checkpoint == steps.DEFAULT_CHECKPOINT and steps.stage_previous_predictions(
+                    Path(out), staging, context
                 )
-            summary = tasks.write_report(data, runs, out, staging=str(staging))
+                tasks.predict.with_options(refresh_cache=not reused)(
+                    data, runs, out, dataset_hash, run_keys, staging=str(staging), checkpoint=checkpoint
+                )
+            summary = tasks.write_report(data, runs, out, staging=str(staging), checkpoint=checkpoint)
     tasks.publish_artifacts(summary, out)
     return summary
 
 
 def evaluate_on_dask(
-    data: str, runs: list[str], out: str, overwrite: bool = False, workers: int = 2, dask_address: str | None = None
+    data: str,
+    runs: list[str],
+    out: str,
+    overwrite: bool = False,
+    workers: int = 2,
+    dask_address: str | None = None,
+    checkpoint: str = steps.DEFAULT_CHECKPOINT,
 ) -> dict:
     """The ``evaluate`` flow with one prediction task per dataset shard on Dask (a local cluster of ``workers``
     processes, or the cluster at ``dask_address``); the metrics and the report are computed here, from the
@@ -216,7 +237,9 @@ def evaluate_on_dask(
 
     quiet_user_errors()
     runner = dask_task_runner(workers, dask_address)
-    return evaluate_flow.with_options(task_runner=runner)(data, runs, out, overwrite, by_shard=True)
+    return evaluate_flow.with_options(task_runner=runner)(
+        data, runs, out, overwrite, by_shard=True, checkpoint=checkpoint
+    )
 
 
 @flow(name="end-to-end", flow_run_name="end-to-end-{preset}-seed{seed}", log_prints=True)

@@ -24,6 +24,9 @@ from pipeline.errors import ConfigError, DatasetError, MuontrackError, RunError
 from pipeline.locks import exclusive_writer
 from pipeline.models import CPU_JOB_MODELS, TEST_JOB_MODELS, TRAINED_MODELS
 
+#: the checkpoint evaluation loads unless told (model.run_folder.DEFAULT_CHECKPOINT, without importing JAX here)
+DEFAULT_CHECKPOINT = "best"
+
 # TRAINED_MODELS (pipeline.models): the models a job can train (each gives one or more rows of the `model`
 # column: `baseline` gives `baseline` and `baseline_paper`); the truth references and `classical` need no training
 
@@ -180,8 +183,11 @@ def _write_predictions(tables: list[dict[str, pl.DataFrame]], out: Path) -> Path
     return pred_dir
 
 
-def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False) -> Path:
-    """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run.
+def predict_all(
+    data: Path, runs: list[Path], out: Path, progress: bool = False, checkpoint: str = DEFAULT_CHECKPOINT
+) -> Path:
+    """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run (with
+    the parameters of its ``checkpoint``: ``best`` validation sigma68 or ``last`` epoch, model.inference.load_run).
 
     ``progress``: a progress display on stderr (a bar per model on a terminal, one line per model done).
     """
@@ -199,7 +205,10 @@ def predict_all(data: Path, runs: list[Path], out: Path, progress: bool = False)
         ]
         for run in runs:
             predictions = display.run(
-                Path(run).name, lambda step, run=run: predict_run(dataset, Path(run), split="test", on_batch=step)
+                Path(run).name,
+                lambda step, run=run: predict_run(
+                    dataset, Path(run), split="test", on_batch=step, checkpoint=checkpoint
+                ),
             )
             _check_one_run_per_model([*tables, predictions])
             tables.append(predictions)
@@ -221,11 +230,13 @@ def shard_view(dataset: Any, shard_index: int) -> Any:
     return Dataset(path=dataset.path, manifest=manifest, config=dataset.config)
 
 
-def predict_shard(data: Path, runs: list[Path], shard_index: int, max_hits: int) -> list[dict[str, pl.DataFrame]]:
+def predict_shard(
+    data: Path, runs: list[Path], shard_index: int, max_hits: int, checkpoint: str = DEFAULT_CHECKPOINT
+) -> list[dict[str, pl.DataFrame]]:
     """The prediction tables of the test events of one shard of ``data``, one dict per source in the order of
     :func:`predict_all` (truth references, classical, each run). ``max_hits``: the largest test event of the
     whole dataset, so that every shard packs its events into the node buckets of the whole split and gives
-    the rows :func:`predict_all` gives for them."""
+    the rows :func:`predict_all` gives for them. ``checkpoint``: as for :func:`predict_all`."""
     from classical import predict_classical
     from model.inference import predict_run, predict_truth
     from pipeline.dataset import open_dataset
@@ -234,7 +245,7 @@ def predict_shard(data: Path, runs: list[Path], shard_index: int, max_hits: int)
     return [
         predict_truth(shard, split="test", max_hits=max_hits),
         predict_classical(shard, split="test"),
-        *(predict_run(shard, Path(run), split="test", max_hits=max_hits) for run in runs),
+        *(predict_run(shard, Path(run), split="test", max_hits=max_hits, checkpoint=checkpoint) for run in runs),
     ]
 
 
@@ -271,10 +282,11 @@ def combine_shards(shards: list[list[dict[str, pl.DataFrame]]], out: Path) -> Pa
     return _write_predictions(tables, out)
 
 
-def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
+def report_context(data: Path, runs: list[Path], checkpoint: str = DEFAULT_CHECKPOINT) -> dict[str, Any]:
     """What the report says was run: dataset, code, the dataset's detector config (``detector``: the report's
     limit row is computed from it, analysis.results.context_detector), each run's configuration (with the model rows
-    it gives, ``reported_as``, and the training code version it recorded) and the environment (versions, device)."""
+    it gives, ``reported_as``, the training code version it recorded, and the checkpoint evaluated:
+    :func:`checkpoint_context`) and the environment (versions, device)."""
     from analysis.catalog import environment
     from pipeline.dataset import open_dataset
 
@@ -305,10 +317,73 @@ def report_context(data: Path, runs: list[Path]) -> dict[str, Any]:
                 "seed": run_config.get("seed"),
                 "training_seconds": seconds,
                 "code_version": run_config.get("code_version"),
+                **checkpoint_context(Path(run), checkpoint),
             }
         )
     context["environment"] = environment()
     return context
+
+
+def checkpoint_context(run: Path, checkpoint: str = DEFAULT_CHECKPOINT) -> dict[str, Any]:
+    """Which checkpoint of ``run`` an evaluation with ``checkpoint`` loads (the report's run table): ``checkpoint``
+    (best or last), its ``checkpoint_epoch`` and ``checkpoint_val_sigma68`` (metrics.parquet's), the run's
+    ``best_epoch`` and ``last_epoch``. None where the run cannot say (no run, unfinished, no best checkpoint):
+    the prediction step refuses such a run with its own message."""
+    from model.inference import checkpoint_epoch
+    from model.run_folder import best_epoch, read_metrics
+
+    found: dict[str, Any] = {
+        "checkpoint": checkpoint,
+        "checkpoint_epoch": None,
+        "checkpoint_val_sigma68": None,
+        "best_epoch": None,
+        "last_epoch": None,
+    }
+    try:
+        metrics = read_metrics(run)
+        found["checkpoint_epoch"] = checkpoint_epoch(run, checkpoint)
+        found["last_epoch"] = checkpoint_epoch(run, "last")
+    except MuontrackError:
+        return found
+    found["best_epoch"] = best_epoch(metrics)
+    sigma = metrics.filter((pl.col("split") == "val") & (pl.col("epoch") == found["checkpoint_epoch"]))["sigma68"]
+    found["checkpoint_val_sigma68"] = float(sigma[0]) if sigma.len() and sigma[0] is not None else None
+    return found
+
+
+#: RUN/training_curves.png (and .pdf beside it): the run's training curves, redrawn after every epoch
+TRAINING_CURVES_NAME = "training_curves.png"
+
+
+def training_metrics(runs: Sequence[Path]) -> dict[str, pl.DataFrame]:
+    """Each run's metrics table (RUN/metrics.parquet, model.run_folder.read_metrics) by its resolved path, as the
+    report's context names the runs; runs without a readable table are left out."""
+    from model.run_folder import read_metrics
+
+    tables = {}
+    for run in runs:
+        try:
+            tables[str(Path(run).resolve())] = read_metrics(Path(run))
+        except MuontrackError:
+            continue
+    return tables
+
+
+def write_training_curves(run: Path) -> Path:
+    """Draw RUN/training_curves.png (and a PDF beside it, each written atomically) from RUN/metrics.parquet, the
+    best validation sigma68's and the last epoch marked; returns its path. ``muontrack train`` and the ``run``
+    flow call it after every epoch (model.train.train_run's ``on_epoch``): the model package never imports
+    analysis, so the figure is drawn here from the table the run folder holds."""
+    from analysis.training import plot_training_curves, training_curves
+    from model.run_folder import best_epoch, read_metrics, read_run_config
+
+    run = Path(run)
+    metrics = read_metrics(run)
+    config = read_run_config(run)
+    last = int(metrics["epoch"].max()) if metrics.height else None
+    curves = training_curves(metrics, {"best": best_epoch(metrics), "last": last})
+    title = f"{config.get('model')} ({config.get('preset')} preset, seed {config.get('seed')}): {run.name}"
+    return plot_training_curves(curves, title, run / TRAINING_CURVES_NAME)
 
 
 def _reported_as(model: str | None) -> list[str]:
@@ -359,8 +434,18 @@ def stage_previous_predictions(out: Path, staging: Path, context: dict[str, Any]
     return True
 
 
-def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = False, overwrite: bool = False) -> Path:
+def evaluate_runs(
+    data: Path,
+    runs: list[Path],
+    out: Path,
+    progress: bool = False,
+    overwrite: bool = False,
+    checkpoint: str = DEFAULT_CHECKPOINT,
+) -> Path:
     """Inference of every run on the test split, the truth references, and the report in ``out``.
+
+    ``checkpoint``: which parameters of each run are evaluated, ``best`` (the lowest validation sigma68's, the
+    default) or ``last`` (model.inference.load_run); the report says which, with the runs' training curves.
 
     The predictions and the report are written into a staging folder that replaces ``out`` at the end
     (analysis.report_folder.staged_report): a kill leaves the previous report. A folder holding the report of another
@@ -369,17 +454,26 @@ def evaluate_runs(data: Path, runs: list[Path], out: Path, progress: bool = Fals
     """
     from analysis.report import write_report
     from analysis.report_folder import staged_report
+    from model.inference import check_checkpoint
     from pipeline.dataset import open_dataset
 
     out = Path(out)
+    check_checkpoint(checkpoint)
     with exclusive_writer(out):
-        context = report_context(data, runs)
+        context = report_context(data, runs, checkpoint)
         prepare_report_out(out, context, overwrite)
         with staged_report(out) as staging:
-            predict_all(data, runs, staging, progress=progress)
+            predict_all(data, runs, staging, progress=progress, checkpoint=checkpoint)
             start = time.perf_counter()
             dataset = open_dataset(data)
-            write_report(staging, dataset.hits(), dataset.events(), context, published_as=out)
+            write_report(
+                staging,
+                dataset.hits(),
+                dataset.events(),
+                context,
+                published_as=out,
+                training=training_metrics(runs),
+            )
             if progress:
                 print(f"write report (metrics, figures, catalog): {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return out / REPORT_NAME

@@ -79,11 +79,17 @@ def train_model(
     """Train one model into ``out`` (returned); ``dataset_hash`` (config hash + seed + events) keys the cache,
     with the other inputs (``overrides``: a config file's model and train sections, model.train.train_run).
 
-    Logs one line per finished epoch (losses, val sigma68, seconds) to the task run's log.
+    Logs one line per finished epoch (losses, val sigma68, seconds) to the task run's log and redraws
+    RUN/training_curves.png (flows.steps.write_training_curves).
     """
     from model.train import format_epoch, train_run
 
     logger = _run_logger()
+
+    def on_epoch(info: dict) -> None:
+        logger.info(format_epoch(info))
+        steps.write_training_curves(Path(out))
+
     train_run(
         Path(data),
         model=model,
@@ -91,7 +97,7 @@ def train_model(
         preset=preset,
         seed=seed,
         resume=Path(out).exists(),
-        on_epoch=lambda info: logger.info(format_epoch(info)),
+        on_epoch=on_epoch,
         overrides=overrides,
     )
     return out
@@ -110,31 +116,46 @@ def predict(
     dataset_hash: str,  # noqa: ARG001 (keys the cache)
     run_keys: list[str],  # noqa: ARG001 (keys the cache)
     staging: str | None = None,
+    checkpoint: str = steps.DEFAULT_CHECKPOINT,
 ) -> str:
-    """Inference on the test split for the truth references and every run; writes the predictions/ of the report
-    ``out``, into its staging folder ``staging`` when given (see flows.end_to_end.evaluate_flow)."""
-    steps.predict_all(Path(data), [Path(r) for r in runs], Path(staging or out))
+    """Inference on the test split for the truth references and every run (its ``checkpoint``: best or last);
+    writes the predictions/ of the report ``out``, into its staging folder ``staging`` when given (see
+    flows.end_to_end.evaluate_flow)."""
+    steps.predict_all(Path(data), [Path(r) for r in runs], Path(staging or out), checkpoint=checkpoint)
     return str(Path(out) / PREDICTIONS_DIR)
 
 
 @task(name="predict-shard", cache_policy=NONE, persist_result=False, retries=1, retry_delay_seconds=2)
-def predict_shard(data: str, runs: list[str], shard_index: int, max_hits: int) -> list[dict]:
+def predict_shard(
+    data: str, runs: list[str], shard_index: int, max_hits: int, checkpoint: str = steps.DEFAULT_CHECKPOINT
+) -> list[dict]:
     """Inference on the test events of one shard of ``data`` for the truth references, classical and every run
     (flows.steps.predict_shard): its prediction tables, one ``{"hits", "clusters", "tracks"}`` dict per source,
     returned to the flow, which concatenates the shards. Never cached: the flow writes a new report."""
-    return steps.predict_shard(Path(data), [Path(r) for r in runs], shard_index, max_hits)
+    return steps.predict_shard(Path(data), [Path(r) for r in runs], shard_index, max_hits, checkpoint)
 
 
 @task(name="write-report")
-def write_report(data: str, runs: list[str], out: str, staging: str | None = None) -> dict:
-    """Metrics, tables, figures, report.md and the catalog from the predictions (cheap, never cached), written
-    into the staging folder ``staging`` of the report ``out`` when given."""
+def write_report(
+    data: str, runs: list[str], out: str, staging: str | None = None, checkpoint: str = steps.DEFAULT_CHECKPOINT
+) -> dict:
+    """Metrics, tables, figures (the runs' training curves included), report.md and the catalog from the
+    predictions (cheap, never cached), written into the staging folder ``staging`` of the report ``out`` when
+    given; ``checkpoint``: the one the predictions were made with, which the report names."""
     from analysis.report import write_report as build
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(Path(data))
-    context = steps.report_context(Path(data), [Path(r) for r in runs])
-    return build(Path(staging or out), dataset.hits(), dataset.events(), context, published_as=Path(out))
+    paths = [Path(r) for r in runs]
+    context = steps.report_context(Path(data), paths, checkpoint)
+    return build(
+        Path(staging or out),
+        dataset.hits(),
+        dataset.events(),
+        context,
+        published_as=Path(out),
+        training=steps.training_metrics(paths),
+    )
 
 
 @task(name="publish-artifacts")

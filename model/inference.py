@@ -35,7 +35,15 @@ import polars as pl
 
 from model.config import ModelConfig
 from model.objectives import get_objective
-from model.run_folder import CONFIG_NAME, latest_epoch, read_run_config, restore_params
+from model.run_folder import (
+    CHECKPOINTS,
+    CONFIG_NAME,
+    DEFAULT_CHECKPOINT,
+    best_checkpoint_epoch,
+    latest_epoch,
+    read_run_config,
+    restore_params,
+)
 from model.steps import abstract_params, device_batch, enable_compilation_cache, gat
 from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct
 from pipeline.batches import Batch, Geometry, check_buckets, iter_batches, split_summary
@@ -74,12 +82,15 @@ def inference_node_buckets(train_buckets: tuple[int, ...]) -> tuple[int, ...]:
     return check_buckets(train_buckets)
 
 
-def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
-    """``(config.json as a dict, GAT parameters of the newest checkpoint)`` of a finished run.
+def check_checkpoint(checkpoint: str) -> str:
+    """``checkpoint`` if it is one of :data:`~model.run_folder.CHECKPOINTS`; ConfigError otherwise."""
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(f"unknown checkpoint {checkpoint!r} (known: {', '.join(CHECKPOINTS)})")
+    return checkpoint
 
-    RunError when the folder is missing, is not a run, or has not finished its epochs.
-    """
-    run_dir = Path(run_dir)
+
+def _finished_run(run_dir: Path) -> tuple[dict[str, Any], int]:
+    """``(config.json, epochs done)`` of a finished run; RunError otherwise."""
     if not run_dir.is_dir():
         raise RunError(f"run folder {run_dir} does not exist")
     if not (run_dir / CONFIG_NAME).is_file():
@@ -93,15 +104,49 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
         raise RunError(
             f"run {run_dir} is incomplete ({done} of {planned} epochs); continue it with `muontrack train --resume`"
         )
+    return config, done
+
+
+def checkpoint_epoch(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT) -> int:
+    """The epoch whose parameters :func:`load_run` loads for ``checkpoint`` (``best``: the lowest validation
+    sigma68's, ``best_checkpoint/``; ``last``: the last epoch's). RunError for a run that is missing, unfinished,
+    or has no best checkpoint (no epoch with a finite validation sigma68, or trained before best checkpoints)."""
+    run_dir = Path(run_dir)
+    check_checkpoint(checkpoint)
+    _, done = _finished_run(run_dir)
+    if checkpoint == "last":
+        return done
+    best = best_checkpoint_epoch(run_dir, last=done)
+    if best == 0:
+        raise RunError(
+            f"run {run_dir} has no best checkpoint (no epoch with a finite validation sigma68, or trained before best "
+            "checkpoints were kept); evaluate its last epoch with --checkpoint last"
+        )
+    return best
+
+
+def load_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT) -> tuple[dict[str, Any], Any]:
+    """``(config.json as a dict, GAT parameters)`` of a finished run: those of its best validation sigma68's
+    checkpoint (``checkpoint="best"``, the default) or of its last epoch (``"last"``); :func:`checkpoint_epoch`
+    says which epoch that is.
+
+    ConfigError for an unknown ``checkpoint``; RunError when the folder is missing, is not a run, has not
+    finished its epochs, has no such checkpoint, or the checkpoint is unreadable.
+    """
+    run_dir = Path(run_dir)
+    check_checkpoint(checkpoint)
+    config, _ = _finished_run(run_dir)
+    epoch = checkpoint_epoch(run_dir, checkpoint)
     try:
         model_config = ModelConfig.from_dict(config["model_config"])
     except (KeyError, ConfigError) as err:
         raise RunError(f"run {run_dir} has an unreadable model config: {err}") from None
     try:
-        params = restore_params(run_dir, abstract_params(model_config), done)
+        params = restore_params(run_dir, abstract_params(model_config), epoch, checkpoint)
     except Exception as err:  # Orbax raises KeyError, ValueError, OSError, ... for a damaged checkpoint
         raise RunError(
-            f"run {run_dir}: the checkpoint of epoch {done} is unreadable ({type(err).__name__}); train the run again"
+            f"run {run_dir}: the {checkpoint} checkpoint (epoch {epoch}) is unreadable ({type(err).__name__}); "
+            "train the run again"
         ) from None
     return config, params
 
@@ -251,8 +296,11 @@ def predict_run(
     rows: tuple[tuple[str, Chain], ...] | None = None,
     on_batch: Callable[[int], None] | None = None,
     max_hits: int | None = None,
+    checkpoint: str = DEFAULT_CHECKPOINT,
 ) -> dict[str, pl.DataFrame]:
-    """Prediction tables ``{"hits", "clusters", "tracks"}`` of a trained run on one split of ``dataset``.
+    """Prediction tables ``{"hits", "clusters", "tracks"}`` of a trained run on one split of ``dataset``, with the
+    parameters of its ``checkpoint`` (``best``: the lowest validation sigma68's, the default; ``last``; see
+    :func:`load_run`).
 
     ``model`` takes the names of the run objective's ``reported_as`` (one row set per reconstruction chain).
     Hit scores are sigmoid(logit); clustering and fit use the model's hit weights (sigmoid(logit) for the
@@ -265,7 +313,7 @@ def predict_run(
     """
     dataset = _as_dataset(dataset)
     run_dir = Path(run_dir)
-    config, params = load_run(run_dir)
+    config, params = load_run(run_dir, checkpoint)
     enable_compilation_cache()
     _check_same_config(config, dataset, run_dir)
     return predict_params(

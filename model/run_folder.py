@@ -4,6 +4,10 @@ RUN folder (docs/contracts.md, "Training run folder")
     ``config.json``: model, preset, ModelConfig, TrainConfig, dataset (path, config hash, seed, events),
     training seed, code version. ``checkpoints/``: Orbax, one step per finished epoch (step = epoch number),
     the last ``keep_checkpoints`` kept; items ``params``, ``opt_state`` and ``meta`` (epoch, global step).
+    ``best_checkpoint/``: Orbax, the parameters of the epoch of the lowest validation sigma68 (:func:`best_epoch`;
+    step = that epoch; items ``params`` and ``meta``: epoch, global step, val sigma68), beside the last ones.
+    ``config.json``'s ``checkpoints`` section names both (:func:`checkpoints_record`) and the one evaluation
+    loads by default (:data:`DEFAULT_CHECKPOINT`); ``muontrack evaluate --checkpoint {best,last}`` chooses.
     ``metrics.parquet`` (:data:`TRAIN_METRICS_SCHEMA`): one ``train`` and one ``val`` row per epoch; ``loss``,
     ``bce``, ``pt_loss`` are means over the epoch's events (batch means weighted by real events), ``step``
     the global step at the end of the epoch, ``seconds`` the wall time of that pass. Train rows also hold
@@ -54,6 +58,10 @@ RUN_FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.parquet"
 CHECKPOINT_DIR = "checkpoints"
+BEST_CHECKPOINT_DIR = "best_checkpoint"
+#: the checkpoints evaluation can load: the best validation sigma68's, or the last epoch's
+CHECKPOINTS = ("best", "last")
+DEFAULT_CHECKPOINT = "best"
 
 # ---- config.json -----------------------------------------------------------------------------------------
 
@@ -189,6 +197,37 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(run_dir / METRICS_NAME, lambda p: pq.write_table(table, p, compression="zstd"))
 
 
+def best_epoch(metrics: pl.DataFrame) -> int | None:
+    """The epoch of the lowest validation sigma68 in metrics.parquet's rows (the earliest of equal ones); None
+    when no val row has a finite sigma68. The epoch of ``best_checkpoint/``."""
+    val = metrics.filter(
+        (pl.col("split") == "val") & pl.col("sigma68").is_not_null() & pl.col("sigma68").is_finite()
+    ).sort("sigma68", "epoch")
+    return int(val["epoch"][0]) if val.height else None
+
+
+def checkpoints_record(metrics: pl.DataFrame) -> dict[str, Any]:
+    """config.json's ``checkpoints`` section from the run's metrics rows: the ``best`` and the ``last`` epoch with
+    their validation sigma68 (None where null), and ``evaluation_default``, the one evaluation loads unless told."""
+    val = {int(row["epoch"]): row["sigma68"] for row in metrics.filter(pl.col("split") == "val").iter_rows(named=True)}
+    last = max(val) if val else None
+    best = best_epoch(metrics)
+
+    def entry(epoch: int | None) -> dict[str, Any] | None:
+        if epoch is None:
+            return None
+        sigma = val.get(epoch)
+        return {"epoch": epoch, "val_sigma68": float(sigma) if sigma is not None else None}
+
+    return {
+        "best": entry(best),
+        "last": entry(last),
+        "evaluation_default": DEFAULT_CHECKPOINT,
+        "best_dir": BEST_CHECKPOINT_DIR,
+        "last_dir": CHECKPOINT_DIR,
+    }
+
+
 # ---- checkpoints -----------------------------------------------------------------------------------------
 
 
@@ -217,6 +256,68 @@ def checkpoint_manager(run_dir: Path, keep: int | None = None, *, writer: bool =
     )
     with _quiet_absl():
         return ocp.CheckpointManager((run_dir / CHECKPOINT_DIR).resolve(), options=options)
+
+
+def best_checkpoint_manager(run_dir: Path, *, writer: bool = True) -> ocp.CheckpointManager:
+    """The Orbax manager of ``best_checkpoint/``. It keeps every step: the training loop deletes the older ones
+    itself (:func:`prune_best`) once the epoch's last checkpoint is saved, so that a kill in between never leaves
+    the folder without the best of the epochs a resume keeps."""
+    options = ocp.CheckpointManagerOptions(
+        create=writer,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=writer,
+        read_only=not writer,
+    )
+    with _quiet_absl():
+        return ocp.CheckpointManager((run_dir / BEST_CHECKPOINT_DIR).resolve(), options=options)
+
+
+def best_checkpoint_epoch(run_dir: Path, last: int | None = None) -> int:
+    """The epoch of the best checkpoint: the newest complete step of ``best_checkpoint/`` not after ``last``
+    (default: :func:`latest_epoch`), 0 when there is none. A newer step belongs to an epoch whose last checkpoint
+    was never saved (a kill in between): not part of the run."""
+    if not (run_dir / BEST_CHECKPOINT_DIR).is_dir():
+        return 0
+    last = latest_epoch(run_dir) if last is None else last
+    with _quiet_absl(), best_checkpoint_manager(run_dir, writer=False) as manager:
+        steps = [int(step) for step in manager.all_steps() if int(step) <= last]
+    return max(steps, default=0)
+
+
+def save_best(manager: ocp.CheckpointManager, state: TrainState, epoch: int, sigma68: float | None) -> None:
+    """Save epoch ``epoch``'s parameters as the best checkpoint (replacing an unfinished save of that epoch);
+    RunError (one line) when the disk is full."""
+    directory = Path(manager.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _check_free_space(directory, state, epoch)
+    with _quiet_absl():
+        if epoch in manager.all_steps():
+            manager.delete(epoch)
+        try:
+            manager.save(
+                epoch,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    meta=ocp.args.JsonSave({"epoch": epoch, "step": int(state.step), "val_sigma68": sigma68}),
+                ),
+            )
+            manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as err:
+            if "No space left on device" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
+                raise RunError(
+                    f"no space left on device while saving the best checkpoint (epoch {epoch}) in {directory}; "
+                    "free some and continue with --resume"
+                ) from None
+            raise
+
+
+def prune_best(manager: ocp.CheckpointManager, keep: int) -> None:
+    """Delete the steps of ``best_checkpoint/`` other than ``keep``: older bests once a newer one is part of the
+    run, newer ones that a resume from before them drops (their epoch is trained again)."""
+    with _quiet_absl():
+        for step in manager.all_steps():
+            if int(step) != keep:
+                manager.delete(step)
 
 
 def latest_epoch(run_dir: Path) -> int:
@@ -300,9 +401,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, epoch:
     )
 
 
-def restore_params(run_dir: Path, abstract_params: Any, epoch: int) -> Any:
-    """Only the parameters of one checkpoint (for inference)."""
-    with _quiet_absl(), checkpoint_manager(run_dir, writer=False) as manager:
+def restore_params(run_dir: Path, abstract_params: Any, epoch: int, checkpoint: str = "last") -> Any:
+    """Only the parameters of one checkpoint (for inference): of ``checkpoints/`` (``last``: any epoch still
+    kept there) or of ``best_checkpoint/`` (``best``)."""
+    opener = best_checkpoint_manager if checkpoint == "best" else checkpoint_manager
+    with _quiet_absl(), opener(run_dir, writer=False) as manager:
         target = ocp.args.StandardRestore(_on_first_device(abstract_params))
         restored = manager.restore(epoch, args=ocp.args.Composite(params=target))
     return restored["params"]

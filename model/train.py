@@ -26,11 +26,15 @@ import polars as pl
 from model.config import TrainConfig, configure
 from model.objectives import OPTIONAL_TERMS, get_objective
 from model.run_folder import (
+    best_checkpoint_manager,
     checkpoint_manager,
+    checkpoints_record,
     prepare_run_dir,
+    prune_best,
     read_metrics,
     restore_checkpoint,
     run_config,
+    save_best,
     save_checkpoint,
     write_metrics,
     write_run_config,
@@ -237,9 +241,12 @@ def _train_run_locked(
         objective=model,
     )
     manager = checkpoint_manager(out, keep=train_config.keep_checkpoints)
+    best_manager = best_checkpoint_manager(out)
     if done:
         state = restore_checkpoint(manager, state, done)
-        write_run_config(out, session_config)
+        record = checkpoints_record(read_metrics(out).filter(pl.col("epoch") <= done))
+        _repair_best(manager, best_manager, state, record, done)
+        write_run_config(out, {**session_config, "checkpoints": record})
     state = parallel.state(state)
 
     schedule = learning_rate_schedule(train_config)
@@ -247,7 +254,7 @@ def _train_run_locked(
     start = time.perf_counter()
     val_means: dict[str, float] = {}
     val_sigma = math.nan
-    with manager, _progress(progress) as bar:
+    with manager, best_manager, _progress(progress) as bar:
         task = bar.add_task(
             f"{model} epoch {done + 1}/{train_config.epochs}",
             total=events_per_epoch * (train_config.epochs - done),
@@ -313,9 +320,18 @@ def _train_run_locked(
             # null, not NaN, when no validation event has a finite fit
             val_sigma68 = val_sigma if math.isfinite(val_sigma) else None
             rows.append(_metrics_row(epoch, step, "val", val_means, lam, val_seconds, sigma68=val_sigma68))
-            # metrics first, checkpoint second: a crash in between leaves rows that resume drops again
+            # metrics first, checkpoints second: a crash in between leaves rows that resume drops again. The best
+            # checkpoint (lowest val sigma68 so far) is saved before the last one and the older best deleted only
+            # after it: a kill at any point leaves the best of the epochs a resume keeps (_repair_best)
             write_metrics(out, rows)
+            record = checkpoints_record(read_metrics(out))
+            write_run_config(out, {**session_config, "checkpoints": record})
+            best = record["best"]
+            if best is not None and best["epoch"] == epoch:
+                save_best(best_manager, state, epoch, best["val_sigma68"])
             save_checkpoint(manager, state, epoch)
+            if best is not None:
+                prune_best(best_manager, best["epoch"])
 
             info = _epoch_info(model, train_config.epochs, train_row=rows[-2], val_row=rows[-1])
             if progress:
@@ -330,6 +346,26 @@ def _train_run_locked(
         f"bce {val_means.get('bce', math.nan):.4f} pt_loss {val_means.get('pt_loss', math.nan):.4g} "
         f"sigma68(q/pT) {val_sigma:.4f}, {minutes:.1f} min{truncated}"
     )
+
+
+def _repair_best(manager, best_manager, state: TrainState, record: dict[str, Any], done: int) -> None:
+    """On resume from epoch ``done``: make ``best_checkpoint/`` hold the best of epochs 1..``done`` (``record``'s)
+    and nothing else. A kill after an epoch's best save and before its last one leaves a newer step (deleted
+    here: that epoch is trained again); a kill between the two saves of the best epoch leaves it unsaved (taken
+    from its last checkpoint, ``state`` when it is epoch ``done``)."""
+    best = record["best"]
+    if best is None:
+        prune_best(best_manager, -1)
+        return
+    epoch = best["epoch"]
+    if epoch not in best_manager.all_steps():
+        if epoch == done:
+            save_best(best_manager, state, epoch, best["val_sigma68"])
+        elif epoch in manager.all_steps():
+            save_best(best_manager, restore_checkpoint(manager, state, epoch), epoch, best["val_sigma68"])
+        else:  # neither kept: nothing to restore it from (a damaged folder); evaluate --checkpoint best refuses
+            return
+    prune_best(best_manager, epoch)
 
 
 def _devices_line(model: str, parallel: DataParallel, batch_size: int) -> str:

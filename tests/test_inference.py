@@ -169,13 +169,15 @@ def test_missing_or_unfinished_runs_are_refused(run_dir, tmp_path):
     (unfinished / "config.json").write_text(json.dumps(config))
     with pytest.raises(RunError, match="incomplete"):
         load_run(unfinished)
-    damaged = tmp_path / "damaged"
-    shutil.copytree(run_dir, damaged)
-    for item in (damaged / "checkpoints").rglob("*"):
-        if item.is_file():
-            item.unlink()
-    with pytest.raises(RunError, match="checkpoint of epoch 1 is unreadable"):
-        load_run(damaged)
+    # each checkpoint is read only when chosen: a damaged one is refused with its name and epoch
+    for folder, choice in (("checkpoints", "last"), ("best_checkpoint", "best")):
+        damaged = tmp_path / f"damaged-{choice}"
+        shutil.copytree(run_dir, damaged)
+        for item in (damaged / folder).rglob("*"):
+            if item.is_file():
+                item.unlink()
+        with pytest.raises(RunError, match=rf"the {choice} checkpoint \(epoch 1\) is unreadable"):
+            load_run(damaged, choice)
     config, params = load_run(run_dir)
     assert config["model"] == "baseline"
     assert params

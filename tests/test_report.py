@@ -1051,3 +1051,50 @@ def test_a_malformed_detector_in_the_context_writes_nothing(tiny_dataset, tmp_pa
         with pytest.raises(MuontrackError, match=message):
             write_report(tmp_path, data.hits(), data.events(), {"detector": detector})
     assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.usefixtures("placeholder_figures")
+def test_the_report_draws_each_runs_training_curves_and_names_its_checkpoint(tmp_path, truth, monkeypatch):
+    """write_report draws the curves of the runs whose metrics it is handed, from those tables, with the evaluated
+    checkpoint's epoch marked, and its Training section says which checkpoint each run was evaluated with."""
+    from analysis import report as report_module
+    from analysis.training import training_curves
+
+    hits, events = truth
+    _write_predictions(tmp_path, hits, events, **GOOD_E2E)
+    _keep_models(tmp_path, {"truth", "baseline", "e2e"})
+    metrics = pl.DataFrame(
+        {
+            "epoch": [1, 1, 2, 2, 3, 3],
+            "split": ["train", "val"] * 3,
+            "loss": [0.9, 0.95, 0.7, 0.8, 0.6, 0.85],
+            "sigma68": [None, 0.02, None, 0.011, None, 0.013],
+            "learning_rate": [1e-3, None, 5e-4, None, 2.5e-4, None],
+            "grad_norm": [2.0, None, 1.0, None, 0.5, None],
+        }
+    )
+    runs = [
+        {"run": "/runs/b", "model": "baseline", "checkpoint": "best", "checkpoint_epoch": 2,
+         "checkpoint_val_sigma68": 0.011, "best_epoch": 2, "last_epoch": 3},
+        {"run": "/runs/e", "model": "e2e", "checkpoint": "best", "checkpoint_epoch": None},
+    ]  # fmt: skip
+    drawn = []
+
+    def spy(table, marks):
+        drawn.append((table, marks))
+        return training_curves(table, marks)
+
+    monkeypatch.setattr(report_module, "training_curves", spy)
+    write_report(tmp_path, hits, events, {"runs": runs}, training={"/runs/b": metrics})
+    # only the run with a metrics table, drawn from that table with its three epochs marked
+    assert len(drawn) == 1
+    assert drawn[0][0] is metrics
+    assert drawn[0][1] == {"evaluated": 2, "best": 2, "last": 3}
+    name = folder_module.training_figure_name("baseline")
+    assert (tmp_path / "figures" / name).is_file()
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("## Training", 1)[1].split("\n## ", 1)[0]
+    assert "| baseline | best | 2 | 0.011 | 2 | 3 |" in section
+    assert "| e2e | best | n/a | n/a | n/a | n/a |" in section
+    assert f"![Training curves of baseline](figures/{name})" in section
+    assert "(Training curves of e2e: not drawn)" in section

@@ -24,7 +24,7 @@ from numpy.testing import assert_allclose
 import model.run_folder as run_folder_module
 import model.train as train_module
 from model.config import get_preset
-from model.inference import load_run
+from model.inference import checkpoint_epoch, load_run
 from model.objectives import OBJECTIVES, Objective, get_objective, sigmoid_weights
 from model.run_folder import read_metrics, read_run_config
 from model.steps import create_train_state, device_batch, learning_rate_schedule, train_step
@@ -260,11 +260,18 @@ def resumed_and_straight(dataset_dir, tmp_path_factory):
 def test_resume_equals_an_uninterrupted_run(resumed_and_straight):
     resumed, straight, first_part, summary = resumed_and_straight
     assert "3 epochs" in summary
-    config_resumed, params_resumed = load_run(resumed)
-    _, params_straight = load_run(straight)
-    assert config_resumed["train_config"]["epochs"] == 3
-    for a, b in zip(jax.tree.leaves(params_resumed), jax.tree.leaves(params_straight), strict=True):
-        assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    for checkpoint in ("last", "best"):
+        config_resumed, params_resumed = load_run(resumed, checkpoint)
+        _, params_straight = load_run(straight, checkpoint)
+        assert config_resumed["train_config"]["epochs"] == 3
+        for a, b in zip(jax.tree.leaves(params_resumed), jax.tree.leaves(params_straight), strict=True):
+            assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    # the best checkpoint: the same epoch, recorded alike in both config.json files
+    assert checkpoint_epoch(resumed) == checkpoint_epoch(straight)
+    records = [json.loads((run / "config.json").read_text())["checkpoints"] for run in (resumed, straight)]
+    assert records[0] == records[1]
+    assert records[0]["best"]["epoch"] == checkpoint_epoch(resumed)
+    assert records[0]["last"]["epoch"] == 3
 
     metrics_resumed, metrics_straight = read_metrics(resumed), read_metrics(straight)
     assert metrics_resumed.schema == pl.from_arrow(TRAIN_METRICS_SCHEMA.empty_table()).schema
