@@ -120,7 +120,7 @@ def test_the_drawn_tracks_and_clusters_are_the_prediction_tables(dataset, tables
         detector.pitch,
         (detector.x_min, detector.x_max),
     )
-    assert [row.model for row in shown.rows] == ["truth", "truth_charge", "classical"]
+    assert [row.model for row in shown.rows] == ["truth", "truth_charge", "truth_share", "classical"]
     figure = draw(shown)
     full, road = figure.axes[:2]
     chord = shown.chord(shown.layer_y)

@@ -38,7 +38,7 @@ N_EVENTS = 400
 N_HITS = 24  # per event, half of them signal
 N_LAYERS = 16
 MODELS = MODEL_NAMES  # every model the pipeline writes
-TRUTH_MODELS = ("truth", "truth_charge")
+TRUTH_MODELS = ("truth", "truth_charge", "truth_share")
 #: networks whose final weights are their scores (the paper's plain weighted-mean chain)
 PAPER_CHAIN = ("baseline_paper", "e2e_paper")
 #: models whose score and weight are one hard 0/1 selection
@@ -175,6 +175,7 @@ GOOD_E2E = {
     "resolution": {
         "truth": 0.010,
         "truth_charge": 0.012,
+        "truth_share": 0.011,
         "classical": 0.030,
         "baseline_paper": 0.045,
         "e2e_paper": 0.025,
@@ -195,6 +196,7 @@ GOOD_E2E = {
     "core_share": {
         "truth": 1.0,
         "truth_charge": 1.0,
+        "truth_share": 1.0,
         "classical": 0.75,
         "baseline_paper": 0.65,
         "e2e_paper": 0.8,
@@ -518,7 +520,7 @@ def test_truth_only_predictions(tmp_path, truth):
     _write_predictions(tmp_path, hits, events, **GOOD_E2E)
     _keep_models(tmp_path, set(TRUTH_MODELS))
     summary = write_report(tmp_path, hits, events, {"dataset": "x"})
-    assert list(summary) == ["truth", "truth_charge"]
+    assert list(summary) == ["truth", "truth_charge", "truth_share"]
     assert all(row["auc"] is None and row["auc_weight"] is None for row in summary.values())
     report = (tmp_path / "report.md").read_text()
     assert "**No comparison**" in report
@@ -794,9 +796,13 @@ def _fake_run(path: Path, seed: int) -> Path:
     return path
 
 
-def _fake_predict_all(data: Path, _runs: list[Path], out: Path, progress: bool = False) -> Path:
+def _fake_predict_all(
+    data: Path, _runs: list[Path], out: Path, progress: bool = False, checkpoint: str = "best"
+) -> Path:
     """flows.steps.predict_all with synthetic predictions (no trained network needed)."""
     from pipeline.dataset import open_dataset
+
+    del checkpoint  # synthetic predictions need no parameters
 
     dataset = open_dataset(data)
     _write_predictions(out, dataset.hits(), dataset.events().sort("event_id"), **GOOD_E2E)
