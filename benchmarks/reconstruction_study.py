@@ -59,6 +59,10 @@ VARIANTS: dict[str, Chain] = {
     "scatter_K3": replace(ROBUST_CHAIN, layer_widths=(10.0, 4.0, 2.0)),
     "scatter_end_3": replace(ROBUST_CHAIN, layer_widths=(30.0, 10.0, 5.0, 3.0)),
     "scatter_end_1.5": replace(ROBUST_CHAIN, layer_widths=(30.0, 10.0, 5.0, 3.0, 2.0, 1.5)),
+    # the hit-level steps of ROBUST_CHAIN: do they trim clean clusters (issue 25's clean-cluster σ68)?
+    "scatter_hits_end_1mm": replace(ROBUST_CHAIN, widths=(20.0, 5.0, 2.0, 1.0)),
+    "scatter_hits_end_2mm": replace(ROBUST_CHAIN, widths=(20.0, 5.0, 2.0)),
+    "scatter_no_hit_steps": replace(ROBUST_CHAIN, widths=()),
 }
 
 
