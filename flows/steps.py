@@ -102,16 +102,24 @@ def _check_report_out(out: Path, context: dict[str, Any] | None = None, overwrit
     raise MuontrackError(f"report folder {out} holds a report {what}; pass --overwrite to replace it")
 
 
+#: predict_all's ``on_message`` gets a line per model started and done, and one at least this often (seconds)
+#: between them (model.train.PROGRESS_SECONDS, without importing JAX here)
+PROGRESS_SECONDS = 20.0
+
+
 class _PredictionProgress:
     """Progress of predict_all on stderr: a transient rich bar over each model's test events on a terminal, and
-    one line per model when it is done ("predict baseline, baseline_paper: 2062 events, 3.1 s")."""
+    one line per model when it is done ("predict baseline, baseline_paper: 2062 events, 3.1 s"). ``on_message``
+    (the Prefect task's log): those lines, a line when a model starts, and the events done at least every
+    :data:`PROGRESS_SECONDS`."""
 
-    def __init__(self, enabled: bool, n_events: int) -> None:
+    def __init__(self, enabled: bool, n_events: int, on_message: Callable[[str], None] | None = None) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.enabled = enabled
         self.n_events = n_events
+        self.on_message = on_message
         console = Console(stderr=True)
         self.bar = Progress(
             TextColumn("{task.description}"),
@@ -134,14 +142,27 @@ class _PredictionProgress:
     def run(self, label: str, predict: Callable[[Callable[[int], None]], dict[str, pl.DataFrame]]):
         """``predict(on_batch)``, with a bar advanced by ``on_batch(n_events)``; the line names its model rows."""
         task = self.bar.add_task(f"predict {label}", total=self.n_events)
-        start = time.perf_counter()
-        tables = predict(lambda n: self.bar.advance(task, n))
+        start = last = time.perf_counter()
+        done = 0
+        if self.on_message is not None:
+            self.on_message(f"predict {label}: {self.n_events} test events")
+
+        def on_batch(n: int) -> None:
+            nonlocal done, last
+            self.bar.advance(task, n)
+            done += n
+            if self.on_message is not None and time.perf_counter() - last >= PROGRESS_SECONDS:
+                last = time.perf_counter()
+                self.on_message(f"predict {label}: {done}/{self.n_events} events, {last - start:.0f} s")
+
+        tables = predict(on_batch)
         self.bar.remove_task(task)
+        models = ", ".join(tables["tracks"]["model"].unique(maintain_order=True).to_list())
+        line = f"predict {models}: {self.n_events} events, {time.perf_counter() - start:.1f} s"
         if self.enabled:
-            models = ", ".join(tables["tracks"]["model"].unique(maintain_order=True).to_list())
-            self.bar.console.print(
-                f"predict {models}: {self.n_events} events, {time.perf_counter() - start:.1f} s", highlight=False
-            )
+            self.bar.console.print(line, highlight=False)
+        if self.on_message is not None:
+            self.on_message(line)
         return tables
 
 
@@ -184,12 +205,19 @@ def _write_predictions(tables: list[dict[str, pl.DataFrame]], out: Path) -> Path
 
 
 def predict_all(
-    data: Path, runs: list[Path], out: Path, progress: bool = False, checkpoint: str = DEFAULT_CHECKPOINT
+    data: Path,
+    runs: list[Path],
+    out: Path,
+    progress: bool = False,
+    checkpoint: str = DEFAULT_CHECKPOINT,
+    on_message: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run (with
     the parameters of its ``checkpoint``: ``best`` validation sigma68 or ``last`` epoch, model.inference.load_run).
 
     ``progress``: a progress display on stderr (a bar per model on a terminal, one line per model done).
+    ``on_message``: lines of progress (each model started and done, the events done at least every
+    :data:`PROGRESS_SECONDS`), for a log.
     """
     from classical import predict_classical
     from model.inference import predict_run, predict_truth
@@ -198,7 +226,7 @@ def predict_all(
     dataset = open_dataset(data)
     _check_report_out(out)
     n_test, _ = _check_predictable(dataset, data, runs)
-    with _PredictionProgress(progress, n_test) as display:
+    with _PredictionProgress(progress, n_test, on_message) as display:
         tables = [
             display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
             display.run("classical", lambda _step: predict_classical(dataset, split="test")),
