@@ -166,9 +166,15 @@ class _PredictionProgress:
         return tables
 
 
-def _check_predictable(dataset: Any, data: Path, runs: list[Path]) -> tuple[int, int]:
+def _check_predictable(
+    dataset: Any, data: Path, runs: list[Path], checkpoint: str = DEFAULT_CHECKPOINT
+) -> tuple[int, int]:
     """``(test events, the largest test event's hits)``; DatasetError for a dataset without test events,
-    RunError for a run folder that does not exist."""
+    RunError for a run that cannot be evaluated with ``checkpoint`` on it (model.inference.check_run: missing, not
+    a run, unfinished, no such checkpoint, another detector) and for two runs of one model. Checked before any
+    prediction, so that a wrong ``--run`` fails at once instead of after the truth references' inference."""
+    from model.inference import check_run
+    from model.objectives import get_objective
     from pipeline.batches import SPLIT_FRACTIONS, split_summary
 
     n_test, max_hits = split_summary(dataset, "test")
@@ -177,9 +183,16 @@ def _check_predictable(dataset: Any, data: Path, runs: list[Path]) -> tuple[int,
             f"dataset {data} has no events in the test split ({dataset.n_events} events, of which about "
             f"{SPLIT_FRACTIONS['test']:.0%} are test events): simulate more events"
         )
+    seen: set[str] = set()
     for run in runs:
-        if not Path(run).is_dir():
-            raise RunError(f"run folder {run} does not exist")
+        config = check_run(Path(run), dataset, checkpoint)
+        try:
+            rows = {name for name, _ in get_objective(config.get("model")).reported_as}
+        except MuontrackError:  # a model this code does not know: predict_run says so
+            continue
+        if rows & seen:
+            raise RunError(f"two runs are both model {sorted(rows & seen)[0]!r}; evaluate one run per model")
+        seen |= rows
     return n_test, max_hits
 
 
@@ -225,7 +238,7 @@ def predict_all(
 
     dataset = open_dataset(data)
     _check_report_out(out)
-    n_test, _ = _check_predictable(dataset, data, runs)
+    n_test, _ = _check_predictable(dataset, data, runs, checkpoint)
     with _PredictionProgress(progress, n_test, on_message) as display:
         tables = [
             display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
@@ -277,14 +290,16 @@ def predict_shard(
     ]
 
 
-def plan_prediction_shards(data: Path, runs: list[Path], out: Path) -> tuple[int, int]:
-    """Check ``data``, ``runs`` and the report folder ``out`` as :func:`predict_all` does; ``(number of shards,
-    the largest test event's hits)`` for :func:`predict_shard`."""
+def plan_prediction_shards(
+    data: Path, runs: list[Path], out: Path, checkpoint: str = DEFAULT_CHECKPOINT
+) -> tuple[int, int]:
+    """Check ``data``, ``runs`` (with ``checkpoint``) and the report folder ``out`` as :func:`predict_all` does;
+    ``(number of shards, the largest test event's hits)`` for :func:`predict_shard`."""
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(data)
     _check_report_out(out)
-    _, max_hits = _check_predictable(dataset, data, runs)
+    _, max_hits = _check_predictable(dataset, data, runs, checkpoint)
     return dataset.n_shards, max_hits
 
 
