@@ -30,31 +30,6 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-@task(name="simulate-shard", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
-def simulate_shard(
-    out: str, config_json: str, seed: int, shard_index: int, first_event_id: int, n_events: int, numba_threads: int = 0
-) -> dict:
-    """Generate and write one shard (skipped if already on disk); returns its manifest entry."""
-    from pipeline.config import SimConfig
-    from simulation.dataset import simulate_shard as write_shard
-
-    if numba_threads > 0:
-        import numba
-
-        numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
-    config = SimConfig.from_dict(json.loads(config_json))
-    return write_shard(Path(out), config, seed, shard_index, first_event_id, n_events)
-
-
-@task(name="finalize-dataset", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
-def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[dict]) -> dict:
-    """Write the manifest last: the dataset becomes complete and readable."""
-    from pipeline.config import SimConfig
-    from simulation.dataset import finalize_dataset as write_manifest
-
-    return write_manifest(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
-
-
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a flow or task run; this module's logger when called without one (``.fn``)."""
     from prefect import get_run_logger
@@ -64,6 +39,35 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger(__name__)
+
+
+@task(name="simulate-shard", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
+def simulate_shard(
+    out: str, config_json: str, seed: int, shard_index: int, first_event_id: int, n_events: int, numba_threads: int = 0
+) -> dict:
+    """Generate and write one shard (skipped if already on disk); returns its manifest entry. Logs its start and
+    a line at least every flows.logs.HEARTBEAT_SECONDS (the first shard compiles the Numba kernels)."""
+    from flows.logs import Heartbeat
+    from pipeline.config import SimConfig
+    from simulation.dataset import simulate_shard as write_shard
+
+    if numba_threads > 0:
+        import numba
+
+        numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
+    config = SimConfig.from_dict(json.loads(config_json))
+    what = f"simulating shard {shard_index}: {n_events} events from event {first_event_id}"
+    with Heartbeat(_run_logger().info, what):
+        return write_shard(Path(out), config, seed, shard_index, first_event_id, n_events)
+
+
+@task(name="finalize-dataset", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
+def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[dict]) -> dict:
+    """Write the manifest last: the dataset becomes complete and readable."""
+    from pipeline.config import SimConfig
+    from simulation.dataset import finalize_dataset as write_manifest
+
+    return write_manifest(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
 
 
 @task(name="train-model", cache_key_fn=_cache_key, persist_result=True)
