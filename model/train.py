@@ -305,7 +305,11 @@ def _train_run_locked(
             rate=0.0,
         )
 
+        last_note = time.perf_counter()
+
         def note(message: str) -> None:
+            nonlocal last_note
+            last_note = time.perf_counter()
             if progress:
                 bar.console.print(message, markup=False, highlight=False)
             if on_message is not None:
