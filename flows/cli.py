@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -278,6 +279,16 @@ def results(
         ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print every column as one JSON list of rows.")] = False,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            "--width",
+            min=0,
+            help="Fit the table to this many characters, leaving out columns (0: every column). Default: the "
+            "terminal's width, or every column when the output is no terminal.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Print the results catalog: one row per model of every report found (summary.parquet)."""
     from analysis.catalog import catalog_records, format_catalog, read_catalog
@@ -286,7 +297,9 @@ def results(
     if json_output:
         _echo_json(catalog_records(catalog))
     else:
-        typer.echo(format_catalog(catalog))
+        if width is None:  # the terminal's; every column when written to a file or a pipe
+            width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+        typer.echo(format_catalog(catalog, width=width or None))
 
 
 @app.command(cls=_Command)

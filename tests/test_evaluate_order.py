@@ -3,6 +3,7 @@ instead of after the truth references' and classical's inference, and writes not
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -37,9 +38,8 @@ def test_predict_all_checks_every_run_before_predicting(kind, tiny_dataset, tmp_
         shutil.copytree(tiny_dataset, run)
     elif kind == "no checkpoint":
         run.mkdir()
-        (run / "config.json").write_text(
-            '{"format": "muontrack-run", "model": "baseline", "model_config": {}, "train_config": {"epochs": 1}, "dataset": {}}'
-        )
+        config = {"format": "muontrack-run", "model": "baseline", "model_config": {}, "train_config": {"epochs": 1}}
+        (run / "config.json").write_text(json.dumps({**config, "dataset": {}}))
     with pytest.raises(RunError, match=expected):
         steps.predict_all(tiny_dataset, [run], tmp_path / "report")
     with pytest.raises(RunError, match=expected):
