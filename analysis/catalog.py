@@ -494,18 +494,83 @@ def compact_table(catalog: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def format_catalog(catalog: pl.DataFrame) -> str:
-    """The catalog as a readable text table (:func:`compact_table`, every row)."""
+#: what :func:`format_catalog` does to fit a width, in this order: leave out a column of :func:`compact_table`,
+#: shorten the report names (``None``), name ``sigma68_over_limit`` ``σ68/limit`` (``"σ68/limit"``); the report,
+#: the model, its sigma68 and sigma68 / limit and its events always stay
+NARROWING_ORDER: tuple[str | None, ...] = (
+    "created",
+    "run",
+    "background_scale",
+    "dataset_seed",
+    "train_seed",
+    "epochs",
+    None,
+    "σ68/limit",
+    "core_fraction",
+    "detector",
+    "auc",
+    "sigma68_err",
+)
+#: the shortest a report's name is cut to: "…" and its end, which carries the dataset key
+_MIN_REPORT_CHARS = 16
+
+
+def _render_table(table: pl.DataFrame) -> str:
     with pl.Config(
         tbl_rows=-1,
         tbl_cols=-1,
-        tbl_width_chars=1000,
+        tbl_width_chars=10_000,
         fmt_str_lengths=200,
         tbl_hide_dataframe_shape=True,
         tbl_hide_column_data_types=True,
         tbl_formatting="ASCII_MARKDOWN",
     ):
-        return str(compact_table(catalog))
+        return str(table)
+
+
+def _width(text: str) -> int:
+    return max((len(line) for line in text.splitlines()), default=0)
+
+
+def _shorten_reports(table: pl.DataFrame, excess: int) -> pl.DataFrame:
+    """``table`` with report names longer than their longest minus ``excess`` (at least _MIN_REPORT_CHARS) cut
+    to "…" and their end."""
+    longest = int(table["report"].str.len_chars().max() or 0)
+    keep = max(_MIN_REPORT_CHARS, longest - excess)
+    return table.with_columns(
+        pl.when(pl.col("report").str.len_chars() > keep)
+        .then(pl.lit("…") + pl.col("report").str.slice(-(keep - 1)))
+        .otherwise(pl.col("report"))
+        .alias("report")
+    )
+
+
+def format_catalog(catalog: pl.DataFrame, width: int | None = None) -> str:
+    """The catalog as a readable text table (:func:`compact_table`, every row).
+
+    ``width`` (``muontrack results`` passes the terminal's): columns are left out and the report names shortened
+    in the order of :data:`NARROWING_ORDER` until the table fits (or nothing more can go), and a last line, wrapped
+    to ``width``, names the columns left out. None: every column, however wide."""
+    import textwrap
+
+    table = compact_table(catalog)
+    text = _render_table(table)
+    if width is None or _width(text) <= width:
+        return text
+    dropped: list[str] = []
+    for step in NARROWING_ORDER:
+        if step is None:
+            table = _shorten_reports(table, _width(text) - width)
+        elif step == "σ68/limit":
+            table = table.rename({"sigma68_over_limit": step})
+        else:
+            table = table.drop(step)
+            dropped.append(step)
+        text = _render_table(table)
+        if _width(text) <= width:
+            break
+    note = f"(left out to fit {width} columns: {', '.join(dropped)}; --json or a wider terminal shows them)"
+    return text + "\n" + textwrap.fill(note, width=max(width, 20))
 
 
 def catalog_records(catalog: pl.DataFrame) -> list[dict[str, Any]]:

@@ -77,6 +77,16 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
+#: what report.md says about the three code versions it shows or implies (docs/contracts.md, "Code versions")
+CODE_VERSIONS_NOTE = (
+    "Three code versions, each a hash of other sources: **code_version** above is all of muontrack's code, the code "
+    "of this evaluation (`muontrack --version`); a run's **code_version** is its training code (`model/` and the "
+    "pipeline modules training takes numbers from), which a changed training code must not resume; the dataset's is "
+    "its simulation code (`simulation/`, in its manifest). `muontrack run` puts the last two in the folder names "
+    "(`-c<hash>`)."
+)
+
+
 def _render_context(context: dict[str, Any]) -> list[str]:
     """Free-form context: scalars as a list, lists of records as tables, nested mappings as JSON blocks."""
     if not context:
@@ -114,6 +124,8 @@ def render_markdown(
         "## What was run",
         "",
         *_render_context(context),
+        "",
+        CODE_VERSIONS_NOTE,
         "",
         "Events evaluated per model (tracks joined with the dataset's truth): "
         + ", ".join(f"{row['model']} {row['n_tracks']}" for row in _in_model_order(results.resolution, results.models)),

@@ -9,18 +9,52 @@ one-line ``error: ...`` on stderr, never a traceback, with exit status 2 for a u
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from pipeline.errors import MuontrackError
 from pipeline.models import ESTIMATORS, TRAINED_MODELS
 
+
+class _PlainTypes:
+    """A command whose ``--help`` shows what a value is: typer writes ``<bool>`` beside every flag (``--json``,
+    ``--help``), as if it took a value, and ``<list[Path]>`` beside a repeatable option or argument, which takes
+    one path each time. Flags show no type; a repeated parameter the type of one value (``<path>``,
+    ``<baseline|e2e|...>``)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+                continue
+            shown = param.display_type_rich(ctx) if hasattr(param, "display_type_rich") else None
+            match = re.fullmatch(r"<list\[(.*)\]>(\.\.\.)?", shown or "")
+            if match and param.metavar is None:
+                one = f"<{'path' if match[1] == 'Path' else match[1]}>"
+                # an option's type column is its metavar, but an argument's metavar renames it (and its usage)
+                param.display_type_rich = lambda ctx, one=one: one  # noqa: ARG005
+        return params
+
+
+class _Command(_PlainTypes, TyperCommand):
+    pass
+
+
+class _Group(_PlainTypes, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="muontrack",
+    cls=_Group,
     help="Toy muon detector simulation, end-to-end differentiable tracking and its evaluation.",
     no_args_is_help=True,
     add_completion=False,
@@ -73,7 +107,7 @@ def _echo_json(document: object) -> None:
     typer.echo(json.dumps(document, indent=2, default=str))
 
 
-@app.command()
+@app.command(cls=_Command)
 def simulate(
     events: Annotated[int, typer.Option("--events", help="Number of events to simulate.")],
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to write (resumed if incomplete).")],
@@ -103,7 +137,7 @@ def simulate(
     typer.echo(f"wrote {manifest['n_events']} events, {manifest['n_hits']} hits to {out}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder.")],
     verify: Annotated[
@@ -122,7 +156,7 @@ def inspect(
     typer.echo(summarize_dataset(dataset, verify=verify))
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder.")],
     model: Annotated[ModelName, typer.Option("--model", help="Which model to train.")],
@@ -182,7 +216,7 @@ def _training_overrides(path: Path, preset: str) -> dict:
     return sections
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder (its test split is evaluated).")],
     run: Annotated[list[Path], typer.Option("--run", help="Run folder; repeat for several models.")],
@@ -235,7 +269,7 @@ def evaluate(
         typer.echo(f"report: {report}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def results(
     folders: Annotated[
         list[Path] | None,
@@ -245,6 +279,16 @@ def results(
         ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print every column as one JSON list of rows.")] = False,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            "--width",
+            min=0,
+            help="Fit the table to this many characters, leaving out columns (0: every column). Default: the "
+            "terminal's width, or every column when the output is no terminal.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Print the results catalog: one row per model of every report found (summary.parquet)."""
     from analysis.catalog import catalog_records, format_catalog, read_catalog
@@ -253,10 +297,12 @@ def results(
     if json_output:
         _echo_json(catalog_records(catalog))
     else:
-        typer.echo(format_catalog(catalog))
+        if width is None:  # the terminal's; every column when written to a file or a pipe
+            width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+        typer.echo(format_catalog(catalog, width=width or None))
 
 
-@app.command()
+@app.command(cls=_Command)
 def display(
     report: Annotated[Path, typer.Option("--report", help="Report folder (of `muontrack evaluate` or `run`).")],
     event: Annotated[int, typer.Option("--event", help="Event id, one of the report's test split.")],
@@ -274,7 +320,7 @@ def display(
     typer.echo(f"display: {path}")
 
 
-@app.command(name="run")
+@app.command(name="run", cls=_Command)
 def run_all(
     preset: Annotated[Preset, typer.Option("--preset", help="Size of the whole job.")] = Preset.cpu,
     out: Annotated[Path, typer.Option("--out", help="Folder for dataset, runs and report.")] = Path("muontrack-out"),
@@ -308,7 +354,7 @@ def run_all(
         _echo_json(result)
 
 
-@app.command(name="scan")
+@app.command(name="scan", cls=_Command)
 def scan_regimes(
     out: Annotated[Path, typer.Option("--out", help="Folder for the points' datasets, runs, reports and scan/.")],
     preset: Annotated[Preset, typer.Option("--preset", help="Size of the job at every point.")] = Preset.cpu,
@@ -351,7 +397,7 @@ def scan_regimes(
         _echo_json(result)
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve() -> None:
     """Serve the flows as Prefect deployments with schedules (needs a running Prefect server)."""
     from flows.deployments import serve_deployments

@@ -204,7 +204,9 @@ def evaluate_flow(
         steps.prepare_report_out(Path(out), context, overwrite)
         with staged_report(Path(out)) as staging:
             if by_shard:
-                n_shards, max_hits = steps.plan_prediction_shards(Path(data), [Path(r) for r in runs], staging)
+                n_shards, max_hits = steps.plan_prediction_shards(
+                    Path(data), [Path(r) for r in runs], staging, checkpoint
+                )
                 futures = [
                     tasks.predict_shard.submit(data, runs, index, max_hits, checkpoint) for index in range(n_shards)
                 ]

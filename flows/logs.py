@@ -9,6 +9,9 @@ and lets every other record through (an unexpected exception keeps its traceback
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 from pipeline.errors import MuontrackError
 
@@ -44,3 +47,52 @@ def quiet_user_errors() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, UserErrorFilter) for f in logger.filters):
             logger.addFilter(UserErrorFilter())
+
+
+#: the longest a Prefect job stays silent: a line at least this often (seconds) while a task works
+HEARTBEAT_SECONDS = 20.0
+
+
+class Heartbeat:
+    """Progress lines of a long task, and a line whenever none came for ``every`` seconds.
+
+    ``beat(message)`` logs ``message`` at once and remembers it; a daemon thread logs the newest message again
+    with the time since it ("still: <message> (45 s)") when ``every`` seconds passed without a line, so a step
+    that blocks the task's thread (an XLA compilation, a slow figure) still shows that the job lives. Use as a
+    context manager; the thread stops at its exit.
+    """
+
+    def __init__(self, log: Callable[[str], None], first: str, every: float = HEARTBEAT_SECONDS) -> None:
+        self._log = log
+        self._every = every
+        self._lock = threading.Lock()
+        self._message = first
+        self._since = self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="muontrack-heartbeat", daemon=True)
+
+    def beat(self, message: str) -> None:
+        """Log ``message`` now; the heartbeat repeats it while nothing newer comes."""
+        with self._lock:
+            self._message = message
+            self._since = self._last = time.monotonic()
+        self._log(message)
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self._every / 4)):
+            with self._lock:
+                now = time.monotonic()
+                if now - self._last < self._every:
+                    continue
+                self._last = now
+                line = f"still: {self._message} ({now - self._since:.0f} s)"
+            self._log(line)
+
+    def __enter__(self) -> Heartbeat:
+        self.beat(self._message)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -102,16 +102,24 @@ def _check_report_out(out: Path, context: dict[str, Any] | None = None, overwrit
     raise MuontrackError(f"report folder {out} holds a report {what}; pass --overwrite to replace it")
 
 
+#: predict_all's ``on_message`` gets a line per model started and done, and one at least this often (seconds)
+#: between them (model.train.PROGRESS_SECONDS, without importing JAX here)
+PROGRESS_SECONDS = 20.0
+
+
 class _PredictionProgress:
     """Progress of predict_all on stderr: a transient rich bar over each model's test events on a terminal, and
-    one line per model when it is done ("predict baseline, baseline_paper: 2062 events, 3.1 s")."""
+    one line per model when it is done ("predict baseline, baseline_paper: 2062 events, 3.1 s"). ``on_message``
+    (the Prefect task's log): those lines, a line when a model starts, and the events done at least every
+    :data:`PROGRESS_SECONDS`."""
 
-    def __init__(self, enabled: bool, n_events: int) -> None:
+    def __init__(self, enabled: bool, n_events: int, on_message: Callable[[str], None] | None = None) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.enabled = enabled
         self.n_events = n_events
+        self.on_message = on_message
         console = Console(stderr=True)
         self.bar = Progress(
             TextColumn("{task.description}"),
@@ -134,20 +142,39 @@ class _PredictionProgress:
     def run(self, label: str, predict: Callable[[Callable[[int], None]], dict[str, pl.DataFrame]]):
         """``predict(on_batch)``, with a bar advanced by ``on_batch(n_events)``; the line names its model rows."""
         task = self.bar.add_task(f"predict {label}", total=self.n_events)
-        start = time.perf_counter()
-        tables = predict(lambda n: self.bar.advance(task, n))
+        start = last = time.perf_counter()
+        done = 0
+        if self.on_message is not None:
+            self.on_message(f"predict {label}: {self.n_events} test events")
+
+        def on_batch(n: int) -> None:
+            nonlocal done, last
+            self.bar.advance(task, n)
+            done += n
+            if self.on_message is not None and time.perf_counter() - last >= PROGRESS_SECONDS:
+                last = time.perf_counter()
+                self.on_message(f"predict {label}: {done}/{self.n_events} events, {last - start:.0f} s")
+
+        tables = predict(on_batch)
         self.bar.remove_task(task)
+        models = ", ".join(tables["tracks"]["model"].unique(maintain_order=True).to_list())
+        line = f"predict {models}: {self.n_events} events, {time.perf_counter() - start:.1f} s"
         if self.enabled:
-            models = ", ".join(tables["tracks"]["model"].unique(maintain_order=True).to_list())
-            self.bar.console.print(
-                f"predict {models}: {self.n_events} events, {time.perf_counter() - start:.1f} s", highlight=False
-            )
+            self.bar.console.print(line, highlight=False)
+        if self.on_message is not None:
+            self.on_message(line)
         return tables
 
 
-def _check_predictable(dataset: Any, data: Path, runs: list[Path]) -> tuple[int, int]:
+def _check_predictable(
+    dataset: Any, data: Path, runs: list[Path], checkpoint: str = DEFAULT_CHECKPOINT
+) -> tuple[int, int]:
     """``(test events, the largest test event's hits)``; DatasetError for a dataset without test events,
-    RunError for a run folder that does not exist."""
+    RunError for a run that cannot be evaluated with ``checkpoint`` on it (model.inference.check_run: missing, not
+    a run, unfinished, no such checkpoint, another detector) and for two runs of one model. Checked before any
+    prediction, so that a wrong ``--run`` fails at once instead of after the truth references' inference."""
+    from model.inference import check_run
+    from model.objectives import get_objective
     from pipeline.batches import SPLIT_FRACTIONS, split_summary
 
     n_test, max_hits = split_summary(dataset, "test")
@@ -156,9 +183,16 @@ def _check_predictable(dataset: Any, data: Path, runs: list[Path]) -> tuple[int,
             f"dataset {data} has no events in the test split ({dataset.n_events} events, of which about "
             f"{SPLIT_FRACTIONS['test']:.0%} are test events): simulate more events"
         )
+    seen: set[str] = set()
     for run in runs:
-        if not Path(run).is_dir():
-            raise RunError(f"run folder {run} does not exist")
+        config = check_run(Path(run), dataset, checkpoint)
+        try:
+            rows = {name for name, _ in get_objective(config.get("model")).reported_as}
+        except MuontrackError:  # a model this code does not know: predict_run says so
+            continue
+        if rows & seen:
+            raise RunError(f"two runs are both model {sorted(rows & seen)[0]!r}; evaluate one run per model")
+        seen |= rows
     return n_test, max_hits
 
 
@@ -184,12 +218,19 @@ def _write_predictions(tables: list[dict[str, pl.DataFrame]], out: Path) -> Path
 
 
 def predict_all(
-    data: Path, runs: list[Path], out: Path, progress: bool = False, checkpoint: str = DEFAULT_CHECKPOINT
+    data: Path,
+    runs: list[Path],
+    out: Path,
+    progress: bool = False,
+    checkpoint: str = DEFAULT_CHECKPOINT,
+    on_message: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run (with
     the parameters of its ``checkpoint``: ``best`` validation sigma68 or ``last`` epoch, model.inference.load_run).
 
     ``progress``: a progress display on stderr (a bar per model on a terminal, one line per model done).
+    ``on_message``: lines of progress (each model started and done, the events done at least every
+    :data:`PROGRESS_SECONDS`), for a log.
     """
     from classical import predict_classical
     from model.inference import predict_run, predict_truth
@@ -197,8 +238,8 @@ def predict_all(
 
     dataset = open_dataset(data)
     _check_report_out(out)
-    n_test, _ = _check_predictable(dataset, data, runs)
-    with _PredictionProgress(progress, n_test) as display:
+    n_test, _ = _check_predictable(dataset, data, runs, checkpoint)
+    with _PredictionProgress(progress, n_test, on_message) as display:
         tables = [
             display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
             display.run("classical", lambda _step: predict_classical(dataset, split="test")),
@@ -249,14 +290,16 @@ def predict_shard(
     ]
 
 
-def plan_prediction_shards(data: Path, runs: list[Path], out: Path) -> tuple[int, int]:
-    """Check ``data``, ``runs`` and the report folder ``out`` as :func:`predict_all` does; ``(number of shards,
-    the largest test event's hits)`` for :func:`predict_shard`."""
+def plan_prediction_shards(
+    data: Path, runs: list[Path], out: Path, checkpoint: str = DEFAULT_CHECKPOINT
+) -> tuple[int, int]:
+    """Check ``data``, ``runs`` (with ``checkpoint``) and the report folder ``out`` as :func:`predict_all` does;
+    ``(number of shards, the largest test event's hits)`` for :func:`predict_shard`."""
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(data)
     _check_report_out(out)
-    _, max_hits = _check_predictable(dataset, data, runs)
+    _, max_hits = _check_predictable(dataset, data, runs, checkpoint)
     return dataset.n_shards, max_hits
 
 

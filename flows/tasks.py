@@ -30,31 +30,6 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-@task(name="simulate-shard", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
-def simulate_shard(
-    out: str, config_json: str, seed: int, shard_index: int, first_event_id: int, n_events: int, numba_threads: int = 0
-) -> dict:
-    """Generate and write one shard (skipped if already on disk); returns its manifest entry."""
-    from pipeline.config import SimConfig
-    from simulation.dataset import simulate_shard as write_shard
-
-    if numba_threads > 0:
-        import numba
-
-        numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
-    config = SimConfig.from_dict(json.loads(config_json))
-    return write_shard(Path(out), config, seed, shard_index, first_event_id, n_events)
-
-
-@task(name="finalize-dataset", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
-def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[dict]) -> dict:
-    """Write the manifest last: the dataset becomes complete and readable."""
-    from pipeline.config import SimConfig
-    from simulation.dataset import finalize_dataset as write_manifest
-
-    return write_manifest(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
-
-
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a flow or task run; this module's logger when called without one (``.fn``)."""
     from prefect import get_run_logger
@@ -64,6 +39,35 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger(__name__)
+
+
+@task(name="simulate-shard", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
+def simulate_shard(
+    out: str, config_json: str, seed: int, shard_index: int, first_event_id: int, n_events: int, numba_threads: int = 0
+) -> dict:
+    """Generate and write one shard (skipped if already on disk); returns its manifest entry. Logs its start and
+    a line at least every flows.logs.HEARTBEAT_SECONDS (the first shard compiles the Numba kernels)."""
+    from flows.logs import Heartbeat
+    from pipeline.config import SimConfig
+    from simulation.dataset import simulate_shard as write_shard
+
+    if numba_threads > 0:
+        import numba
+
+        numba.set_num_threads(min(numba_threads, numba.config.NUMBA_NUM_THREADS))
+    config = SimConfig.from_dict(json.loads(config_json))
+    what = f"simulating shard {shard_index}: {n_events} events from event {first_event_id}"
+    with Heartbeat(_run_logger().info, what):
+        return write_shard(Path(out), config, seed, shard_index, first_event_id, n_events)
+
+
+@task(name="finalize-dataset", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
+def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[dict]) -> dict:
+    """Write the manifest last: the dataset becomes complete and readable."""
+    from pipeline.config import SimConfig
+    from simulation.dataset import finalize_dataset as write_manifest
+
+    return write_manifest(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
 
 
 @task(name="train-model", cache_key_fn=_cache_key, persist_result=True)
@@ -80,26 +84,31 @@ def train_model(
     with the other inputs (``overrides``: a config file's model and train sections, model.train.train_run).
 
     Logs one line per finished epoch (losses, val sigma68, seconds) to the task run's log and redraws
-    RUN/training_curves.png (flows.steps.write_training_curves).
+    RUN/training_curves.png (flows.steps.write_training_curves); between them, the compilation of each step shape
+    and the events done (model.train.train_run's ``on_message``), and a line at least every
+    flows.logs.HEARTBEAT_SECONDS while one step blocks (flows.logs.Heartbeat).
     """
+    from flows.logs import Heartbeat
     from model.train import format_epoch, train_run
 
     logger = _run_logger()
+    with Heartbeat(logger.info, f"{model}: training into {out}") as heartbeat:
 
-    def on_epoch(info: dict) -> None:
-        logger.info(format_epoch(info))
-        steps.write_training_curves(Path(out))
+        def on_epoch(info: dict) -> None:
+            heartbeat.beat(format_epoch(info))
+            steps.write_training_curves(Path(out))
 
-    train_run(
-        Path(data),
-        model=model,
-        out=Path(out),
-        preset=preset,
-        seed=seed,
-        resume=Path(out).exists(),
-        on_epoch=on_epoch,
-        overrides=overrides,
-    )
+        train_run(
+            Path(data),
+            model=model,
+            out=Path(out),
+            preset=preset,
+            seed=seed,
+            resume=Path(out).exists(),
+            on_epoch=on_epoch,
+            overrides=overrides,
+            on_message=heartbeat.beat,
+        )
     return out
 
 
@@ -120,8 +129,14 @@ def predict(
 ) -> str:
     """Inference on the test split for the truth references and every run (its ``checkpoint``: best or last);
     writes the predictions/ of the report ``out``, into its staging folder ``staging`` when given (see
-    flows.end_to_end.evaluate_flow)."""
-    steps.predict_all(Path(data), [Path(r) for r in runs], Path(staging or out), checkpoint=checkpoint)
+    flows.end_to_end.evaluate_flow). Logs each model started and done, the events done in between, and a line at
+    least every flows.logs.HEARTBEAT_SECONDS (flows.logs.Heartbeat: through a compilation too)."""
+    from flows.logs import Heartbeat
+
+    with Heartbeat(_run_logger().info, f"predicting the test split with {len(runs)} runs") as heartbeat:
+        steps.predict_all(
+            Path(data), [Path(r) for r in runs], Path(staging or out), checkpoint=checkpoint, on_message=heartbeat.beat
+        )
     return str(Path(out) / PREDICTIONS_DIR)
 
 
@@ -141,21 +156,29 @@ def write_report(
 ) -> dict:
     """Metrics, tables, figures (the runs' training curves included), report.md and the catalog from the
     predictions (cheap, never cached), written into the staging folder ``staging`` of the report ``out`` when
-    given; ``checkpoint``: the one the predictions were made with, which the report names."""
+    given; ``checkpoint``: the one the predictions were made with, which the report names. Logs its start and
+    end, and a line at least every flows.logs.HEARTBEAT_SECONDS in between (flows.logs.Heartbeat)."""
+    import time
+
     from analysis.report import write_report as build
+    from flows.logs import Heartbeat
     from pipeline.dataset import open_dataset
 
-    dataset = open_dataset(Path(data))
-    paths = [Path(r) for r in runs]
-    context = steps.report_context(Path(data), paths, checkpoint)
-    return build(
-        Path(staging or out),
-        dataset.hits(),
-        dataset.events(),
-        context,
-        published_as=Path(out),
-        training=steps.training_metrics(paths),
-    )
+    start = time.perf_counter()
+    with Heartbeat(_run_logger().info, f"writing the report {out} (metrics, figures, report.md, catalog)") as beat:
+        dataset = open_dataset(Path(data))
+        paths = [Path(r) for r in runs]
+        context = steps.report_context(Path(data), paths, checkpoint)
+        summary = build(
+            Path(staging or out),
+            dataset.hits(),
+            dataset.events(),
+            context,
+            published_as=Path(out),
+            training=steps.training_metrics(paths),
+        )
+        beat.beat(f"report written in {time.perf_counter() - start:.1f} s")
+    return summary
 
 
 @task(name="publish-artifacts")

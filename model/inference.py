@@ -151,6 +151,18 @@ def load_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT) -> tuple
     return config, params
 
 
+def check_run(run_dir: str | Path, dataset: Dataset, checkpoint: str = DEFAULT_CHECKPOINT) -> dict[str, Any]:
+    """The config.json of a run that :func:`predict_run` can evaluate on ``dataset`` with ``checkpoint``, checked
+    without loading its parameters (cheap: callers check every run before predicting anything). RunError for a
+    run that is missing, is not a run, is unfinished, has no such checkpoint, or was trained on another
+    detector config; ConfigError for an unknown ``checkpoint``."""
+    run_dir = Path(run_dir)
+    config, _ = _finished_run(run_dir)
+    checkpoint_epoch(run_dir, checkpoint)
+    _check_same_config(config, dataset, run_dir)
+    return config
+
+
 def _check_same_config(config: dict[str, Any], dataset: Dataset, run_dir: Path) -> None:
     """A run applies to datasets of its detector and physics; the shard size does not matter."""
     trained_on = config.get("dataset", {})

@@ -89,6 +89,39 @@ class _Sums:
         return {key: total / n for key, total in self.sums.items()}
 
 
+#: ``train_run(on_message=...)`` gets a line of progress inside an epoch at least this often (seconds)
+PROGRESS_SECONDS = 20.0
+
+#: what ``train_run(on_message=...)`` and :func:`evaluate` are called with: one line of progress
+MessageCallback = Callable[[str], None]
+
+
+class _Compilations:
+    """The step shapes this training has run, to announce the compilation before the first step of each.
+
+    A jitted step compiles (or loads from the persistent cache) in the calling thread, before it is dispatched,
+    the first time it sees a batch shape (one per node bucket): tens of seconds to minutes on a CPU for the
+    chains, the longest silence of a run without these lines."""
+
+    def __init__(self, model: str, note: Callable[[str], None]) -> None:
+        self.model = model
+        self.note = note
+        self.seen: set[tuple[str, tuple[int, ...]]] = set()
+
+    def run(self, what: str, batch: Any, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)``, announced (and timed) when ``what`` has not run on ``batch``'s shape yet."""
+        key = (what, tuple(batch.mask.shape))
+        if key in self.seen:
+            return step(*args)
+        n_events, n_nodes = batch.mask.shape
+        self.note(f"{self.model}: compiling the {what} for {n_nodes}-node events (batches of {n_events})")
+        start = time.perf_counter()
+        result = step(*args)
+        self.seen.add(key)
+        self.note(f"{self.model}: {what} for {n_nodes}-node events ready in {time.perf_counter() - start:.1f} s")
+        return result
+
+
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -110,17 +143,22 @@ def evaluate(
     lam: float,
     max_events: int | None = None,
     parallel: DataParallel | None = None,
+    compilations: _Compilations | None = None,
 ) -> tuple[dict[str, float], float]:
     """Mean loss terms over a split (its first ``max_events`` events) and the sigma68 of the q/pT residual.
 
-    The batches run on ``parallel``'s devices (default: every local device, model.steps.DataParallel)."""
+    The batches run on ``parallel``'s devices (default: every local device, model.steps.DataParallel);
+    ``compilations`` (train_run's) announces the compilation of the step for each new batch shape."""
     parallel = parallel if parallel is not None else DataParallel.over()
     state = parallel.state(state)
     outputs, truths = [], []
     for batch in iter_batches(
         dataset, split, train_config.batch_size, train_config.node_buckets, max_events=max_events
     ):
-        outputs.append(eval_step(state, parallel.batch(batch), jnp.float32(lam)))
+        args = (state, parallel.batch(batch), jnp.float32(lam))
+        outputs.append(
+            eval_step(*args) if compilations is None else compilations.run("validation step", batch, eval_step, *args)
+        )
         truths.append((batch.q / batch.pt, batch.event_mask))
     sums = _Sums()
     residuals = []
@@ -160,6 +198,7 @@ def train_run(
     on_epoch: EpochCallback | None = None,
     estimator: str | None = None,
     overrides: dict | None = None,
+    on_message: MessageCallback | None = None,
 ) -> str:
     """Train ``model`` (baseline, e2e, e2e_paper, assignment) on the train split of ``data`` into ``out``.
 
@@ -174,14 +213,17 @@ def train_run(
     figures (:func:`_epoch_info`: ``model``, ``epoch``, ``epochs``, ``step``, ``lambda``, ``learning_rate``,
     ``grad_norm``, ``train_loss``/``bce``/``pt_loss``, ``val_loss``/``bce``/``pt_loss``, ``val_sigma68``
     (None when null), ``train_seconds``, ``val_seconds``, ``seconds``). It only reads: training is the same
-    with or without it.
+    with or without it. ``on_message``, if given, is called with lines of progress between the epochs (the
+    Prefect job logs them): the devices, "compiling the train step for N-node events" before the first step
+    of each batch shape and its time after it (also with ``progress``), and the events done at least every
+    :data:`PROGRESS_SECONDS` inside an epoch.
 
     Raises ConfigError (unknown model or preset, epochs < 1), DatasetError (missing or incomplete dataset),
     RunError (``out`` holds something else, needs ``--resume``, or the loss became NaN).
     """
     with exclusive_writer(out):
         return _train_run_locked(
-            data, model, Path(out), preset, epochs, seed, resume, progress, on_epoch, estimator, overrides
+            data, model, Path(out), preset, epochs, seed, resume, progress, on_epoch, estimator, overrides, on_message
         )
 
 
@@ -197,6 +239,7 @@ def _train_run_locked(
     on_epoch: EpochCallback | None = None,
     estimator: str | None = None,
     overrides: dict | None = None,
+    on_message: MessageCallback | None = None,
 ) -> str:
     objective = get_objective(model)
     model_config, train_config = configure(preset, overrides)
@@ -261,8 +304,19 @@ def _train_run_locked(
             loss=math.nan,
             rate=0.0,
         )
-        if progress:
-            bar.console.print(_devices_line(model, parallel, train_config.batch_size), markup=False, highlight=False)
+
+        last_note = time.perf_counter()
+
+        def note(message: str) -> None:
+            nonlocal last_note
+            last_note = time.perf_counter()
+            if progress:
+                bar.console.print(message, markup=False, highlight=False)
+            if on_message is not None:
+                on_message(message)
+
+        compilations = _Compilations(model, note)
+        note(_devices_line(model, parallel, train_config.batch_size))
         for epoch in range(done + 1, train_config.epochs + 1):
             lam = objective.lam(epoch, train_config)
             bar.update(task, description=f"{model} epoch {epoch}/{train_config.epochs}")
@@ -270,7 +324,7 @@ def _train_run_locked(
             step_metrics: list[dict[str, jax.Array]] = []
             step_events: list[int] = []
             shown, shown_step = math.nan, -1
-            epoch_start = time.perf_counter()
+            epoch_start = last_note = time.perf_counter()
             batches = iter_batches(
                 dataset,
                 "train",
@@ -281,8 +335,14 @@ def _train_run_locked(
                 stats=stats,
             )
             for step_in_epoch, batch in enumerate(batches):
-                state, metrics = train_step(
-                    state, parallel.batch(batch), step_key(seed, epoch, step_in_epoch), jnp.float32(lam)
+                state, metrics = compilations.run(
+                    "train step",
+                    batch,
+                    train_step,
+                    state,
+                    parallel.batch(batch),
+                    step_key(seed, epoch, step_in_epoch),
+                    jnp.float32(lam),
                 )
                 # the metrics stay on the device (no sync per step); they come over once, after the epoch
                 step_metrics.append(metrics)
@@ -297,6 +357,19 @@ def _train_run_locked(
                         shown, shown_step = float(step_metrics[newest]["loss"]), newest
                     rate = sum(step_events) / max(time.perf_counter() - epoch_start, 1e-9)
                     bar.update(task, advance=step_events[-1], loss=shown, rate=rate)
+                if on_message is not None and time.perf_counter() - last_note >= PROGRESS_SECONDS:
+                    last_note = time.perf_counter()
+                    on_message(
+                        _epoch_progress(
+                            model,
+                            epoch,
+                            train_config.epochs,
+                            step_metrics,
+                            step_events,
+                            events_per_epoch,
+                            last_note - epoch_start,
+                        )
+                    )
             sums = _Sums()
             for index, (metrics, n_events) in enumerate(zip(jax.device_get(step_metrics), step_events, strict=True)):
                 loss = float(metrics["loss"])
@@ -315,7 +388,9 @@ def _train_run_locked(
             )
 
             val_start = time.perf_counter()
-            val_means, val_sigma = evaluate(state, dataset, "val", train_config, lam, parallel=parallel)
+            val_means, val_sigma = evaluate(
+                state, dataset, "val", train_config, lam, parallel=parallel, compilations=compilations
+            )
             val_seconds = time.perf_counter() - val_start
             # null, not NaN, when no validation event has a finite fit
             val_sigma68 = val_sigma if math.isfinite(val_sigma) else None
@@ -345,6 +420,28 @@ def _train_run_locked(
         f"{train_config.epochs} epochs, val loss {val_means.get('loss', math.nan):.4f} "
         f"bce {val_means.get('bce', math.nan):.4f} pt_loss {val_means.get('pt_loss', math.nan):.4g} "
         f"sigma68(q/pT) {val_sigma:.4f}, {minutes:.1f} min{truncated}"
+    )
+
+
+def _epoch_progress(
+    model: str,
+    epoch: int,
+    epochs: int,
+    step_metrics: list[dict[str, jax.Array]],
+    step_events: list[int],
+    events_per_epoch: int,
+    seconds: float,
+) -> str:
+    """A line inside an epoch: the events of its finished steps (is_ready() never waits), and those dispatched."""
+    finished = 0
+    while finished < len(step_metrics) and step_metrics[finished]["loss"].is_ready():
+        finished += 1
+    done = sum(step_events[:finished])
+    queued = sum(step_events) - done
+    return (
+        f"{model} epoch {epoch}/{epochs}: {done}/{events_per_epoch} events trained"
+        + (f" ({queued} more queued)" if queued else "")
+        + f", {done / max(seconds, 1e-9):.0f} events/s, {seconds:.0f} s"
     )
 
 

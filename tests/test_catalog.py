@@ -311,3 +311,34 @@ def test_the_limit_row_and_the_ratio_in_the_catalog(tiny_dataset, tmp_path):
     limit_bins = pl.read_parquet(with_limit / "resolution.parquet").filter(pl.col("model") == LIMIT_ROW)
     assert limit_bins.select(list(TAIL_COLUMNS)).null_count().row(0) == (limit_bins.height,) * len(TAIL_COLUMNS)
     assert round(e2e["sigma68_over_limit"], 3) in compact_table(catalog)["sigma68_over_limit"].to_list()
+
+
+@pytest.mark.parametrize("width", [80, 100, 140])
+def test_results_fit_the_terminal(reports, width):
+    """``muontrack results --width W`` (default: the terminal's): no line is wider, every row is there with its
+    report, model and sigma68, and a last line names the columns left out; ``--width 0`` every column."""
+    from analysis.catalog import NARROWING_ORDER, compact_table, format_catalog, read_catalog
+
+    catalog = read_catalog([reports])
+    full = format_catalog(catalog)
+    assert max(len(line) for line in full.splitlines()) > 140  # wide enough for the test to mean something
+    assert format_catalog(catalog, width=10_000) == full
+
+    assert run_muontrack("results", reports, "--width", "0", cwd=reports).stdout.rstrip("\n") == full
+    result = run_muontrack("results", reports, "--width", width, cwd=reports)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.rstrip("\n").splitlines()
+    assert max(len(line) for line in lines) <= width, result.stdout
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:2] == ["report", "model"]
+    assert "sigma68" in header
+    rows = [line for line in lines[2:] if line.startswith("|")]
+    assert [row.split("|")[2].strip() for row in rows] == catalog["model"].to_list()
+    note = " ".join(lines[2 + len(rows) :])
+    assert note.startswith(f"(left out to fit {width} columns: ")
+    left_out = [c for c in compact_table(catalog).columns if c not in header and c != "sigma68_over_limit"]
+    assert left_out
+    assert all(column in note for column in left_out)
+    # the columns left out are the first ones of the documented order
+    columns = [c for c in NARROWING_ORDER if c in compact_table(catalog).columns]
+    assert set(left_out) == set(columns[: len(left_out)])

@@ -223,3 +223,34 @@ def test_inspect_verify_says_what_it_verified_and_names_the_detector(dataset_dir
     record = json.loads(run_muontrack("inspect", dataset_dir, "--json", "--verify", cwd=tmp_path).stdout)
     assert record["verified_files"] == n_files
     assert record["detector"] == "default"
+
+
+@pytest.mark.parametrize(
+    "command", ["", "simulate", "inspect", "train", "evaluate", "results", "display", "run", "scan", "serve"]
+)
+def test_help_shows_the_type_of_one_value(command: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No ``<bool>`` beside a flag (it takes no value) and no ``<list[...]>`` beside a repeatable parameter (it
+    takes one value each time)."""
+    monkeypatch.setenv("COLUMNS", "250")
+    result = run_muontrack(*command.split(), "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--help " in result.stdout
+    assert "<bool>" not in result.stdout
+    assert "list[" not in result.stdout
+    lines = result.stdout.splitlines()
+
+    def line_of(name: str) -> str:
+        return next(line for line in lines if f" {name} " in line)
+
+    for flag in ("--help", "--json", "--verify", "--overwrite", "--resume", "--version"):
+        if any(f" {flag} " in line for line in lines):
+            assert "<" not in line_of(flag), line_of(flag)
+    expected = {
+        "evaluate": ("--run", "<path>"),
+        "results": ("folders...", "<path>"),
+        "run": ("--model", "<baseline|e2e|"),
+        "train": ("--model", "<baseline|e2e|"),
+    }
+    if command in expected:
+        name, shown = expected[command]
+        assert shown in line_of(name), line_of(name)

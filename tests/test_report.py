@@ -20,6 +20,7 @@ from numpy.testing import assert_allclose
 
 import analysis.report as report_module
 import analysis.report_folder as folder_module
+from analysis import render
 from analysis.comparisons import comparison_blocks
 from analysis.figures import MODEL_STYLE, format_value_error, model_style
 from analysis.metrics import TAIL_COLUMNS
@@ -321,6 +322,11 @@ def test_write_report_files_and_contents(tmp_path, truth):
     report = (tmp_path / "report.md").read_text()
     assert "/data/muons-test" in report
     assert "training_seconds" in report
+    # the three code versions are told apart, right under the context that shows them
+    what_was_run = report[report.index("## What was run") : report.index("Events evaluated per model")]
+    assert render.CODE_VERSIONS_NOTE in what_was_run
+    assert "training code" in render.CODE_VERSIONS_NOTE
+    assert "simulation code" in render.CODE_VERSIONS_NOTE
     assert "13.1" in report
     links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", report)
     # every figure but the per-layer hit performance: these dataset hits have no layer
