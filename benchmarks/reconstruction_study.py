@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--chain", action="append", choices=sorted(VARIANTS), help="only these variants")
     parser.add_argument("--classical", action="store_true", help="also the classical reconstruction of the split")
     parser.add_argument("--references", action="store_true", help="also truth-label and unit hit weights")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="the runs' checkpoint")
     args = parser.parse_args()
     dataset = open_dataset(args.data)
     events = dataset.events().select("event_id", "pt", "q")
@@ -86,9 +87,13 @@ def main() -> None:
             for name in names:
                 _print_row(weights, name, rows.filter(pl.col("chain") == name))
     for run in args.run:
-        tracks = predict_run(dataset, run, split=args.split, rows=tuple((name, VARIANTS[name]) for name in names))[
-            "tracks"
-        ]
+        tracks = predict_run(
+            dataset,
+            run,
+            split=args.split,
+            checkpoint=args.checkpoint,
+            rows=tuple((name, VARIANTS[name]) for name in names),
+        )["tracks"]
         residuals = metrics.track_residual_table(tracks.lazy(), events)
         for name in names:
             _print_row(run.name, name, residuals.filter(pl.col("model") == name))

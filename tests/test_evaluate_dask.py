@@ -98,6 +98,7 @@ def test_shard_by_shard_predictions_equal_the_in_process_ones(tiny_dataset, run_
     assert expected["tracks"]["model"].unique(maintain_order=True).to_list() == [
         "truth",
         "truth_charge",
+        "truth_share",
         "classical",
         "baseline",
         "baseline_paper",

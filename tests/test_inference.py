@@ -67,7 +67,17 @@ def test_tables_have_the_documented_columns_and_types(predictions, truth):
             assert tables[name].schema == pl.from_arrow(schema.empty_table()).schema, name
     # one network, two reconstruction chains
     assert sorted(predictions["tracks"]["model"].unique().to_list()) == ["baseline", "baseline_paper"]
-    assert sorted(truth["tracks"]["model"].unique().to_list()) == ["truth", "truth_charge"]
+    assert sorted(truth["tracks"]["model"].unique().to_list()) == ["truth", "truth_charge", "truth_share"]
+
+
+def test_truth_share_rows_score_the_muons_share_of_each_strip(truth, test_hits):
+    """The truth_share reference's hit scores are charge_muon / charge of the dataset's hits, clipped to [0, 1]."""
+    scores = truth["hits"].filter(pl.col("model") == "truth_share").sort("event_id", "hit_id")
+    hits = test_hits.sort("event_id", "hit_id")
+    assert scores["hit_id"].to_list() == hits["hit_id"].to_list()
+    expected = np.clip(hits["charge_muon"].to_numpy() / hits["charge"].to_numpy(), 0, 1)
+    np.testing.assert_allclose(scores["score"].to_numpy(), expected, rtol=1e-6)
+    assert np.any((expected > 0.1) & (expected < 0.9))
 
 
 def test_one_row_per_test_hit_event_and_layer(predictions, truth, test_hits, test_events):
