@@ -342,6 +342,10 @@ def run_all(
             help="JSON or TOML config file: its simulation, model and train sections override the preset's values.",
         ),
     ] = None,
+    events: Annotated[
+        int | None,
+        typer.Option("--events", help="Events to simulate instead of the preset's (600, 20 000 or 10^6)."),
+    ] = None,
 ) -> None:
     """The whole flow: simulate -> train the preset's models (or --model's) -> evaluate -> report."""
     from flows.end_to_end import run_end_to_end
@@ -349,7 +353,9 @@ def run_all(
 
     models = [m.value for m in model] if model else None
     sections = read_config_file(config) if config is not None else None
-    result = run_end_to_end(preset=preset.value, out=out, models=models, echo=not as_json, overrides=sections)
+    result = run_end_to_end(
+        preset=preset.value, out=out, models=models, echo=not as_json, overrides=sections, events=events
+    )
     if as_json:
         _echo_json(result)
 

@@ -246,11 +246,17 @@ def evaluate_on_dask(
 
 @flow(name="end-to-end", flow_run_name="end-to-end-{preset}-seed{seed}", log_prints=True)
 def end_to_end(
-    out: str, preset: str = "cpu", seed: int = 0, models: list[str] | None = None, overrides: dict | None = None
+    out: str,
+    preset: str = "cpu",
+    seed: int = 0,
+    models: list[str] | None = None,
+    overrides: dict | None = None,
+    events: int | None = None,
 ) -> dict[str, Any]:
     """simulate -> train the preset's models (or ``models``) -> evaluate -> report, all under ``out``;
-    ``overrides``: the sections of a config file (simulation, model, train) applied over the preset's values."""
-    job = steps.job_preset(preset, models)
+    ``overrides``: the sections of a config file (simulation, model, train) applied over the preset's values;
+    ``events``: the dataset's size instead of the preset's (another dataset folder, so other runs and report)."""
+    job = steps.job_preset(preset, models, events)
     config, training, label = job_configs(job, overrides)
     root = Path(out)
     # Folder names carry what their content depends on, so a changed config or seed writes beside the
@@ -277,16 +283,22 @@ def end_to_end(
 
 
 def run_end_to_end(
-    preset: str, out: Path, models: list[str] | None = None, echo: bool = True, overrides: dict | None = None
+    preset: str,
+    out: Path,
+    models: list[str] | None = None,
+    echo: bool = True,
+    overrides: dict | None = None,
+    events: int | None = None,
 ) -> dict[str, Any]:
     """The ``muontrack run`` entry point: run the flow, print (with ``echo``) the summary table and where the
     report is, and return ``{"report": path of report.md, "summary": summary.json's content}``. ``overrides``:
-    the sections of a config file (pipeline.config.read_config_file) applied over the preset's values."""
+    the sections of a config file (pipeline.config.read_config_file) applied over the preset's values;
+    ``events``: the dataset's size instead of the preset's."""
     from analysis.render import format_summary_table
     from flows.logs import quiet_user_errors
 
     # a one-line error for an unknown preset or model or a bad config file, before Prefect starts
-    job_configs(steps.job_preset(preset, models), overrides)
+    job_configs(steps.job_preset(preset, models, events), overrides)
     quiet_user_errors()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -295,7 +307,7 @@ def run_end_to_end(
         raise MuontrackError(f"--out {out} is a file, not a folder")
     with exclusive_writer(out):
         ensure_prefect_api(export=False)
-        result = end_to_end(str(out), preset=preset, models=models, overrides=overrides)
+        result = end_to_end(str(out), preset=preset, models=models, overrides=overrides, events=events)
     if echo:
         print(format_summary_table(result["summary"]))
         print(f"report: {result['report']}")

@@ -142,6 +142,8 @@ def test_inspect_a_foreign_folder(tmp_path: Path) -> None:
         ["train", "--data", "unused", "--model", "gnn", "--out", "unused"],
         ["run", "--preset", "test", "--model", "gnn", "--out", "unused"],
         ["simulate", "--events", str(10**12), "--out", "unused"],
+        ["run", "--preset", "test", "--events", "0", "--out", "unused"],
+        ["run", "--preset", "paper", "--events", str(10**12), "--out", "unused"],
     ],
 )
 def test_usage_errors_are_one_line(args, tmp_path):
