@@ -14,7 +14,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from model.fit import STATUS_OK
-from model.tracker import PAPER_CHAIN, Chain, reconstruct_event
+from model.tracker import PAPER_CHAIN, Chain, event_inputs, reconstruct_event
 from pipeline.batches import Batch, Geometry
 
 #: residual unit of the pT loss: a 10 % error on q/pT costs 0.5 (the BCE of a decent classifier is ~0.1-0.3)
@@ -171,13 +171,9 @@ def reconstructed_pt_loss(
     :data:`FAILED_FIT_LOSS`. The same value as :func:`pt_loss` of model.tracker.reconstruct's fit; its gradient in
     ``weights`` passes at most ``cap`` (L2 norm over an event's hits) of each event's penalty gradient
     (:data:`EVENT_GRADIENT_CAP`; ``math.inf``: the plain gradient, less the non-finite ones)."""
-    mask = jnp.asarray(batch.mask, bool)
     event_mask = jnp.asarray(batch.event_mask, bool)
-    dtype = jnp.result_type(jnp.asarray(weights).dtype, jnp.asarray(batch.x).dtype, jnp.float32)
-    weights = jnp.where(mask, jnp.asarray(weights, dtype), 0)
-    x = jnp.where(mask, jnp.asarray(batch.x, dtype), 0)
-    layer = jnp.where(mask, jnp.asarray(batch.layer, jnp.int32), 0)
-    charge = jnp.where(mask, jnp.asarray(batch.features, dtype)[..., 2], 0)
+    weights, x, layer, charge = event_inputs(weights, batch)
+    dtype = x.dtype
     # padded events may hold pT = 0 or NaN: replace them before any arithmetic, so no NaN reaches a gradient
     q = jnp.where(event_mask, jnp.asarray(batch.q, dtype), 1)
     pt = jnp.where(event_mask, jnp.asarray(batch.pt, dtype), 1)

@@ -277,6 +277,21 @@ def reconstruct_event(
     return x_hat, sigma, layer_weight, _scattering_estimate(fit, geometry.b_field), hit_weights
 
 
+def event_inputs(
+    hit_weights: Float[ArrayLike, "B N"], batch: Batch
+) -> tuple[Float[Array, "B N"], Float[Array, "B N"], Int[Array, "B N"], Float[Array, "B N"]]:
+    """``(weights, x, layer, charge)`` of a batch as :func:`reconstruct_event` takes them (vmap over events): 0 on
+    padded nodes whatever they hold, float32 or float64 as ``hit_weights`` and ``batch.x``, ``charge`` in units of
+    the mean cluster charge (``Batch.features[..., 2]``)."""
+    mask = jnp.asarray(batch.mask, bool)
+    dtype = jnp.result_type(jnp.asarray(hit_weights).dtype, jnp.asarray(batch.x).dtype, jnp.float32)
+    weights = jnp.where(mask, jnp.asarray(hit_weights, dtype), 0)
+    x = jnp.where(mask, jnp.asarray(batch.x, dtype), 0)
+    layer = jnp.where(mask, jnp.asarray(batch.layer, jnp.int32), 0)
+    charge = jnp.where(mask, jnp.asarray(batch.features, dtype)[..., 2], 0)
+    return weights, x, layer, charge
+
+
 def reconstruct(
     hit_weights: Float[ArrayLike, "B N"], batch: Batch, geometry: Geometry, chain: Chain = PAPER_CHAIN
 ) -> Reconstruction:
@@ -286,12 +301,7 @@ def reconstruct(
     in ``hit_weights``; jit with ``geometry`` static or as an argument (only its length is used statically),
     ``chain`` static.
     """
-    mask = jnp.asarray(batch.mask, bool)
-    dtype = jnp.result_type(jnp.asarray(hit_weights).dtype, jnp.asarray(batch.x).dtype, jnp.float32)
-    weights = jnp.where(mask, jnp.asarray(hit_weights, dtype), 0)
-    x = jnp.where(mask, jnp.asarray(batch.x, dtype), 0)
-    layer = jnp.where(mask, jnp.asarray(batch.layer, jnp.int32), 0)
-    charge = jnp.where(mask, jnp.asarray(batch.features, dtype)[..., 2], 0)
+    weights, x, layer, charge = event_inputs(hit_weights, batch)
     x_hat, sigma, layer_weight, fit, final_weights = jax.vmap(
         lambda w, xs, ls, cs: reconstruct_event(finite_gradient_guard(w), xs, ls, cs, geometry, chain)
     )(weights, x, layer, charge)
