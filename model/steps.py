@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from model.assignment import DEFAULT_ESTIMATOR, Estimator
 from model.config import ModelConfig, TrainConfig
 from model.losses import bce_loss
-from model.models import GAT
+from model.networks import GAT
 from model.objectives import OPTIONAL_TERMS, get_objective
 from pipeline.batches import Batch, Geometry
 

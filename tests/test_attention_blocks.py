@@ -12,7 +12,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from model.config import ModelConfig
-from model.models import GAT, VectorAttention, edge_mlp_attention_blocked, repeat_over_receivers
+from model.networks import GAT, VectorAttention, edge_mlp_attention_blocked, repeat_over_receivers
 from pipeline.errors import ConfigError
 
 NODES = 11

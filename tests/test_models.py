@@ -1,4 +1,4 @@
-"""The graph attention network (model/models.py) and its presets (model/config.py)."""
+"""The graph attention network (model/networks.py) and its presets (model/config.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from model.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from model.models import GAT, MLP, PADDING_LOGIT, VectorAttention, bitonic_argsort
+from model.networks import GAT, MLP, PADDING_LOGIT, VectorAttention, bitonic_argsort
 from pipeline.errors import ConfigError
 
 # the cpu preset's structure: one-layer logits (O(N log N) sorted attention), residual updates
