@@ -36,7 +36,7 @@ from analysis.report_folder import CATALOG_SUMMARY_NAME
 from pipeline.atomic import write_atomic
 from pipeline.config import BackgroundConfig, SimConfig, detector_name
 from pipeline.errors import ConfigError, MuontrackError
-from pipeline.models import SUMMARY_ROWS
+from pipeline.registry import SUMMARY_ROWS
 
 #: what a row is about: the evaluation (report, dataset, code) and the training run behind the model
 IDENTITY_SCHEMA = pl.Schema(
@@ -437,7 +437,7 @@ def find_summaries(folders: Iterable[Path]) -> list[Path]:
 
 
 def model_rank_expr(column: str = "model") -> pl.Expr:
-    """The rank of a row in the report order (pipeline.models.SUMMARY_ROWS: the limit, then the models; unknown
+    """The rank of a row in the report order (pipeline.registry.SUMMARY_ROWS: the limit, then the models; unknown
     models last)."""
     rank = {model: index for index, model in enumerate(SUMMARY_ROWS)}
     return pl.col(column).replace_strict(rank, default=len(rank), return_dtype=pl.Int64)

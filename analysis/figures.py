@@ -25,7 +25,7 @@ from matplotlib.ticker import FuncFormatter
 from analysis.metrics import SIGNAL_EFFICIENCY_POINTS
 from analysis.statistics import CORE_WINDOW_N_SIGMA, GaussianFit, auc_from_roc, roc_curve, sigma68
 from pipeline.atomic import replacing
-from pipeline.models import LIMIT_ROW, SUMMARY_ROWS
+from pipeline.registry import LIMIT_ROW, SUMMARY_ROWS
 
 #: a fixed colour, line style, marker and label per known model (pipeline.schema.MODEL_NAMES), so a model looks
 #: the same in every figure; the paper-chain networks share their robust counterparts' family of hues and are
@@ -48,7 +48,7 @@ MODEL_STYLE = {
         "label": "charge shares end-to-end, robust reco",
     },
 }
-#: the limit row (pipeline.models.LIMIT_ROW): no model, drawn as a line across each pT bin
+#: the limit row (pipeline.registry.LIMIT_ROW): no model, drawn as a line across each pT bin
 LIMIT_STYLE = {"color": "0.3", "linestyle": "-", "marker": "_", "label": "Cramér–Rao limit"}
 #: the σ68 / limit panel's y axis ends here at most; points beyond it are drawn as arrows at its top edge
 RATIO_AXIS_MAX = 3.0
@@ -101,7 +101,7 @@ def _hep_styled(plot: Callable[_P, Path]) -> Callable[_P, Path]:
 
 
 def model_order(models: list[str] | set[str]) -> list[str]:
-    """Known rows in the documented order (pipeline.models.SUMMARY_ROWS: the limit, then the models), then any
+    """Known rows in the documented order (pipeline.registry.SUMMARY_ROWS: the limit, then the models), then any
     others alphabetically."""
     known = [m for m in SUMMARY_ROWS if m in models]
     return known + sorted(set(models) - set(SUMMARY_ROWS))
@@ -598,7 +598,7 @@ def plot_sigma68_vs_pt(resolution_pt: pl.DataFrame, path: Path) -> Path:
     (rows near the limit and rows a hundred times worse both readable). The models stand side by side within
     each pT bin, whose edges are drawn as grey lines.
 
-    With rows of the limit (``model`` = pipeline.models.LIMIT_ROW) the limit is drawn as a line across each bin,
+    With rows of the limit (``model`` = pipeline.registry.LIMIT_ROW) the limit is drawn as a line across each bin,
     the region below it shaded, and a second panel shows each model's σ68 / limit per bin on a linear axis
     zoomed on the models (at most :data:`RATIO_AXIS_MAX`; a point beyond is an arrow at the top edge).
 

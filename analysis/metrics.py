@@ -46,7 +46,7 @@ from analysis.statistics import (
 )
 from pipeline.batches import truth_share_expr
 from pipeline.config import DetectorConfig
-from pipeline.models import LIMIT_ROW, get_model
+from pipeline.registry import LIMIT_ROW, get_model
 from pipeline.stats import SIGMA68_COVERAGE
 
 #: models whose hit weights come from truth labels (no classification metrics)
@@ -700,7 +700,7 @@ def resolution_by_pt(
 
 @dataclass(frozen=True)
 class ResolutionLimit:
-    """The ``limit`` row (pipeline.models.LIMIT_ROW) of an evaluation, :func:`resolution_limit`."""
+    """The ``limit`` row (pipeline.registry.LIMIT_ROW) of an evaluation, :func:`resolution_limit`."""
 
     #: the bound's point error [mm]: the RMS of the clean-cluster charge-centroid residuals
     point_sigma: float

@@ -20,7 +20,7 @@ from analysis.figures import format_value_error
 from analysis.report_folder import FIGURES_DIR, training_figure_key
 from analysis.results import ReportResults, model_row
 from analysis.statistics import CORE_WINDOW_N_SIGMA, N_BOOTSTRAP
-from pipeline.models import LIMIT_ROW
+from pipeline.registry import LIMIT_ROW
 
 
 def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:

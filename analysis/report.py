@@ -37,7 +37,7 @@ from analysis.results import (
 )
 from analysis.training import plot_training_curves, training_curves
 from pipeline.atomic import write_text_atomic
-from pipeline.models import LIMIT_ROW
+from pipeline.registry import LIMIT_ROW
 
 #: columns of resolution.csv
 RESOLUTION_COLUMNS = ("model", "pt_lo", "pt_hi", "n", "sigma68", "sigma68_err", *TAIL_COLUMNS)

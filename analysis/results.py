@@ -23,7 +23,7 @@ from analysis.report_folder import PREDICTIONS_DIR, prediction_path
 from analysis.statistics import N_BOOTSTRAP, GaussianFit
 from pipeline.config import DetectorConfig, load_config
 from pipeline.errors import ConfigError, MuontrackError
-from pipeline.models import LIMIT_ROW
+from pipeline.registry import LIMIT_ROW
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 
 #: keys of each model's entry in summary.json (docs/contracts.md, "summary.json"): ``auc`` and the rejections are

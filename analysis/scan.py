@@ -39,7 +39,7 @@ from analysis.render import md_table
 from analysis.report_folder import SUMMARY_NAME, prediction_path
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import MuontrackError
-from pipeline.models import LIMIT_ROW
+from pipeline.registry import LIMIT_ROW
 from pipeline.stats import sigma68
 
 #: the folder of the scan report inside the scan's --out

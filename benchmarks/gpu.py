@@ -250,7 +250,7 @@ def training_figures(runs: list[Path]) -> dict[str, float]:
 
 def prediction_figures(log_text: str) -> dict[str, float]:
     """Events and seconds of the evaluate step's predictions, from its ``predict ...: N events, T s`` lines."""
-    from pipeline.models import REFERENCE_ROWS
+    from pipeline.registry import REFERENCE_ROWS
 
     totals = {"eval_events": 0.0, "eval_s": 0.0, "classical_events": 0.0, "classical_s": 0.0}
     for match in PREDICT_LINE.finditer(log_text):

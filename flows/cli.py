@@ -20,7 +20,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from pipeline.errors import MuontrackError
-from pipeline.models import ESTIMATORS, TRAINED_MODELS
+from pipeline.registry import ESTIMATORS, TRAINED_MODELS
 
 
 class _PlainTypes:
@@ -62,7 +62,7 @@ app = typer.Typer(
 )
 
 
-#: ``--model``'s and ``--estimator``'s choices: the trained models and estimators of pipeline.models (no JAX)
+#: ``--model``'s and ``--estimator``'s choices: the trained models and estimators of pipeline.registry (no JAX)
 ModelName = StrEnum("ModelName", {name: name for name in TRAINED_MODELS})
 EstimatorName = StrEnum("EstimatorName", {name: name for name in ESTIMATORS})
 

@@ -22,12 +22,12 @@ from analysis.report_folder import PREDICTION_TABLES, PREDICTIONS_DIR, REPORT_NA
 from pipeline import provenance
 from pipeline.errors import ConfigError, DatasetError, MuontrackError, RunError
 from pipeline.locks import exclusive_writer
-from pipeline.models import CPU_JOB_MODELS, TEST_JOB_MODELS, TRAINED_MODELS
+from pipeline.registry import CPU_JOB_MODELS, TEST_JOB_MODELS, TRAINED_MODELS
 
 #: the checkpoint evaluation loads unless told (model.run_folder.DEFAULT_CHECKPOINT, without importing JAX here)
 DEFAULT_CHECKPOINT = "best"
 
-# TRAINED_MODELS (pipeline.models): the models a job can train (each gives one or more rows of the `model`
+# TRAINED_MODELS (pipeline.registry): the models a job can train (each gives one or more rows of the `model`
 # column: `baseline` gives `baseline` and `baseline_paper`); the truth references and `classical` need no training
 
 

@@ -63,8 +63,8 @@ NO_HIT_COST = 0.25
 PROJECTION_FLOOR = 0.1
 #: the noise distributions of the perturbed estimator (by TrainConfig.perturbation_noise)
 NOISE_DISTRIBUTIONS = {"gumbel": perturbations.Gumbel, "normal": perturbations.Normal}
-if tuple(NOISE_DISTRIBUTIONS) != NOISES:  # the names are pipeline.models' (TrainConfig checks against them)
-    raise AssertionError(f"NOISE_DISTRIBUTIONS {tuple(NOISE_DISTRIBUTIONS)} != pipeline.models.NOISES {NOISES}")
+if tuple(NOISE_DISTRIBUTIONS) != NOISES:  # the names are pipeline.registry's (TrainConfig checks against them)
+    raise AssertionError(f"NOISE_DISTRIBUTIONS {tuple(NOISE_DISTRIBUTIONS)} != pipeline.registry.NOISES {NOISES}")
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any
 
 from pipeline.config import STRICT, check, load_config
 from pipeline.errors import ConfigError
-from pipeline.models import ESTIMATORS, NOISES
+from pipeline.registry import ESTIMATORS, NOISES
 
-# ESTIMATORS and NOISES (pipeline.models, the registry of names): TrainConfig.estimator's choices and
+# ESTIMATORS and NOISES (pipeline.registry, the registry of names): TrainConfig.estimator's choices and
 # TrainConfig.perturbation_noise's (model.assignment implements them)
 
 

@@ -49,7 +49,7 @@ from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct
 from pipeline.batches import Batch, Geometry, check_buckets, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import ConfigError, RunError
-from pipeline.models import get_model
+from pipeline.registry import get_model
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA, fitted_crossings
 
 #: node budgets rounded up to this when a split holds events larger than the run's buckets
@@ -216,8 +216,8 @@ TRUTH_REFERENCES: tuple[tuple[str, Chain, str], ...] = (
     ("truth_charge", replace(ROBUST_CHAIN, widths=()), "label"),
     ("truth_share", replace(ROBUST_CHAIN, widths=()), "share"),
 )
-if tuple(name for name, _, _ in TRUTH_REFERENCES) != get_model("truth").rows:  # pipeline.models names them
-    raise AssertionError(f"TRUTH_REFERENCES do not match pipeline.models' truth rows {get_model('truth').rows}")
+if tuple(name for name, _, _ in TRUTH_REFERENCES) != get_model("truth").rows:  # pipeline.registry names them
+    raise AssertionError(f"TRUTH_REFERENCES do not match pipeline.registry's truth rows {get_model('truth').rows}")
 
 
 @functools.cache

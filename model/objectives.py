@@ -16,7 +16,7 @@ the muon's estimated charge s_i q_i the strip's weight: a strip of a merged clus
 charge instead of all or none of it. ``share_baseline`` trains on the share alone (lambda = 0), ``share_e2e`` adds
 lambda * L_pT through the robust chain.
 
-The names come from pipeline.models, the one registry of model names: the objectives registered here are
+The names come from pipeline.registry, the one registry of model names: the objectives registered here are
 exactly its trained models, with the rows it names (checked at import).
 """
 
@@ -33,7 +33,7 @@ from model.assignment import DEFAULT_ESTIMATOR, Estimator, assignment_loss, hard
 from model.config import TrainConfig
 from model.losses import bce_loss, composite_loss, reconstructed_pt_loss
 from model.tracker import ASSIGNMENT_CHAIN, PAPER_CHAIN, ROBUST_CHAIN, Chain
-from pipeline import models as registry
+from pipeline import registry
 from pipeline.batches import Batch, Geometry
 from pipeline.errors import ConfigError
 
@@ -178,13 +178,13 @@ register_objective(
 
 
 def _check_registry() -> None:
-    """The objectives are pipeline.models' trained models, in its order, each with the rows it names."""
+    """The objectives are pipeline.registry's trained models, in its order, each with the rows it names."""
     if tuple(OBJECTIVES) != registry.TRAINED_MODELS:
-        raise AssertionError(f"objectives {tuple(OBJECTIVES)} != pipeline.models' {registry.TRAINED_MODELS}")
+        raise AssertionError(f"objectives {tuple(OBJECTIVES)} != pipeline.registry's {registry.TRAINED_MODELS}")
     for name, objective in OBJECTIVES.items():
         rows, named = tuple(row for row, _ in objective.reported_as), registry.get_model(name).rows
         if rows != named:
-            raise AssertionError(f"objective {name} reports {rows}, pipeline.models names {named}")
+            raise AssertionError(f"objective {name} reports {rows}, pipeline.registry names {named}")
 
 
 _check_registry()

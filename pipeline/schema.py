@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.models import REPORT_ROWS
+from pipeline.registry import REPORT_ROWS
 
 #: one row per fired strip
 HITS_SCHEMA = pa.schema(
@@ -119,5 +119,5 @@ TRAIN_METRICS_SCHEMA = pa.schema(
     ]
 )
 
-#: the `model` column's values in REPORT/predictions, in report order (pipeline.models, the registry of models)
+#: the `model` column's values in REPORT/predictions, in report order (pipeline.registry, the registry of models)
 MODEL_NAMES = REPORT_ROWS

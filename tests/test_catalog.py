@@ -274,7 +274,7 @@ def test_the_limit_row_and_the_ratio_in_the_catalog(tiny_dataset, tmp_path):
     from analysis.catalog import compact_table, read_catalog
     from pipeline.config import DetectorConfig
     from pipeline.dataset import open_dataset
-    from pipeline.models import LIMIT_ROW
+    from pipeline.registry import LIMIT_ROW
 
     data = open_dataset(tiny_dataset)
     context = catalog_context(0) | {"detector": dataclasses.asdict(DetectorConfig())}

@@ -14,7 +14,7 @@ from analysis.catalog import RESOLUTION_SCHEMA, SUMMARY_SCHEMA
 from analysis.results import SUMMARY_KEYS
 from flows.cli import app
 from pipeline import schema
-from pipeline.models import REPORT_ROWS, SUMMARY_ROWS
+from pipeline.registry import REPORT_ROWS, SUMMARY_ROWS
 
 CONTRACTS = Path(__file__).resolve().parent.parent / "docs" / "contracts.md"
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from analysis import figures, performance
 from analysis.statistics import GaussianFit
-from pipeline.models import LIMIT_ROW
+from pipeline.registry import LIMIT_ROW
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODELS = ("truth", "baseline", "e2e", "classical")

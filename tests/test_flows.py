@@ -21,7 +21,7 @@ from flows import end_to_end, steps, tasks
 from pipeline import provenance
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.models import SUMMARY_ROWS, get_model
+from pipeline.registry import SUMMARY_ROWS, get_model
 from tests.helpers import placeholder_figures, snapshot
 
 

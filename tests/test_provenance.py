@@ -88,7 +88,7 @@ _NOT_TRAINING_CODE = {
     "atomic": "how files are replaced",
     "schema": "file layout; a changed column fails loudly on reading",
     "dataset": "reading shards, checked against their checksums",
-    "models": "the registry of names, checked against the objectives at import",
+    "registry": "the registry of names, checked against the objectives at import",
 }
 
 

@@ -62,7 +62,7 @@ NAMES = {
     "pipeline.dataset": ["open_dataset"],
     "pipeline.config": ["SimConfig", "DetectorConfig", "DETECTORS", "POINT_RESOLUTION", "read_config_file"],
     "pipeline.errors": ["MuontrackError", "ConfigError", "DatasetError", "RunError"],
-    "pipeline.models": ["ModelSpec", "MODELS", "REPORT_ROWS", "TRAINED_MODELS"],
+    "pipeline.registry": ["ModelSpec", "MODELS", "REPORT_ROWS", "TRAINED_MODELS"],
     "pipeline.batches": ["Batch"],
     "model.train": ["train_run", "format_epoch"],
     "model.config": ["configure"],

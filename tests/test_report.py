@@ -31,7 +31,7 @@ from analysis.results import SUMMARY_KEYS, compute_results
 from analysis.statistics import auc, ratio_with_error
 from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
 from pipeline.errors import MuontrackError
-from pipeline.models import LIMIT_ROW
+from pipeline.registry import LIMIT_ROW
 from pipeline.schema import MODEL_NAMES, PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 from tests.helpers import snapshot
 

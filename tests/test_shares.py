@@ -218,7 +218,7 @@ def test_a_share_run_trains_and_evaluates(tiny_dataset, tmp_path):
 
 
 def test_share_models_are_registered_but_not_in_the_quick_jobs():
-    from pipeline.models import CPU_JOB_MODELS, REPORT_ROWS, TEST_JOB_MODELS, TRAINED_MODELS
+    from pipeline.registry import CPU_JOB_MODELS, REPORT_ROWS, TEST_JOB_MODELS, TRAINED_MODELS
 
     for name in ("share_baseline", "share_e2e"):
         assert name in TRAINED_MODELS
