@@ -48,7 +48,7 @@ import polars as pl
 
 from analysis import metrics, statistics
 from flows.steps import evaluate_runs
-from model.config import ESTIMATORS, get_preset
+from model.hyperparameters import ESTIMATORS, get_preset
 from model.inference import predict_run
 from model.run_folder import read_metrics
 from model.train import train_run

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from analysis import metrics, statistics
-from model.config import PRESETS
+from model.hyperparameters import PRESETS
 from model.inference import predict_run
 from model.train import train_run
 from pipeline.dataset import open_dataset

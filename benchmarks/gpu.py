@@ -317,7 +317,7 @@ def _main(args: argparse.Namespace) -> int:
     from analysis.render import format_summary_table
     from flows.end_to_end import job_configs
     from flows.steps import job_preset
-    from model.config import configure
+    from model.hyperparameters import configure
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig, get_preset
+from model.hyperparameters import ModelConfig, get_preset
 from model.inference import load_run
 from model.losses import reconstructed_pt_loss
 from model.steps import device_batch, gat

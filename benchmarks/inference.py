@@ -48,7 +48,7 @@ def _peak_rss_mb() -> float:
 
 def _preset_on(data: Path):
     """The dataset, the preset's model and train configs and the detector geometry (JAX's compilation cache on)."""
-    from model.config import get_preset
+    from model.hyperparameters import get_preset
     from model.steps import enable_compilation_cache
     from pipeline.batches import Geometry
     from pipeline.dataset import open_dataset

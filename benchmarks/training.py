@@ -119,7 +119,7 @@ def measure(preset: str, nodes: int, batch_size: int | None, steps: int) -> str:
     import jax
     import jax.numpy as jnp
 
-    from model.config import get_preset
+    from model.hyperparameters import get_preset
     from model.inference import forward_fn
     from model.steps import create_train_state, train_step
     from pipeline.batches import Geometry
@@ -248,7 +248,7 @@ def compare_with_torch(paper_line: str, args: argparse.Namespace) -> None:
     and with more than one pair the median ratio: load on a shared machine moves either side by itself."""
     import statistics
 
-    from model.config import get_preset
+    from model.hyperparameters import get_preset
 
     hidden = get_preset("paper")[0].hidden
     ratios = []

@@ -202,7 +202,7 @@ def train(
 def _training_overrides(path: Path, preset: str) -> dict:
     """The model and train sections of config file ``path`` (``train --config``), checked over ``preset`` before
     JAX loads (train_run applies them). A simulation section is refused: the dataset fixes the simulation."""
-    from model.config import configure
+    from model.hyperparameters import configure
     from pipeline.config import read_config_file
     from pipeline.errors import ConfigError
 

@@ -29,11 +29,11 @@ def _run_complete(path: Path) -> bool:
 
 
 def job_configs(job: steps.JobPreset, overrides: dict | None) -> tuple[SimConfig, dict | None, str]:
-    """A job's dataset config, training overrides and training label (model.config.preset_label: the preset's
+    """A job's dataset config, training overrides and training label (model.hyperparameters.preset_label: the preset's
     name, with a hash when ``overrides`` change its values) from the sections of a config file (``overrides``,
     pipeline.config.read_config_file): ``simulation`` over the job's dataset config, ``model`` and ``train``
     over its training preset. ConfigError (one line) for a bad section, key or value."""
-    from model.config import configure, preset_label
+    from model.hyperparameters import configure, preset_label
 
     overrides = overrides or {}
     sim_config = SimConfig.from_dict(

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 from optax import perturbations
 
-from model.config import ESTIMATORS, NOISES, TrainConfig
+from model.hyperparameters import ESTIMATORS, NOISES, TrainConfig
 from model.losses import bce_loss, reconstructed_pt_loss
 from model.tracker import ASSIGNMENT_CHAIN
 

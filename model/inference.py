@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import polars as pl
 
-from model.config import ModelConfig
+from model.hyperparameters import ModelConfig
 from model.objectives import get_objective
 from model.run_folder import (
     CHECKPOINTS,

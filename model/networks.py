@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from model.config import ModelConfig
+from model.hyperparameters import ModelConfig
 
 #: logit written on padded nodes (sigmoid ~ 2e-9); callers must still mask them out
 PADDING_LOGIT = -20.0

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from model.assignment import DEFAULT_ESTIMATOR, Estimator, assignment_loss, hard_hit_weights
-from model.config import TrainConfig
+from model.hyperparameters import TrainConfig
 from model.losses import bce_loss, composite_loss, reconstructed_pt_loss
 from model.tracker import ASSIGNMENT_CHAIN, PAPER_CHAIN, ROBUST_CHAIN, Chain
 from pipeline import registry

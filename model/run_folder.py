@@ -44,7 +44,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.config import ModelConfig, TrainConfig
+from model.hyperparameters import ModelConfig, TrainConfig
 from model.objectives import get_objective
 from model.steps import TrainState
 from pipeline import provenance

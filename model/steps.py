@@ -36,7 +36,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.assignment import DEFAULT_ESTIMATOR, Estimator
-from model.config import ModelConfig, TrainConfig
+from model.hyperparameters import ModelConfig, TrainConfig
 from model.losses import bce_loss
 from model.networks import GAT
 from model.objectives import OPTIONAL_TERMS, get_objective

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import polars as pl
 
-from model.config import TrainConfig, configure
+from model.hyperparameters import TrainConfig, configure
 from model.objectives import OPTIONAL_TERMS, get_objective
 from model.run_folder import (
     best_checkpoint_manager,
@@ -203,10 +203,10 @@ def train_run(
     """Train ``model`` (baseline, e2e, e2e_paper, assignment) on the train split of ``data`` into ``out``.
 
     Validates on the val split after every epoch, checkpoints every epoch and writes metrics.parquet.
-    ``overrides`` (a config file's ``model`` and ``train`` sections, model.config.configure) change the preset's
-    values; ``epochs`` overrides the epochs, ``estimator`` the gradient estimator (the ``assignment`` model's). With
-    ``resume`` an interrupted (or finished, for more epochs) run of the same configuration continues from its
-    newest checkpoint, giving the same result as an uninterrupted run. Returns a one-line summary.
+    ``overrides`` (a config file's ``model`` and ``train`` sections, model.hyperparameters.configure) change the
+    preset's values; ``epochs`` overrides the epochs, ``estimator`` the gradient estimator (the ``assignment``
+    model's). With ``resume`` an interrupted (or finished, for more epochs) run of the same configuration continues
+    from its newest checkpoint, giving the same result as an uninterrupted run. Returns a one-line summary.
 
     ``progress`` shows a progress bar and prints one line per epoch (:func:`format_epoch`). ``on_epoch``, if
     given, is called after each epoch's metrics and checkpoint are written with a dict of that epoch's

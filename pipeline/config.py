@@ -301,7 +301,7 @@ class SimConfig:
 def read_config_file(path: str | Path, sections: tuple[str, ...] = CONFIG_SECTIONS) -> dict[str, dict[str, Any]]:
     """Read a config file, JSON (``.json``, or any other suffix) or TOML (``.toml``): a mapping of optional
     sections ``simulation`` (SimConfig's fields: detector, muon, background, shard_events), ``model`` and
-    ``train`` (ModelConfig's and TrainConfig's fields, model.config.configure). Each section holds only the
+    ``train`` (ModelConfig's and TrainConfig's fields, model.hyperparameters.configure). Each section holds only the
     values to change; ``sections`` names the sections the command reads (``muontrack scan`` adds ``scan``).
     Returns the sections found, not yet validated (:func:`load_config` does)."""
     path = Path(path)

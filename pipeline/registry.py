@@ -4,7 +4,7 @@ Everything that lists models derives from here: the CLI's ``--model`` and ``--es
 (flows.cli), the models a ``muontrack run`` job trains (flows.steps), the `model` column's values and the
 report's row order (pipeline.schema.MODEL_NAMES, analysis), the rows of the summary and catalog
 (:data:`SUMMARY_ROWS`: the model rows and the :data:`LIMIT_ROW`), TrainConfig's estimator and noise choices
-(model.config). The implementations check themselves against it: model.objectives registers exactly the
+(model.hyperparameters). The implementations check themselves against it: model.objectives registers exactly the
 :data:`TRAINED_MODELS` with the rows named here, model.assignment implements the :data:`ESTIMATORS` and
 :data:`NOISES`.
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from model.config import ModelConfig
+from model.hyperparameters import ModelConfig
 from model.networks import GAT, VectorAttention, edge_mlp_attention_blocked, repeat_over_receivers
 from pipeline.errors import ConfigError
 

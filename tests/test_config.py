@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model.config import PRESETS, ModelConfig, TrainConfig, configure, get_preset, preset_label
+from model.hyperparameters import PRESETS, ModelConfig, TrainConfig, configure, get_preset, preset_label
 from pipeline.config import BackgroundConfig, DetectorConfig, MuonConfig, SimConfig, read_config_file
 from pipeline.errors import ConfigError
 from tests.helpers import assert_one_line_error, run_muontrack

@@ -168,7 +168,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from model.config import get_preset
+from model.hyperparameters import get_preset
 from model.run_folder import checkpoint_manager
 from model.steps import example_batch, init_params
 
@@ -183,7 +183,7 @@ with checkpoint_manager(Path(sys.argv[1])) as manager:
 def test_a_checkpoint_from_other_devices_restores_on_this_one(tmp_path):
     """A checkpoint records the devices it was saved from (here the second of two, as a GPU's would be a
     GPU): restore_params places it on this process's device instead of refusing a topology mismatch."""
-    from model.config import get_preset
+    from model.hyperparameters import get_preset
     from model.run_folder import restore_params
     from model.steps import abstract_params, example_batch, init_params
 

@@ -1,4 +1,4 @@
-"""The graph attention network (model/networks.py) and its presets (model/config.py)."""
+"""The graph attention network (model/networks.py) and its presets (model/hyperparameters.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from model.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from model.hyperparameters import PRESETS, ModelConfig, TrainConfig, get_preset
 from model.networks import GAT, MLP, PADDING_LOGIT, VectorAttention, bitonic_argsort
 from pipeline.errors import ConfigError
 

@@ -65,7 +65,7 @@ NAMES = {
     "pipeline.registry": ["ModelSpec", "MODELS", "REPORT_ROWS", "TRAINED_MODELS"],
     "pipeline.batches": ["Batch"],
     "model.train": ["train_run", "format_epoch"],
-    "model.config": ["configure"],
+    "model.hyperparameters": ["configure"],
     "model.objectives": ["register_objective", "network_objective", "Objective"],
     "model.tracker": ["ROBUST_CHAIN", "PAPER_CHAIN"],
     "model.inference": ["predict_run", "predict_truth", "load_run"],

@@ -23,7 +23,7 @@ from numpy.testing import assert_allclose
 
 import model.run_folder as run_folder_module
 import model.train as train_module
-from model.config import get_preset
+from model.hyperparameters import get_preset
 from model.inference import checkpoint_epoch, load_run
 from model.objectives import OBJECTIVES, Objective, get_objective, sigmoid_weights
 from model.run_folder import read_metrics, read_run_config

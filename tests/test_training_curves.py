@@ -17,7 +17,7 @@ import pytest
 import model.train as train_module
 from analysis.training import LOSS_COLUMNS, training_curves
 from flows import cli, steps
-from model.config import get_preset
+from model.hyperparameters import get_preset
 from model.inference import checkpoint_epoch, load_run
 from model.run_folder import (
     BEST_CHECKPOINT_DIR,
