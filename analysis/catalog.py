@@ -232,7 +232,7 @@ def regime_identity(context: Mapping[str, Any]) -> dict[str, str | float | None]
 
 def identity_frame(context: Mapping[str, Any], models: Sequence[str], report: Path, created: datetime) -> pl.DataFrame:
     """One row per model of :data:`IDENTITY_SCHEMA` from the report context (as built by
-    ``flows.steps.report_context``: dataset, dataset_config_hash, dataset_seed, dataset_events, code_version and
+    ``flows.commands.report_context``: dataset, dataset_config_hash, dataset_seed, dataset_events, code_version and
     runs as a list of {run, model, reported_as, preset, epochs, seed, code_version}); missing keys give nulls.
     ``detector`` and ``background_scale`` come from the dataset's config (:func:`regime_identity`)."""
     runs = [run for run in context.get("runs") or [] if isinstance(run, Mapping)]

@@ -247,7 +247,7 @@ def _event_displays(
 
 def context_detector(context: dict[str, Any]) -> DetectorConfig | None:
     """The dataset's detector config the limit row needs, from ``context["detector"]`` (a DetectorConfig, or a
-    mapping of every one of its fields, as flows.steps.report_context writes it); None when the context has none.
+    mapping of every one of its fields, as flows.commands.report_context writes it); None when the context has none.
 
     Raises:
         MuontrackError: ``context["detector"]`` is not a complete, valid detector config.

@@ -28,7 +28,7 @@ the seeds, the mean diagnostics, and the seed disagreement: for each pair of see
 weight in its chain's last fit > 0.5), averaged over the pairs, with the standard deviation of that average
 over 200 bootstrap resamplings of the test events.
 
-Last (unless ``--no-report``), the report of ``muontrack evaluate`` (flows.steps.evaluate_runs) for the first
+Last (unless ``--no-report``), the report of ``muontrack evaluate`` (flows.commands.evaluate_runs) for the first
 seed in OUT/report-s{seed}: `e2e` and `assignment` with the preset's estimator (the report holds one run per
 model name, so the other estimators' runs cannot join it), and the sigma68 of each of its rows.
 """
@@ -47,7 +47,7 @@ import numpy as np
 import polars as pl
 
 from analysis import metrics, statistics
-from flows.steps import evaluate_runs
+from flows.commands import evaluate_runs
 from model.hyperparameters import ESTIMATORS, get_preset
 from model.inference import predict_run
 from model.run_folder import read_metrics

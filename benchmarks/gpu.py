@@ -70,7 +70,7 @@ SIZES: dict[str, dict[str, Any]] = {
 DEFAULT_BUDGET_S = 600
 #: after the budget, SIGINT (muontrack's Ctrl-C: its Prefect server stops with it), then this long, then SIGKILL
 STOP_GRACE_S = 60
-#: a finished prediction of the evaluate step (flows.steps._PredictionProgress): rows, events, seconds
+#: a finished prediction of the evaluate step (flows.commands._PredictionProgress): rows, events, seconds
 PREDICT_LINE = re.compile(r"predict (?P<rows>[a-z0-9_, ]+): (?P<events>\d+) events, (?P<seconds>[0-9.]+) s\b")
 #: log lines of the job worth echoing while it runs: a finished epoch, a finished prediction, the report
 PROGRESS_LINE = re.compile(
@@ -315,8 +315,8 @@ class Figures:
 
 def _main(args: argparse.Namespace) -> int:
     from analysis.render import format_summary_table
+    from flows.commands import job_preset
     from flows.end_to_end import job_configs
-    from flows.steps import job_preset
     from model.hyperparameters import configure
 
     out = args.out.resolve()

@@ -82,7 +82,7 @@ class Preset(StrEnum):
 
 def _print_version(value: bool) -> None:
     if value:
-        from flows.steps import code_version
+        from flows.commands import code_version
 
         typer.echo(f"muontrack {code_version()}")
         raise typer.Exit(code=0)
@@ -180,7 +180,7 @@ def train(
 ) -> None:
     """Train a tracker on a dataset; RUN/training_curves.png is redrawn after every epoch."""
     overrides = _training_overrides(config, preset.value) if config is not None else None
-    from flows.steps import write_training_curves
+    from flows.commands import write_training_curves
     from model.train import train_run
 
     summary = train_run(
@@ -259,7 +259,7 @@ def evaluate(
         evaluate_on_dask(str(data), [str(r) for r in run], str(out), overwrite, workers, dask_address, checkpoint.value)
         report = out / REPORT_NAME
     else:
-        from flows.steps import evaluate_runs
+        from flows.commands import evaluate_runs
 
         report = evaluate_runs(data, run, out, progress=True, overwrite=overwrite, checkpoint=checkpoint.value)
     if json_output:

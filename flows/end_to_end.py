@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow
 
 from analysis.report_folder import REPORT_NAME
-from flows import steps, tasks
+from flows import commands, tasks
 from flows.server import ensure_prefect_api
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, MuontrackError
@@ -28,7 +28,7 @@ def _run_complete(path: Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "metrics.parquet").is_file()
 
 
-def job_configs(job: steps.JobPreset, overrides: dict | None) -> tuple[SimConfig, dict | None, str]:
+def job_configs(job: commands.JobPreset, overrides: dict | None) -> tuple[SimConfig, dict | None, str]:
     """A job's dataset config, training overrides and training label (model.hyperparameters.preset_label: the preset's
     name, with a hash when ``overrides`` change its values) from the sections of a config file (``overrides``,
     pipeline.config.read_config_file): ``simulation`` over the job's dataset config, ``model`` and ``train``
@@ -174,13 +174,13 @@ def evaluate_flow(
     out: str,
     overwrite: bool = True,
     by_shard: bool = False,
-    checkpoint: str = steps.DEFAULT_CHECKPOINT,
+    checkpoint: str = commands.DEFAULT_CHECKPOINT,
 ) -> dict:
     """Predict with every run on the test split, then build the report and publish it as artifacts.
 
     ``by_shard``: one prediction task per dataset shard on the flow's task runner (Dask in
     :func:`evaluate_on_dask`), never cached; the flow concatenates their tables in shard order into the same
-    predictions as the single predict task (flows.steps.combine_shards).
+    predictions as the single predict task (flows.commands.combine_shards).
 
     The predictions and the report are written into a staging folder that replaces ``out`` at the end
     (analysis.report_folder.staged_report), so a kill leaves the previous report. The predict task is cached and
@@ -200,19 +200,19 @@ def evaluate_flow(
     run_keys = [(Path(r) / "config.json").read_text() if (Path(r) / "config.json").is_file() else "" for r in runs]
     check_checkpoint(checkpoint)
     with exclusive_writer(out):
-        context = steps.report_context(Path(data), [Path(r) for r in runs], checkpoint)
-        steps.prepare_report_out(Path(out), context, overwrite)
+        context = commands.report_context(Path(data), [Path(r) for r in runs], checkpoint)
+        commands.prepare_report_out(Path(out), context, overwrite)
         with staged_report(Path(out)) as staging:
             if by_shard:
-                n_shards, max_hits = steps.plan_prediction_shards(
+                n_shards, max_hits = commands.plan_prediction_shards(
                     Path(data), [Path(r) for r in runs], staging, checkpoint
                 )
                 futures = [
                     tasks.predict_shard.submit(data, runs, index, max_hits, checkpoint) for index in range(n_shards)
                 ]
-                steps.combine_shards([future.result() for future in futures], staging)
+                commands.combine_shards([future.result() for future in futures], staging)
             else:
-                reused = checkpoint == steps.DEFAULT_CHECKPOINT and steps.stage_previous_predictions(
+                reused = checkpoint == commands.DEFAULT_CHECKPOINT and commands.stage_previous_predictions(
                     Path(out), staging, context
                 )
                 tasks.predict.with_options(refresh_cache=not reused)(
@@ -230,7 +230,7 @@ def evaluate_on_dask(
     overwrite: bool = False,
     workers: int = 2,
     dask_address: str | None = None,
-    checkpoint: str = steps.DEFAULT_CHECKPOINT,
+    checkpoint: str = commands.DEFAULT_CHECKPOINT,
 ) -> dict:
     """The ``evaluate`` flow with one prediction task per dataset shard on Dask (a local cluster of ``workers``
     processes, or the cluster at ``dask_address``); the metrics and the report are computed here, from the
@@ -256,7 +256,7 @@ def end_to_end(
     """simulate -> train the preset's models (or ``models``) -> evaluate -> report, all under ``out``;
     ``overrides``: the sections of a config file (simulation, model, train) applied over the preset's values;
     ``events``: the dataset's size instead of the preset's (another dataset folder, so other runs and report)."""
-    job = steps.job_preset(preset, models, events)
+    job = commands.job_preset(preset, models, events)
     config, training, label = job_configs(job, overrides)
     root = Path(out)
     # Folder names carry what their content depends on, so a changed config or seed writes beside the
@@ -270,7 +270,7 @@ def end_to_end(
         train_flow(
             data,
             model,
-            str(root / "runs" / steps.run_folder_name(model, label, data_key)),
+            str(root / "runs" / commands.run_folder_name(model, label, data_key)),
             job.train_preset,
             seed,
             training,
@@ -298,7 +298,7 @@ def run_end_to_end(
     from flows.logs import quiet_user_errors
 
     # a one-line error for an unknown preset or model or a bad config file, before Prefect starts
-    job_configs(steps.job_preset(preset, models, events), overrides)
+    job_configs(commands.job_preset(preset, models, events), overrides)
     quiet_user_errors()
     out = Path(out)
     if out.exists() and not out.is_dir():

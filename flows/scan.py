@@ -28,7 +28,7 @@ from prefect.cache_policies import NONE
 
 from analysis.catalog import SCALED_BACKGROUND_FIELDS, scaled_background
 from analysis.report_folder import CATALOG_SUMMARY_NAME, prediction_path
-from flows import steps
+from flows import commands
 from flows.end_to_end import dask_task_runner, end_to_end, job_configs
 from flows.server import ensure_prefect_api
 from pipeline.config import CONFIG_SECTIONS, DETECTORS, STRICT, SimConfig, check, load_config, read_config_file
@@ -232,7 +232,7 @@ def scan(
     """Every point ({detector, background_scale}) and seed (0 .. seeds - 1) as a :func:`scan_point` task, one after
     the other or (``parallel``) all submitted to the flow's task runner, then the scan report. Returns
     {"report", "summary", "comparisons", "points": the points' records}."""
-    job = steps.job_preset(preset, SCAN_MODELS)
+    job = commands.job_preset(preset, SCAN_MODELS)
     sections = overrides or {}
     base, _, _ = job_configs(job, sections)
     grid = [(ScanPoint(p["detector"], float(p["background_scale"])), seed) for p in points for seed in range(seeds)]
@@ -251,7 +251,7 @@ def scan(
         "seeds": seeds,
         "detectors": list(dict.fromkeys(p["detector"] for p in points)),
         "background_scales": list(dict.fromkeys(float(p["background_scale"]) for p in points)),
-        "code_version": steps.code_version(),
+        "code_version": commands.code_version(),
     }
     return {**write_scan_report(out, records, context), "points": records}
 
@@ -273,7 +273,7 @@ def run_scan(
     sections, grid = read_scan_config(config) if config is not None else ({}, ScanGrid())
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    job = steps.job_preset(preset, SCAN_MODELS)
+    job = commands.job_preset(preset, SCAN_MODELS)
     base, _, _ = job_configs(job, sections)
     points = grid.points()
     for point in points:  # each point's config checked before any work (a scale can break a config's rules)

@@ -1,6 +1,6 @@
 """Small, named, typed Prefect tasks, one per library function.
 
-Caching: a task's cache key is built from its inputs and :func:`flows.steps.code_version` (the package
+Caching: a task's cache key is built from its inputs and :func:`flows.commands.code_version` (the package
 version and a hash of the sources), never from the flow-run id, so a second ``muontrack run`` with the same
 configuration reuses the dataset and the trained models. A key alone cannot know that somebody deleted the
 output since, so each flow calls a task with ``refresh_cache=True`` when its output is not on disk.
@@ -20,12 +20,12 @@ from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 
 from analysis.report_folder import PREDICTIONS_DIR, REPORT_NAME, RESOLUTION_NAME
-from flows import steps
+from flows import commands
 
 
 def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     payload = json.dumps(
-        {"task": context.task.name, "code": steps.code_version(), "inputs": parameters}, sort_keys=True, default=str
+        {"task": context.task.name, "code": commands.code_version(), "inputs": parameters}, sort_keys=True, default=str
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -84,7 +84,7 @@ def train_model(
     with the other inputs (``overrides``: a config file's model and train sections, model.train.train_run).
 
     Logs one line per finished epoch (losses, val sigma68, seconds) to the task run's log and redraws
-    RUN/training_curves.png (flows.steps.write_training_curves); between them, the compilation of each step shape
+    RUN/training_curves.png (flows.commands.write_training_curves); between them, the compilation of each step shape
     and the events done (model.train.train_run's ``on_message``), and a line at least every
     flows.logs.HEARTBEAT_SECONDS while one step blocks (flows.logs.Heartbeat).
     """
@@ -96,7 +96,7 @@ def train_model(
 
         def on_epoch(info: dict) -> None:
             heartbeat.beat(format_epoch(info))
-            steps.write_training_curves(Path(out))
+            commands.write_training_curves(Path(out))
 
         train_run(
             Path(data),
@@ -125,7 +125,7 @@ def predict(
     dataset_hash: str,  # noqa: ARG001 (keys the cache)
     run_keys: list[str],  # noqa: ARG001 (keys the cache)
     staging: str | None = None,
-    checkpoint: str = steps.DEFAULT_CHECKPOINT,
+    checkpoint: str = commands.DEFAULT_CHECKPOINT,
 ) -> str:
     """Inference on the test split for the truth references and every run (its ``checkpoint``: best or last);
     writes the predictions/ of the report ``out``, into its staging folder ``staging`` when given (see
@@ -134,7 +134,7 @@ def predict(
     from flows.logs import Heartbeat
 
     with Heartbeat(_run_logger().info, f"predicting the test split with {len(runs)} runs") as heartbeat:
-        steps.predict_all(
+        commands.predict_all(
             Path(data), [Path(r) for r in runs], Path(staging or out), checkpoint=checkpoint, on_message=heartbeat.beat
         )
     return str(Path(out) / PREDICTIONS_DIR)
@@ -142,17 +142,17 @@ def predict(
 
 @task(name="predict-shard", cache_policy=NONE, persist_result=False, retries=1, retry_delay_seconds=2)
 def predict_shard(
-    data: str, runs: list[str], shard_index: int, max_hits: int, checkpoint: str = steps.DEFAULT_CHECKPOINT
+    data: str, runs: list[str], shard_index: int, max_hits: int, checkpoint: str = commands.DEFAULT_CHECKPOINT
 ) -> list[dict]:
     """Inference on the test events of one shard of ``data`` for the truth references, classical and every run
-    (flows.steps.predict_shard): its prediction tables, one ``{"hits", "clusters", "tracks"}`` dict per source,
+    (flows.commands.predict_shard): its prediction tables, one ``{"hits", "clusters", "tracks"}`` dict per source,
     returned to the flow, which concatenates the shards. Never cached: the flow writes a new report."""
-    return steps.predict_shard(Path(data), [Path(r) for r in runs], shard_index, max_hits, checkpoint)
+    return commands.predict_shard(Path(data), [Path(r) for r in runs], shard_index, max_hits, checkpoint)
 
 
 @task(name="write-report")
 def write_report(
-    data: str, runs: list[str], out: str, staging: str | None = None, checkpoint: str = steps.DEFAULT_CHECKPOINT
+    data: str, runs: list[str], out: str, staging: str | None = None, checkpoint: str = commands.DEFAULT_CHECKPOINT
 ) -> dict:
     """Metrics, tables, figures (the runs' training curves included), report.md and the catalog from the
     predictions (cheap, never cached), written into the staging folder ``staging`` of the report ``out`` when
@@ -168,14 +168,14 @@ def write_report(
     with Heartbeat(_run_logger().info, f"writing the report {out} (metrics, figures, report.md, catalog)") as beat:
         dataset = open_dataset(Path(data))
         paths = [Path(r) for r in runs]
-        context = steps.report_context(Path(data), paths, checkpoint)
+        context = commands.report_context(Path(data), paths, checkpoint)
         summary = build(
             Path(staging or out),
             dataset.hits(),
             dataset.events(),
             context,
             published_as=Path(out),
-            training=steps.training_metrics(paths),
+            training=commands.training_metrics(paths),
         )
         beat.beat(f"report written in {time.perf_counter() - start:.1f} s")
     return summary

@@ -1,7 +1,7 @@
 """The one registry of model names: what can be trained, which rows of the report each gives, in which order.
 
 Everything that lists models derives from here: the CLI's ``--model`` and ``--estimator`` choices
-(flows.cli), the models a ``muontrack run`` job trains (flows.steps), the `model` column's values and the
+(flows.cli), the models a ``muontrack run`` job trains (flows.commands), the `model` column's values and the
 report's row order (pipeline.schema.MODEL_NAMES, analysis), the rows of the summary and catalog
 (:data:`SUMMARY_ROWS`: the model rows and the :data:`LIMIT_ROW`), TrainConfig's estimator and noise choices
 (model.hyperparameters). The implementations check themselves against it: model.objectives registers exactly the

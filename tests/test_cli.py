@@ -182,7 +182,7 @@ def test_inspect_refuses_a_flipped_byte_with_one_line(dataset_dir: Path, tmp_pat
 
 
 def test_version(tmp_path: Path) -> None:
-    from flows.steps import code_version
+    from flows.commands import code_version
 
     result = run_muontrack("--version", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

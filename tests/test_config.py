@@ -202,8 +202,8 @@ def test_a_config_file_that_does_not_parse(tmp_path: Path) -> None:
 
 
 def test_run_job_config_follows_the_simulation_section() -> None:
+    from flows.commands import job_preset
     from flows.end_to_end import job_configs
-    from flows.steps import job_preset
 
     job = job_preset("test")
     plain, training, label = job_configs(job, None)

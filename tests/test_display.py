@@ -178,7 +178,7 @@ def test_the_report_shows_e2es_worst_fits_then_the_charge_misidentified_events()
 def tiny_report(tiny_dataset, tables, tmp_path_factory) -> tuple[Path, int]:
     """A report of the tiny dataset's truth references and classical, one classical fit's charge flipped (so the
     report displays that event); (report folder, the flipped event)."""
-    from flows.steps import report_context
+    from flows.commands import report_context
 
     report = tmp_path_factory.mktemp("display") / "report"
     (report / PREDICTIONS_DIR).mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Inference shard by shard (flows.steps.predict_shard, ``muontrack evaluate --workers/--dask-address``) gives the
+"""Inference shard by shard (flows.commands.predict_shard, ``muontrack evaluate --workers/--dask-address``) gives the
 predictions and the summary of the in-process evaluation; the inference batch size does not change a prediction."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from numpy.testing import assert_allclose
 
-from flows import steps
+from flows import commands
 
 TABLES = ("hits", "clusters", "tracks")
 
@@ -92,11 +92,11 @@ def test_shard_by_shard_predictions_equal_the_in_process_ones(tiny_dataset, run_
     from pipeline.dataset import open_dataset
 
     runs = [run_dir]
-    steps.predict_all(tiny_dataset, runs, tmp_path / "in-process")
-    n_shards, max_hits = steps.plan_prediction_shards(tiny_dataset, runs, tmp_path / "sharded")
+    commands.predict_all(tiny_dataset, runs, tmp_path / "in-process")
+    n_shards, max_hits = commands.plan_prediction_shards(tiny_dataset, runs, tmp_path / "sharded")
     assert n_shards == open_dataset(tiny_dataset).n_shards >= 2
-    shards = [steps.predict_shard(tiny_dataset, runs, index, max_hits) for index in range(n_shards)]
-    steps.combine_shards(shards, tmp_path / "sharded")
+    shards = [commands.predict_shard(tiny_dataset, runs, index, max_hits) for index in range(n_shards)]
+    commands.combine_shards(shards, tmp_path / "sharded")
     expected = _predictions(tmp_path / "in-process")
     _assert_same_tables(_predictions(tmp_path / "sharded"), expected)
     assert expected["tracks"]["model"].unique(maintain_order=True).to_list() == [
@@ -113,7 +113,7 @@ def test_a_shard_view_holds_one_shard(tiny_dataset):
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(tiny_dataset)
-    events = [steps.shard_view(dataset, index).events().collect() for index in range(dataset.n_shards)]
+    events = [commands.shard_view(dataset, index).events().collect() for index in range(dataset.n_shards)]
     assert [frame.height for frame in events] == [shard["n_events"] for shard in dataset.manifest["shards"]]
     assert pl.concat(events).equals(dataset.events().collect())
 
@@ -129,7 +129,7 @@ def test_evaluate_on_dask_equals_in_process(tiny_dataset, run_dir, tmp_path, mon
     from flows.end_to_end import evaluate_on_dask
 
     runs = [run_dir]
-    steps.evaluate_runs(tiny_dataset, runs, tmp_path / "in-process")
+    commands.evaluate_runs(tiny_dataset, runs, tmp_path / "in-process")
     # dask_task_runner exports the harness's API URL to the workers; monkeypatch removes it afterwards
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with prefect_test_harness(server_startup_timeout=120):

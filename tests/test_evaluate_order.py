@@ -11,7 +11,7 @@ import pytest
 
 import classical
 import model.inference
-from flows import steps
+from flows import commands
 from pipeline.errors import RunError
 from tests.helpers import assert_one_line_error, run_muontrack, snapshot
 
@@ -41,9 +41,9 @@ def test_predict_all_checks_every_run_before_predicting(kind, tiny_dataset, tmp_
         config = {"format": "muontrack-run", "model": "baseline", "model_config": {}, "train_config": {"epochs": 1}}
         (run / "config.json").write_text(json.dumps({**config, "dataset": {}}))
     with pytest.raises(RunError, match=expected):
-        steps.predict_all(tiny_dataset, [run], tmp_path / "report")
+        commands.predict_all(tiny_dataset, [run], tmp_path / "report")
     with pytest.raises(RunError, match=expected):
-        steps.plan_prediction_shards(tiny_dataset, [run], tmp_path / "report")
+        commands.plan_prediction_shards(tiny_dataset, [run], tmp_path / "report")
     assert not (tmp_path / "report").exists()
 
 

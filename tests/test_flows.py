@@ -17,7 +17,7 @@ pytest.importorskip("prefect")
 
 from prefect.testing.utilities import prefect_test_harness
 
-from flows import end_to_end, steps, tasks
+from flows import commands, end_to_end, tasks
 from pipeline import provenance
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, DatasetError
@@ -140,7 +140,7 @@ def test_simulate_flow_matches_library_and_rejects_bad_input(tmp_path):
 @pytest.mark.usefixtures("prefect_server")
 def test_run_reports_a_user_error_in_one_line(tmp_path, capfd):
     """A MuontrackError inside the flows reaches the caller, without Prefect's tracebacks on the console."""
-    job = steps.job_preset("test")
+    job = commands.job_preset("test")
     simulation_code = end_to_end.simulation_code_version().rsplit("+", 1)[-1]
     key = f"{SimConfig(shard_events=job.shard_events).config_hash()}-n{job.events}-s0-c{simulation_code}"
     data = tmp_path / "job" / "data" / key
@@ -193,11 +193,11 @@ def test_task_functions_directly(tmp_path):
 def test_a_training_code_change_trains_into_another_run_folder(monkeypatch):
     import model.run_folder
 
-    name = steps.run_folder_name("e2e", "cpu", "abc-n20000-s0")
+    name = commands.run_folder_name("e2e", "cpu", "abc-n20000-s0")
     assert name.startswith("e2e-cpu-abc-n20000-s0-c")
-    assert name == steps.run_folder_name("e2e", "cpu", "abc-n20000-s0")
+    assert name == commands.run_folder_name("e2e", "cpu", "abc-n20000-s0")
     monkeypatch.setattr(model.run_folder, "code_version", lambda: "0.1.0+0123456789ab")
-    assert steps.run_folder_name("e2e", "cpu", "abc-n20000-s0") == "e2e-cpu-abc-n20000-s0-c0123456789ab"
+    assert commands.run_folder_name("e2e", "cpu", "abc-n20000-s0") == "e2e-cpu-abc-n20000-s0-c0123456789ab"
 
 
 def _shipped_sources() -> list[Path]:
@@ -246,17 +246,17 @@ def test_job_preset_rejects_unknown():
     from pipeline.errors import MuontrackError
 
     with pytest.raises(MuontrackError, match="unknown preset"):
-        steps.job_preset("huge")
+        commands.job_preset("huge")
     with pytest.raises(MuontrackError, match="unknown model 'gnn'"):
-        steps.job_preset("cpu", ["e2e", "gnn"])
+        commands.job_preset("cpu", ["e2e", "gnn"])
 
 
 def test_job_models_default_per_preset_and_follow_the_report_order():
-    assert steps.job_preset("cpu").models == ("baseline", "e2e", "e2e_paper")
-    assert steps.job_preset("test").models == ("baseline", "e2e", "e2e_paper", "assignment")
-    chosen = steps.job_preset("cpu", ["assignment", "e2e", "assignment"])
+    assert commands.job_preset("cpu").models == ("baseline", "e2e", "e2e_paper")
+    assert commands.job_preset("test").models == ("baseline", "e2e", "e2e_paper", "assignment")
+    chosen = commands.job_preset("cpu", ["assignment", "e2e", "assignment"])
     assert chosen.models == ("e2e", "assignment")
-    assert chosen.events == steps.job_preset("cpu").events
+    assert chosen.events == commands.job_preset("cpu").events
 
 
 def test_deployments_have_schedules():

@@ -70,7 +70,7 @@ NAMES = {
     "model.tracker": ["ROBUST_CHAIN", "PAPER_CHAIN"],
     "model.inference": ["predict_run", "predict_truth", "load_run"],
     "classical": ["predict_classical"],
-    "flows.steps": ["evaluate_runs", "write_training_curves"],
+    "flows.commands": ["evaluate_runs", "write_training_curves"],
     "flows.end_to_end": ["run_end_to_end"],
     "analysis.figures": ["MODEL_STYLE"],
     "analysis.catalog": ["read_catalog"],

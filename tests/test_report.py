@@ -642,7 +642,7 @@ ENVIRONMENT = {
 
 
 def catalog_context(seed: int, dataset: str = "/data/muons-test", **changes) -> dict:
-    """A report context as flows.steps.report_context builds it, for the runs of training seed ``seed``."""
+    """A report context as flows.commands.report_context builds it, for the runs of training seed ``seed``."""
     runs = [
         {
             "run": f"/runs/{model}-s{seed}",
@@ -780,7 +780,7 @@ def test_a_report_file_in_place_of_the_folder_is_refused(tmp_path):
 
 
 def test_a_report_without_a_catalog_is_replaced_only_with_overwrite(tmp_path):
-    from flows.steps import _check_report_out
+    from flows.commands import _check_report_out
 
     out = tmp_path / "report"
     out.mkdir()
@@ -805,7 +805,7 @@ def _fake_run(path: Path, seed: int) -> Path:
 def _fake_predict_all(
     data: Path, _runs: list[Path], out: Path, progress: bool = False, checkpoint: str = "best"
 ) -> Path:
-    """flows.steps.predict_all with synthetic predictions (no trained network needed)."""
+    """flows.commands.predict_all with synthetic predictions (no trained network needed)."""
     from pipeline.dataset import open_dataset
 
     del checkpoint  # synthetic predictions need no parameters
@@ -834,9 +834,9 @@ def _muontrack(monkeypatch, capsys, *arguments) -> tuple[int, str, str]:
 
 @pytest.mark.usefixtures("placeholder_figures")
 def test_evaluate_refuses_a_report_of_other_runs_without_overwrite(tiny_dataset, tmp_path, monkeypatch, capsys):
-    import flows.steps
+    import flows.commands
 
-    monkeypatch.setattr(flows.steps, "predict_all", _fake_predict_all)
+    monkeypatch.setattr(flows.commands, "predict_all", _fake_predict_all)
     first, second = _fake_run(tmp_path / "runs" / "e2e-s0", 0), _fake_run(tmp_path / "runs" / "e2e-s1", 1)
     out = tmp_path / "report"
     evaluate = ("evaluate", "--data", tiny_dataset, "--out", out)

@@ -69,8 +69,8 @@ def test_the_default_grid_and_a_file_grid():
 def _read_and_check(path: Path) -> None:
     """What `muontrack scan` checks of a config file before any work: the grid, and the model and train sections
     against the preset as `run` checks them."""
+    from flows.commands import job_preset
     from flows.end_to_end import job_configs
-    from flows.steps import job_preset
 
     sections, _grid = read_scan_config(path)
     job_configs(job_preset("test", SCAN_MODELS), sections)

@@ -16,7 +16,7 @@ import pytest
 
 import model.train as train_module
 from analysis.training import LOSS_COLUMNS, training_curves
-from flows import cli, steps
+from flows import cli, commands
 from model.hyperparameters import get_preset
 from model.inference import checkpoint_epoch, load_run
 from model.run_folder import (
@@ -100,7 +100,7 @@ def test_best_epoch_is_the_lowest_finite_val_sigma68_the_earliest_of_ties():
 
 def test_the_command_line_offers_the_run_folders_checkpoints():
     assert tuple(choice.value for choice in cli.Checkpoint) == CHECKPOINTS
-    assert steps.DEFAULT_CHECKPOINT == DEFAULT_CHECKPOINT == "best"
+    assert commands.DEFAULT_CHECKPOINT == DEFAULT_CHECKPOINT == "best"
 
 
 # ---- runs --------------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_the_best_checkpoint_is_the_epoch_of_the_lowest_val_sigma68(best_first_r
 
     # what the report's run table says of each choice
     for choice, epoch in (("best", 1), ("last", 2)):
-        context = steps.checkpoint_context(run, choice)
+        context = commands.checkpoint_context(run, choice)
         assert context["checkpoint"] == choice
         assert context["checkpoint_epoch"] == epoch
         assert (context["best_epoch"], context["last_epoch"]) == (1, 2)
@@ -206,7 +206,7 @@ def test_a_run_killed_between_its_best_and_last_checkpoint_resumes_to_the_same_b
 def test_training_curves_are_drawn_into_the_run_folder(tiny_baseline_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_baseline_run, run)
-    path = steps.write_training_curves(run)
+    path = commands.write_training_curves(run)
     assert path == run / "training_curves.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "training_curves.pdf").read_bytes()[:5] == b"%PDF-"

@@ -15,7 +15,7 @@ pytest.importorskip("prefect")
 import prefect
 
 import model.train
-from flows import logs, steps, tasks
+from flows import commands, logs, tasks
 from model.train import format_epoch
 
 
@@ -66,7 +66,7 @@ def test_train_task_logs_each_epoch_to_the_prefect_run_logger(monkeypatch, tmp_p
     run_logger.setLevel(logging.INFO)
     run_logger.addHandler(records)
     monkeypatch.setattr(model.train, "train_run", fake_train_run)
-    monkeypatch.setattr(steps, "write_training_curves", lambda run: run)
+    monkeypatch.setattr(commands, "write_training_curves", lambda run: run)
     monkeypatch.setattr(prefect, "get_run_logger", lambda: run_logger)
     try:
         out = str(tmp_path / "run")
@@ -94,7 +94,7 @@ def test_train_task_outside_a_prefect_run_logs_to_its_module_logger(monkeypatch,
         return "1 epoch"
 
     monkeypatch.setattr(model.train, "train_run", fake_train_run)
-    monkeypatch.setattr(steps, "write_training_curves", lambda run: run)
+    monkeypatch.setattr(commands, "write_training_curves", lambda run: run)
     with caplog.at_level(logging.INFO, logger=tasks.__name__):
         tasks.train_model.fn("data", "e2e", str(tmp_path / "run"), "test", 0, "hash")
     assert [r.getMessage() for r in caplog.records if r.name == tasks.__name__] == [
@@ -158,7 +158,7 @@ def test_predict_and_report_tasks_log_their_progress(monkeypatch, tmp_path):
         on_message("predict baseline: 40 events, 1.0 s")
         return Path(out)
 
-    monkeypatch.setattr(steps, "predict_all", fake_predict_all)
+    monkeypatch.setattr(commands, "predict_all", fake_predict_all)
     monkeypatch.setattr(prefect, "get_run_logger", lambda: run_logger)
     try:
         tasks.predict.fn("data", ["run"], str(tmp_path / "report"), "hash", ["key"])
