@@ -73,7 +73,7 @@ def measure(data: Path | None, n_events: int, split: str | None, seed: int) -> l
     with tempfile.TemporaryDirectory(prefix="muontrack-classical-") as tmp:
         if data is None:
             from pipeline.config import SimConfig
-            from simulation.dataset import simulate_dataset
+            from simulation.shards import simulate_dataset
 
             data = Path(tmp) / "dataset"
             simulate_dataset(data, n_events=n_events, seed=seed, config=SimConfig())

@@ -186,7 +186,7 @@ def main() -> None:
         data = args.data
         if data is None:
             from pipeline.config import SimConfig
-            from simulation.dataset import simulate_dataset
+            from simulation.shards import simulate_dataset
 
             data = Path(scratch) / "data"
             simulate_dataset(data, n_events=args.events, seed=0, config=SimConfig(shard_events=1000))

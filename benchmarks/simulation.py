@@ -165,8 +165,8 @@ def measure(n_events: int, workers: int, seed: int, breakdown: bool) -> list[str
     import flows.cli  # noqa: F401  (the command's own imports)
     import pipeline.atomic
     import pipeline.dataset
-    import simulation.dataset
     import simulation.generate
+    import simulation.shards
     from pipeline.config import SimConfig
 
     imports_s = time.perf_counter() - start_imports
@@ -183,13 +183,13 @@ def measure(n_events: int, workers: int, seed: int, breakdown: bool) -> list[str
         stages.wrap(pq, "write_table", "parquet")
         stages.wrap(pipeline.atomic, "fsync_file", "fsync")
         stages.wrap(pipeline.dataset, "file_sha256", "sha256")
-        stages.wrap(simulation.dataset, "finalize_dataset", "rename_manifest")
-        stages.wrap(simulation.dataset, "_start_staging", "rename_manifest")
+        stages.wrap(simulation.shards, "finalize_dataset", "rename_manifest")
+        stages.wrap(simulation.shards, "_start_staging", "rename_manifest")
         stages.wrap(os, "replace", "rename_manifest")
     with tempfile.TemporaryDirectory(prefix="muontrack-bench-") as tmp:
         out = Path(tmp) / "dataset"
         start, start_cpu = time.perf_counter(), _cpu_s()
-        simulation.dataset.simulate_dataset(out, n_events=n_events, seed=seed, config=config, workers=workers)
+        simulation.shards.simulate_dataset(out, n_events=n_events, seed=seed, config=config, workers=workers)
         sim_s = time.perf_counter() - start
         sim_cpu_s = _cpu_s() - start_cpu
         peak_rss_mb = _peak_rss_mb(resource.RUSAGE_SELF)

@@ -131,7 +131,7 @@ def simulate(
 
         manifest = simulate_on_dask(str(out), events, seed, sim_config.to_json(), workers, dask_address)
     else:
-        from simulation.dataset import simulate_dataset
+        from simulation.shards import simulate_dataset
 
         manifest = simulate_dataset(out, n_events=events, seed=seed, config=sim_config, workers=workers, progress=True)
     typer.echo(f"wrote {manifest['n_events']} events, {manifest['n_hits']} hits to {out}")

@@ -53,12 +53,12 @@ JOB_PRESETS: dict[str, JobPreset] = {
 
 def job_preset(name: str, models: Sequence[str] | None = None, events: int | None = None) -> JobPreset:
     """The job of a named preset; ``models`` (in any order, repeats ignored) replaces its list of models, and
-    ``events`` (1 to simulation.dataset.MAX_EVENTS) its dataset size. ConfigError (one line) for a bad value."""
+    ``events`` (1 to simulation.shards.MAX_EVENTS) its dataset size. ConfigError (one line) for a bad value."""
     if name not in JOB_PRESETS:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(JOB_PRESETS)})")
     job = JOB_PRESETS[name]
     if events is not None:
-        from simulation.dataset import MAX_EVENTS
+        from simulation.shards import MAX_EVENTS
 
         if isinstance(events, bool) or not isinstance(events, int) or not 1 <= events <= MAX_EVENTS:
             raise ConfigError(f"--events must be an integer from 1 to {MAX_EVENTS:,}, got {events!r}")

@@ -21,7 +21,7 @@ from flows.server import ensure_prefect_api
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, MuontrackError
 from pipeline.locks import exclusive_writer
-from simulation.dataset import code_version as simulation_code_version
+from simulation.shards import code_version as simulation_code_version
 
 
 def _run_complete(path: Path) -> bool:
@@ -115,7 +115,7 @@ def _evaluate_run_name() -> str:
 @flow(name="simulate", flow_run_name="simulate-{events}-seed{seed}", log_prints=True)
 def simulate_flow(out: str, events: int, seed: int = 0, config_json: str | None = None, workers: int = 1) -> dict:
     """Simulate ``events`` events into the dataset folder ``out``, one task per shard."""
-    from simulation.dataset import plan_shards, prepare_dataset
+    from simulation.shards import plan_shards, prepare_dataset
 
     config = SimConfig.from_dict(json.loads(config_json)) if config_json else SimConfig()
     config_json = config.to_json()

@@ -49,7 +49,7 @@ def simulate_shard(
     a line at least every flows.logs.HEARTBEAT_SECONDS (the first shard compiles the Numba kernels)."""
     from flows.logs import Heartbeat
     from pipeline.config import SimConfig
-    from simulation.dataset import simulate_shard as write_shard
+    from simulation.shards import simulate_shard as write_shard
 
     if numba_threads > 0:
         import numba
@@ -65,7 +65,7 @@ def simulate_shard(
 def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[dict]) -> dict:
     """Write the manifest last: the dataset becomes complete and readable."""
     from pipeline.config import SimConfig
-    from simulation.dataset import finalize_dataset as write_manifest
+    from simulation.shards import finalize_dataset as write_manifest
 
     return write_manifest(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
 

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 #: bump when the checks change: a file verified under an older contract is checked again
 CONTRACT_VERSION = 2
 
-#: dataset seeds (simulation.dataset: a uint64)
+#: dataset seeds (simulation.shards: a uint64)
 MAX_SEED = 2**64 - 1
 
 HITS_COLUMNS = ("event_id", "hit_id", "layer", "strip", "x", "y", "charge", "charge_muon", "is_signal", "particle_id")

@@ -42,7 +42,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     Shared by every module that asks for it: read it, never write into it (copy it to ``tmp_path`` first).
     """
     from pipeline.config import SimConfig
-    from simulation.dataset import simulate_dataset
+    from simulation.shards import simulate_dataset
 
     out = tmp_path_factory.mktemp("tiny") / "data"
     simulate_dataset(out, n_events=TINY_EVENTS, seed=TINY_SEED, config=SimConfig(shard_events=TINY_SHARD_EVENTS))

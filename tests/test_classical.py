@@ -30,7 +30,7 @@ from pipeline.batches import split_expr
 from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, SimConfig, point_resolution
 from pipeline.dataset import open_dataset
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
-from simulation.dataset import simulate_dataset
+from simulation.shards import simulate_dataset
 from tests.sim_reference import strip_fraction_erf
 from tests.synthetic_events import DETECTOR, LAYER_Y, crossings
 

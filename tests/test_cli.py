@@ -13,7 +13,7 @@ from polars.testing import assert_frame_equal
 
 from pipeline.config import SimConfig
 from pipeline.dataset import MANIFEST_NAME, open_dataset
-from simulation.dataset import simulate_dataset
+from simulation.shards import simulate_dataset
 from tests.helpers import assert_one_line_error, run_muontrack, snapshot
 
 SMALL = SimConfig(shard_events=8)

@@ -35,7 +35,7 @@ def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from simulation.dataset import simulate_dataset
+    from simulation.shards import simulate_dataset
 
     out = tmp_path_factory.mktemp("contract") / "data"
     simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=CONFIG, workers=1)

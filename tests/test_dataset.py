@@ -1,4 +1,4 @@
-"""The dataset file contract (pipeline/dataset.py), sharded generation (simulation/dataset.py), inspect."""
+"""The dataset file contract (pipeline/dataset.py), sharded generation (simulation/shards.py), inspect."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from pipeline.dataset import (
 )
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.inspect import summarize_dataset
-from simulation.dataset import finalize_dataset, plan_shards, prepare_dataset, simulate_dataset, simulate_shard
+from simulation.shards import finalize_dataset, plan_shards, prepare_dataset, simulate_dataset, simulate_shard
 from tests.helpers import snapshot
 
 # Written out from docs/contracts.md ("Dataset folder"), independently of pipeline/schema.py.
@@ -336,12 +336,12 @@ def test_a_dataset_whose_manifest_was_deleted_is_resumed(
 def test_an_interrupted_dataset_is_resumed_by_changed_simulation_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import simulation.dataset as simulation_dataset
+    import simulation.shards as simulation_shards
 
     out = tmp_path / "interrupted"
     _simulate_until(monkeypatch, out, first_event_id=16)
     new_code = "0.1.0+000000000000"
-    monkeypatch.setattr(simulation_dataset, "code_version", lambda: new_code)
+    monkeypatch.setattr(simulation_shards, "code_version", lambda: new_code)
     generated = _count_generated(monkeypatch)
     manifest = simulate_dataset(out, n_events=N_EVENTS, seed=SEED, config=SMALL)
     # every shard is drawn by the new code, the two of the old code included
@@ -352,7 +352,7 @@ def test_an_interrupted_dataset_is_resumed_by_changed_simulation_code(
 
 
 def test_the_event_count_is_bounded(tmp_path: Path) -> None:
-    from simulation.dataset import MAX_EVENTS
+    from simulation.shards import MAX_EVENTS
 
     with pytest.raises(ConfigError, match="at most 1,000,000,000 events"):
         simulate_dataset(tmp_path / "huge", n_events=MAX_EVENTS + 1, seed=0, config=SMALL)

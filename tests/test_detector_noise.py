@@ -18,8 +18,8 @@ from pipeline.config import point_resolution as configured_point_resolution
 from pipeline.dataset import open_dataset
 from pipeline.errors import ConfigError
 from pipeline.resolution import estimated_point_resolution
-from simulation.dataset import simulate_dataset
 from simulation.generate import generate_events, noise_tail_probability
+from simulation.shards import simulate_dataset
 
 QUIET = BackgroundConfig(noise_strips_per_layer=0.0, noise_clusters_per_layer=0.0, extra_tracks_per_event=0.0)
 REALISTIC = DETECTORS["realistic"]

@@ -92,12 +92,12 @@ def test_end_to_end_caches_and_recomputes(tmp_path):
         assert set(states[name]) == {"Cached"}, (name, states[name])
 
     # changed simulation code draws a new dataset beside the old one and trains on it; the old one is untouched
-    import simulation.dataset
+    import simulation.shards
 
     t2 = time.time()
     with pytest.MonkeyPatch.context() as patch, placeholder_figures():
-        patch.setattr(simulation.dataset, "code_version", lambda: "0.1.0+othergenerator")
-        patch.setattr(end_to_end, "simulation_code_version", simulation.dataset.code_version)
+        patch.setattr(simulation.shards, "code_version", lambda: "0.1.0+othergenerator")
+        patch.setattr(end_to_end, "simulation_code_version", simulation.shards.code_version)
         end_to_end.end_to_end(str(out), preset="test", models=["baseline"])
     states = _task_states_since(t2)
     assert "Completed" in states["simulate-shard"]
@@ -117,7 +117,7 @@ def test_end_to_end_caches_and_recomputes(tmp_path):
 
 @pytest.mark.usefixtures("prefect_server")
 def test_simulate_flow_matches_library_and_rejects_bad_input(tmp_path):
-    from simulation.dataset import simulate_dataset
+    from simulation.shards import simulate_dataset
 
     config = SimConfig(shard_events=40)
     flow_out = tmp_path / "flow"
@@ -175,7 +175,7 @@ def test_task_functions_directly(tmp_path):
     """The tasks' underlying functions, without Prefect (`.fn`)."""
     config = SimConfig(shard_events=50)
     out = tmp_path / "data"
-    from simulation.dataset import plan_shards, prepare_dataset
+    from simulation.shards import plan_shards, prepare_dataset
 
     prepare_dataset(out, 120, 5, config)
     entries = [
@@ -213,7 +213,7 @@ def test_any_source_change_invalidates_the_task_cache(tmp_path, monkeypatch):
     """The Prefect cache key of a task changes when any source file of the shipped packages changes (a cached
     shard, model or prediction is never served for other code), and stays when only tests or docs change."""
     sources = _shipped_sources()
-    assert Path("simulation/dataset.py") in sources
+    assert Path("simulation/shards.py") in sources
     assert Path("flows/tasks.py") in sources
     for source in sources:
         (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def test_deployments_have_schedules():
 @pytest.mark.usefixtures("prefect_server")
 def test_dask_path_equals_in_process(tmp_path):
     pytest.importorskip("prefect_dask")
-    from simulation.dataset import simulate_dataset
+    from simulation.shards import simulate_dataset
 
     config = SimConfig(shard_events=50)
     dask_out = tmp_path / "dask"

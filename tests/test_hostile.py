@@ -22,7 +22,7 @@ from pipeline.config import SimConfig
 from pipeline.dataset import MANIFEST_NAME, STAGING_DIR, TABLES, open_dataset
 from pipeline.errors import MuontrackError
 from pipeline.locks import exclusive_writer, lock_path
-from simulation.dataset import simulate_dataset
+from simulation.shards import simulate_dataset
 from tests.helpers import assert_one_line_error, run_muontrack, snapshot
 
 #: four shards, large enough that generating one takes as long as the writer thread's encoding of another

@@ -19,7 +19,7 @@ from pipeline.config import BackgroundConfig, SimConfig
 from pipeline.dataset import open_dataset
 from pipeline.errors import RunError
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
-from simulation.dataset import simulate_dataset
+from simulation.shards import simulate_dataset
 from tests.conftest import TINY_EVENTS, TINY_SEED
 
 SCHEMAS = {"hits": PRED_HITS_SCHEMA, "clusters": PRED_CLUSTERS_SCHEMA, "tracks": PRED_TRACKS_SCHEMA}

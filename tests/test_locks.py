@@ -16,7 +16,7 @@ from pipeline.config import SimConfig
 from pipeline.dataset import open_dataset
 from pipeline.errors import MuontrackError
 from pipeline.locks import exclusive_writer, lock_path
-from simulation.dataset import simulate_dataset
+from simulation.shards import simulate_dataset
 from tests.helpers import assert_one_line_error, muontrack_command
 
 SMALL = SimConfig(shard_events=8)

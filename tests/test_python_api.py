@@ -57,7 +57,7 @@ def test_the_example_is_found_and_a_broken_one_would_be_caught() -> None:
 
 #: ``module.name`` pairs the page tells a reader to import, call or edit
 NAMES = {
-    "simulation.dataset": ["simulate_dataset"],
+    "simulation.shards": ["simulate_dataset"],
     "simulation.generate": ["generate_events"],
     "pipeline.dataset": ["open_dataset"],
     "pipeline.config": ["SimConfig", "DetectorConfig", "DETECTORS", "POINT_RESOLUTION", "read_config_file"],

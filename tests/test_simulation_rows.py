@@ -20,8 +20,8 @@ import pytest
 
 from pipeline.config import SimConfig
 from pipeline.dataset import PARQUET_WRITE_OPTIONS, open_dataset
-from simulation.dataset import simulate_dataset
 from simulation.generate import ShardBuffers, generate_events
+from simulation.shards import simulate_dataset
 
 REFERENCE_CONFIG = SimConfig(shard_events=1000)
 REFERENCE_EVENTS = 3500
