@@ -784,7 +784,7 @@ def format_value_error(value: float | None, err: float | None) -> str:
 @_hep_styled
 def plot_scan_metric(table: pl.DataFrame, metric: str, label: str, path: Path, log_y: bool = False) -> Path:
     """One metric of a regime scan against the background scale: one panel per detector (side by side, in the
-    table's order, a shared y axis), one line per row with its error bars (analysis.scan.points_table). The rows
+    table's order, a shared y axis), one line per row with its error bars (analysis.scan_report.points_table). The rows
     stand slightly apart around each scale (a few percent on the log x axis), so their error bars do not overlap.
 
     Args:

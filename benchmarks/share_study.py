@@ -8,7 +8,7 @@ For every report, and every pair of :data:`PAIRS` whose two rows it holds, print
     report=.. candidate=.. reference=.. sigma68_candidate=.. sigma68_reference=.. difference=.. difference_err=..
     n_sigma=.. winner=.. failed_difference=.. failed_difference_err=.. n_events=..
 
-σ68 and its paired bootstrap error as in the regime scan (analysis.scan.paired_sigma68: the events resampled
+σ68 and its paired bootstrap error as in the regime scan (analysis.scan_report.paired_sigma68: the events resampled
 together, so the hard events both rows share cancel in the difference); ``n_sigma`` > 0 favours the candidate, a
 winner from 2σ. Then, per report and row, ``row=.. sigma68=.. sigma68_over_limit=.. cluster_sigma68_merged=..
 cluster_sigma68_clean=.. share_sigma68_merged=..`` from summary.json. Reports given the same ``--label`` (one
@@ -25,7 +25,7 @@ from pathlib import Path
 import polars as pl
 
 from analysis.report_folder import CATALOG_SUMMARY_NAME
-from analysis.scan import paired_failed_fit_rate, paired_sigma68, point_residuals, winner
+from analysis.scan_report import paired_failed_fit_rate, paired_sigma68, point_residuals, winner
 from pipeline.dataset import open_dataset
 
 #: (candidate, reference): the share models against the classical tracker, the share regression and the label

@@ -8,7 +8,7 @@ truth references and the ``limit`` row) under the same ``--out``, so every stage
 caches it (the dataset, run and report folders are named by what they depend on): an interrupted or extended
 scan recomputes only the points, and stages, it lacks. The points run one after the other, or in parallel as
 tasks on Dask (``--workers K`` > 1: a local cluster of K processes; ``--dask-address``: an existing cluster).
-At the end the scan report (analysis.scan) gathers the points into OUT/scan/.
+At the end the scan report (analysis.scan_report) gathers the points into OUT/scan/.
 
 A config file serves as for ``run`` (its ``simulation``, ``model`` and ``train`` sections over the preset), plus an
 optional ``scan`` section with the grid (:class:`ScanGrid`). Its ``simulation`` section may not set what the grid
@@ -205,9 +205,9 @@ def scan_point(
 
 @task(name="write-scan-report", cache_policy=NONE, persist_result=False)
 def write_scan_report(out: str, records: list[dict[str, Any]], context: dict[str, Any]) -> dict[str, Any]:
-    """The scan report in OUT/scan (analysis.scan.write_scan_report); returns its paths."""
-    from analysis.scan import SCAN_DIR
-    from analysis.scan import write_scan_report as build
+    """The scan report in OUT/scan (analysis.scan_report.write_scan_report); returns its paths."""
+    from analysis.scan_report import SCAN_DIR
+    from analysis.scan_report import write_scan_report as build
 
     return build(Path(out) / SCAN_DIR, records, context)
 
@@ -294,7 +294,7 @@ def run_scan(
     if echo:
         import polars as pl
 
-        from analysis.scan import format_scan_table
+        from analysis.scan_report import format_scan_table
 
         print(format_scan_table(pl.read_parquet(result["comparisons"])))
         print(f"scan report: {result['report']}")

@@ -1,6 +1,6 @@
-"""The regime scan (``muontrack scan``, flows.scan, analysis.scan): the scale arithmetic and the grid's validation,
-the paired comparison, and a tiny scan on the `test` preset that is cached on a second run, resumes after a
-deleted report and, extended, computes only its new points."""
+"""The regime scan (``muontrack scan``, flows.scan, analysis.scan_report): the scale arithmetic and the grid's
+validation, the paired comparison, and a tiny scan on the `test` preset that is cached on a second run, resumes
+after a deleted report and, extended, computes only its new points."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from analysis.catalog import SCALED_BACKGROUND_FIELDS, background_scale, regime_identity, scaled_background
-from analysis.scan import COMPARISON_SCHEMA, SCAN_PAIRS, paired_failed_fit_rate, paired_sigma68, seeds_combined
+from analysis.scan_report import COMPARISON_SCHEMA, SCAN_PAIRS, paired_failed_fit_rate, paired_sigma68, seeds_combined
 from flows.scan import SCAN_MODELS, ScanGrid, ScanPoint, read_scan_config
 from pipeline.config import DETECTORS, BackgroundConfig, DetectorConfig, SimConfig
 from pipeline.errors import ConfigError
