@@ -12,7 +12,7 @@ is measured on. Linearised around the true track (the kinks are ~1e-4 rad, so th
 circle (the small-angle ``y_k - y_j`` with the track direction accounted for). The Fisher information of the
 three circle parameters is ``J^T V^-1 J`` (J the circle's Jacobian) and the bound on q/pT is the curvature
 entry of its inverse. No unbiased estimator of these measurements does better; GLS with this V (model/ and
-classical/scattering_fit.py) reaches it, plain least squares does not.
+classical/gbl.py) reaches it, plain least squares does not.
 
 **Its σ68.** With relative widths ``s_i = sigma_i(q/pT) / |q/pT|_i``, the relative residuals of an efficient
 fit are the mixture of zero-mean Gaussians N(0, s_i^2). The evaluation's σ68 (pipeline.stats: the 0.68

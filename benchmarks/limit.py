@@ -13,7 +13,7 @@ Methods (every fit is float64):
 - ``bound``: the Cramér-Rao bound of each event (analysis.limit: exact circle, a Highland kink after every
   crossed layer, point error ``--sigma``, default the clean-cluster RMS measured here), and σ68 of the mixture
   of the events' Gaussians (no sampling).
-- ``scattering_truth_noise``: the scattering fit (classical.scattering_fit) of the true crossings plus Gaussian
+- ``scattering_truth_noise``: the scattering fit (classical.gbl) of the true crossings plus Gaussian
   point errors of ``--sigma``: what an efficient fit of ideal clusters reaches (the bound, up to the sample).
 - ``scattering``: the scattering fit of the charge centroids of the true signal strips on each layer (the
   ``truth_charge`` clusters), point error ``--sigma``, the layer with the largest |pull| above ``--pull-cut``
@@ -93,7 +93,7 @@ def measure(data: Path, split: str | None, sigma: float | None, pull_cut: float,
     import polars as pl
 
     from analysis.limit import clean_cluster_residuals, event_bounds, limit_table, point_resolution
-    from classical.scattering_fit import detector_material, fit_tracks
+    from classical.gbl import detector_material, fit_tracks
     from pipeline.batches import split_expr
     from pipeline.dataset import open_dataset
 

@@ -1,6 +1,6 @@
 """The classical (non-learned) reference reconstruction: strip clusters, a straight-line road search seeded
 from the outer stations, a deterministic annealing filter (GenFit DAF style, Hyper circle refits) and a
-float64 scattering-aware final fit (General Broken Lines, :mod:`classical.scattering_fit`) that removes
+float64 scattering-aware final fit (General Broken Lines, :mod:`classical.gbl`) that removes
 outlier layers, all in Numba.
 
 Imports run one way: this package uses only :mod:`pipeline` (and NumPy, Numba, Polars, pyarrow).

@@ -18,11 +18,11 @@ Per event (events are independent; :func:`reconstruct_events` runs them in a ``p
    most probable cluster if ``p > 0.5``, else none. The filter runs twice from the same seed, with a hot
    schedule (``temperatures``) and a cold one (``restart_temperatures``); the run that keeps more layers
    (tie: smaller residuals to its circle) wins. Optionally (``scattering_temperatures = k > 0``) the last
-   ``k`` refits of each schedule are scattering fits (:mod:`classical.scattering_fit`) of each layer's
+   ``k`` refits of each schedule are scattering fits (:mod:`classical.gbl`) of each layer's
    probability-weighted mean cluster, and the residuals that follow count from its smoothed crossing
    ``x_fit`` in units of ``sqrt(T) * sqrt(point_sigma^2 + var(x_fit))``.
 4. **Final fit** (:func:`final_fit`): the float64 scattering fit (General Broken Lines:
-   :func:`classical.scattering_fit.scattering_fit_removing_outliers`) of the kept clusters' charge
+   :func:`classical.gbl.scattering_fit_removing_outliers`) of the kept clusters' charge
    centroids with point error ``fit_sigma`` and the detector's material; while a layer's |pull| exceeds
    ``pull_cut`` the worst is removed and the track refitted (at most ``max_removed``, never below four
    layers); removed layers count as not kept (weight 0 in the hit and cluster outputs). q/pT comes from the
@@ -82,7 +82,7 @@ from classical.circle import (
     hyper_fit,
 )
 from classical.clusters import ClusterBuffers, cluster_hits, new_cluster_buffers
-from classical.scattering_fit import (
+from classical.gbl import (
     DEFAULT_STEPS,
     ScatteringScratch,
     detector_material,
@@ -418,7 +418,7 @@ def _circle_predictions(xc, yc, radius, side, layer_y, prediction, variance):
 def _scattering_refit(settings, scratch):
     """The DAF's refit with multiple scattering: each layer's clusters become one measurement (``x = sum_j p_j
     x_j / sum_j p_j``, weight ``sum_j p_j`` <= 1, point error ``fit_sigma``), fitted by
-    :func:`classical.scattering_fit.scattering_fit`; its smoothed crossings and their variances become the
+    :func:`classical.gbl.scattering_fit`; its smoothed crossings and their variances become the
     predictions. Returns False (predictions unchanged) when the fit does not succeed."""
     layer_y = settings.layer_y
     cl_x = scratch.clusters.x
@@ -579,7 +579,7 @@ def _choose_clusters(settings, scratch):
 def final_fit(settings, scratch):
     """Step 4 of the module doc on the chosen clusters ``scratch.chosen``: the scattering fit of their charge
     centroids (point error ``fit_sigma``), removing up to ``max_removed`` layers of |pull| > ``pull_cut``
-    (:func:`classical.scattering_fit.scattering_fit_removing_outliers`); the removed layers are dropped from
+    (:func:`classical.gbl.scattering_fit_removing_outliers`); the removed layers are dropped from
     ``scratch.chosen``. Returns ``(q_over_pt, status)`` (status 1 without a fit when fewer than MIN_LAYERS
     are chosen); ``scratch.fit`` and ``scratch.layer_work`` hold the fit's per-layer outputs."""
     layer_y = settings.layer_y

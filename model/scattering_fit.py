@@ -61,7 +61,7 @@ standardised residual to the fit *without* layer k; for w_k < 1 that leave-one-o
 ``r_k / sqrt(sigma_k^2 + P_kk)``). So an outlier's pull is large whether or not it is still in the fit.
 
 Degenerate inputs (three layers, zero-weight layers, all weights zero, non-finite x on a zero-weight layer)
-give finite values and finite gradients (tested against finite differences). classical/scattering_fit.py is
+give finite values and finite gradients (tested against finite differences). classical/gbl.py is
 the same fit in float64 Numba, and the reference of the tests.
 """
 

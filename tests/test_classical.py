@@ -25,7 +25,7 @@ from classical import (
     read_split,
     reconstruct,
 )
-from classical.scattering_fit import DEFAULT_STEPS, detector_material, new_scattering_scratch, scattering_fit
+from classical.gbl import DEFAULT_STEPS, detector_material, new_scattering_scratch, scattering_fit
 from pipeline.batches import split_expr
 from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, SimConfig, point_resolution
 from pipeline.dataset import open_dataset
@@ -120,7 +120,7 @@ def sigma68(r: np.ndarray) -> float:
 
 
 def scattering_reference(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(q/pT [E], pulls [E, L])`` of :func:`classical.scattering_fit.scattering_fit` called directly on each
+    """``(q/pT [E], pulls [E, L])`` of :func:`classical.gbl.scattering_fit` called directly on each
     row of points ``x`` [E, L] with weights ``weight`` (0/1; x ignored where 0), the point error of
     ClassicalParams and the detector's material; every fit must succeed."""
     x, weight = np.atleast_2d(x), np.atleast_2d(weight).astype(np.float64)

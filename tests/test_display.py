@@ -17,7 +17,7 @@ from analysis.display import display_choices, draw, event_display
 from analysis.report import write_report
 from analysis.report_folder import EVENT_DISPLAY_NAME, FIGURES_DIR, PREDICTIONS_DIR, REPORT_NAME
 from classical import predict_classical
-from classical.scattering_fit import detector_material, fit_tracks
+from classical.gbl import detector_material, fit_tracks
 from model.inference import predict_truth
 from pipeline.batches import split_expr
 from pipeline.config import point_resolution
@@ -91,7 +91,7 @@ def test_truth_x_fit_is_the_kasa_circle_of_the_truth_clusters(dataset, tables):
 
 
 def test_classical_x_fit_is_the_scattering_fit_of_its_kept_clusters(dataset, tables):
-    """``classical``: x_fit against its documented final fit (classical.scattering_fit.fit_tracks, float64 General
+    """``classical``: x_fit against its documented final fit (classical.gbl.fit_tracks, float64 General
     Broken Lines, point error the detector's resolution) of the clusters it kept (weight 1), refitted here."""
     detector = dataset.config.detector
     layer_y = detector.layer_y().astype(np.float64)

@@ -27,7 +27,7 @@ from analysis.limit import (
     pt_bin_index,
 )
 from analysis.metrics import pt_bin_expr
-from classical.scattering_fit import detector_material, fit_tracks
+from classical.gbl import detector_material, fit_tracks
 from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, DetectorConfig, MuonConfig, SimConfig
 from pipeline.dataset import open_dataset
 from pipeline.stats import sigma68

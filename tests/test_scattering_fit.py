@@ -1,4 +1,4 @@
-"""The scattering-aware track fit: float64 Numba (classical/scattering_fit.py) and JAX (model/scattering_fit.py).
+"""The scattering-aware track fit: float64 Numba (classical/gbl.py) and JAX (model/scattering_fit.py).
 
 References: an independent Gauss-Newton GLS with the explicit covariance V = diag(sigma^2 / w) + G Θ^2 G^T of
 the simulation's own linear model (tests.test_limit.linear_model: the simulation's propagation and Highland
@@ -20,7 +20,7 @@ from numpy.testing import assert_allclose
 
 from analysis.limit import cramer_rao_sigma, pt_bin_index
 from classical.circle import STATUS_NONFINITE, STATUS_OK, STATUS_TOO_FEW_LAYERS
-from classical.scattering_fit import detector_material, fit_tracks
+from classical.gbl import detector_material, fit_tracks
 from model.scattering_fit import detector_material as jax_detector_material
 from model.scattering_fit import scattering_fit
 from pipeline.config import SimConfig
