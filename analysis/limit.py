@@ -23,8 +23,8 @@ quantile of |r - median(r)|) of that symmetric mixture is the half-width h with 
 (:func:`clean_cluster_residuals`): the muon's cluster on a layer where no other particle or noise strip touches
 it, measured against the true crossing.
 
-analysis imports only pipeline, so the Highland formula is repeated here (simulation.physics.highland_sigma;
-the tests check they agree).
+analysis imports only pipeline, so the Highland formula is written here in NumPy with the constants of
+pipeline.constants (simulation.physics.highland_sigma in Numba; the tests check they agree).
 """
 
 from __future__ import annotations
@@ -38,14 +38,11 @@ from scipy.optimize import brentq
 from scipy.special import erf
 
 from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
+from pipeline.constants import COS_FLOOR, HIGHLAND_LOG, HIGHLAND_SCALE, MUON_MASS
 from pipeline.stats import SIGMA68_COVERAGE, sigma68
 
-#: muon mass [GeV] (simulation.physics.MUON_MASS)
-MUON_MASS = 0.1056583755
 #: edges of the true-pT bins [GeV] (analysis.metrics.PT_BIN_EDGES; the last bin closed on both sides)
 PT_BIN_EDGES = (20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0)
-#: cos(theta) floor of the path length (as the simulation)
-COS_FLOOR = 1e-3
 
 
 def highland_sigma(p: np.ndarray, x_over_x0: np.ndarray, mass: float = MUON_MASS) -> np.ndarray:
@@ -56,7 +53,7 @@ def highland_sigma(p: np.ndarray, x_over_x0: np.ndarray, mass: float = MUON_MASS
     beta = p / np.sqrt(p * p + mass * mass)
     has = t > 0
     t_safe = np.where(has, t, 1.0)
-    value = 0.0136 / (beta * p) * np.sqrt(t_safe) * (1.0 + 0.038 * np.log(t_safe / (beta * beta)))
+    value = HIGHLAND_SCALE / (beta * p) * np.sqrt(t_safe) * (1.0 + HIGHLAND_LOG * np.log(t_safe / (beta * beta)))
     return np.where(has, value, 0.0)
 
 

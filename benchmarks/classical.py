@@ -11,7 +11,7 @@ measurement:
     events=.. threads=K reco_events_per_s=.. reco_s=.. read_s=..      on all of Numba's threads
     events=.. sigma68=.. efficiency=.. purity=.. failed=.. tail5=..   quality against the truth
 
-- reco_s: best of three wall times of ``classical.reconstruct`` on the events (clusters, road search,
+- reco_s: best of three wall times of ``classical.track_events`` on the events (clusters, road search,
   annealing filter, Hyper fit); reco_events_per_s = events / reco_s.
 - read_s: wall time of ``classical.read_split`` (one Polars query for the hits, one for the events).
 - sigma68: 0.68 quantile of |r - median(r)| of r = ((q/pT)_reco - (q/pT)_true) / (q/pT)_true over the
@@ -67,7 +67,7 @@ def _quality(dataset, split, n_events: int, reco) -> str:
 def measure(data: Path | None, n_events: int, split: str | None, seed: int) -> list[str]:
     import numba
 
-    from classical import read_split, reconstruct
+    from classical import read_split, track_events
     from pipeline.dataset import open_dataset
 
     with tempfile.TemporaryDirectory(prefix="muontrack-classical-") as tmp:
@@ -88,7 +88,7 @@ def measure(data: Path | None, n_events: int, split: str | None, seed: int) -> l
         arrays = (hits.event_start[: n + 1], hits.layer[:stop], hits.strip[:stop], hits.x[:stop], hits.charge[:stop])
         warm = min(n, 64)
         warm_stop = int(hits.event_start[warm])
-        reconstruct(hits.event_start[: warm + 1], *(a[:warm_stop] for a in arrays[1:]), detector)  # compile / load
+        track_events(hits.event_start[: warm + 1], *(a[:warm_stop] for a in arrays[1:]), detector)  # compile / load
 
         lines = []
         all_threads = numba.config.NUMBA_NUM_THREADS
@@ -97,7 +97,7 @@ def measure(data: Path | None, n_events: int, split: str | None, seed: int) -> l
             best = float("inf")
             for _ in range(3):
                 t0 = time.perf_counter()
-                reco = reconstruct(*arrays, detector)
+                reco = track_events(*arrays, detector)
                 best = min(best, time.perf_counter() - t0)
             lines.append(
                 f"events={n} threads={threads} reco_events_per_s={n / best:.0f} reco_s={best:.4f} read_s={read_s:.4f}"

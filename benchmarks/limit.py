@@ -47,7 +47,8 @@ def _hyper(x, y, w, b_field):
     """Hyper fit (classical.circle) of each row's points with w > 0: (q/pT, status)."""
     import numpy as np
 
-    from classical.circle import STATUS_OK, hyper_fit, track_parameters
+    from classical.circle import hyper_fit, track_parameters
+    from pipeline.schema import STATUS_OK
 
     n_events = x.shape[0]
     q_over_pt = np.zeros(n_events)
@@ -93,8 +94,9 @@ def measure(data: Path, split: str | None, sigma: float | None, pull_cut: float,
     import polars as pl
 
     from analysis.limit import clean_cluster_residuals, event_bounds, limit_table, point_resolution
-    from classical.gbl import detector_material, fit_tracks
+    from classical.gbl import fit_tracks
     from pipeline.batches import split_expr
+    from pipeline.config import detector_material
     from pipeline.dataset import open_dataset
 
     dataset = open_dataset(data)

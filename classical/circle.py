@@ -31,15 +31,9 @@ import numpy as np
 
 from pipeline.config import PT_PER_TESLA_METRE
 from pipeline.jit import jit
+from pipeline.schema import STATUS_DEGENERATE, STATUS_NONFINITE, STATUS_OK
 
-#: fit status codes (as model/fit.py)
-STATUS_OK = 0
-#: fewer than three layers kept
-STATUS_TOO_FEW_LAYERS = 1
-#: collinear (or coincident) points, or a vanishing determinant: the circle is undefined
-STATUS_DEGENERATE = 2
-#: a non-finite value came out of the fit
-STATUS_NONFINITE = 3
+# fit status codes: pipeline.schema's STATUS_* (the `fit_status` column)
 
 #: points whose centred covariance determinant is below this fraction of ``Mxx * Myy`` are collinear to
 #: ~1e-6 of their spread (a real track: >= 1e-6 even for the straightest, most slanted muon)
@@ -154,7 +148,7 @@ def track_parameters(xc, radius, x_ref, b_field):
     return pt, q, q / pt
 
 
-def hyper_circle_fit(x, y, w=None) -> tuple[float, float, float, int]:
+def hyper_circle_fit_f64(x, y, w=None) -> tuple[float, float, float, int]:
     """NumPy-facing :func:`hyper_fit`: ``(xc, yc, radius, status)`` of points ``x, y`` (weights ``w``, default
     all 1)."""
     x = np.ascontiguousarray(x, dtype=np.float64)

@@ -6,13 +6,15 @@ a circle plus one Highland kink after every crossed layer, ``x_k = x_circle(y_k;
 beta_j + eps_k``, ``beta_j ~ N(0, theta0_j^2)``, ``eps_k ~ N(0, sigma_k^2 / w_k)``, minimised over the circle
 and the kinks by Gauss-Newton from the weighted least-squares line, theta0 re-evaluated from the current pT
 at every step. It is written out in loops (no allocation per call: :class:`ScatteringScratch`), so the
-classical tracker can call :func:`scattering_fit` from its Numba kernels where it calls
+classical tracker can call :func:`gbl_fit` from its Numba kernels where it calls
 ``classical.circle.hyper_fit`` (``_fit_chosen``, the DAF's refits): a layer's points become one measurement
 (x, w) per layer (several clusters of one layer with DAF probabilities p_j: x = sum p_j x_j / sum p_j,
 w = sum p_j, which leaves the chi2 unchanged up to a constant).
 
 It is also the float64 reference of the JAX fit's tests. classical may not import simulation or model
-(imports run one way), so the Highland formula is repeated here (simulation.physics.highland_sigma).
+(imports run one way), so the Highland formula is written here in Numba with the constants of pipeline.constants
+(simulation.physics.highland_sigma, model.scattering_fit.highland_theta0). :func:`gbl_fit` is one track in Numba,
+:func:`fit_tracks` many from NumPy; the material keyword arguments come from pipeline.config.detector_material.
 """
 
 from __future__ import annotations
@@ -23,26 +25,23 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-from classical.circle import STATUS_NONFINITE, STATUS_OK, STATUS_TOO_FEW_LAYERS
-from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
+from pipeline.config import PT_PER_TESLA_METRE
+from pipeline.constants import COS_FLOOR, HIGHLAND_LOG, HIGHLAND_SCALE, MUON_MASS
 from pipeline.jit import chunk_bounds, jit
+from pipeline.schema import STATUS_NONFINITE, STATUS_OK, STATUS_TOO_FEW_LAYERS
 
-#: muon mass [GeV] (simulation.physics.MUON_MASS)
-MUON_MASS = 0.1056583755
-#: cos(theta) floor of the path length and of the circle's direction (as the simulation)
-COS_FLOOR = 1e-3
-#: Gauss-Newton linearisations by default (model.scattering_fit.DEFAULT_STEPS)
-DEFAULT_STEPS = 4
+#: Gauss-Newton linearisations by default (as model.scattering_fit.DEFAULT_STEPS)
+GBL_STEPS = 4
 #: Levenberg-Marquardt damping of the unit-diagonal 3x3 track system, in units of float64's eps
 DAMPING = 8.0 * float(np.finfo(np.float64).eps)
 #: absolute floor of the track system's diagonal [1/mm^2]
-DIAGONAL_FLOOR = 1e-12
+_DIAGONAL_FLOOR = 1e-12
 #: tracks per prange chunk of :func:`fit_tracks_kernel`
 TRACKS_PER_CHUNK = 256
 
 
 class ScatteringScratch(NamedTuple):
-    """Work arrays of :func:`scattering_fit` for ``L`` layers (:func:`new_scattering_scratch`); after a call the
+    """Work arrays of :func:`gbl_fit` for ``L`` layers (:func:`new_scattering_scratch`); after a call the
     first five also hold per-layer outputs of that fit."""
 
     x_circle: np.ndarray  # [L] crossing of the fitted circle [mm]
@@ -91,15 +90,15 @@ def new_scattering_scratch(n_layers):
 
 
 @jit()
-def highland_theta0(q_over_pt, x_over_x0, mass):
+def _highland_theta0(q_over_pt, x_over_x0, mass):
     """Highland RMS plane angle [rad] at ``|q/pT|`` [1/GeV] (momentum = pT) through ``x_over_x0`` radiation
-    lengths; 0 without material (model.scattering_fit.highland_theta0)."""
+    lengths; 0 without material (the Numba twin of model.scattering_fit.highland_theta0)."""
     if not x_over_x0 > 0.0:
         return 0.0
     k = abs(q_over_pt)
     gamma_term = 1.0 + (mass * k) ** 2
-    log_term = max(1.0 + 0.038 * math.log(x_over_x0 * gamma_term), 0.0)
-    return 0.0136 * k * math.sqrt(gamma_term) * math.sqrt(x_over_x0) * log_term
+    log_term = max(1.0 + HIGHLAND_LOG * math.log(x_over_x0 * gamma_term), 0.0)
+    return HIGHLAND_SCALE * k * math.sqrt(gamma_term) * math.sqrt(x_over_x0) * log_term
 
 
 @jit()
@@ -126,7 +125,7 @@ def _linearise(x_ref, sin_ref, kappa, half_span, x_over_x0, to_q_over_pt, x_min,
         scratch.jac[k, 1] = d_theta / (c_ref * half_span)
         scratch.jac[k, 2] = d_kappa * 2.0 / (half_span * half_span)
         inside = x_min <= scratch.x_circle[k] <= x_max
-        scratch.theta0[k] = highland_theta0(q_over_pt, x_over_x0[k] / c[k], MUON_MASS) if inside else 0.0
+        scratch.theta0[k] = _highland_theta0(q_over_pt, x_over_x0[k] / c[k], MUON_MASS) if inside else 0.0
     for k in range(n):
         for j in range(n):
             d = dy[k] - dy[j]
@@ -140,9 +139,9 @@ def _linearise(x_ref, sin_ref, kappa, half_span, x_over_x0, to_q_over_pt, x_min,
 @jit()
 def _inverse3(m):
     """In place: the inverse of the symmetric 3x3 ``m`` on its unit-diagonal form plus DAMPING (as the JAX fit)."""
-    d0 = 1.0 / math.sqrt(max(m[0, 0], DIAGONAL_FLOOR))
-    d1 = 1.0 / math.sqrt(max(m[1, 1], DIAGONAL_FLOOR))
-    d2 = 1.0 / math.sqrt(max(m[2, 2], DIAGONAL_FLOOR))
+    d0 = 1.0 / math.sqrt(max(m[0, 0], _DIAGONAL_FLOOR))
+    d1 = 1.0 / math.sqrt(max(m[1, 1], _DIAGONAL_FLOOR))
+    d2 = 1.0 / math.sqrt(max(m[2, 2], _DIAGONAL_FLOOR))
     a00 = 1.0 + DAMPING
     a11 = 1.0 + DAMPING
     a22 = 1.0 + DAMPING
@@ -265,7 +264,7 @@ def _solve(scratch):
 
 
 @jit()
-def scattering_fit(x, y, w, sigma, b_field, x_over_x0, x_min, x_max, steps, scratch, x_fit, pull):
+def gbl_fit(x, y, w, sigma, b_field, x_over_x0, x_min, x_max, steps, scratch, x_fit, pull):
     """Fit one track with multiple scattering (float64; model/scattering_fit.py has the method).
 
     Args (float64 arrays of the ``L`` layers): ``x`` measured crossings [mm] (ignored where ``w`` is 0),
@@ -359,12 +358,12 @@ def scattering_fit(x, y, w, sigma, b_field, x_over_x0, x_min, x_max, steps, scra
 
 
 @jit()
-def scattering_fit_removing_outliers(
+def gbl_fit_removing_outliers(
     x, y, w, sigma, b_field, x_over_x0, x_min, x_max, steps, pull_cut, max_removed, scratch, x_fit, pull, w_used
 ):
-    """:func:`scattering_fit`, then while the largest |pull| of a measured layer exceeds ``pull_cut``: remove
+    """:func:`gbl_fit`, then while the largest |pull| of a measured layer exceeds ``pull_cut``: remove
     that layer (weight 0) and refit, at most ``max_removed`` times and never below four layers of weight > 0.
-    ``w_used[L]`` gets the final weights. Returns :func:`scattering_fit`'s tuple and the number removed.
+    ``w_used[L]`` gets the final weights. Returns :func:`gbl_fit`'s tuple and the number removed.
 
     The pull of a measured layer is its residual to the fit *without* it in units of that residual's
     standard deviation (scattering included), so one outlier does not drag the others' pulls up with it.
@@ -375,7 +374,7 @@ def scattering_fit_removing_outliers(
         w_used[k] = w[k]
         if w[k] > 0.0:
             n_weighted += 1
-    result = scattering_fit(x, y, w_used, sigma, b_field, x_over_x0, x_min, x_max, steps, scratch, x_fit, pull)
+    result = gbl_fit(x, y, w_used, sigma, b_field, x_over_x0, x_min, x_max, steps, scratch, x_fit, pull)
     removed = 0
     while removed < max_removed and n_weighted > 4 and result[4] != STATUS_NONFINITE:
         worst = -1
@@ -389,7 +388,7 @@ def scattering_fit_removing_outliers(
         w_used[worst] = 0.0
         n_weighted -= 1
         removed += 1
-        result = scattering_fit(x, y, w_used, sigma, b_field, x_over_x0, x_min, x_max, steps, scratch, x_fit, pull)
+        result = gbl_fit(x, y, w_used, sigma, b_field, x_over_x0, x_min, x_max, steps, scratch, x_fit, pull)
     return result, removed
 
 
@@ -413,8 +412,8 @@ class ScatteringFitResult(NamedTuple):
 
 @jit(parallel=True)
 def fit_tracks_kernel(x, y, w, sigma, b_field, x_over_x0, x_min, x_max, steps, pull_cut, max_removed):
-    """:func:`scattering_fit_removing_outliers` of every row of ``x, w, sigma`` (float64 ``[E, L]``), in
-    parallel (``max_removed = 0``: :func:`scattering_fit` alone)."""
+    """:func:`gbl_fit_removing_outliers` of every row of ``x, w, sigma`` (float64 ``[E, L]``), in
+    parallel (``max_removed = 0``: :func:`gbl_fit` alone)."""
     n_tracks, n = x.shape
     q_over_pt = np.empty(n_tracks)
     var = np.empty(n_tracks)
@@ -434,7 +433,7 @@ def fit_tracks_kernel(x, y, w, sigma, b_field, x_over_x0, x_min, x_max, steps, p
         lo, hi = chunk_bounds(chunk, TRACKS_PER_CHUNK, n_tracks)
         scratch = new_scattering_scratch(n)
         for e in range(lo, hi):
-            (qp, v, c2, used, st), removed[e] = scattering_fit_removing_outliers(
+            (qp, v, c2, used, st), removed[e] = gbl_fit_removing_outliers(
                 x[e],
                 y,
                 w[e],
@@ -464,17 +463,6 @@ def fit_tracks_kernel(x, y, w, sigma, b_field, x_over_x0, x_min, x_max, steps, p
     return q_over_pt, var, chi2, n_used, status, x_fit, x_circle, variance, pull, kink, theta0, w_used, removed
 
 
-def detector_material(detector: DetectorConfig) -> dict[str, float]:
-    """``b_field``, ``x_over_x0`` (0 without multiple scattering), ``x_min``, ``x_max`` of ``detector``: the
-    keyword arguments of :func:`fit_tracks` (and of model.scattering_fit.scattering_fit)."""
-    return {
-        "b_field": float(detector.b_field),
-        "x_over_x0": float(detector.x_over_x0) if detector.multiple_scattering else 0.0,
-        "x_min": float(detector.x_min),
-        "x_max": float(detector.x_max),
-    }
-
-
 def fit_tracks(
     x,
     y,
@@ -485,14 +473,14 @@ def fit_tracks(
     x_over_x0,
     x_min: float = -math.inf,
     x_max: float = math.inf,
-    steps: int = DEFAULT_STEPS,
+    steps: int = GBL_STEPS,
     pull_cut: float = math.inf,
     max_removed: int = 0,
 ) -> ScatteringFitResult:
-    """NumPy-facing :func:`scattering_fit` of many tracks: ``x, w`` of shape ``[E, L]`` (or ``[L]`` for one),
+    """NumPy-facing :func:`gbl_fit` of many tracks: ``x, w`` of shape ``[E, L]`` (or ``[L]`` for one),
     ``y`` ``[L]``, ``sigma`` and ``x_over_x0`` broadcast to them (scalars, ``[L]`` or ``[E, L]``). With
     ``max_removed > 0``, up to that many layers per track whose |pull| exceeds ``pull_cut`` are removed one by
-    one, worst first (:func:`scattering_fit_removing_outliers`)."""
+    one, worst first (:func:`gbl_fit_removing_outliers`)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     x = np.asarray(x, np.float64)

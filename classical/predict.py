@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from classical.reco import ClassicalParams, Reconstruction, reconstruct
+from classical.reco import ClassicalParams, ClassicalTracks, track_events
 from pipeline.batches import split_expr
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA, fitted_crossings
@@ -68,7 +68,7 @@ def read_split(dataset: Dataset | str | Path, split: str | None = "test") -> Spl
     )
 
 
-def prediction_tables(split_hits: SplitHits, reco: Reconstruction, model: str = MODEL_NAME) -> dict[str, pl.DataFrame]:
+def prediction_tables(split_hits: SplitHits, reco: ClassicalTracks, model: str = MODEL_NAME) -> dict[str, pl.DataFrame]:
     """The three prediction tables of one reconstruction, cast to the PRED_* schemas and sorted."""
     n_events, n_layers = split_hits.x_true.shape
     n_hits = np.diff(split_hits.event_start)
@@ -122,7 +122,7 @@ def predict_classical(
     non-finite) and x_fit, the final fit's smoothed crossing of every layer (all NaN unless the fit is OK)."""
     dataset = _as_dataset(dataset)
     split_hits = read_split(dataset, split)
-    reco = reconstruct(
+    reco = track_events(
         split_hits.event_start,
         split_hits.layer,
         split_hits.strip,

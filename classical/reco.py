@@ -1,6 +1,6 @@
 """The classical reconstruction of one event and of many (Numba): clusters, road search, DAF, scattering fit.
 
-Per event (events are independent; :func:`reconstruct_events` runs them in a ``prange``, deterministic):
+Per event (events are independent; :func:`track_events_kernel` runs them in a ``prange``, deterministic):
 
 1. **Clusters** (:mod:`classical.clusters`): contiguous strips per layer, charge centroid.
 2. **Road search**: every pair (cluster on an inner-station layer, cluster on an outer-station layer)
@@ -22,7 +22,7 @@ Per event (events are independent; :func:`reconstruct_events` runs them in a ``p
    probability-weighted mean cluster, and the residuals that follow count from its smoothed crossing
    ``x_fit`` in units of ``sqrt(T) * sqrt(point_sigma^2 + var(x_fit))``.
 4. **Final fit** (:func:`final_fit`): the float64 scattering fit (General Broken Lines:
-   :func:`classical.gbl.scattering_fit_removing_outliers`) of the kept clusters' charge
+   :func:`classical.gbl.gbl_fit_removing_outliers`) of the kept clusters' charge
    centroids with point error ``fit_sigma`` and the detector's material; while a layer's |pull| exceeds
    ``pull_cut`` the worst is removed and the track refitted (at most ``max_removed``, never below four
    layers); removed layers count as not kept (weight 0 in the hit and cluster outputs). q/pT comes from the
@@ -74,24 +74,18 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-from classical.circle import (
-    STATUS_DEGENERATE,
-    STATUS_OK,
-    STATUS_TOO_FEW_LAYERS,
-    circle_x_at,
-    hyper_fit,
-)
+from classical.circle import circle_x_at, hyper_fit
 from classical.clusters import ClusterBuffers, cluster_hits, new_cluster_buffers
 from classical.gbl import (
-    DEFAULT_STEPS,
+    GBL_STEPS,
     ScatteringScratch,
-    detector_material,
+    gbl_fit,
+    gbl_fit_removing_outliers,
     new_scattering_scratch,
-    scattering_fit,
-    scattering_fit_removing_outliers,
 )
-from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig, point_resolution
+from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig, detector_material, point_resolution
 from pipeline.jit import chunk_bounds, jit, largest_span
+from pipeline.schema import STATUS_DEGENERATE, STATUS_OK, STATUS_TOO_FEW_LAYERS
 
 #: a track needs at least this many layers
 MIN_LAYERS = 3
@@ -142,8 +136,8 @@ class ClassicalParams(NamedTuple):
     scattering_temperatures: int = 0
 
 
-class Reconstruction(NamedTuple):
-    """Outputs of :func:`reconstruct_events` (NumPy). ``E`` events, ``L`` layers, ``H`` hits."""
+class ClassicalTracks(NamedTuple):
+    """Outputs of :func:`track_events_kernel` (NumPy). ``E`` events, ``L`` layers, ``H`` hits."""
 
     hit_weight: np.ndarray  # float64 [H]: 1 on the strips of the kept clusters (outliers removed), 0 elsewhere
     x_reco: np.ndarray  # float64 [E, L]: kept cluster's charge centroid [mm], 0 where none
@@ -158,7 +152,7 @@ class Reconstruction(NamedTuple):
 
 
 class RecoSettings(NamedTuple):
-    """What :func:`reconstruct_events` needs of the geometry and the :class:`ClassicalParams`, as Numba types."""
+    """What :func:`track_events_kernel` needs of the geometry and the :class:`ClassicalParams`, as Numba types."""
 
     layer_y: np.ndarray  # float64 [L]: layer planes [mm]
     seed_role: np.ndarray  # int64 [L]: see :func:`seed_roles`
@@ -181,7 +175,7 @@ class RecoSettings(NamedTuple):
 
 
 class EventScratch(NamedTuple):
-    """Scratch of :func:`reconstruct_event` for events of up to ``capacity`` hits (see :func:`new_event_scratch`)."""
+    """Scratch of :func:`track_event` for events of up to ``capacity`` hits (see :func:`new_event_scratch`)."""
 
     clusters: ClusterBuffers
     prob: np.ndarray  # float64 [capacity]: DAF probability of each cluster
@@ -418,7 +412,7 @@ def _circle_predictions(xc, yc, radius, side, layer_y, prediction, variance):
 def _scattering_refit(settings, scratch):
     """The DAF's refit with multiple scattering: each layer's clusters become one measurement (``x = sum_j p_j
     x_j / sum_j p_j``, weight ``sum_j p_j`` <= 1, point error ``fit_sigma``), fitted by
-    :func:`classical.gbl.scattering_fit`; its smoothed crossings and their variances become the
+    :func:`classical.gbl.gbl_fit`; its smoothed crossings and their variances become the
     predictions. Returns False (predictions unchanged) when the fit does not succeed."""
     layer_y = settings.layer_y
     cl_x = scratch.clusters.x
@@ -434,7 +428,7 @@ def _scattering_refit(settings, scratch):
         work[ROW_X, lay] = swx / sw if sw > 0.0 else 0.0
         work[ROW_W, lay] = min(sw, 1.0)
         work[ROW_SIGMA, lay] = settings.fit_sigma
-    status = scattering_fit(
+    status = gbl_fit(
         work[ROW_X],
         layer_y,
         work[ROW_W],
@@ -443,7 +437,7 @@ def _scattering_refit(settings, scratch):
         settings.x_over_x0,
         settings.x_min,
         settings.x_max,
-        DEFAULT_STEPS,
+        GBL_STEPS,
         scratch.fit,
         work[ROW_X_FIT],
         work[ROW_PULL],
@@ -579,7 +573,7 @@ def _choose_clusters(settings, scratch):
 def final_fit(settings, scratch):
     """Step 4 of the module doc on the chosen clusters ``scratch.chosen``: the scattering fit of their charge
     centroids (point error ``fit_sigma``), removing up to ``max_removed`` layers of |pull| > ``pull_cut``
-    (:func:`classical.gbl.scattering_fit_removing_outliers`); the removed layers are dropped from
+    (:func:`classical.gbl.gbl_fit_removing_outliers`); the removed layers are dropped from
     ``scratch.chosen``. Returns ``(q_over_pt, status)`` (status 1 without a fit when fewer than MIN_LAYERS
     are chosen); ``scratch.fit`` and ``scratch.layer_work`` hold the fit's per-layer outputs."""
     layer_y = settings.layer_y
@@ -596,7 +590,7 @@ def final_fit(settings, scratch):
             n += 1
     if n < MIN_LAYERS:
         return math.nan, STATUS_TOO_FEW_LAYERS
-    (q_over_pt, _, _, _, status), _ = scattering_fit_removing_outliers(
+    (q_over_pt, _, _, _, status), _ = gbl_fit_removing_outliers(
         work[ROW_X],
         layer_y,
         work[ROW_W],
@@ -605,7 +599,7 @@ def final_fit(settings, scratch):
         settings.x_over_x0,
         settings.x_min,
         settings.x_max,
-        DEFAULT_STEPS,
+        GBL_STEPS,
         settings.pull_cut,
         settings.max_removed,
         scratch.fit,
@@ -620,7 +614,7 @@ def final_fit(settings, scratch):
 
 
 @jit()
-def reconstruct_event(layer, strip, x, charge, settings, scratch, hit_weight, x_reco, sigma, layer_weight, x_fit):
+def track_event(layer, strip, x, charge, settings, scratch, hit_weight, x_reco, sigma, layer_weight, x_fit):
     """Reconstruct one event (hit arrays of length ``n``; ``settings``: :class:`RecoSettings`; ``scratch``:
     :class:`EventScratch` of capacity >= n). Writes ``hit_weight[n]`` and ``x_reco / sigma / layer_weight[L]``
     (the clusters of the final fit: outliers removed), ``x_fit[L]`` (the final fit's smoothed crossings, NaN
@@ -660,10 +654,10 @@ def reconstruct_event(layer, strip, x, charge, settings, scratch, hit_weight, x_
 
 
 @jit(parallel=True)
-def reconstruct_events(event_start, layer, strip, x, charge, settings):
+def track_events_kernel(event_start, layer, strip, x, charge, settings):
     """Reconstruct every event; event ``e``'s hits are rows ``event_start[e] : event_start[e + 1]`` of the
     flat hit arrays (``layer``, ``strip``: integers; ``x`` [mm], ``charge``: float64); ``settings``:
-    :class:`RecoSettings`. Returns the fields of :class:`Reconstruction` in order."""
+    :class:`RecoSettings`. Returns the fields of :class:`ClassicalTracks` in order."""
     n_events = event_start.shape[0] - 1
     n_layers = settings.layer_y.shape[0]
     hit_weight = np.zeros(layer.shape[0], np.float64)
@@ -683,7 +677,7 @@ def reconstruct_events(event_start, layer, strip, x, charge, settings):
         for e in range(lo, hi):
             a = event_start[e]
             b = event_start[e + 1]
-            r, p, c, qp, s = reconstruct_event(
+            r, p, c, qp, s = track_event(
                 layer[a:b],
                 strip[a:b],
                 x[a:b],
@@ -704,7 +698,7 @@ def reconstruct_events(event_start, layer, strip, x, charge, settings):
     return hit_weight, x_reco, sigma, layer_weight, radius, pt, q, q_over_pt, status, x_fit
 
 
-def reconstruct(
+def track_events(
     event_start,
     layer,
     strip,
@@ -712,8 +706,8 @@ def reconstruct(
     charge,
     detector: DetectorConfig,
     params: ClassicalParams | None = None,
-) -> Reconstruction:
-    """NumPy-facing :func:`reconstruct_events` for the geometry of ``detector`` (flat hit arrays, sorted by
+) -> ClassicalTracks:
+    """NumPy-facing :func:`track_events_kernel` for the geometry of ``detector`` (flat hit arrays, sorted by
     event; ``event_start`` of length ``E + 1``)."""
     params = ClassicalParams() if params is None else params
     material = detector_material(detector)
@@ -739,7 +733,7 @@ def reconstruct(
         max_removed=int(params.max_removed),
         scattering_temperatures=int(params.scattering_temperatures),
     )
-    out = reconstruct_events(
+    out = track_events_kernel(
         np.ascontiguousarray(event_start, dtype=np.int64),
         np.ascontiguousarray(layer, dtype=np.int64),
         np.ascontiguousarray(strip, dtype=np.int64),
@@ -747,4 +741,4 @@ def reconstruct(
         np.ascontiguousarray(charge, dtype=np.float64),
         settings,
     )
-    return Reconstruction(*out)
+    return ClassicalTracks(*out)

@@ -59,16 +59,13 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from model.cluster import EMPTY_LAYER_WEIGHT
 from pipeline.config import PT_PER_TESLA_METRE
+from pipeline.schema import STATUS_DEGENERATE, STATUS_NONFINITE, STATUS_OK, STATUS_TOO_FEW_LAYERS
 
-#: fit_track status codes
-STATUS_OK = 0
-#: fewer than ``min_layers`` layers carry a cluster weight of at least ``min_layer_weight``
-STATUS_TOO_FEW_LAYERS = 1
-#: the points are collinear within the float precision (sagitta < ~100 eps of their spread): the Kasa circle
-#: is undefined (radius huge or capped at ~1/eps times the spread); q_over_pt is ~0
-STATUS_DEGENERATE = 2
-#: a non-finite value came out of the fit (non-finite input)
-STATUS_NONFINITE = 3
+# fit_track's status codes (pipeline.schema's STATUS_*, the `fit_status` column): STATUS_TOO_FEW_LAYERS when fewer
+# than ``min_layers`` layers carry a cluster weight of at least ``min_layer_weight``; STATUS_DEGENERATE when the
+# points are collinear within the float precision (sagitta < ~100 eps of their spread: the Kasa circle is undefined,
+# radius huge or capped at ~1/eps times the spread; q_over_pt is ~0); STATUS_NONFINITE when a non-finite value came
+# out of the fit (non-finite input)
 
 
 #: circle fits known to :func:`fit_track` (``method=``)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from model.fit import STATUS_OK
 from model.tracker import PAPER_CHAIN, Chain, event_inputs, reconstruct_event
 from pipeline.batches import Batch, Geometry
+from pipeline.schema import STATUS_OK
 
 #: residual unit of the pT loss: a 10 % error on q/pT costs 0.5 (the BCE of a decent classifier is ~0.1-0.3)
 PT_LOSS_SCALE = 0.1

@@ -67,10 +67,10 @@ DEFAULT_CHECKPOINT = "best"
 
 
 #: the code that decides what a run trains and measures: the model package and the pipeline modules it takes
-#: numbers from (batches, the config loader, the validation sigma68). The other pipeline modules it imports
-#: name, check, lock or lay out files; a change there cannot change a trained weight
+#: numbers from (batches, the config loader, the physical constants, the validation sigma68). The other pipeline
+#: modules it imports name, check, lock or lay out files; a change there cannot change a trained weight
 #: (tests/test_provenance.py keeps this list in step with model's imports)
-TRAINING_SOURCES = ("model", "pipeline/batches.py", "pipeline/config.py", "pipeline/stats.py")
+TRAINING_SOURCES = ("model", "pipeline/batches.py", "pipeline/config.py", "pipeline/constants.py", "pipeline/stats.py")
 
 
 def code_version() -> str:

@@ -75,15 +75,9 @@ from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from model.fit import STATUS_NONFINITE, STATUS_OK, STATUS_TOO_FEW_LAYERS
-from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
+from pipeline.config import PT_PER_TESLA_METRE
+from pipeline.constants import COS_FLOOR, HIGHLAND_LOG, HIGHLAND_SCALE, MUON_MASS
 
-#: muon mass [GeV] (simulation.physics.MUON_MASS; model may not import simulation)
-MUON_MASS = 0.1056583755
-#: Highland's constants (PDG 2024 eq. 34.16), as simulation.physics.highland_sigma
-HIGHLAND_SCALE = 0.0136
-HIGHLAND_LOG = 0.038
-#: cos(theta) floor of the path length x/X0 / cos theta (as the simulation) and of the circle's direction
-COS_FLOOR = 1e-3
 #: Gauss-Newton linearisations by default (the first from a straight line, without scattering)
 DEFAULT_STEPS = 4
 #: Levenberg-Marquardt damping of the unit-diagonal 3x3 track system, in units of the float's eps
@@ -371,14 +365,3 @@ def scattering_fit(
         theta0=lin.theta0,
         status=status,
     )
-
-
-def detector_material(detector: DetectorConfig) -> dict[str, float]:
-    """The keyword arguments of :func:`scattering_fit` that describe ``detector``'s material and field:
-    ``b_field``, ``x_over_x0`` (0 without multiple scattering), ``x_min``, ``x_max``."""
-    return {
-        "b_field": float(detector.b_field),
-        "x_over_x0": float(detector.x_over_x0) if detector.multiple_scattering else 0.0,
-        "x_min": float(detector.x_min),
-        "x_max": float(detector.x_max),
-    }

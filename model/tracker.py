@@ -134,7 +134,7 @@ class Reconstruction(NamedTuple):
     pt: Float[Array, " B"]  # [GeV]
     q: Float[Array, " B"]  # +1.0 / -1.0
     q_over_pt: Float[Array, " B"]  # signed, smooth [1/GeV]
-    status: Int[Array, " B"]  # model.fit.STATUS_* (0: ok)
+    status: Int[Array, " B"]  # pipeline.schema.STATUS_* (0: ok)
     hit_weight: Float[Array, "B N"]  # the weight of each hit in the final clusters (0 on padding)
     x_fit: Float[Array, "B L"]  # the final fit's crossing of each layer [mm] (TrackEstimate.x_fit)
 
@@ -180,7 +180,7 @@ class TrackEstimate(NamedTuple):
     q: Float[Array, ...]  # +1.0 / -1.0
     q_over_pt: Float[Array, ...]  # [1/GeV], signed, smooth
     radius: Float[Array, ...]  # radius of curvature [mm]
-    status: Int[Array, ...]  # model.fit.STATUS_*
+    status: Int[Array, ...]  # pipeline.schema.STATUS_*
     x_fit: Float[Array, "... L"]  # the fitted track's crossing of each layer [mm]
 
 

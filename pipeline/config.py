@@ -184,6 +184,18 @@ def point_resolution(detector: DetectorConfig) -> float:
     return estimated_point_resolution(detector)
 
 
+def detector_material(detector: DetectorConfig) -> dict[str, float]:
+    """``b_field``, ``x_over_x0`` (0 without multiple scattering), ``x_min``, ``x_max`` of ``detector``: the
+    keyword arguments that describe its material and field to both scattering-aware fits
+    (model.scattering_fit.scattering_fit, classical.gbl.fit_tracks)."""
+    return {
+        "b_field": float(detector.b_field),
+        "x_over_x0": float(detector.x_over_x0) if detector.multiple_scattering else 0.0,
+        "x_min": float(detector.x_min),
+        "x_max": float(detector.x_max),
+    }
+
+
 @dataclass(frozen=True)
 class MuonConfig:
     """The signal muon: one per event, entering station 1."""

@@ -55,6 +55,16 @@ PRED_HITS_SCHEMA = pa.schema(
     ]
 )
 
+#: the `fit_status` codes of PRED_TRACKS_SCHEMA, which every track fit returns (model.fit, model.scattering_fit,
+#: classical.circle, classical.gbl, classical.reco): the fit is good
+STATUS_OK = 0
+#: fewer layers than the fit needs
+STATUS_TOO_FEW_LAYERS = 1
+#: the circle is undefined: collinear (or coincident) points, a vanishing determinant, no positive weight
+STATUS_DEGENERATE = 2
+#: a non-finite value came out of the fit
+STATUS_NONFINITE = 3
+
 #: REPORT/predictions/tracks.parquet
 PRED_TRACKS_SCHEMA = pa.schema(
     [
@@ -64,7 +74,7 @@ PRED_TRACKS_SCHEMA = pa.schema(
         pa.field("q_pred", pa.int8()),
         pa.field("q_over_pt_pred", pa.float32()),
         pa.field("radius", pa.float32()),  # fitted radius [mm]
-        pa.field("fit_status", pa.int8()),  # 0 ok, >0 a failed or degenerate fit
+        pa.field("fit_status", pa.int8()),  # STATUS_OK (0) ok, >0 a failed or degenerate fit (STATUS_*)
         # the fitted track's crossing x of each layer [mm], one per layer; all NaN when the fit failed
         pa.field("x_fit", pa.list_(pa.float32())),
     ]
@@ -76,7 +86,7 @@ def fitted_crossings(x_fit: np.ndarray, status: np.ndarray, q_over_pt: np.ndarra
     on every layer of an event whose fit failed (``status != 0`` or a non-finite ``q_over_pt``, the failed fits
     of docs/contracts.md) and wherever a crossing is not finite."""
     x_fit = np.asarray(x_fit, np.float32)
-    failed = (np.asarray(status) != 0) | ~np.isfinite(np.asarray(q_over_pt))
+    failed = (np.asarray(status) != STATUS_OK) | ~np.isfinite(np.asarray(q_over_pt))
     return np.where(failed[:, None] | ~np.isfinite(x_fit), np.float32(np.nan), x_fit)
 
 

@@ -21,12 +21,9 @@ import math
 import numpy as np
 
 from pipeline.config import PT_PER_TESLA_METRE
+from pipeline.constants import COS_FLOOR, HIGHLAND_LOG, HIGHLAND_SCALE, MUON_MASS
 from pipeline.jit import jit
 from simulation.rng import rng_normal
-
-#: muon mass [GeV] (PDG); also used for the extra tracks' beta in the Highland formula
-MUON_MASS = 0.1056583755
-
 
 # ---- scalar kernels ------------------------------------------------------------------------------------
 
@@ -68,7 +65,9 @@ def highland_sigma(p, mass, x_over_x0):
     if x_over_x0 <= 0.0:
         return 0.0
     beta = p / math.sqrt(p * p + mass * mass)
-    return 0.0136 / (beta * p) * math.sqrt(x_over_x0) * (1.0 + 0.038 * math.log(x_over_x0 / (beta * beta)))
+    return (
+        HIGHLAND_SCALE / (beta * p) * math.sqrt(x_over_x0) * (1.0 + HIGHLAND_LOG * math.log(x_over_x0 / (beta * beta)))
+    )
 
 
 # ---- array kernels -------------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def propagate_track(
         x_out[layer] = x
         n_reached += 1
         if x_over_x0 > 0.0 and x_min <= x <= x_max:
-            path = x_over_x0 / max(math.cos(theta), 1e-3)
+            path = x_over_x0 / max(math.cos(theta), COS_FLOOR)
             theta += highland_sigma(momentum, MUON_MASS, path) * rng_normal(state)
     return n_reached
 

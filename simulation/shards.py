@@ -62,8 +62,9 @@ MAX_EVENTS = 10**9
 def code_version() -> str:
     """Version of the simulation code (pipeline.provenance), recorded in the manifest and every shard, so rows
     can be traced to the code that drew them and an interrupted dataset is not resumed by different code.
-    It covers pipeline/jit.py too: the simulation's jit options and its shared Numba helpers live there."""
-    return provenance.code_version("simulation", "pipeline/jit.py")
+    It covers pipeline/jit.py too: the simulation's jit options and its shared Numba helpers live there; and
+    pipeline/constants.py: the muon mass and the Highland constants it scatters with."""
+    return provenance.code_version("simulation", "pipeline/jit.py", "pipeline/constants.py")
 
 
 def plan_shards(n_events: int, config: SimConfig) -> list[tuple[int, int, int]]:

@@ -15,21 +15,25 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from classical import (
+    ClassicalParams,
+    find_clusters,
+    hyper_circle_fit_f64,
+    predict_classical,
+    read_split,
+    track_events,
+)
+from classical.gbl import GBL_STEPS, gbl_fit, new_scattering_scratch
+from pipeline.batches import split_expr
+from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, SimConfig, detector_material, point_resolution
+from pipeline.dataset import open_dataset
+from pipeline.schema import (
+    PRED_CLUSTERS_SCHEMA,
+    PRED_HITS_SCHEMA,
+    PRED_TRACKS_SCHEMA,
     STATUS_DEGENERATE,
     STATUS_NONFINITE,
     STATUS_OK,
-    ClassicalParams,
-    find_clusters,
-    hyper_circle_fit,
-    predict_classical,
-    read_split,
-    reconstruct,
 )
-from classical.gbl import DEFAULT_STEPS, detector_material, new_scattering_scratch, scattering_fit
-from pipeline.batches import split_expr
-from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, SimConfig, point_resolution
-from pipeline.dataset import open_dataset
-from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
 from simulation.shards import simulate_dataset
 from tests.sim_reference import strip_fraction_erf
 from tests.synthetic_events import DETECTOR, LAYER_Y, crossings
@@ -120,7 +124,7 @@ def sigma68(r: np.ndarray) -> float:
 
 
 def scattering_reference(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(q/pT [E], pulls [E, L])`` of :func:`classical.gbl.scattering_fit` called directly on each
+    """``(q/pT [E], pulls [E, L])`` of :func:`classical.gbl.gbl_fit` called directly on each
     row of points ``x`` [E, L] with weights ``weight`` (0/1; x ignored where 0), the point error of
     ClassicalParams and the detector's material; every fit must succeed."""
     x, weight = np.atleast_2d(x), np.atleast_2d(weight).astype(np.float64)
@@ -131,7 +135,7 @@ def scattering_reference(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray,
     q_over_pt, pulls, x_fit = np.empty(len(x)), np.empty(x.shape), np.empty(N_LAYERS)
     for e in range(len(x)):
         row = np.ascontiguousarray(np.where(weight[e] > 0, x[e], 0.0))
-        result = scattering_fit(
+        result = gbl_fit(
             row,
             LAYER_Y,
             np.ascontiguousarray(weight[e]),
@@ -140,7 +144,7 @@ def scattering_reference(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray,
             x_over_x0,
             material["x_min"],
             material["x_max"],
-            DEFAULT_STEPS,
+            GBL_STEPS,
             scratch,
             x_fit,
             pulls[e],
@@ -181,7 +185,7 @@ def digitise(deposits) -> dict[str, np.ndarray]:
 
 
 def reconstruct_one(hits: dict[str, np.ndarray], params: ClassicalParams | None = None):
-    return reconstruct(
+    return track_events(
         np.array([0, len(hits["layer"])]), hits["layer"], hits["strip"], hits["x"], hits["charge"], DETECTOR, params
     )
 
@@ -207,7 +211,7 @@ def test_hyper_fit_matches_the_generalised_eigenvalue_solution_on_noisy_arcs():
             x = 3.0 + radius * np.cos(phi) + rng.normal(0, 0.02 * radius, 12)
             y = -2.0 + radius * np.sin(phi) + rng.normal(0, 0.02 * radius, 12)
         w = rng.uniform(0.1, 1.0, len(x)) if trial % 2 else None
-        xc, yc, radius, status = hyper_circle_fit(x, y, w)
+        xc, yc, radius, status = hyper_circle_fit_f64(x, y, w)
         assert status == STATUS_OK
         ref = hyper_fit_eig(x, y, w)
         assert_allclose([xc, yc, radius], ref, rtol=1e-9, atol=1e-9 * ref[2])
@@ -222,19 +226,19 @@ def test_hyper_fit_is_exact_on_exact_circles():
         xc_true = x0 + q * radius * math.cos(theta0)  # the centre is on the +x side for q > 0
         yc_true = -q * radius * math.sin(theta0)
         x = crossings(pt, q, x0, theta0)
-        xc, yc, r, status = hyper_circle_fit(x, LAYER_Y, rng.uniform(0.5, 1.0, N_LAYERS))
+        xc, yc, r, status = hyper_circle_fit_f64(x, LAYER_Y, rng.uniform(0.5, 1.0, N_LAYERS))
         assert status == STATUS_OK
         assert_allclose([xc, yc, r], [xc_true, yc_true, radius], rtol=1e-9, atol=1e-9 * radius)
     phi = np.linspace(0.0, 2.0, 7)
-    assert_allclose(hyper_circle_fit(5.0 + 2.0 * np.cos(phi), -1.0 + 2.0 * np.sin(phi))[:3], [5.0, -1.0, 2.0])
+    assert_allclose(hyper_circle_fit_f64(5.0 + 2.0 * np.cos(phi), -1.0 + 2.0 * np.sin(phi))[:3], [5.0, -1.0, 2.0])
 
 
 def test_hyper_fit_reports_degenerate_and_nonfinite_input():
     y = np.arange(5.0) * 100.0
-    assert hyper_circle_fit(0.3 * y + 2.0, y)[3] == STATUS_DEGENERATE  # collinear
-    assert hyper_circle_fit(np.ones(5), np.ones(5))[3] == STATUS_DEGENERATE  # one point
-    assert hyper_circle_fit(y, y[::-1], np.zeros(5))[3] == STATUS_DEGENERATE  # no weight
-    assert hyper_circle_fit(np.array([0.0, 1.0, np.nan, 3.0]), np.arange(4.0))[3] == STATUS_NONFINITE
+    assert hyper_circle_fit_f64(0.3 * y + 2.0, y)[3] == STATUS_DEGENERATE  # collinear
+    assert hyper_circle_fit_f64(np.ones(5), np.ones(5))[3] == STATUS_DEGENERATE  # one point
+    assert hyper_circle_fit_f64(y, y[::-1], np.zeros(5))[3] == STATUS_DEGENERATE  # no weight
+    assert hyper_circle_fit_f64(np.array([0.0, 1.0, np.nan, 3.0]), np.arange(4.0))[3] == STATUS_NONFINITE
 
 
 # ---- clustering ------------------------------------------------------------------------------------------
@@ -403,7 +407,7 @@ def test_without_background_the_final_fit_is_the_scattering_fit_of_the_truth_cha
     pull beyond the cut (the worst one first)."""
     centroid, hits, events = _truth_centroids(quiet_dataset, "train")
     split = read_split(quiet_dataset, "train")
-    reco = reconstruct(split.event_start, split.layer, split.strip, split.x, split.charge, DETECTOR)
+    reco = track_events(split.event_start, split.layer, split.strip, split.x, split.charge, DETECTOR)
     has_signal = np.isfinite(centroid)
     assert has_signal.sum(axis=1).min() >= 3
     assert np.mean(has_signal) > 0.99
@@ -433,7 +437,7 @@ def test_without_background_the_final_fit_is_the_scattering_fit_of_the_truth_cha
     assert np.all(removed[lost, np.argmax(worst[lost], axis=1)])
 
     # the same clusters when the annealing filter's last refits are scattering fits
-    scattering_daf = reconstruct(
+    scattering_daf = track_events(
         split.event_start,
         split.layer,
         split.strip,
@@ -532,7 +536,7 @@ def test_resolution_beats_the_centroid_of_all_strips_the_road_alone_and_the_hype
     for e in range(len(x_reco)):
         if kept[e].sum() >= 3:
             xs = x_reco[e, kept[e]]
-            xc, _, radius, status = hyper_circle_fit(xs, LAYER_Y[kept[e]])
+            xc, _, radius, status = hyper_circle_fit_f64(xs, LAYER_Y[kept[e]])
             hyper[e] = q_over_pt_of_circle(xc, radius, xs[0]) if status == STATUS_OK else np.nan
     r_hyper = hyper / q_over_pt_true - 1.0
     hyper_s68 = sigma68(r_hyper[np.isfinite(r_hyper)])
@@ -547,7 +551,7 @@ def test_resolution_beats_the_centroid_of_all_strips_the_road_alone_and_the_hype
     for (event_id,), group in all_strips.group_by(["event_id"]):
         group = group.sort("layer")
         xs, ys = group["centroid"].to_numpy(), LAYER_Y[group["layer"].to_numpy()]
-        xc, _, radius, status = hyper_circle_fit(xs, ys)
+        xc, _, radius, status = hyper_circle_fit_f64(xs, ys)
         naive[event_id] = q_over_pt_of_circle(xc, radius, xs[0]) if status == STATUS_OK else np.nan
     r_naive = np.array([naive.get(e, np.nan) for e in events["event_id"].to_list()]) / q_over_pt_true - 1.0
     naive_s68 = sigma68(r_naive[np.isfinite(r_naive)])

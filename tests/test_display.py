@@ -17,10 +17,10 @@ from analysis.display import display_choices, draw, event_display
 from analysis.report import write_report
 from analysis.report_folder import EVENT_DISPLAY_NAME, FIGURES_DIR, PREDICTIONS_DIR, REPORT_NAME
 from classical import predict_classical
-from classical.gbl import detector_material, fit_tracks
+from classical.gbl import fit_tracks
 from model.inference import predict_truth
 from pipeline.batches import split_expr
-from pipeline.config import point_resolution
+from pipeline.config import detector_material, point_resolution
 from pipeline.dataset import open_dataset
 from pipeline.schema import PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA, fitted_crossings
 from tests.helpers import assert_one_line_error, placeholder_figures, run_muontrack, snapshot

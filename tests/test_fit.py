@@ -15,16 +15,9 @@ import pytest
 import scipy.linalg
 from numpy.testing import assert_allclose
 
-from model.fit import (
-    FIT_METHODS,
-    STATUS_DEGENERATE,
-    STATUS_OK,
-    STATUS_TOO_FEW_LAYERS,
-    fit_track,
-    hyper_circle_fit,
-    kasa_circle_fit,
-)
+from model.fit import FIT_METHODS, fit_track, hyper_circle_fit, kasa_circle_fit
 from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
+from pipeline.schema import STATUS_DEGENERATE, STATUS_OK, STATUS_TOO_FEW_LAYERS
 from tests.helpers import central_differences
 
 LAYER_Y = DetectorConfig().layer_y()  # float64 [16], 0 .. 1575 mm
@@ -298,7 +291,7 @@ def test_fit_with_a_single_weighted_layer_is_finite_with_a_failure_status():
     """Seen in e2e training: all hit weights driven to ~0 but one layer; the loss must not turn NaN."""
     import jax
 
-    from model.fit import STATUS_OK, fit_track
+    from model.fit import fit_track
 
     y_layers = jnp.linspace(0.0, 1575.0, 16)
     x_hat = jnp.linspace(-3.0, 3.0, 16)

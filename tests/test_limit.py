@@ -27,12 +27,20 @@ from analysis.limit import (
     pt_bin_index,
 )
 from analysis.metrics import pt_bin_expr
-from classical.gbl import detector_material, fit_tracks
-from pipeline.config import PT_PER_TESLA_METRE, BackgroundConfig, DetectorConfig, MuonConfig, SimConfig
+from classical.gbl import fit_tracks
+from pipeline.config import (
+    PT_PER_TESLA_METRE,
+    BackgroundConfig,
+    DetectorConfig,
+    MuonConfig,
+    SimConfig,
+    detector_material,
+)
+from pipeline.constants import MUON_MASS
 from pipeline.dataset import open_dataset
 from pipeline.stats import sigma68
 from simulation.generate import generate_events
-from simulation.physics import MUON_MASS, curvature, step_to_plane
+from simulation.physics import curvature, step_to_plane
 from simulation.physics import highland_sigma as sim_highland
 
 DETECTOR = DetectorConfig()

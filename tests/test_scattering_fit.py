@@ -19,11 +19,10 @@ import pytest
 from numpy.testing import assert_allclose
 
 from analysis.limit import cramer_rao_sigma, pt_bin_index
-from classical.circle import STATUS_NONFINITE, STATUS_OK, STATUS_TOO_FEW_LAYERS
-from classical.gbl import detector_material, fit_tracks
-from model.scattering_fit import detector_material as jax_detector_material
+from classical.gbl import fit_tracks
 from model.scattering_fit import scattering_fit
-from pipeline.config import SimConfig
+from pipeline.config import SimConfig, detector_material
+from pipeline.schema import STATUS_NONFINITE, STATUS_OK, STATUS_TOO_FEW_LAYERS
 from simulation.generate import generate_events
 from tests.helpers import central_differences
 from tests.test_limit import DETECTOR, LAYER_Y, NO_BACKGROUND, linear_model, propagate
@@ -211,14 +210,11 @@ def test_status_of_the_float64_fit():
 
 # ---- the JAX fit -----------------------------------------------------------------------------------------------
 
-JAX_MATERIAL = jax_detector_material(DETECTOR)
-assert JAX_MATERIAL == MATERIAL
-
 
 @jax.jit
 @jax.vmap
 def _jax_fit(x, w, sigma):
-    return scattering_fit(x, LAYER_Y, w, sigma, **JAX_MATERIAL)
+    return scattering_fit(x, LAYER_Y, w, sigma, **MATERIAL)
 
 
 def _simulated_measurements(n, seed, sigma=0.005):
@@ -261,7 +257,7 @@ def test_jax_fit_agrees_with_the_float64_fit():
 
 def _objective(x, w, sigma):
     """Every output at once: q/pT, its variance, chi2, the crossings and the pulls (weighted to O(1))."""
-    fit = scattering_fit(x, LAYER_Y, w, sigma, **JAX_MATERIAL)
+    fit = scattering_fit(x, LAYER_Y, w, sigma, **MATERIAL)
     ramp = jnp.linspace(0.5, 1.5, N_LAYERS)
     return (
         fit.q_over_pt * 30
@@ -314,10 +310,8 @@ def test_gradients_equal_finite_differences_float64(case):
 
 
 _objective_grad_f32 = jax.jit(jax.value_and_grad(_objective, argnums=(0, 1, 2)))
-_fit_one = jax.jit(lambda x, w, sigma: scattering_fit(x, LAYER_Y, w, sigma, **JAX_MATERIAL))
-_q_over_pt_grad_x = jax.jit(
-    jax.grad(lambda x, w, sigma: scattering_fit(x, LAYER_Y, w, sigma, **JAX_MATERIAL).q_over_pt)
-)
+_fit_one = jax.jit(lambda x, w, sigma: scattering_fit(x, LAYER_Y, w, sigma, **MATERIAL))
+_q_over_pt_grad_x = jax.jit(jax.grad(lambda x, w, sigma: scattering_fit(x, LAYER_Y, w, sigma, **MATERIAL).q_over_pt))
 
 
 @pytest.mark.slow
@@ -348,4 +342,4 @@ def test_jax_status_of_non_finite_input():
     assert int(fit.status) == STATUS_NONFINITE
     assert float(fit.q_over_pt) == 0.0
     with pytest.raises(ValueError, match="steps"):
-        scattering_fit(x, LAYER_Y, w, 0.006, **JAX_MATERIAL, steps=0)
+        scattering_fit(x, LAYER_Y, w, 0.006, **MATERIAL, steps=0)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from model.fit import STATUS_OK, STATUS_TOO_FEW_LAYERS
 from model.tracker import (
     PAPER_CHAIN,
     ROBUST_CHAIN,
@@ -18,6 +17,7 @@ from model.tracker import (
     reconstruct_event,
     soft_assignment,
 )
+from pipeline.schema import STATUS_OK, STATUS_TOO_FEW_LAYERS
 from tests.synthetic_events import GEOMETRY, make_batch
 
 
