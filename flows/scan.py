@@ -206,10 +206,9 @@ def scan_point(
 @task(name="write-scan-report", cache_policy=NONE, persist_result=False)
 def write_scan_report(out: str, records: list[dict[str, Any]], context: dict[str, Any]) -> dict[str, Any]:
     """The scan report in OUT/scan (analysis.scan_report.write_scan_report); returns its paths."""
-    from analysis.scan_report import SCAN_DIR
-    from analysis.scan_report import write_scan_report as build
+    from analysis import scan_report
 
-    return build(Path(out) / SCAN_DIR, records, context)
+    return scan_report.write_scan_report(Path(out) / scan_report.SCAN_DIR, records, context)
 
 
 def _scan_run_name() -> str:

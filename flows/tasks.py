@@ -49,7 +49,7 @@ def simulate_shard(
     a line at least every flows.logs.HEARTBEAT_SECONDS (the first shard compiles the Numba kernels)."""
     from flows.logs import Heartbeat
     from pipeline.config import SimConfig
-    from simulation.shards import simulate_shard as write_shard
+    from simulation import shards
 
     if numba_threads > 0:
         import numba
@@ -58,16 +58,16 @@ def simulate_shard(
     config = SimConfig.from_dict(json.loads(config_json))
     what = f"simulating shard {shard_index}: {n_events} events from event {first_event_id}"
     with Heartbeat(_run_logger().info, what):
-        return write_shard(Path(out), config, seed, shard_index, first_event_id, n_events)
+        return shards.simulate_shard(Path(out), config, seed, shard_index, first_event_id, n_events)
 
 
 @task(name="finalize-dataset", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)
 def finalize_dataset(out: str, config_json: str, seed: int, shard_entries: list[dict]) -> dict:
     """Write the manifest last: the dataset becomes complete and readable."""
     from pipeline.config import SimConfig
-    from simulation.shards import finalize_dataset as write_manifest
+    from simulation import shards
 
-    return write_manifest(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
+    return shards.finalize_dataset(Path(out), SimConfig.from_dict(json.loads(config_json)), seed, shard_entries)
 
 
 @task(name="train-model", cache_key_fn=_cache_key, persist_result=True)
@@ -160,7 +160,7 @@ def write_report(
     end, and a line at least every flows.logs.HEARTBEAT_SECONDS in between (flows.logs.Heartbeat)."""
     import time
 
-    from analysis.report import write_report as build
+    from analysis import report
     from flows.logs import Heartbeat
     from pipeline.dataset import open_dataset
 
@@ -169,7 +169,7 @@ def write_report(
         dataset = open_dataset(Path(data))
         paths = [Path(r) for r in runs]
         context = commands.report_context(Path(data), paths, checkpoint)
-        summary = build(
+        summary = report.write_report(
             Path(staging or out),
             dataset.hits(),
             dataset.events(),
