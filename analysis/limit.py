@@ -269,7 +269,7 @@ def clean_cluster_residuals(hits: pl.DataFrame | pl.LazyFrame, events: pl.DataFr
     )
 
 
-def point_resolution(residuals) -> dict[str, float]:
+def residual_summary(residuals) -> dict[str, float]:
     """Summary of cluster residuals [mm]: ``sigma68`` (pipeline.stats), ``rms``, ``mean``, ``clusters``."""
     r = np.asarray(residuals, np.float64)
     r = r[np.isfinite(r)]

@@ -768,7 +768,7 @@ def resolution_limit(
     clean = cramer_rao.clean_cluster_residuals(hits, events)
     if clean.height == 0:
         raise ValueError("no clean cluster in the evaluated events")
-    point = cramer_rao.point_resolution(clean["residual"])
+    point = cramer_rao.residual_summary(clean["residual"])
     bounds = cramer_rao.event_bounds(events, detector, point["rms"])
     relative = bounds["relative_sigma"].to_numpy()
     bounded = np.isfinite(relative)

@@ -93,7 +93,7 @@ def measure(data: Path, split: str | None, sigma: float | None, pull_cut: float,
     import numpy as np
     import polars as pl
 
-    from analysis.limit import clean_cluster_residuals, event_bounds, limit_table, point_resolution
+    from analysis.limit import clean_cluster_residuals, event_bounds, limit_table, residual_summary
     from classical.gbl import fit_tracks
     from pipeline.batches import split_expr
     from pipeline.config import detector_material
@@ -107,7 +107,7 @@ def measure(data: Path, split: str | None, sigma: float | None, pull_cut: float,
     hits = dataset.hits().filter(keep)
     n_events, n_layers = events.height, detector.n_layers
 
-    resolution = point_resolution(clean_cluster_residuals(hits, events)["residual"])
+    resolution = residual_summary(clean_cluster_residuals(hits, events)["residual"])
     lines = [
         f"resolution clusters={resolution['clusters']} sigma68_mm={resolution['sigma68']:.5f} "
         f"rms_mm={resolution['rms']:.5f}"

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import provenance
 from pipeline.config import SimConfig
+from pipeline.contract import MAX_SEED  # the generator seeds each event from a 64-bit mix of (seed, event_id)
 from pipeline.dataset import (
     MANIFEST_NAME,
     META_CONFIG,
@@ -51,8 +52,6 @@ from pipeline.locks import exclusive_writer
 if TYPE_CHECKING:
     from simulation.generate import ShardBuffers
 
-#: the generator seeds each event from a 64-bit mix of (seed, event_id)
-MAX_SEED = 2**64 - 1
 #: the most events one dataset may hold: about 0.8 TB of Parquet with the default detector, and a manifest of
 #: 50 000 shards at the default shard size (memory stays bounded by the shards in flight whatever the count)
 MAX_EVENTS = 10**9

@@ -12,9 +12,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analysis.limit import clean_cluster_residuals, point_resolution
-from pipeline.config import DETECTORS, POINT_RESOLUTION, BackgroundConfig, DetectorConfig, SimConfig, detector_name
-from pipeline.config import point_resolution as configured_point_resolution
+from analysis.limit import clean_cluster_residuals, residual_summary
+from pipeline.config import (
+    DETECTORS,
+    POINT_RESOLUTION,
+    BackgroundConfig,
+    DetectorConfig,
+    SimConfig,
+    detector_name,
+    point_resolution,
+)
 from pipeline.dataset import open_dataset
 from pipeline.errors import ConfigError
 from pipeline.resolution import estimated_point_resolution
@@ -37,7 +44,7 @@ def test_the_realistic_detector_resolves_clean_clusters_to_about_100_um():
     and the measured figure the fits assume (POINT_RESOLUTION, 96.6 um on 5000 events with background),
     measured here on other events without background."""
     hits, events = _frames(SimConfig(detector=REALISTIC, background=QUIET), 1500)
-    measured = point_resolution(clean_cluster_residuals(hits, events)["residual"])
+    measured = residual_summary(clean_cluster_residuals(hits, events)["residual"])
     assert measured["clusters"] > 20_000
     rms = measured["rms"]
     assert 0.085 < rms < 0.115
@@ -45,7 +52,7 @@ def test_the_realistic_detector_resolves_clean_clusters_to_about_100_um():
     assert abs(rms / POINT_RESOLUTION["realistic"] - 1) < 0.06
     # the default detector's centroid is 20x better: the noise, not the sampling, makes the realistic figure
     default_hits, default_events = _frames(SimConfig(background=QUIET), 300)
-    default_rms = point_resolution(clean_cluster_residuals(default_hits, default_events)["residual"])["rms"]
+    default_rms = residual_summary(clean_cluster_residuals(default_hits, default_events)["residual"])["rms"]
     assert default_rms < 0.006
 
 
@@ -56,8 +63,8 @@ def test_the_estimate_for_unnamed_detectors_agrees_with_the_measured_figures():
         assert abs(estimated_point_resolution(DETECTORS[name]) / measured - 1) < 0.06, name
     noisier = dataclasses.replace(REALISTIC, electronic_noise=0.09, threshold=0.315)
     assert detector_name(noisier) == "custom"
-    assert configured_point_resolution(noisier) == estimated_point_resolution(noisier)
-    assert configured_point_resolution(noisier) > POINT_RESOLUTION["realistic"] * 1.2
+    assert point_resolution(noisier) == estimated_point_resolution(noisier)
+    assert point_resolution(noisier) > POINT_RESOLUTION["realistic"] * 1.2
 
 
 def test_charge_muon_is_the_muons_charge_and_zero_elsewhere():

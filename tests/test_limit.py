@@ -23,8 +23,8 @@ from analysis.limit import (
     highland_sigma,
     limit_table,
     mixture_sigma68,
-    point_resolution,
     pt_bin_index,
+    residual_summary,
 )
 from analysis.metrics import pt_bin_expr
 from classical.gbl import fit_tracks
@@ -233,7 +233,7 @@ def test_clean_cluster_resolution_and_event_bounds(tiny_dataset):
     clean = clean_cluster_residuals(dataset.hits(), events)
     crossings = int(np.isfinite(np.asarray(events["x_true"].to_list(), np.float64)).sum())
     assert 0.8 * crossings < clean.height < crossings  # background touches some of the muon's clusters
-    summary = point_resolution(clean["residual"])
+    summary = residual_summary(clean["residual"])
     # a clean charge centroid is worth far less than a strip (pitch / sqrt(12) = 0.144 mm)
     assert 0 < summary["sigma68"] < 0.02
     assert summary["clusters"] == clean.height
@@ -280,7 +280,7 @@ def test_the_limit_row_of_an_evaluation(tiny_dataset):
     # the same numbers from the module's parts on the chosen events
     selected = events.filter(pl.col("event_id").is_in(chosen.tolist()))
     hits = dataset.hits().filter(pl.col("event_id").is_in(chosen.tolist()))
-    point = point_resolution(clean_cluster_residuals(hits, selected)["residual"])
+    point = residual_summary(clean_cluster_residuals(hits, selected)["residual"])
     assert (limit.point_sigma, limit.clusters) == (point["rms"], point["clusters"])
     bounds = event_bounds(selected, DETECTOR, point["rms"])["relative_sigma"].to_numpy()
     assert np.isinf(bounds).sum() == 2
