@@ -524,6 +524,24 @@ def _resume_hint(path: Path) -> str:
     )
 
 
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the complete dataset folder ``path``, checked for its format and keys only: no shard file is
+    looked at (:func:`open_dataset` checks them). What a cache key of the dataset needs (config hash, seed, events)
+    without opening it. DatasetError (one line, as open_dataset's) for a missing, incomplete or foreign folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset {path} does not exist")
+    if not path.is_dir():
+        raise DatasetError(f"{path} is a file, not a dataset folder")
+    for name in (MANIFEST_NAME, *TABLES):
+        refuse_symlink(path / name)
+    if not (path / MANIFEST_NAME).is_file():
+        if (path / STAGING_DIR).is_dir() or (path / "hits").is_dir():
+            raise DatasetError(f"incomplete dataset {path} (no {MANIFEST_NAME}): {_resume_hint(path)}")
+        raise DatasetError(f"{path} is not a muontrack dataset (no {MANIFEST_NAME})")
+    return _read_manifest(path)
+
+
 def open_dataset(path: str | Path, verify: bool = True) -> Dataset:
     """Open a complete dataset folder, checking it against its manifest.
 
@@ -537,17 +555,7 @@ def open_dataset(path: str | Path, verify: bool = True) -> Dataset:
     rows' contract (values, ranges, ids, counts), of files not verified before in their present state.
     """
     path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"dataset {path} does not exist")
-    if not path.is_dir():
-        raise DatasetError(f"{path} is a file, not a dataset folder")
-    for name in (MANIFEST_NAME, *TABLES):
-        refuse_symlink(path / name)
-    if not (path / MANIFEST_NAME).is_file():
-        if (path / STAGING_DIR).is_dir() or (path / "hits").is_dir():
-            raise DatasetError(f"incomplete dataset {path} (no {MANIFEST_NAME}): {_resume_hint(path)}")
-        raise DatasetError(f"{path} is not a muontrack dataset (no {MANIFEST_NAME})")
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     try:
         config = SimConfig.from_dict(manifest["config"])
     except ConfigError as err:
