@@ -180,13 +180,12 @@ def train(
 ) -> None:
     """Train a tracker on a dataset; RUN/training_curves.png is redrawn after every epoch."""
     overrides = _training_overrides(config, preset.value) if config is not None else None
-    from flows.commands import write_training_curves
-    from model.train import train_run
+    from flows.commands import train as train_model
 
-    summary = train_run(
+    summary = train_model(
         data,
-        model=model.value,
-        out=out,
+        model.value,
+        out,
         preset=preset.value,
         epochs=epochs,
         seed=seed,
@@ -194,7 +193,6 @@ def train(
         progress=True,
         estimator=estimator.value if estimator else None,
         overrides=overrides,
-        on_epoch=lambda _info: write_training_curves(out),
     )
     typer.echo(f"trained {model.value} -> {out} ({summary})")
 

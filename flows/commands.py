@@ -1,7 +1,11 @@
 """The library functions the flows and the CLI call: each step of the pipeline as a plain function.
 
 Prefect tasks (``flows.tasks``) wrap these one to one, so every step can be called, tested and reused
-without Prefect.
+without Prefect. Each command has one path: :func:`evaluate` is the one sequence of an evaluation (``muontrack
+evaluate`` runs it with plain steps, :func:`evaluate_runs`; the ``evaluate`` flow with its Prefect tasks as the
+steps), and :func:`train` the one of a training (``muontrack train`` and the ``train-model`` task). The dataset is
+opened once per command (:func:`pipeline.dataset.open_dataset` verifies it) and the opened
+:class:`~pipeline.dataset.Dataset` passed on to every step.
 """
 
 from __future__ import annotations
@@ -14,15 +18,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from analysis.report_folder import PREDICTION_TABLES, PREDICTIONS_DIR, REPORT_NAME, SUMMARY_NAME
+from analysis.report_folder import PREDICTION_TABLES, PREDICTIONS_DIR, REPORT_NAME, SUMMARY_NAME, prediction_path
 from pipeline import provenance
 from pipeline.errors import ConfigError, DatasetError, MuontrackError, RunError
 from pipeline.locks import exclusive_writer
 from pipeline.registry import CPU_JOB_MODELS, TEST_JOB_MODELS, TRAINED_MODELS
+
+if TYPE_CHECKING:
+    from pipeline.dataset import Dataset
 
 #: the checkpoint evaluation loads unless told (model.run_folder.DEFAULT_CHECKPOINT, without importing JAX here)
 DEFAULT_CHECKPOINT = "best"
@@ -82,6 +89,21 @@ def run_folder_name(model: str, preset: str, data_key: str) -> str:
 def code_version() -> str:
     """Version of all the project's code (pipeline.provenance): cache keys change when any source does."""
     return provenance.code_version("simulation", "pipeline", "model", "classical", "analysis", "flows")
+
+
+def opened(data: Dataset | str | Path) -> Dataset:
+    """``data`` itself when it is an opened :class:`~pipeline.dataset.Dataset`, else the dataset folder ``data``
+    opened (and verified: :func:`pipeline.dataset.open_dataset`). Every step takes either, so that a command opens
+    its dataset once and hands the opened one on."""
+    from pipeline.dataset import Dataset, open_dataset
+
+    return data if isinstance(data, Dataset) else open_dataset(data)
+
+
+def dataset_key(manifest: dict[str, Any]) -> str:
+    """What a task's cache key takes of a dataset (its manifest, :attr:`Dataset.manifest` or
+    :func:`pipeline.dataset.read_manifest`): config hash, seed and number of events."""
+    return f"{manifest['config_hash']}-{manifest['seed']}-{manifest['n_events']}"
 
 
 def _check_report_out(out: Path, context: dict[str, Any] | None = None, overwrite: bool = False) -> None:
@@ -173,9 +195,7 @@ class _PredictionProgress:
         return tables
 
 
-def _check_predictable(
-    dataset: Any, data: Path, runs: list[Path], checkpoint: str = DEFAULT_CHECKPOINT
-) -> tuple[int, int]:
+def _check_predictable(dataset: Dataset, runs: list[Path], checkpoint: str = DEFAULT_CHECKPOINT) -> tuple[int, int]:
     """``(test events, the largest test event's hits)``; DatasetError for a dataset without test events,
     RunError for a run that cannot be evaluated with ``checkpoint`` on it (model.inference.check_run: missing, not
     a run, unfinished, no such checkpoint, another detector) and for two runs of one model. Checked before any
@@ -187,7 +207,7 @@ def _check_predictable(
     n_test, max_hits = split_summary(dataset, "test")
     if n_test == 0:
         raise DatasetError(
-            f"dataset {data} has no events in the test split ({dataset.n_events} events, of which about "
+            f"dataset {dataset.path} has no events in the test split ({dataset.n_events} events, of which about "
             f"{SPLIT_FRACTIONS['test']:.0%} are test events): simulate more events"
         )
     seen: set[str] = set()
@@ -220,12 +240,12 @@ def _write_predictions(tables: list[dict[str, pl.DataFrame]], out: Path) -> Path
     pred_dir = out / PREDICTIONS_DIR
     pred_dir.mkdir(parents=True, exist_ok=True)
     for table in PREDICTION_TABLES:
-        write_parquet_atomic(pl.concat([t[table] for t in tables], how="vertical"), pred_dir / f"{table}.parquet")
+        write_parquet_atomic(pl.concat([t[table] for t in tables], how="vertical"), prediction_path(out, table))
     return pred_dir
 
 
 def predict_all(
-    data: Path,
+    data: Dataset | Path,
     runs: list[Path],
     out: Path,
     progress: bool = False,
@@ -234,6 +254,7 @@ def predict_all(
 ) -> Path:
     """Write ``out/predictions/{hits,clusters,tracks}.parquet``: truth references, ``classical``, every run (with
     the parameters of its ``checkpoint``: ``best`` validation sigma68 or ``last`` epoch, model.inference.load_run).
+    ``data``: the opened dataset, or its folder (then opened here, :func:`opened`).
 
     ``progress``: a progress display on stderr (a bar per model on a terminal, one line per model done).
     ``on_message``: lines of progress (each model started and done, the events done at least every
@@ -241,11 +262,10 @@ def predict_all(
     """
     from classical import predict_classical
     from model.inference import predict_run, predict_truth
-    from pipeline.dataset import open_dataset
 
-    dataset = open_dataset(data)
+    dataset = opened(data)
     _check_report_out(out)
-    n_test, _ = _check_predictable(dataset, data, runs, checkpoint)
+    n_test, _ = _check_predictable(dataset, runs, checkpoint)
     with _PredictionProgress(progress, n_test, on_message) as display:
         tables = [
             display.run("truth references", lambda step: predict_truth(dataset, split="test", on_batch=step)),
@@ -263,7 +283,7 @@ def predict_all(
     return _write_predictions(tables, out)
 
 
-def shard_view(dataset: Any, shard_index: int) -> Any:
+def shard_view(dataset: Dataset, shard_index: int) -> Dataset:
     """The dataset restricted to one of its shards (a :class:`pipeline.dataset.Dataset` whose manifest lists
     that shard alone): its files, events and hits are the shard's."""
     from pipeline.dataset import Dataset
@@ -279,17 +299,19 @@ def shard_view(dataset: Any, shard_index: int) -> Any:
 
 
 def predict_shard(
-    data: Path, runs: list[Path], shard_index: int, max_hits: int, checkpoint: str = DEFAULT_CHECKPOINT
+    data: Dataset | Path, runs: list[Path], shard_index: int, max_hits: int, checkpoint: str = DEFAULT_CHECKPOINT
 ) -> list[dict[str, pl.DataFrame]]:
     """The prediction tables of the test events of one shard of ``data``, one dict per source in the order of
     :func:`predict_all` (truth references, classical, each run). ``max_hits``: the largest test event of the
     whole dataset, so that every shard packs its events into the node buckets of the whole split and gives
-    the rows :func:`predict_all` gives for them. ``checkpoint``: as for :func:`predict_all`."""
+    the rows :func:`predict_all` gives for them. ``checkpoint``: as for :func:`predict_all`. ``data``: the
+    dataset opened by :func:`plan_prediction_shards`'s caller (a Dask worker gets it with the task), or its folder
+    (then opened without verifying it again)."""
     from classical import predict_classical
     from model.inference import predict_run, predict_truth
-    from pipeline.dataset import open_dataset
+    from pipeline.dataset import Dataset, open_dataset
 
-    shard = shard_view(open_dataset(data, verify=False), shard_index)
+    shard = shard_view(data if isinstance(data, Dataset) else open_dataset(data, verify=False), shard_index)
     return [
         predict_truth(shard, split="test", max_hits=max_hits),
         predict_classical(shard, split="test"),
@@ -298,15 +320,13 @@ def predict_shard(
 
 
 def plan_prediction_shards(
-    data: Path, runs: list[Path], out: Path, checkpoint: str = DEFAULT_CHECKPOINT
+    data: Dataset | Path, runs: list[Path], out: Path, checkpoint: str = DEFAULT_CHECKPOINT
 ) -> tuple[int, int]:
-    """Check ``data``, ``runs`` (with ``checkpoint``) and the report folder ``out`` as :func:`predict_all` does;
-    ``(number of shards, the largest test event's hits)`` for :func:`predict_shard`."""
-    from pipeline.dataset import open_dataset
-
-    dataset = open_dataset(data)
+    """Check ``data`` (opened, or its folder), ``runs`` (with ``checkpoint``) and the report folder ``out`` as
+    :func:`predict_all` does; ``(number of shards, the largest test event's hits)`` for :func:`predict_shard`."""
+    dataset = opened(data)
     _check_report_out(out)
-    _, max_hits = _check_predictable(dataset, data, runs, checkpoint)
+    _, max_hits = _check_predictable(dataset, runs, checkpoint)
     return dataset.n_shards, max_hits
 
 
@@ -325,24 +345,25 @@ def combine_shards(shards: list[list[dict[str, pl.DataFrame]]], out: Path) -> Pa
     if not shards:
         raise DatasetError("the dataset has no shards")
     tables = [
-        {name: _by_model([shard[k][name] for shard in shards]) for name in ("hits", "clusters", "tracks")}
+        {name: _by_model([shard[k][name] for shard in shards]) for name in PREDICTION_TABLES}
         for k in range(len(shards[0]))
     ]
     _check_one_run_per_model(tables)
     return _write_predictions(tables, out)
 
 
-def report_context(data: Path, runs: list[Path], checkpoint: str = DEFAULT_CHECKPOINT) -> dict[str, Any]:
+def report_context(data: Dataset | Path, runs: list[Path], checkpoint: str = DEFAULT_CHECKPOINT) -> dict[str, Any]:
     """What the report says was run: dataset, code, the dataset's detector config (``detector``: the report's
     limit row is computed from it, analysis.results.context_detector), each run's configuration (with the model rows
     it gives, ``reported_as``, the training code version it recorded, and the checkpoint evaluated:
-    :func:`checkpoint_context`) and the environment (versions, device)."""
+    :func:`checkpoint_context`) and the environment (versions, device). ``data``: the opened dataset, or its
+    folder."""
     from analysis.catalog import environment
-    from pipeline.dataset import open_dataset
+    from model.run_folder import CONFIG_NAME, METRICS_NAME
 
-    dataset = open_dataset(data)
+    dataset = opened(data)
     context: dict[str, Any] = {
-        "dataset": str(Path(data).resolve()),
+        "dataset": str(Path(dataset.path).resolve()),
         "dataset_events": dataset.n_events,
         "dataset_seed": dataset.seed,
         "dataset_config_hash": dataset.manifest.get("config_hash"),
@@ -351,9 +372,9 @@ def report_context(data: Path, runs: list[Path], checkpoint: str = DEFAULT_CHECK
         "runs": [],
     }
     for run in runs:
-        config_path = Path(run) / "config.json"
+        config_path = Path(run) / CONFIG_NAME
         run_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        metrics_path = Path(run) / "metrics.parquet"
+        metrics_path = Path(run) / METRICS_NAME
         seconds = None
         if metrics_path.is_file():
             seconds = float(pl.read_parquet(metrics_path).filter(pl.col("split") == "train")["seconds"].sum())
@@ -473,8 +494,7 @@ def stage_previous_predictions(out: Path, staging: Path, context: dict[str, Any]
     """
     from analysis.catalog import context_identity, recorded_identity
 
-    source = Path(out) / PREDICTIONS_DIR
-    files = [source / f"{name}.parquet" for name in PREDICTION_TABLES]
+    files = [prediction_path(Path(out), name) for name in PREDICTION_TABLES]
     if not all(path.is_file() for path in files) or recorded_identity(Path(out)) != context_identity(context):
         return False
     target = Path(staging) / PREDICTIONS_DIR
@@ -484,8 +504,75 @@ def stage_previous_predictions(out: Path, staging: Path, context: dict[str, Any]
     return True
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation under way, as :func:`evaluate` hands it to its steps: the opened ``dataset``, the ``runs``,
+    the report folder ``out`` (published at the end), the ``staging`` folder the steps write into, the report's
+    ``context`` (:func:`report_context`) and the ``checkpoint`` evaluated."""
+
+    dataset: Dataset
+    runs: tuple[Path, ...]
+    out: Path
+    staging: Path
+    context: dict[str, Any]
+    checkpoint: str
+
+
+#: a step of :func:`evaluate`: writes the predictions of an evaluation into its staging folder
+PredictStep = Callable[[Evaluation], object]
+#: a step of :func:`evaluate`: writes the report of an evaluation into its staging folder; returns the summary
+ReportStep = Callable[[Evaluation], dict]
+
+
+def write_evaluation_report(evaluation: Evaluation) -> dict:
+    """Metrics, tables, figures (the runs' training curves included), report.md and the catalog of
+    ``evaluation`` (analysis.report.write_report) from the predictions in its staging folder; returns the summary."""
+    from analysis.report import write_report
+
+    dataset = evaluation.dataset
+    return write_report(
+        evaluation.staging,
+        dataset.hits(),
+        dataset.events(),
+        evaluation.context,
+        published_as=evaluation.out,
+        training=training_metrics(evaluation.runs),
+    )
+
+
+def evaluate(
+    data: Dataset | Path,
+    runs: Sequence[Path],
+    out: Path,
+    predict: PredictStep,
+    report: ReportStep = write_evaluation_report,
+    overwrite: bool = False,
+    checkpoint: str = DEFAULT_CHECKPOINT,
+) -> dict:
+    """The one sequence of an evaluation, whoever runs its steps (:func:`evaluate_runs` in this process, the
+    ``evaluate`` flow as Prefect tasks): check ``checkpoint``, take the lock of the report folder ``out``, open
+    ``data`` (once: every step gets the opened dataset), compute the report's context, refuse an ``out`` holding
+    another evaluation's report unless ``overwrite`` (:func:`prepare_report_out`), then in a staging folder that
+    replaces ``out`` at the end (analysis.report_folder.staged_report: a kill leaves the previous report) run
+    ``predict`` and ``report``. Returns the summary ``report`` returns."""
+    from analysis.report_folder import staged_report
+    from model.inference import check_checkpoint
+
+    out = Path(out)
+    check_checkpoint(checkpoint)
+    with exclusive_writer(out):
+        dataset = opened(data)
+        runs = tuple(Path(run) for run in runs)
+        context = report_context(dataset, list(runs), checkpoint)
+        prepare_report_out(out, context, overwrite)
+        with staged_report(out) as staging:
+            evaluation = Evaluation(dataset, runs, out, staging, context, checkpoint)
+            predict(evaluation)
+            return report(evaluation)
+
+
 def evaluate_runs(
-    data: Path,
+    data: Dataset | Path,
     runs: list[Path],
     out: Path,
     progress: bool = False,
@@ -500,30 +587,41 @@ def evaluate_runs(
     The predictions and the report are written into a staging folder that replaces ``out`` at the end
     (analysis.report_folder.staged_report): a kill leaves the previous report. A folder holding the report of another
     dataset or set of runs is refused unless ``overwrite``; the same runs on the same data refresh it.
-    ``progress``: a progress display on stderr. Returns the path of report.md.
+    ``progress``: a progress display on stderr. Returns the path of report.md. :func:`evaluate` with
+    :func:`predict_all` and :func:`write_evaluation_report` as its steps, in this process.
     """
-    from analysis.report import write_report
-    from analysis.report_folder import staged_report
-    from model.inference import check_checkpoint
-    from pipeline.dataset import open_dataset
 
-    out = Path(out)
-    check_checkpoint(checkpoint)
-    with exclusive_writer(out):
-        context = report_context(data, runs, checkpoint)
-        prepare_report_out(out, context, overwrite)
-        with staged_report(out) as staging:
-            predict_all(data, runs, staging, progress=progress, checkpoint=checkpoint)
-            start = time.perf_counter()
-            dataset = open_dataset(data)
-            write_report(
-                staging,
-                dataset.hits(),
-                dataset.events(),
-                context,
-                published_as=out,
-                training=training_metrics(runs),
-            )
-            if progress:
-                print(f"write report (metrics, figures, catalog): {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return out / REPORT_NAME
+    def predict(evaluation: Evaluation) -> None:
+        predict_all(
+            evaluation.dataset, list(evaluation.runs), evaluation.staging, progress=progress, checkpoint=checkpoint
+        )
+
+    def report(evaluation: Evaluation) -> dict:
+        start = time.perf_counter()
+        summary = write_evaluation_report(evaluation)
+        if progress:
+            print(f"write report (metrics, figures, catalog): {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        return summary
+
+    evaluate(data, runs, out, predict, report, overwrite=overwrite, checkpoint=checkpoint)
+    return Path(out) / REPORT_NAME
+
+
+def train(
+    data: str | Path,
+    model: str,
+    out: str | Path,
+    on_epoch: Callable[[dict], None] | None = None,
+    **options: Any,
+) -> str:
+    """Train ``model`` on ``data`` into the run folder ``out`` (model.train.train_run, ``options`` its other
+    parameters) and redraw RUN/training_curves.png after every epoch (:func:`write_training_curves`), after
+    ``on_epoch``: the one path of ``muontrack train`` and of the ``train`` flow's task. Returns train_run's summary."""
+    from model.train import train_run
+
+    def after_epoch(info: dict) -> None:
+        if on_epoch is not None:
+            on_epoch(info)
+        write_training_curves(Path(out))
+
+    return train_run(data, model=model, out=Path(out), on_epoch=after_epoch, **options)

@@ -1,9 +1,10 @@
 """Prefect flows: ``simulate``, ``train``, ``evaluate`` and ``end_to_end`` (simulate -> train -> evaluate).
 
-Flows are thin: they decide what runs where and pass paths between tasks; the work is in the tasks'
-library functions. Simulation shards, and the inference of ``evaluate`` shard by shard, run on the flow's
-task runner: threads by default, or Dask through ``prefect-dask`` (a local cluster of ``workers`` processes,
-or an existing cluster at ``dask_address``).
+Flows are thin: they decide what runs where and pass paths (and the opened dataset) between tasks; the work is
+in the tasks' library functions, and the ``evaluate`` flow runs the sequence of ``muontrack evaluate``
+(flows.commands.evaluate) with its tasks as the steps. Simulation shards, and the inference of ``evaluate`` shard by
+shard, run on the flow's task runner: threads by default, or Dask through ``prefect-dask`` (a local cluster of
+``workers`` processes, or an existing cluster at ``dask_address``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from simulation.shards import code_version as simulation_code_version
 
 
 def _run_complete(path: Path) -> bool:
-    return (Path(path) / "config.json").is_file() and (Path(path) / "metrics.parquet").is_file()
+    from model.run_folder import CONFIG_NAME, METRICS_NAME
+
+    return (Path(path) / CONFIG_NAME).is_file() and (Path(path) / METRICS_NAME).is_file()
 
 
 def job_configs(job: commands.JobPreset, overrides: dict | None) -> tuple[SimConfig, dict | None, str]:
@@ -156,11 +159,12 @@ def simulate_on_dask(
 def train_flow(
     data: str, model: str, out: str, preset: str = "cpu", seed: int = 0, overrides: dict | None = None
 ) -> str:
-    """Train one model on a dataset; ``overrides``: the model and train sections of a config file."""
-    from pipeline.dataset import open_dataset
+    """Train one model on a dataset; ``overrides``: the model and train sections of a config file. The flow reads
+    the dataset's manifest for the task's cache key (pipeline.dataset.read_manifest); the training opens the
+    dataset (model.train.train_run)."""
+    from pipeline.dataset import read_manifest
 
-    dataset = open_dataset(Path(data))
-    dataset_hash = f"{dataset.manifest['config_hash']}-{dataset.seed}-{dataset.n_events}"
+    dataset_hash = commands.dataset_key(read_manifest(data))
     refresh = not _run_complete(Path(out))
     return tasks.train_model.with_options(refresh_cache=refresh)(
         data, model, out, preset, seed, dataset_hash, overrides
@@ -176,7 +180,9 @@ def evaluate_flow(
     by_shard: bool = False,
     checkpoint: str = commands.DEFAULT_CHECKPOINT,
 ) -> dict:
-    """Predict with every run on the test split, then build the report and publish it as artifacts.
+    """Predict with every run on the test split, then build the report and publish it as artifacts: the sequence of
+    ``muontrack evaluate`` (flows.commands.evaluate: the dataset opened once, and passed to the tasks), with the
+    ``predict`` (or ``predict-shard``) and ``write-report`` tasks as its steps.
 
     ``by_shard``: one prediction task per dataset shard on the flow's task runner (Dask in
     :func:`evaluate_on_dask`), never cached; the flow concatenates their tables in shard order into the same
@@ -191,36 +197,52 @@ def evaluate_flow(
     run's parameters evaluated, ``best`` (lowest validation sigma68, the default) or ``last``; the previous report's
     predictions are reused only with the default (the catalog does not record the checkpoint).
     """
-    from analysis.report_folder import staged_report
-    from model.inference import check_checkpoint
-    from pipeline.dataset import open_dataset
-
-    dataset = open_dataset(Path(data))
-    dataset_hash = f"{dataset.manifest['config_hash']}-{dataset.seed}-{dataset.n_events}"
-    run_keys = [(Path(r) / "config.json").read_text() if (Path(r) / "config.json").is_file() else "" for r in runs]
-    check_checkpoint(checkpoint)
-    with exclusive_writer(out):
-        context = commands.report_context(Path(data), [Path(r) for r in runs], checkpoint)
-        commands.prepare_report_out(Path(out), context, overwrite)
-        with staged_report(Path(out)) as staging:
-            if by_shard:
-                n_shards, max_hits = commands.plan_prediction_shards(
-                    Path(data), [Path(r) for r in runs], staging, checkpoint
-                )
-                futures = [
-                    tasks.predict_shard.submit(data, runs, index, max_hits, checkpoint) for index in range(n_shards)
-                ]
-                commands.combine_shards([future.result() for future in futures], staging)
-            else:
-                reused = checkpoint == commands.DEFAULT_CHECKPOINT and commands.stage_previous_predictions(
-                    Path(out), staging, context
-                )
-                tasks.predict.with_options(refresh_cache=not reused)(
-                    data, runs, out, dataset_hash, run_keys, staging=str(staging), checkpoint=checkpoint
-                )
-            summary = tasks.write_report(data, runs, out, staging=str(staging), checkpoint=checkpoint)
+    summary = commands.evaluate(
+        Path(data),
+        [Path(r) for r in runs],
+        Path(out),
+        predict=_predict_by_shard if by_shard else _predict_cached,
+        report=tasks.write_report,
+        overwrite=overwrite,
+        checkpoint=checkpoint,
+    )
     tasks.publish_artifacts(summary, out)
     return summary
+
+
+def _predict_cached(evaluation: commands.Evaluation) -> None:
+    """The ``predict`` task of the evaluate flow, cached: on a cache hit it writes nothing, so the predictions of
+    the report already in ``out`` are linked into the staging folder first when that report is of these runs on
+    this dataset (with the default checkpoint), and the task is forced to run otherwise."""
+    from model.run_folder import CONFIG_NAME
+
+    runs = [str(run) for run in evaluation.runs]
+    run_keys = [(run / CONFIG_NAME).read_text() if (run / CONFIG_NAME).is_file() else "" for run in evaluation.runs]
+    reused = evaluation.checkpoint == commands.DEFAULT_CHECKPOINT and commands.stage_previous_predictions(
+        evaluation.out, evaluation.staging, evaluation.context
+    )
+    tasks.predict.with_options(refresh_cache=not reused)(
+        evaluation.dataset,
+        runs,
+        str(evaluation.out),
+        run_keys,
+        staging=str(evaluation.staging),
+        checkpoint=evaluation.checkpoint,
+    )
+
+
+def _predict_by_shard(evaluation: commands.Evaluation) -> None:
+    """One ``predict-shard`` task per dataset shard on the flow's task runner, never cached, each given the opened
+    dataset; their tables concatenated in shard order (flows.commands.combine_shards)."""
+    runs = [str(run) for run in evaluation.runs]
+    n_shards, max_hits = commands.plan_prediction_shards(
+        evaluation.dataset, list(evaluation.runs), evaluation.staging, evaluation.checkpoint
+    )
+    futures = [
+        tasks.predict_shard.submit(evaluation.dataset, runs, index, max_hits, evaluation.checkpoint)
+        for index in range(n_shards)
+    ]
+    commands.combine_shards([future.result() for future in futures], evaluation.staging)
 
 
 def evaluate_on_dask(

@@ -145,6 +145,8 @@ def point_record(point: ScanPoint, seed: int, report: Path, start: float) -> dic
     cached prediction is a link to the previous file)."""
     import polars as pl
 
+    from model.run_folder import METRICS_NAME
+
     catalog = pl.read_parquet(report / CATALOG_SUMMARY_NAME, columns=["dataset", "model", "run"])
     dataset = Path(catalog["dataset"].drop_nulls()[0])
     runs = {
@@ -160,7 +162,7 @@ def point_record(point: ScanPoint, seed: int, report: Path, start: float) -> dic
         "dataset": str(dataset),
         "runs": runs,
         "simulated": _mtime_since(dataset / MANIFEST_NAME, start),
-        "trained": [model for model, run in runs.items() if _mtime_since(Path(run) / "metrics.parquet", start)],
+        "trained": [model for model, run in runs.items() if _mtime_since(Path(run) / METRICS_NAME, start)],
         "predicted": _mtime_since(prediction_path(report, "tracks"), start),
     }
 

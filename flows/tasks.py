@@ -5,6 +5,9 @@ version and a hash of the sources), never from the flow-run id, so a second ``mu
 configuration reuses the dataset and the trained models. A key alone cannot know that somebody deleted the
 output since, so each flow calls a task with ``refresh_cache=True`` when its output is not on disk.
 Retries are for the I/O tasks only (shard writing, prediction writing); training is not retried.
+
+The evaluation's tasks take the dataset the flow opened (a :class:`pipeline.dataset.Dataset`, sent with the task to
+a Dask worker) and the report context the flow computed, never the dataset's path to open again.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -21,6 +24,9 @@ from prefect.context import TaskRunContext
 
 from analysis.report_folder import PREDICTIONS_DIR, REPORT_NAME, RESOLUTION_NAME
 from flows import commands
+
+if TYPE_CHECKING:
+    from pipeline.dataset import Dataset
 
 
 def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -89,23 +95,18 @@ def train_model(
     flows.logs.HEARTBEAT_SECONDS while one step blocks (flows.logs.Heartbeat).
     """
     from flows.logs import Heartbeat
-    from model.train import format_epoch, train_run
+    from model.train import format_epoch
 
     logger = _run_logger()
     with Heartbeat(logger.info, f"{model}: training into {out}") as heartbeat:
-
-        def on_epoch(info: dict) -> None:
-            heartbeat.beat(format_epoch(info))
-            commands.write_training_curves(Path(out))
-
-        train_run(
+        commands.train(
             Path(data),
-            model=model,
-            out=Path(out),
+            model,
+            out,
             preset=preset,
             seed=seed,
             resume=Path(out).exists(),
-            on_epoch=on_epoch,
+            on_epoch=lambda info: heartbeat.beat(format_epoch(info)),
             overrides=overrides,
             on_message=heartbeat.beat,
         )
@@ -113,70 +114,60 @@ def train_model(
 
 
 def _predict_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """The predict task's key: its inputs but the staging folder, which is new in every evaluation."""
-    return _cache_key(context, {name: value for name, value in parameters.items() if name != "staging"})
+    """The predict task's key: its inputs but the staging folder, which is new in every evaluation, and the dataset
+    by its folder and :func:`flows.commands.dataset_key` (config hash, seed, events)."""
+    keyed = {name: value for name, value in parameters.items() if name not in ("staging", "dataset")}
+    dataset = parameters["dataset"]
+    keyed |= {"data": str(dataset.path), "dataset_hash": commands.dataset_key(dataset.manifest)}
+    return _cache_key(context, keyed)
 
 
 @task(name="predict", cache_key_fn=_predict_cache_key, persist_result=True, retries=1, retry_delay_seconds=2)
 def predict(
-    data: str,
+    dataset: Dataset,
     runs: list[str],
     out: str,
-    dataset_hash: str,  # noqa: ARG001 (keys the cache)
     run_keys: list[str],  # noqa: ARG001 (keys the cache)
     staging: str | None = None,
     checkpoint: str = commands.DEFAULT_CHECKPOINT,
 ) -> str:
-    """Inference on the test split for the truth references and every run (its ``checkpoint``: best or last);
-    writes the predictions/ of the report ``out``, into its staging folder ``staging`` when given (see
-    flows.end_to_end.evaluate_flow). Logs each model started and done, the events done in between, and a line at
-    least every flows.logs.HEARTBEAT_SECONDS (flows.logs.Heartbeat: through a compilation too)."""
+    """Inference on the test split of the opened ``dataset`` for the truth references and every run (its
+    ``checkpoint``: best or last); writes the predictions/ of the report ``out``, into its staging folder ``staging``
+    when given (see flows.end_to_end.evaluate_flow). Logs each model started and done, the events done in between,
+    and a line at least every flows.logs.HEARTBEAT_SECONDS (flows.logs.Heartbeat: through a compilation too)."""
     from flows.logs import Heartbeat
 
     with Heartbeat(_run_logger().info, f"predicting the test split with {len(runs)} runs") as heartbeat:
         commands.predict_all(
-            Path(data), [Path(r) for r in runs], Path(staging or out), checkpoint=checkpoint, on_message=heartbeat.beat
+            dataset, [Path(r) for r in runs], Path(staging or out), checkpoint=checkpoint, on_message=heartbeat.beat
         )
     return str(Path(out) / PREDICTIONS_DIR)
 
 
 @task(name="predict-shard", cache_policy=NONE, persist_result=False, retries=1, retry_delay_seconds=2)
 def predict_shard(
-    data: str, runs: list[str], shard_index: int, max_hits: int, checkpoint: str = commands.DEFAULT_CHECKPOINT
+    dataset: Dataset, runs: list[str], shard_index: int, max_hits: int, checkpoint: str = commands.DEFAULT_CHECKPOINT
 ) -> list[dict]:
-    """Inference on the test events of one shard of ``data`` for the truth references, classical and every run
-    (flows.commands.predict_shard): its prediction tables, one ``{"hits", "clusters", "tracks"}`` dict per source,
-    returned to the flow, which concatenates the shards. Never cached: the flow writes a new report."""
-    return commands.predict_shard(Path(data), [Path(r) for r in runs], shard_index, max_hits, checkpoint)
+    """Inference on the test events of one shard of the opened ``dataset`` for the truth references, classical and
+    every run (flows.commands.predict_shard): its prediction tables, one ``{"hits", "clusters", "tracks"}`` dict per
+    source, returned to the flow, which concatenates the shards. Never cached: the flow writes a new report."""
+    return commands.predict_shard(dataset, [Path(r) for r in runs], shard_index, max_hits, checkpoint)
 
 
-@task(name="write-report")
-def write_report(
-    data: str, runs: list[str], out: str, staging: str | None = None, checkpoint: str = commands.DEFAULT_CHECKPOINT
-) -> dict:
-    """Metrics, tables, figures (the runs' training curves included), report.md and the catalog from the
-    predictions (cheap, never cached), written into the staging folder ``staging`` of the report ``out`` when
-    given; ``checkpoint``: the one the predictions were made with, which the report names. Logs its start and
-    end, and a line at least every flows.logs.HEARTBEAT_SECONDS in between (flows.logs.Heartbeat)."""
+@task(name="write-report", cache_policy=NONE)
+def write_report(evaluation: commands.Evaluation) -> dict:
+    """Metrics, tables, figures (the runs' training curves included), report.md and the catalog of ``evaluation``
+    from its predictions (cheap, never cached), written into its staging folder (flows.commands
+    .write_evaluation_report: the opened dataset, the context the flow computed). Logs its start and end, and a
+    line at least every flows.logs.HEARTBEAT_SECONDS in between (flows.logs.Heartbeat)."""
     import time
 
-    from analysis import report
     from flows.logs import Heartbeat
-    from pipeline.dataset import open_dataset
 
     start = time.perf_counter()
-    with Heartbeat(_run_logger().info, f"writing the report {out} (metrics, figures, report.md, catalog)") as beat:
-        dataset = open_dataset(Path(data))
-        paths = [Path(r) for r in runs]
-        context = commands.report_context(Path(data), paths, checkpoint)
-        summary = report.write_report(
-            Path(staging or out),
-            dataset.hits(),
-            dataset.events(),
-            context,
-            published_as=Path(out),
-            training=commands.training_metrics(paths),
-        )
+    what = f"writing the report {evaluation.out} (metrics, figures, report.md, catalog)"
+    with Heartbeat(_run_logger().info, what) as beat:
+        summary = commands.write_evaluation_report(evaluation)
         beat.beat(f"report written in {time.perf_counter() - start:.1f} s")
     return summary
 

@@ -30,6 +30,7 @@ from analysis.report_folder import recover_report_dir, staged_report
 from analysis.results import SUMMARY_KEYS, compute_results
 from analysis.statistics import auc, ratio_with_error
 from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
+from pipeline.dataset import Dataset
 from pipeline.errors import MuontrackError
 from pipeline.registry import LIMIT_ROW
 from pipeline.schema import MODEL_NAMES, PRED_CLUSTERS_SCHEMA, PRED_HITS_SCHEMA, PRED_TRACKS_SCHEMA
@@ -803,14 +804,18 @@ def _fake_run(path: Path, seed: int) -> Path:
 
 
 def _fake_predict_all(
-    data: Path, _runs: list[Path], out: Path, progress: bool = False, checkpoint: str = "best"
+    dataset: Dataset,
+    _runs: list[Path],
+    out: Path,
+    progress: bool = False,
+    checkpoint: str = "best",
+    on_message: object = None,
 ) -> Path:
-    """flows.commands.predict_all with synthetic predictions (no trained network needed)."""
-    from pipeline.dataset import open_dataset
+    """flows.commands.predict_all with synthetic predictions (no trained network needed), given the dataset the
+    evaluation opened (never its folder: the dataset is opened once per command)."""
+    assert isinstance(dataset, Dataset), dataset
+    del checkpoint, on_message  # synthetic predictions need no parameters and tell no progress
 
-    del checkpoint  # synthetic predictions need no parameters
-
-    dataset = open_dataset(data)
     _write_predictions(out, dataset.hits(), dataset.events().sort("event_id"), **GOOD_E2E)
     _keep_models(out, {"truth", "classical", "e2e"})
     if progress:
@@ -881,6 +886,68 @@ def test_evaluate_refuses_a_report_of_other_runs_without_overwrite(tiny_dataset,
     assert catalog.filter(pl.col("model") == "e2e")["run"].to_list() == [str(second.resolve())]
     assert catalog["dataset"].unique().to_list() == [str(tiny_dataset.resolve())]
     assert _leftovers(out) == []
+
+
+class _OpenCounter:
+    """Counts, while installed, every opening of a dataset (each reads its manifest: pipeline.dataset
+    ._read_manifest, whichever module imported open_dataset) and every verification of one (Dataset.verify: the
+    checksums and the rows' contract, the costly part), by wrapping the real functions."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import pipeline.dataset
+
+        self.manifests = self.verifications = 0
+        read_manifest, verify = pipeline.dataset._read_manifest, pipeline.dataset.Dataset.verify
+
+        def counted_read_manifest(path: Path) -> dict:
+            self.manifests += 1
+            return read_manifest(path)
+
+        def counted_verify(dataset: Dataset, force: bool = False) -> int:
+            self.verifications += 1
+            return verify(dataset, force)
+
+        monkeypatch.setattr(pipeline.dataset, "_read_manifest", counted_read_manifest)
+        monkeypatch.setattr(pipeline.dataset.Dataset, "verify", counted_verify)
+
+
+@pytest.mark.usefixtures("placeholder_figures")
+def test_evaluate_opens_the_dataset_once(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """``muontrack evaluate`` opens and verifies its dataset once and hands the opened one to every step (the
+    context, the predictions, the report): it was opened three times."""
+    import flows.commands
+
+    monkeypatch.setattr(flows.commands, "predict_all", _fake_predict_all)
+    run = _fake_run(tmp_path / "runs" / "e2e-s0", 0)
+    opens = _OpenCounter(monkeypatch)
+    status, _, stderr = _muontrack(
+        monkeypatch, capsys, "evaluate", "--data", tiny_dataset, "--out", tmp_path / "report", "--run", run
+    )
+    assert status == 0, stderr
+    assert (opens.manifests, opens.verifications) == (1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("placeholder_figures")
+def test_the_evaluate_flow_opens_the_dataset_once_and_reports_as_the_command(tiny_dataset, tmp_path, monkeypatch):
+    """The ``evaluate`` flow runs the sequence of ``muontrack evaluate`` with its tasks as the steps: one opening
+    of the dataset (it was five, and the report context computed twice), and the report of
+    :func:`flows.commands.evaluate_runs` on the same predictions (the same summary.json and resolution.csv)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows.commands
+    from flows.end_to_end import evaluate_flow
+
+    monkeypatch.setattr(flows.commands, "predict_all", _fake_predict_all)
+    run = _fake_run(tmp_path / "runs" / "e2e-s0", 0)
+    flows.commands.evaluate_runs(tiny_dataset, [run], tmp_path / "plain")
+    with prefect_test_harness(server_startup_timeout=120):
+        opens = _OpenCounter(monkeypatch)
+        summary = evaluate_flow(str(tiny_dataset), [str(run)], str(tmp_path / "flow"), overwrite=False)
+    assert (opens.manifests, opens.verifications) == (1, 1)
+    assert summary == json.loads((tmp_path / "plain" / "summary.json").read_text())
+    for name in ("summary.json", "resolution.csv"):
+        assert (tmp_path / "flow" / name).read_text() == (tmp_path / "plain" / name).read_text(), name
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_predict_and_report_tasks_log_their_progress(monkeypatch, tmp_path):
     monkeypatch.setattr(commands, "predict_all", fake_predict_all)
     monkeypatch.setattr(prefect, "get_run_logger", lambda: run_logger)
     try:
-        tasks.predict.fn("data", ["run"], str(tmp_path / "report"), "hash", ["key"])
+        tasks.predict.fn(object(), ["run"], str(tmp_path / "report"), ["key"])
     finally:
         run_logger.removeHandler(records)
     assert records.messages == [
