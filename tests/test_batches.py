@@ -97,28 +97,55 @@ def all_batches(dataset, split=None, batch_size=7, **kwargs):
 # ---- splits ----------------------------------------------------------------------------------------------
 
 
-def test_split_is_deterministic_disjoint_and_covering():
-    event_id = np.arange(200_000, dtype=np.int64)
+def _hash32_reference(event_id: int) -> int:
+    """Thomas Mueller's 32-bit integer hash (``x = ((x >> 16) ^ x) * 0x45d9f3b`` twice, then ``x ^= x >> 16``, in
+    wrapping uint32 arithmetic, as its C code reads) of the id folded to 32 bits (low half xor high half), on
+    Python integers: no int64 arithmetic that could overflow."""
+    x = (event_id & 0xFFFFFFFF) ^ ((event_id >> 32) & 0xFFFFFFFF)
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def _split_reference(event_ids, split: str) -> np.ndarray:
+    """The documented split (docs/contracts.md, "Splits"): the splits take consecutive ranges of the 32-bit hash,
+    train the first 80 %, val the next 10 %, test the last 10 %, each edge the cumulative fraction of 2^32
+    rounded to an integer (exact rational arithmetic)."""
+    from fractions import Fraction
+
+    fractions = {"train": Fraction(8, 10), "val": Fraction(1, 10), "test": Fraction(1, 10)}
+    assert set(fractions) == set(SPLIT_FRACTIONS)
+    names = list(fractions)
+    lo = round(sum((fractions[name] for name in names[: names.index(split)]), Fraction(0)) * 2**32)
+    hi = round(sum((fractions[name] for name in names[: names.index(split) + 1]), Fraction(0)) * 2**32)
+    return np.array([lo <= _hash32_reference(int(event_id)) < hi for event_id in event_ids])
+
+
+#: ids with a high half: the fold to 32 bits matters
+_LARGE_IDS = [2**32, 2**40 + 7, 2**62 + 11, 123_456_789_012, 2**63 - 1]
+
+
+def test_split_is_the_documented_hash_split_and_covers_each_event_once():
+    event_id = np.concatenate([np.arange(200_000), _LARGE_IDS]).astype(np.int64)
     masks = {split: split_mask(event_id, split) for split in SPLIT_FRACTIONS}
     assert_array_equal(sum(m.astype(int) for m in masks.values()), 1)
     for split, fraction in SPLIT_FRACTIONS.items():
+        assert_array_equal(masks[split], _split_reference(event_id, split), err_msg=split)
         # binomial: 5 standard deviations
         tolerance = 5 * np.sqrt(fraction * (1 - fraction) / len(event_id))
         assert abs(masks[split].mean() - fraction) < tolerance
-        assert_array_equal(split_mask(event_id, split), masks[split])
     # a hash, not a range: neighbouring ids are spread over splits
     assert 0.1 < np.mean(masks["train"][1:] != masks["train"][:-1]) < 0.5
 
 
-def test_split_polars_matches_numpy():
-    event_id = np.concatenate([np.arange(5000), [2**40 + 7, 2**62 + 11, 123_456_789_012]]).astype(np.int64)
+def test_event_hash_in_numpy_and_polars_is_muellers_hash():
+    event_id = np.concatenate([np.arange(5000), _LARGE_IDS]).astype(np.int64)
+    expected = np.array([_hash32_reference(int(i)) for i in event_id], dtype=np.int64)
+    assert_array_equal(event_hash(event_id), expected)
     frame = pl.DataFrame({"event_id": event_id})
-    hashed = frame.select(batches.event_hash_expr()).to_series().to_numpy()
-    assert_array_equal(hashed, event_hash(event_id))
-    assert hashed.min() >= 0
-    assert hashed.max() < 2**32
+    assert_array_equal(frame.select(batches.event_hash_expr()).to_series().to_numpy(), expected)
     for split in SPLIT_FRACTIONS:
-        assert_array_equal(frame.select(split_expr(split)).to_series().to_numpy(), split_mask(event_id, split))
+        assert_array_equal(frame.select(split_expr(split)).to_series().to_numpy(), _split_reference(event_id, split))
 
 
 def test_unknown_split_is_a_config_error():
@@ -216,13 +243,40 @@ def test_one_epoch_covers_each_event_of_the_split_exactly_once(dataset, tables):
         assert split_summary(dataset, split)[0] == len(expected)
 
 
-def test_shuffle_order_depends_only_on_the_seed(dataset):
-    def order(seed):
-        return np.concatenate([b.event_id[b.event_mask] for b in all_batches(dataset, "train", shuffle_seed=seed)])
+def _shuffled_stream(events: pl.DataFrame, split: str, seed: int, shard_events: int) -> np.ndarray:
+    """The documented shuffled order (iter_batches' ``shuffle_seed``): the shards in the order of
+    ``default_rng(seed).permutation(n_shards)``, and each shard's events of the split (by id) in the order of the
+    same generator's next ``permutation`` of their count; the shards of the fixture hold ``shard_events`` ids each."""
+    rng = np.random.default_rng(seed)
+    event_id = np.sort(events["event_id"].to_numpy())
+    shards = [event_id[first : first + shard_events] for first in range(0, event_id.size, shard_events)]
+    stream = []
+    for shard in rng.permutation(len(shards)):
+        ids = shards[shard][_split_reference(shards[shard], split)]
+        stream.append(ids[rng.permutation(ids.size)])
+    return np.concatenate(stream)
 
-    assert_array_equal(order(5), order(5))
-    assert not np.array_equal(order(5), order(6))
-    assert not np.array_equal(order(5), np.sort(order(5)))
+
+def test_shuffle_order_is_the_documented_one(dataset, tables):
+    """Each bucket's batches hold the events of the documented shuffled stream that go to that bucket (the
+    smallest that fits the event's hits, the largest for a larger event), in stream order."""
+    hits, events = tables
+    counts = dict(hits.group_by("event_id").len().iter_rows())
+
+    def bucket_of(event_id: int) -> int:
+        return next(b for b in BUCKETS if b >= min(counts.get(event_id, 0), BUCKETS[-1]))
+
+    streams = {}
+    for seed in (5, 6):
+        stream = [int(e) for e in _shuffled_stream(events, "train", seed, shard_events=80)]
+        assert stream != sorted(stream)  # the fixture's shards are shuffled, not kept in id order
+        got = {bucket: [] for bucket in BUCKETS}
+        for batch in all_batches(dataset, "train", shuffle_seed=seed):
+            got[batch.mask.shape[1]] += batch.event_id[batch.event_mask].tolist()
+        for bucket in BUCKETS:
+            assert got[bucket] == [e for e in stream if bucket_of(e) == bucket], (seed, bucket)
+        streams[seed] = got
+    assert streams[5] != streams[6]
 
 
 def test_streaming_reads_one_shard_at_a_time(dataset, monkeypatch):
