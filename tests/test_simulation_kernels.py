@@ -41,10 +41,9 @@ def test_splitmix64_reproduces_reference_sequence():
         assert int(rng.splitmix64_mix(np.uint64(z))) == splitmix64_mix_ref(z)
 
 
-def test_event_seed_matches_reference_and_is_deterministic():
+def test_event_seed_matches_reference():
     for seed, event_id in [(0, 0), (0, 1), (1, 0), (42, 123_456), (2**64 - 1, 2**62), (7, 2**63 - 2)]:
         assert event_seed(seed, event_id) == event_seed_ref(seed, event_id)
-        assert event_seed(seed, event_id) == event_seed(seed, event_id)
     seeds = {event_seed(3, i) for i in range(5000)}
     assert len(seeds) == 5000  # a bijection of event_id for a fixed seed
     assert event_seed(3, 10) != event_seed(4, 10)
@@ -361,7 +360,12 @@ def test_generate_events_row_order_and_derived_columns():
     assert_array_equal(hits["x"], SMALL.detector.strip_center(hits["strip"]).astype(np.float32))
     assert_array_equal(hits["y"], SMALL.detector.layer_y()[hits["layer"]].astype(np.float32))
     assert np.all(hits["charge"] > SMALL.detector.threshold * SMALL.detector.charge_mean)
-    assert_array_equal(hits["is_signal"], hits["is_signal"] & (hits["particle_id"] == 0))
+    # is_signal as documented (docs/contracts.md): the muon gave more than half of the strip's charge (away from
+    # the float32 rounding of the columns), so a signal strip's main contributor is the muon
+    clear = np.abs(hits["charge_muon"] - 0.5 * hits["charge"]) > 1e-5 * hits["charge"]
+    assert_array_equal(hits["is_signal"][clear], (hits["charge_muon"] > 0.5 * hits["charge"])[clear])
+    assert hits["is_signal"].any()
+    assert not np.any(hits["is_signal"] & (hits["particle_id"] != 0))
     assert set(np.unique(events["q"]).tolist()) == {-1, 1}
     assert np.all((events["pt"] >= SMALL.muon.pt_min) & (events["pt"] <= SMALL.muon.pt_max))
 
