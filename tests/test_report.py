@@ -7,8 +7,10 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,13 +24,12 @@ import analysis.report as report_module
 import analysis.report_folder as folder_module
 from analysis import render
 from analysis.comparisons import comparison_blocks
-from analysis.figures import MODEL_STYLE, format_value_error, model_style
+from analysis.figures import MODEL_STYLE, model_style
 from analysis.metrics import TAIL_COLUMNS
 from analysis.render import format_summary_table
 from analysis.report import RESOLUTION_COLUMNS, write_report
 from analysis.report_folder import recover_report_dir, staged_report
 from analysis.results import SUMMARY_KEYS, compute_results
-from analysis.statistics import auc, ratio_with_error
 from pipeline.config import PT_PER_TESLA_METRE, DetectorConfig
 from pipeline.dataset import Dataset
 from pipeline.errors import MuontrackError
@@ -267,6 +268,36 @@ def _compared_pairs(report: str) -> set[tuple[str, str]]:
     return set(re.findall(r"^- \*\*(\w+) vs (\w+)\*\*:", report, flags=re.MULTILINE))
 
 
+def _mann_whitney_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC as the Mann–Whitney statistic: (rank sum of the signal − n_s (n_s + 1) / 2) / (n_s n_b), tied scores
+    given their average rank (scipy.stats.rankdata), which counts a tie as half a win."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels, bool)
+    ranks = rankdata(np.asarray(scores, np.float64))
+    n_signal = int(labels.sum())
+    n_background = labels.size - n_signal
+    return float((ranks[labels].sum() - n_signal * (n_signal + 1) / 2) / (n_signal * n_background))
+
+
+_VALUE_ERROR = re.compile(r"(-?\d+(?:\.(\d+))?) ± (\d+(?:\.(\d+))?)")
+
+
+def _quotes(text: str, value: float, err: float) -> bool:
+    """Whether ``text`` quotes ``value ± err`` as docs/contracts.md says numbers are written: ``v ± e``, both
+    rounded to the error's second significant digit (parsed back, not formatted here with the report's code)."""
+    for match in _VALUE_ERROR.finditer(text):
+        decimals = len(match.group(2) or "")
+        if decimals != len(match.group(4) or ""):
+            continue
+        unit = 10.0**-decimals
+        shown_value, shown_err = float(match.group(1)), float(match.group(3))
+        close = abs(shown_value - value) <= 0.5 * unit * (1 + 1e-9) and abs(shown_err - err) <= 0.5 * unit * (1 + 1e-9)
+        if close and 10 <= round(shown_err / unit) <= 100:
+            return True
+    return False
+
+
 def test_write_report_files_and_contents(tmp_path, truth):
     hits, events = truth
     residuals, weights = _write_predictions(tmp_path, hits, events, **GOOD_E2E)
@@ -296,7 +327,7 @@ def test_write_report_files_and_contents(tmp_path, truth):
     signal = hits.collect()["is_signal"].to_numpy()
     for model in (name for name in MODELS if name not in TRUTH_MODELS):
         row, selected = summary[model], weights[model] >= 0.5
-        assert_allclose(row["auc_weight"], auc(weights[model], signal), rtol=1e-9)
+        assert_allclose(row["auc_weight"], _mann_whitney_auc(weights[model], signal), rtol=1e-9)
         assert 0 < row["auc_weight_err"] < 0.01
         assert_allclose(row["hit_efficiency"], np.count_nonzero(selected & signal) / np.count_nonzero(signal))
         assert_allclose(row["hit_purity"], np.count_nonzero(selected & signal) / np.count_nonzero(selected))
@@ -360,10 +391,10 @@ def test_write_report_files_and_contents(tmp_path, truth):
     # ... and on the final weights' AUC: the numbers quoted are auc_weight's, not the raw score's
     versus_classical = _sentence(comparisons, "hit AUC (final weights)", reference="classical")
     e2e_weights, classical = summary["e2e"], summary["classical"]
-    assert format_value_error(e2e_weights["auc_weight"], e2e_weights["auc_weight_err"]) in versus_classical
-    assert (
-        f"vs classical {format_value_error(classical['auc_weight'], classical['auc_weight_err'])}" in versus_classical
-    )
+    quoted_e2e, quoted_classical = versus_classical.split(" vs classical ", 1)
+    assert _quotes(quoted_e2e, e2e_weights["auc_weight"], e2e_weights["auc_weight_err"]), versus_classical
+    # (auc_weight is more than 0.01 from e2e's raw AUC, above: quoting it to 2 digits of its error is not the raw's)
+    assert _quotes(quoted_classical, classical["auc_weight"], classical["auc_weight_err"]), versus_classical
     assert "e2e better by" in _sentence(comparisons, "σ68(q/pT)", reference="classical")
     assert "e2e_paper better by" in _sentence(comparisons, "cluster core fraction", "e2e_paper", "baseline_paper")
     # the paper's core-fraction gain is quoted for both network pairs, not against the classical tracker
@@ -374,15 +405,14 @@ def test_write_report_files_and_contents(tmp_path, truth):
         "share_e2e vs share_baseline",
     ]
     assert all("+12.7 %" in line for line in gains)
-    # e2e's σ68 as a multiple of the charge-centroid limit
-    ratio = ratio_with_error(
-        summary["e2e"]["sigma68"],
-        summary["e2e"]["sigma68_err"],
-        summary["truth_charge"]["sigma68"],
-        summary["truth_charge"]["sigma68_err"],
-    )
-    assert f"σ68(q/pT) of e2e / truth_charge = {format_value_error(*ratio)} " in report
-    assert_allclose(ratio[0], 0.020 / 0.012, rtol=0.15)
+    # e2e's σ68 as a multiple of the charge-centroid limit: the ratio and its error propagated by hand (independent
+    # errors: (δr / r)² = (δa / a)² + (δb / b)²)
+    (a, da), (b, db) = ((summary[m]["sigma68"], summary[m]["sigma68_err"]) for m in ("e2e", "truth_charge"))
+    ratio = a / b
+    ratio_err = ratio * math.sqrt((da / a) ** 2 + (db / b) ** 2)
+    (ratio_line,) = [line for line in report.splitlines() if "σ68(q/pT) of e2e / truth_charge = " in line]
+    assert _quotes(ratio_line.split(" = ", 1)[1], ratio, ratio_err), ratio_line
+    assert_allclose(ratio, 0.020 / 0.012, rtol=0.15)
     assert "Not compared" not in report
 
     # the σ68-in-pT-bins table has a column for every model, truth references included
@@ -473,7 +503,9 @@ def test_tails_bias_and_charge_in_the_summary_report_and_files(tmp_path, truth):
     line = next(line for line in section.splitlines() if line.startswith("| baseline | "))
     cells = [cell.strip() for cell in line.strip("|").split("|")]
     row = summary["baseline"]
-    assert cells[1:4] == [str(row["n_events"]), format_value_error(row["bias"], row["bias_err"]), str(flipped_ok)]
+    assert [cells[1], cells[3]] == [str(row["n_events"]), str(flipped_ok)]
+    assert _quotes(cells[2], row["bias"], row["bias_err"]), cells[2]
+    assert cells[2].count("±") == 1
     assert cells[4].startswith(f"{100 * row['charge_misid_rate']:.3g} % (")
     assert "No pulls: the predictions carry no q/pT error." in section
     # resolution.csv: per bin, the counts add up to the row's
@@ -597,9 +629,22 @@ def test_every_known_model_has_its_own_style():
     looks = {(style["color"], style["linestyle"], style["marker"]) for style in MODEL_STYLE.values()}
     assert len({style["color"] for style in MODEL_STYLE.values()}) == len(MODEL_NAMES)
     assert len(looks) == len(MODEL_NAMES)
-    # an unknown model gets a colour of its own, the same every time, and none of the known ones
-    assert model_style("e2e_v2") == model_style("e2e_v2")
-    assert model_style("e2e_v2")["color"] not in {style["color"] for style in MODEL_STYLE.values()}
+    # an unknown model gets a colour of its own, none of the known ones, and the same in every process: two
+    # interpreters with other string hashes (PYTHONHASHSEED) give each name the style it gets here
+    names = ["e2e_v2", "gnn", "my_tracker"]
+    assert all(model_style(name)["color"] not in {style["color"] for style in MODEL_STYLE.values()} for name in names)
+    code = (
+        f"import json; from analysis.figures import model_style; print(json.dumps([model_style(n) for n in {names!r}]))"
+    )
+    for hash_seed in ("1", "2"):
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env=os.environ | {"PYTHONHASHSEED": hash_seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(result.stdout) == [model_style(name) for name in names], hash_seed
 
 
 def test_missing_predictions_raise_and_write_nothing(tmp_path, truth):
@@ -1059,11 +1104,16 @@ def test_limit_row_against_an_independent_bound(tiny_dataset, tmp_path):
         assert row["sigma68_err"] == ""
         expected = np.quantile(np.abs(selected - np.median(selected)), 0.68)
         assert abs(float(row["sigma68"]) / expected - 1) < 4 * 1.3 / math.sqrt(selected.size)
-    # the limit row is exact: the exact σ68 of the independent widths' mixture agrees to the precision of the
-    # finite differences
-    from analysis.limit import mixture_sigma68
+    # the limit row is exact: the σ68 of the mixture of the independent widths' zero-mean Gaussians (median 0 by
+    # symmetry), the h that the mixture's |r| stays below with probability 0.68, mean_i (2 Φ(h / w_i) − 1) = 0.68,
+    # found by bisection here, agrees to the precision of the finite differences
+    from scipy.special import ndtr
 
-    assert_allclose(limit["sigma68"], mixture_sigma68(widths), rtol=1e-6)
+    lo, hi = 0.0, float(widths.max()) * 10
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if np.mean(2 * ndtr(mid / widths) - 1) < 0.68 else (lo, mid)
+    assert_allclose(limit["sigma68"], 0.5 * (lo + hi), rtol=1e-6)
 
 
 @pytest.mark.usefixtures("placeholder_figures")
@@ -1099,7 +1149,7 @@ def test_limit_row_in_the_summary_table_report_and_catalog(tiny_dataset, tmp_pat
     assert "| σ68(q/pT) | σ68 / limit | events in σ68 |" in header
     e2e = summary["e2e"]
     e2e_line = next(line for line in report.splitlines() if line.startswith("| e2e | "))
-    assert f"| {format_value_error(e2e['sigma68_over_limit'], e2e['sigma68_over_limit_err'])} |" in e2e_line
+    assert _quotes(e2e_line, e2e["sigma68_over_limit"], e2e["sigma68_over_limit_err"]), e2e_line
     assert f"`limit`: the Cramér–Rao limit of σ68(q/pT) on the {events.height} evaluated events" in report
 
     # the catalog: the limit row first, no training run, the numbers of summary.json, the ratio columns
