@@ -6,6 +6,12 @@ the epochs: shuffled batches through :func:`~model.steps.train_step`, validation
 (:func:`evaluate`), one metrics row per split and a checkpoint per epoch, progress on the console. The steps run
 data parallel over every local device (model.steps.DataParallel: each batch split along its events, the state
 replicated); with one device exactly as the single-device code did.
+
+A training is a :class:`TrainRequest` (:func:`train`; :func:`train_run` takes its fields as arguments), carried out
+in four parts: the configs resolved (:func:`resolve_configs`), the run opened or resumed (:func:`_open_run`), then
+per epoch the train steps (:func:`_train_epoch`), the validation (:func:`_validate`) and the epoch's files written
+(:func:`_record_epoch`). Nothing here touches JAX's global configuration: the persistent compilation cache is
+turned on by the entry points (pipeline.cache.enable_compilation_cache).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import polars as pl
 
-from model.hyperparameters import TrainConfig, configure
+from model.hyperparameters import ModelConfig, TrainConfig, configure
 from model.objectives import OPTIONAL_TERMS, get_objective
 from model.run_folder import (
     best_checkpoint_manager,
@@ -43,7 +49,6 @@ from model.steps import (
     DataParallel,
     TrainState,
     create_train_state,
-    enable_compilation_cache,
     epoch_shuffle_seed,
     eval_step,
     example_batch,
@@ -186,6 +191,33 @@ def format_epoch(info: dict[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest:
+    """What to train: ``model`` on the train split of the dataset ``data`` into the run folder ``out``
+    (:func:`train`; :func:`train_run` takes the same as arguments).
+
+    ``preset`` names the model and train configs (model.hyperparameters.PRESETS), ``overrides`` (a config file's ``model``
+    and ``train`` sections, model.hyperparameters.configure) changes their values, ``epochs`` the number of epochs and
+    ``estimator`` the gradient estimator (the ``assignment`` model's); :func:`resolve_configs` applies them.
+    ``seed`` fixes everything random (model.steps). With ``resume`` an interrupted (or finished, for more epochs)
+    run of the same configuration continues from its newest checkpoint.
+    """
+
+    data: Path
+    model: str
+    out: Path
+    preset: str = "cpu"
+    epochs: int | None = None
+    seed: int = 0
+    resume: bool = False
+    estimator: str | None = None
+    overrides: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out", Path(self.out))
+
+
 def train_run(
     data: str | Path,
     model: str,
@@ -200,7 +232,8 @@ def train_run(
     overrides: dict | None = None,
     on_message: MessageCallback | None = None,
 ) -> str:
-    """Train ``model`` (baseline, e2e, e2e_paper, assignment) on the train split of ``data`` into ``out``.
+    """Train ``model`` (baseline, e2e, e2e_paper, assignment, ...) on the train split of ``data`` into ``out``:
+    :func:`train` of the :class:`TrainRequest` of these arguments.
 
     Validates on the val split after every epoch, checkpoints every epoch and writes metrics.parquet.
     ``overrides`` (a config file's ``model`` and ``train`` sections, model.hyperparameters.configure) change the
@@ -218,47 +251,114 @@ def train_run(
     of each batch shape and its time after it (also with ``progress``), and the events done at least every
     :data:`PROGRESS_SECONDS` inside an epoch.
 
+    JAX's persistent compilation cache is the caller's to turn on (pipeline.cache.enable_compilation_cache; the
+    ``muontrack`` command does): training leaves JAX's global configuration alone.
+
     Raises ConfigError (unknown model or preset, epochs < 1), DatasetError (missing or incomplete dataset),
     RunError (``out`` holds something else, needs ``--resume``, or the loss became NaN).
     """
-    with exclusive_writer(out):
-        return _train_run_locked(
-            data, model, Path(out), preset, epochs, seed, resume, progress, on_epoch, estimator, overrides, on_message
-        )
+    request = TrainRequest(
+        data=Path(data),
+        model=model,
+        out=Path(out),
+        preset=preset,
+        epochs=epochs,
+        seed=seed,
+        resume=resume,
+        estimator=estimator,
+        overrides=overrides,
+    )
+    return train(request, progress=progress, on_epoch=on_epoch, on_message=on_message)
 
 
-def _train_run_locked(
-    data: str | Path,
-    model: str,
-    out: Path,
-    preset: str,
-    epochs: int | None,
-    seed: int,
-    resume: bool,
-    progress: bool,
+def train(
+    request: TrainRequest,
+    *,
+    progress: bool = False,
     on_epoch: EpochCallback | None = None,
-    estimator: str | None = None,
-    overrides: dict | None = None,
     on_message: MessageCallback | None = None,
 ) -> str:
-    objective = get_objective(model)
-    model_config, train_config = configure(preset, overrides)
-    if estimator is not None:
-        train_config = dataclasses.replace(train_config, estimator=estimator)
+    """Carry out ``request`` (:func:`train_run` describes what it does, ``progress``, ``on_epoch`` and
+    ``on_message``): holds the run folder's lock, resolves the configs (:func:`resolve_configs`), opens or resumes
+    the run (:func:`_open_run`), then trains (:func:`_train_epoch`), validates (:func:`_validate`) and records
+    (:func:`_record_epoch`) one epoch after the other. Returns a one-line summary."""
+    with exclusive_writer(request.out):
+        objective = get_objective(request.model)
+        model_config, train_config = resolve_configs(request)
+        dataset = open_dataset(request.data)
+        config = run_config(request.model, request.preset, model_config, train_config, dataset, request.seed)
+        done = _prepare_folder(request.out, config, request.resume)
+        if done >= train_config.epochs:
+            return f"already trained: {done} epochs (asked for {train_config.epochs}); nothing to do"
+        run = _open_run(request, dataset, config, model_config, train_config, done)
+        return _train_epochs(run, objective, progress, on_epoch, on_message)
+
+
+def resolve_configs(request: TrainRequest) -> tuple[ModelConfig, TrainConfig]:
+    """The model and train configs ``request`` trains with: its preset's, with its ``overrides``, ``estimator``
+    and ``epochs`` applied in that order; ConfigError for an unknown preset, a bad override or ``epochs`` < 1."""
+    model_config, train_config = configure(request.preset, request.overrides)
+    if request.estimator is not None:
+        train_config = dataclasses.replace(train_config, estimator=request.estimator)
+    epochs = request.epochs
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
         train_config = dataclasses.replace(train_config, epochs=epochs)
-    dataset = open_dataset(data)
-    out = Path(out)
-    config = run_config(model, preset, model_config, train_config, dataset, seed)
-    # a kill mid-write (of config.json, metrics.parquet) leaves a hidden temporary: not a foreign file
-    remove_temporaries(out)
-    done = prepare_run_dir(out, config, resume)
-    if done >= train_config.epochs:
-        return f"already trained: {done} epochs (asked for {train_config.epochs}); nothing to do"
+    return model_config, train_config
 
-    enable_compilation_cache()
+
+def _prepare_folder(out: Path, config: dict[str, Any], resume: bool) -> int:
+    """The epochs already done in the run folder ``out`` for the run of ``config`` (0: a new run), after removing
+    the hidden temporaries a kill mid-write (of config.json, metrics.parquet) leaves; RunError when ``out`` holds
+    something else or a run that needs ``resume`` (model.run_folder.prepare_run_dir)."""
+    remove_temporaries(out)
+    return prepare_run_dir(out, config, resume)
+
+
+@dataclass
+class _Run:
+    """An opened run: what its epochs read and write (:func:`_open_run`)."""
+
+    request: TrainRequest
+    dataset: Dataset
+    model_config: ModelConfig
+    train_config: TrainConfig
+    #: epochs already done (0: a new run)
+    done: int
+    #: the state after epoch ``done``, placed on ``parallel``'s devices
+    state: TrainState
+    parallel: DataParallel
+    #: the metrics rows of epochs 1 .. ``done``; each epoch appends its two
+    rows: list[dict[str, Any]]
+    #: config.json's content but its ``checkpoints`` section (rewritten after every epoch)
+    session_config: dict[str, Any]
+    manager: Any
+    best_manager: Any
+    events_per_epoch: int
+
+    @property
+    def out(self) -> Path:
+        return self.request.out
+
+    @property
+    def epochs(self) -> int:
+        return self.train_config.epochs
+
+
+def _open_run(
+    request: TrainRequest,
+    dataset: Dataset,
+    config: dict[str, Any],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    done: int,
+) -> _Run:
+    """Open the run folder ``request.out`` (checked by :func:`_prepare_folder`, ``done`` epochs in it): a new run
+    writes its config.json and starts from a fresh state; a resumed one restores the epoch-``done`` checkpoint,
+    repairs ``best_checkpoint/`` (:func:`_repair_best`) and then rewrites its config.json. RunError when the
+    dataset has no train events."""
+    out = request.out
     geometry = Geometry.from_detector(dataset.config.detector)
     n_train, _ = split_summary(dataset, "train")
     if n_train == 0:
@@ -276,12 +376,12 @@ def _train_run_locked(
         out.mkdir(parents=True, exist_ok=True)
         write_run_config(out, session_config)
     state = create_train_state(
-        jax.random.key(seed),
+        jax.random.key(request.seed),
         model_config,
         train_config,
         example_batch(1, min(train_config.node_buckets), geometry.n_layers),
         geometry=geometry,
-        objective=model,
+        objective=request.model,
     )
     manager = checkpoint_manager(out, keep=train_config.keep_checkpoints)
     best_manager = best_checkpoint_manager(out)
@@ -290,137 +390,204 @@ def _train_run_locked(
         record = checkpoints_record(read_metrics(out).filter(pl.col("epoch") <= done))
         _repair_best(manager, best_manager, state, record, done)
         write_run_config(out, {**session_config, "checkpoints": record})
-    state = parallel.state(state)
+    return _Run(
+        request=request,
+        dataset=dataset,
+        model_config=model_config,
+        train_config=train_config,
+        done=done,
+        state=parallel.state(state),
+        parallel=parallel,
+        rows=rows,
+        session_config=session_config,
+        manager=manager,
+        best_manager=best_manager,
+        events_per_epoch=events_per_epoch,
+    )
 
-    schedule = learning_rate_schedule(train_config)
+
+class _Display:
+    """The progress bar (with ``progress``) and the lines of progress (``on_message``) of one training."""
+
+    def __init__(self, bar: Any, model: str, progress: bool, on_message: MessageCallback | None) -> None:
+        self.bar = bar
+        self.model = model
+        self.progress = progress
+        self.on_message = on_message
+        self.task: Any = None
+        #: when the newest line of progress was given (a line of events follows PROGRESS_SECONDS after it)
+        self.last_note = time.perf_counter()
+
+    def note(self, message: str) -> None:
+        """A line of progress: on the console (with ``progress``) and to ``on_message``."""
+        self.last_note = time.perf_counter()
+        if self.progress:
+            self.bar.console.print(message, markup=False, highlight=False)
+        if self.on_message is not None:
+            self.on_message(message)
+
+    def print(self, line: str) -> None:
+        """A line on the console with ``progress`` (the epoch lines)."""
+        if self.progress:
+            self.bar.console.print(line, markup=False, highlight=False)
+
+
+def _train_epochs(
+    run: _Run,
+    objective: Any,
+    progress: bool,
+    on_epoch: EpochCallback | None,
+    on_message: MessageCallback | None,
+) -> str:
+    """Epochs ``run.done + 1`` .. ``run.epochs``: each trained, validated and recorded; the one-line summary."""
+    model, epochs = run.request.model, run.epochs
     stats = BatchStats()
     start = time.perf_counter()
     val_means: dict[str, float] = {}
     val_sigma = math.nan
-    with manager, best_manager, _progress(progress) as bar:
-        task = bar.add_task(
-            f"{model} epoch {done + 1}/{train_config.epochs}",
-            total=events_per_epoch * (train_config.epochs - done),
+    state = run.state
+    with run.manager, run.best_manager, _progress(progress) as bar:
+        display = _Display(bar, model, progress, on_message)
+        display.task = bar.add_task(
+            f"{model} epoch {run.done + 1}/{epochs}",
+            total=run.events_per_epoch * (epochs - run.done),
             loss=math.nan,
             rate=0.0,
         )
-
-        last_note = time.perf_counter()
-
-        def note(message: str) -> None:
-            nonlocal last_note
-            last_note = time.perf_counter()
-            if progress:
-                bar.console.print(message, markup=False, highlight=False)
-            if on_message is not None:
-                on_message(message)
-
-        compilations = _Compilations(model, note)
-        note(_devices_line(model, parallel, train_config.batch_size))
-        for epoch in range(done + 1, train_config.epochs + 1):
-            lam = objective.lam(epoch, train_config)
-            bar.update(task, description=f"{model} epoch {epoch}/{train_config.epochs}")
-            first_step = int(state.step)
-            step_metrics: list[dict[str, jax.Array]] = []
-            step_events: list[int] = []
-            shown, shown_step = math.nan, -1
-            epoch_start = last_note = time.perf_counter()
-            batches = iter_batches(
-                dataset,
-                "train",
-                train_config.batch_size,
-                train_config.node_buckets,
-                shuffle_seed=epoch_shuffle_seed(seed, epoch),
-                max_events=train_config.max_train_events,
-                stats=stats,
-            )
-            for step_in_epoch, batch in enumerate(batches):
-                state, metrics = compilations.run(
-                    "train step",
-                    batch,
-                    train_step,
-                    state,
-                    parallel.batch(batch),
-                    step_key(seed, epoch, step_in_epoch),
-                    jnp.float32(lam),
-                )
-                # the metrics stay on the device (no sync per step); they come over once, after the epoch
-                step_metrics.append(metrics)
-                step_events.append(int(batch.event_mask.sum()))
-                if progress:
-                    # the bar shows the loss of the newest step that has finished; is_ready() never waits, so
-                    # the display does not hold the queue of dispatched steps back
-                    newest = shown_step
-                    while newest + 1 < len(step_metrics) and step_metrics[newest + 1]["loss"].is_ready():
-                        newest += 1
-                    if newest > shown_step:
-                        shown, shown_step = float(step_metrics[newest]["loss"]), newest
-                    rate = sum(step_events) / max(time.perf_counter() - epoch_start, 1e-9)
-                    bar.update(task, advance=step_events[-1], loss=shown, rate=rate)
-                if on_message is not None and time.perf_counter() - last_note >= PROGRESS_SECONDS:
-                    last_note = time.perf_counter()
-                    on_message(
-                        _epoch_progress(
-                            model,
-                            epoch,
-                            train_config.epochs,
-                            step_metrics,
-                            step_events,
-                            events_per_epoch,
-                            last_note - epoch_start,
-                        )
-                    )
-            sums = _Sums()
-            for index, (metrics, n_events) in enumerate(zip(jax.device_get(step_metrics), step_events, strict=True)):
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise RunError(
-                        f"training diverged: loss is {loss} at epoch {epoch}, step {first_step + index + 1} "
-                        f"(lambda={lam}); lower the learning rate (the last good checkpoint is epoch {epoch - 1})"
-                    )
-                sums.add(metrics, n_events)
-            train_seconds = time.perf_counter() - epoch_start
-            step = int(state.step)
-            # the rate of the epoch's last step (the schedule is read at the count before that step)
-            learning_rate = float(schedule(step - 1))
-            rows.append(
-                _metrics_row(epoch, step, "train", sums.means(), lam, train_seconds, learning_rate=learning_rate)
-            )
-
-            val_start = time.perf_counter()
-            val_means, val_sigma = evaluate(
-                state, dataset, "val", train_config, lam, parallel=parallel, compilations=compilations
-            )
-            val_seconds = time.perf_counter() - val_start
-            # null, not NaN, when no validation event has a finite fit
-            val_sigma68 = val_sigma if math.isfinite(val_sigma) else None
-            rows.append(_metrics_row(epoch, step, "val", val_means, lam, val_seconds, sigma68=val_sigma68))
-            # metrics first, checkpoints second: a crash in between leaves rows that resume drops again. The best
-            # checkpoint (lowest val sigma68 so far) is saved before the last one and the older best deleted only
-            # after it: a kill at any point leaves the best of the epochs a resume keeps (_repair_best)
-            write_metrics(out, rows)
-            record = checkpoints_record(read_metrics(out))
-            write_run_config(out, {**session_config, "checkpoints": record})
-            best = record["best"]
-            if best is not None and best["epoch"] == epoch:
-                save_best(best_manager, state, epoch, best["val_sigma68"])
-            save_checkpoint(manager, state, epoch)
-            if best is not None:
-                prune_best(best_manager, best["epoch"])
-
-            info = _epoch_info(model, train_config.epochs, train_row=rows[-2], val_row=rows[-1])
-            if progress:
-                bar.console.print(format_epoch(info), markup=False, highlight=False)
+        compilations = _Compilations(model, display.note)
+        display.note(_devices_line(model, run.parallel, run.train_config.batch_size))
+        for epoch in range(run.done + 1, epochs + 1):
+            lam = objective.lam(epoch, run.train_config)
+            bar.update(display.task, description=f"{model} epoch {epoch}/{epochs}")
+            state, train_row = _train_epoch(run, state, epoch, lam, display, compilations, stats)
+            val_row, val_means, val_sigma = _validate(run, state, epoch, lam, compilations)
+            run.rows += [train_row, val_row]
+            _record_epoch(run, state, epoch)
+            info = _epoch_info(model, epochs, train_row=train_row, val_row=val_row)
+            display.print(format_epoch(info))
             if on_epoch is not None:
                 on_epoch(info)
 
     minutes = (time.perf_counter() - start) / 60
     truncated = f", {stats.n_truncated} of {stats.n_events} train events truncated" if stats.n_truncated else ""
     return (
-        f"{train_config.epochs} epochs, val loss {val_means.get('loss', math.nan):.4f} "
+        f"{epochs} epochs, val loss {val_means.get('loss', math.nan):.4f} "
         f"bce {val_means.get('bce', math.nan):.4f} pt_loss {val_means.get('pt_loss', math.nan):.4g} "
         f"sigma68(q/pT) {val_sigma:.4f}, {minutes:.1f} min{truncated}"
     )
+
+
+def _train_epoch(
+    run: _Run,
+    state: TrainState,
+    epoch: int,
+    lam: float,
+    display: _Display,
+    compilations: _Compilations,
+    stats: BatchStats,
+) -> tuple[TrainState, dict[str, Any]]:
+    """One epoch of train steps over the epoch's shuffled batches: the state after it and its ``train`` metrics
+    row. RunError when a step's loss is not finite."""
+    request, train_config = run.request, run.train_config
+    model, seed = request.model, request.seed
+    first_step = int(state.step)
+    step_metrics: list[dict[str, jax.Array]] = []
+    step_events: list[int] = []
+    shown, shown_step = math.nan, -1
+    epoch_start = display.last_note = time.perf_counter()
+    batches = iter_batches(
+        run.dataset,
+        "train",
+        train_config.batch_size,
+        train_config.node_buckets,
+        shuffle_seed=epoch_shuffle_seed(seed, epoch),
+        max_events=train_config.max_train_events,
+        stats=stats,
+    )
+    for step_in_epoch, batch in enumerate(batches):
+        state, metrics = compilations.run(
+            "train step",
+            batch,
+            train_step,
+            state,
+            run.parallel.batch(batch),
+            step_key(seed, epoch, step_in_epoch),
+            jnp.float32(lam),
+        )
+        # the metrics stay on the device (no sync per step); they come over once, after the epoch
+        step_metrics.append(metrics)
+        step_events.append(int(batch.event_mask.sum()))
+        if display.progress:
+            # the bar shows the loss of the newest step that has finished; is_ready() never waits, so
+            # the display does not hold the queue of dispatched steps back
+            newest = shown_step
+            while newest + 1 < len(step_metrics) and step_metrics[newest + 1]["loss"].is_ready():
+                newest += 1
+            if newest > shown_step:
+                shown, shown_step = float(step_metrics[newest]["loss"]), newest
+            rate = sum(step_events) / max(time.perf_counter() - epoch_start, 1e-9)
+            display.bar.update(display.task, advance=step_events[-1], loss=shown, rate=rate)
+        if display.on_message is not None and time.perf_counter() - display.last_note >= PROGRESS_SECONDS:
+            display.last_note = time.perf_counter()
+            display.on_message(
+                _epoch_progress(
+                    model,
+                    epoch,
+                    run.epochs,
+                    step_metrics,
+                    step_events,
+                    run.events_per_epoch,
+                    display.last_note - epoch_start,
+                )
+            )
+    sums = _Sums()
+    for index, (metrics, n_events) in enumerate(zip(jax.device_get(step_metrics), step_events, strict=True)):
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            raise RunError(
+                f"training diverged: loss is {loss} at epoch {epoch}, step {first_step + index + 1} "
+                f"(lambda={lam}); lower the learning rate (the last good checkpoint is epoch {epoch - 1})"
+            )
+        sums.add(metrics, n_events)
+    train_seconds = time.perf_counter() - epoch_start
+    step = int(state.step)
+    # the rate of the epoch's last step (the schedule is read at the count before that step)
+    learning_rate = float(learning_rate_schedule(train_config)(step - 1))
+    return state, _metrics_row(epoch, step, "train", sums.means(), lam, train_seconds, learning_rate=learning_rate)
+
+
+def _validate(
+    run: _Run, state: TrainState, epoch: int, lam: float, compilations: _Compilations
+) -> tuple[dict[str, Any], dict[str, float], float]:
+    """Validation after epoch ``epoch`` (:func:`evaluate` on the val split): its ``val`` metrics row, the mean loss
+    terms and the sigma68 of the q/pT residual (NaN when no event has a finite fit; null in the row)."""
+    val_start = time.perf_counter()
+    val_means, val_sigma = evaluate(
+        state, run.dataset, "val", run.train_config, lam, parallel=run.parallel, compilations=compilations
+    )
+    val_seconds = time.perf_counter() - val_start
+    # null, not NaN, when no validation event has a finite fit
+    val_sigma68 = val_sigma if math.isfinite(val_sigma) else None
+    row = _metrics_row(epoch, int(state.step), "val", val_means, lam, val_seconds, sigma68=val_sigma68)
+    return row, val_means, val_sigma
+
+
+def _record_epoch(run: _Run, state: TrainState, epoch: int) -> None:
+    """Write epoch ``epoch``: metrics.parquet (``run.rows``), config.json's ``checkpoints`` section, the best
+    checkpoint when this epoch is the best, the last checkpoint, then the older best deleted.
+
+    Metrics first, checkpoints second: a crash in between leaves rows that resume drops again. The best checkpoint
+    (lowest val sigma68 so far) is saved before the last one and the older best deleted only after it: a kill at any
+    point leaves the best of the epochs a resume keeps (:func:`_repair_best`)."""
+    write_metrics(run.out, run.rows)
+    record = checkpoints_record(read_metrics(run.out))
+    write_run_config(run.out, {**run.session_config, "checkpoints": record})
+    best = record["best"]
+    if best is not None and best["epoch"] == epoch:
+        save_best(run.best_manager, state, epoch, best["val_sigma68"])
+    save_checkpoint(run.manager, state, epoch)
+    if best is not None:
+        prune_best(run.best_manager, best["epoch"])
 
 
 def _epoch_progress(
