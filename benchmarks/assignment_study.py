@@ -52,6 +52,7 @@ from model.hyperparameters import ESTIMATORS, get_preset
 from model.inference import predict_run
 from model.run_folder import read_metrics
 from model.train import train_run
+from pipeline.cache import enable_compilation_cache
 from pipeline.dataset import open_dataset
 from pipeline.errors import RunError
 
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("assignment-study"))
     parser.add_argument("--no-report", action="store_true", help="skip the seed-0 report")
     args = parser.parse_args()
+    enable_compilation_cache()
     dataset = open_dataset(args.data)
     get_preset(args.preset)  # an unknown preset fails before any training
 

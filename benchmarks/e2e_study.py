@@ -29,6 +29,7 @@ from analysis import metrics, statistics
 from model.hyperparameters import PRESETS
 from model.inference import predict_run
 from model.train import train_run
+from pipeline.cache import enable_compilation_cache
 from pipeline.dataset import open_dataset
 
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("e2e-study"))
     args = parser.parse_args()
+    enable_compilation_cache()
     dataset = open_dataset(args.data)
     model_config, train_config = PRESETS[args.preset]
 

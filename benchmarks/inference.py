@@ -49,8 +49,8 @@ def _peak_rss_mb() -> float:
 def _preset_on(data: Path):
     """The dataset, the preset's model and train configs and the detector geometry (JAX's compilation cache on)."""
     from model.hyperparameters import get_preset
-    from model.steps import enable_compilation_cache
     from pipeline.batches import Geometry
+    from pipeline.cache import enable_compilation_cache
     from pipeline.dataset import open_dataset
 
     enable_compilation_cache()

@@ -33,6 +33,7 @@ from model.inference import BUCKET_STEP, predict_run
 from model.steps import device_batch
 from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, ROBUST_CIRCLE_CHAIN, Chain, reconstruct
 from pipeline.batches import Geometry, iter_batches, split_summary
+from pipeline.cache import enable_compilation_cache
 from pipeline.dataset import open_dataset
 
 #: the circle-fit variants ablate the robust chain as it was before the scattering-aware fit
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--references", action="store_true", help="also truth-label and unit hit weights")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="the runs' checkpoint")
     args = parser.parse_args()
+    enable_compilation_cache()
     dataset = open_dataset(args.data)
     events = dataset.events().select("event_id", "pt", "q")
     names = args.chain or list(VARIANTS)

@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from pipeline.cache import enable_compilation_cache
 from pipeline.errors import MuontrackError
 from pipeline.registry import ESTIMATORS, TRAINED_MODELS
 
@@ -414,6 +415,9 @@ def main() -> None:
     # run does, and loses the race ("database is locked", a traceback on the console at every start). It
     # would only phone home anyway; a user who wants it sets the variable.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # JAX's persistent compilation cache under $MUONTRACK_CACHE/jax, for this process and the ones it starts
+    # (Prefect's, Dask's); set before JAX loads, so `--help` stays fast
+    enable_compilation_cache()
     for argument in sys.argv[1:]:
         try:
             argument.encode("utf-8")

@@ -109,8 +109,14 @@ def build_deployments(
 
 
 def serve_deployments() -> None:
+    """Serve the deployments' flows from this process (``muontrack serve``), with JAX's compilation cache on
+    (pipeline.cache.enable_compilation_cache: the flow runs it starts inherit it)."""
     import prefect.settings
     from prefect import serve
+
+    from pipeline.cache import enable_compilation_cache
+
+    enable_compilation_cache()
 
     if not prefect.settings.PREFECT_API_URL.value():
         raise MuontrackError(

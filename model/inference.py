@@ -44,7 +44,7 @@ from model.run_folder import (
     read_run_config,
     restore_params,
 )
-from model.steps import abstract_params, device_batch, enable_compilation_cache, gat
+from model.steps import abstract_params, device_batch, gat
 from model.tracker import PAPER_CHAIN, ROBUST_CHAIN, Chain, reconstruct
 from pipeline.batches import Batch, Geometry, check_buckets, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
@@ -326,7 +326,6 @@ def predict_run(
     dataset = _as_dataset(dataset)
     run_dir = Path(run_dir)
     config, params = load_run(run_dir, checkpoint)
-    enable_compilation_cache()
     _check_same_config(config, dataset, run_dir)
     return predict_params(
         dataset,
@@ -400,7 +399,6 @@ def predict_truth(
     three tables as :func:`predict_run`, stacked. ``on_batch(n_events)`` is called after each batch (a progress
     display); ``max_hits`` as for :func:`predict_run`."""
     dataset = _as_dataset(dataset)
-    enable_compilation_cache()
     geometry = Geometry.from_detector(dataset.config.detector)
     if max_hits is None:
         _, max_hits = split_summary(dataset, split)

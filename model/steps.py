@@ -22,9 +22,7 @@ before, so the results are bit for bit those of the single-device code.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -289,22 +287,3 @@ def step_key(seed: int, epoch: int, step_in_epoch: int) -> jax.Array:
 def epoch_shuffle_seed(seed: int, epoch: int) -> int:
     """The data-order seed of one epoch, a pure function of (training seed, epoch)."""
     return int(np.random.SeedSequence([seed, epoch, 0x5EED]).generate_state(1)[0])
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk (JAX's persistent cache), unless the user configured one already.
-
-    Each node bucket costs a compilation of the train and eval steps (seconds to tens of seconds on a CPU);
-    with the cache a second run (the other model, inference, a resume, the tests) loads them instead. The
-    folder is ``$MUONTRACK_JAX_CACHE`` or ``$XDG_CACHE_HOME/muontrack/jax`` (``~/.cache/muontrack/jax``);
-    ``MUONTRACK_JAX_CACHE=""`` turns the cache off.
-    """
-    if jax.config.jax_compilation_cache_dir:
-        return
-    folder = os.environ.get("MUONTRACK_JAX_CACHE")
-    if folder is None:
-        folder = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "muontrack" / "jax")
-    if not folder:
-        return
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import replacing, write_json_atomic, write_text_atomic
+from pipeline.cache import cache_root
 from pipeline.config import SimConfig
 from pipeline.contract import check_manifest, refuse_symlink
 from pipeline.errors import ConfigError, DatasetError
@@ -460,11 +460,8 @@ def _file_stamp(path: Path) -> list[int]:
 def verified_record_path(dataset_dir: Path) -> Path:
     """Where the verified file states of a dataset are kept: ``$MUONTRACK_CACHE`` (default
     ``$XDG_CACHE_HOME/muontrack`` or ``~/.cache/muontrack``) ``/verified/<hash of the dataset's path>.json``."""
-    root = os.environ.get("MUONTRACK_CACHE") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "muontrack"
-    )
     key = hashlib.sha256(str(Path(dataset_dir).resolve()).encode()).hexdigest()[:24]
-    return Path(root) / "verified" / f"{key}.json"
+    return cache_root() / "verified" / f"{key}.json"
 
 
 def _read_verified_record(path: Path) -> dict[str, Any]:

@@ -17,6 +17,14 @@ TINY_SHARD_EVENTS = 150
 TINY_SEED = 11
 
 
+def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001 (pytest's hook signature)
+    """JAX's persistent compilation cache on for the whole session (and the ``muontrack`` and training processes
+    the tests start, which inherit it), as the ``muontrack`` command turns it on: no library function does."""
+    from pipeline.cache import enable_compilation_cache
+
+    enable_compilation_cache()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs() -> Iterator[None]:
     """Drop JAX's compiled programs after each test module.

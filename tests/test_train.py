@@ -24,7 +24,7 @@ from numpy.testing import assert_allclose
 import model.run_folder as run_folder_module
 import model.train as train_module
 from model.hyperparameters import get_preset
-from model.inference import checkpoint_epoch, load_run
+from model.inference import checkpoint_epoch, load_run, predict_run
 from model.objectives import OBJECTIVES, Objective, get_objective, sigmoid_weights
 from model.run_folder import read_metrics, read_run_config
 from model.steps import create_train_state, device_batch, learning_rate_schedule, train_step
@@ -349,6 +349,20 @@ def test_a_damaged_run_is_refused_on_resume_and_left_as_it_was(
 def _edit_run_config(run: Path, **changes) -> None:
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps(config | changes))
+
+
+def test_training_and_inference_leave_the_jax_compilation_cache_alone(dataset_dir, tmp_path):
+    """JAX's persistent compilation cache is global configuration: the entry points turn it on
+    (pipeline.cache.enable_compilation_cache), never train_run or predict_run."""
+    configured = jax.config.jax_compilation_cache_dir  # tests/conftest.py's
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        run = tmp_path / "run"
+        train_run(dataset_dir, "baseline", run, preset="test", epochs=1, overrides={"train": {"max_train_events": 16}})
+        predict_run(dataset_dir, run)
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", configured)
 
 
 def test_bad_inputs_raise_the_right_errors(dataset_dir, tmp_path):
