@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from model.hyperparameters import ModelConfig, TrainConfig, configure
-from model.objectives import OPTIONAL_TERMS, get_objective
+from model.objectives import OPTIONAL_TERMS, Objective, get_objective
 from model.run_folder import (
     best_checkpoint_manager,
     checkpoint_manager,
@@ -196,9 +196,10 @@ class TrainRequest:
     """What to train: ``model`` on the train split of the dataset ``data`` into the run folder ``out``
     (:func:`train`; :func:`train_run` takes the same as arguments).
 
-    ``preset`` names the model and train configs (model.hyperparameters.PRESETS), ``overrides`` (a config file's ``model``
-    and ``train`` sections, model.hyperparameters.configure) changes their values, ``epochs`` the number of epochs and
-    ``estimator`` the gradient estimator (the ``assignment`` model's); :func:`resolve_configs` applies them.
+    ``preset`` names the model and train configs (model.hyperparameters.PRESETS), ``overrides`` (a config file's
+    ``model`` and ``train`` sections, model.hyperparameters.configure) changes their values, ``epochs`` the number of
+    epochs and ``estimator`` the gradient estimator (the ``assignment`` model's); :func:`resolve_configs` applies
+    them.
     ``seed`` fixes everything random (model.steps). With ``resume`` an interrupted (or finished, for more epochs)
     run of the same configuration continues from its newest checkpoint.
     """
@@ -434,7 +435,7 @@ class _Display:
 
 def _train_epochs(
     run: _Run,
-    objective: Any,
+    objective: Objective,
     progress: bool,
     on_epoch: EpochCallback | None,
     on_message: MessageCallback | None,
