@@ -624,4 +624,22 @@ def train(
             on_epoch(info)
         write_training_curves(Path(out))
 
-    return train_run(data, model=model, out=Path(out), on_epoch=after_epoch, **options)
+    try:
+        return train_run(data, model=model, out=Path(out), on_epoch=after_epoch, **options)
+    finally:
+        release_compiled_programs()
+
+
+def release_compiled_programs() -> None:
+    """Drop JAX's compiled programs and give the freed heap back (pipeline.memory) once a model is trained: the
+    next model of a job compiles programs of its own, and the evaluation loads its programs from the
+    persistent cache."""
+    import gc
+
+    import jax
+
+    from pipeline.memory import release_free_memory
+
+    jax.clear_caches()
+    gc.collect()
+    release_free_memory()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.memory import release_free_memory
 from tests import helpers
 
 #: the tiny dataset: 300 events in two shards of 150 (seed 11, otherwise the default SimConfig)
@@ -25,22 +26,58 @@ def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001 (pytest's h
     enable_compilation_cache()
 
 
+#: resident memory (MB) above which JAX's compiled programs are dropped after a test rather than after its module
+RESIDENT_LIMIT_MB = 2000
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs() -> Iterator[None]:
-    """Drop JAX's compiled programs after each test module.
+    """Drop JAX's compiled programs after each test module and give the heap's free memory back.
 
-    Every XLA:CPU executable holds a few memory mappings of its JIT-compiled code for as long as JAX's caches
-    keep it; the whole suite in one process compiles thousands of them (56 000 mappings after test_tracker)
-    and crossed Linux's default ``vm.max_map_count`` of 65 530 in test_train, where the next mapping failed
-    and XLA aborted the process ("Fatal Python error: Aborted" while writing the compilation cache). A module
-    rarely reuses another's programs, and the persistent cache reloads those it does.
+    JAX's caches keep every program compiled in the process alive, with its memory mappings: the whole suite in
+    one process crossed Linux's ``vm.max_map_count`` of 65 530 mappings (XLA aborted: "Fatal Python error:
+    Aborted" while writing the compilation cache). A module rarely reuses another's programs, and the persistent
+    compilation cache reloads those it does.
     """
     yield
+    _drop_compiled_programs()
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory() -> Iterator[None]:
+    """After each test: the heap's free memory back to the system (pipeline.memory), and JAX's compiled programs
+    dropped when the process is still above RESIDENT_LIMIT_MB.
+
+    glibc keeps what XLA's compilations free in its arenas (with the caches cleared per module only, the one
+    pytest process grew to 8.7 GB), and the finite-difference tests of the float64 chains keep 0.5-0.9 GB of
+    programs each (tests/test_tracker.py rose from 0.9 to 4.7 GB over four tests). Clearing after every test
+    instead doubles test_tracker's time (its programs compile again), hence the limit.
+    """
+    yield
+    release_free_memory()
+    if _resident_mb() > RESIDENT_LIMIT_MB:
+        _drop_compiled_programs()
+
+
+def _drop_compiled_programs() -> None:
     if "jax" in sys.modules:
         import jax
 
         jax.clear_caches()
         gc.collect()
+    release_free_memory()
+
+
+def _resident_mb() -> float:
+    """This process's resident memory in MB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 @pytest.fixture(scope="session")
