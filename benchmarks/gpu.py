@@ -82,17 +82,6 @@ class GpuJobError(Exception):
     """A one-line failure of the sized job (printed as ``error: ...``)."""
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over``'s keys, mappings merged key by key (a config section holds only what it changes)."""
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def job_config(
     preset: str,
     config_file: Path | None = None,
@@ -104,9 +93,9 @@ def job_config(
     size = SIZES[preset]
     sections: dict[str, Any] = {name: dict(size[name]) for name in ("simulation", "train") if size[name]}
     if config_file is not None:
-        from pipeline.config import read_config_file
+        from pipeline.config import merged_sections, read_config_file
 
-        sections = _merge(sections, read_config_file(config_file))
+        sections = merged_sections(sections, read_config_file(config_file))
     train = dict(sections.get("train", {}))
     if train_events is not None:
         train["max_train_events"] = train_events

@@ -618,6 +618,7 @@ def train(
     parameters) and redraw RUN/training_curves.png after every epoch (:func:`write_training_curves`), after
     ``on_epoch``: the one path of ``muontrack train`` and of the ``train`` flow's task. Returns train_run's summary."""
     from model.train import train_run
+    from pipeline.memory import release_compiled_programs
 
     def after_epoch(info: dict) -> None:
         if on_epoch is not None:
@@ -627,19 +628,5 @@ def train(
     try:
         return train_run(data, model=model, out=Path(out), on_epoch=after_epoch, **options)
     finally:
+        # the next model of a job compiles programs of its own; the evaluation loads its programs from the cache
         release_compiled_programs()
-
-
-def release_compiled_programs() -> None:
-    """Drop JAX's compiled programs and give the freed heap back (pipeline.memory) once a model is trained: the
-    next model of a job compiles programs of its own, and the evaluation loads its programs from the
-    persistent cache."""
-    import gc
-
-    import jax
-
-    from pipeline.memory import release_free_memory
-
-    jax.clear_caches()
-    gc.collect()
-    release_free_memory()

@@ -361,7 +361,7 @@ def load_config(cls: type[T], data: Any, prefix: str = "", base: T | None = None
     if not isinstance(data, dict):
         raise ConfigError(f"config section {section} must be a mapping of keys to values, got {data!r}")
     if base is not None:
-        data = _merged(dataclasses.asdict(base), data)  # type: ignore[call-overload]
+        data = merged_sections(dataclasses.asdict(base), data)  # type: ignore[call-overload]
     import pydantic
 
     try:
@@ -372,12 +372,12 @@ def load_config(cls: type[T], data: Any, prefix: str = "", base: T | None = None
         raise ConfigError(_describe(cls, err.errors()[0], prefix)) from None
 
 
-def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merged_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``overrides``' values, nested mappings merged key by key."""
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merged(merged[key], value)
+            merged[key] = merged_sections(merged[key], value)
         else:
             merged[key] = value
     return merged

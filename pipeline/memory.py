@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
+import sys
 
 
 @functools.cache
@@ -34,3 +36,15 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def release_compiled_programs() -> None:
+    """Drop JAX's compiled programs (when JAX is loaded; never imports it) and give the freed heap back: between
+    the models of a job, each compiling programs of its own, and between test modules. A program used again
+    after this is loaded from the persistent compilation cache."""
+    if "jax" in sys.modules:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+    release_free_memory()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import gc
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline.memory import release_free_memory
+from pipeline.memory import release_compiled_programs, release_free_memory
 from tests import helpers
 
 #: the tiny dataset: 300 events in two shards of 150 (seed 11, otherwise the default SimConfig)
@@ -40,7 +38,7 @@ def _release_compiled_programs() -> Iterator[None]:
     compilation cache reloads those it does.
     """
     yield
-    _drop_compiled_programs()
+    release_compiled_programs()
 
 
 @pytest.fixture(autouse=True)
@@ -55,29 +53,8 @@ def _bounded_memory() -> Iterator[None]:
     """
     yield
     release_free_memory()
-    if _resident_mb() > RESIDENT_LIMIT_MB:
-        _drop_compiled_programs()
-
-
-def _drop_compiled_programs() -> None:
-    if "jax" in sys.modules:
-        import jax
-
-        jax.clear_caches()
-        gc.collect()
-    release_free_memory()
-
-
-def _resident_mb() -> float:
-    """This process's resident memory in MB (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    if helpers.resident_mb() > RESIDENT_LIMIT_MB:
+        release_compiled_programs()
 
 
 @pytest.fixture(scope="session")

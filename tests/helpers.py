@@ -107,3 +107,15 @@ def central_differences(fun, args, argnum: int, h: float, skip=None):
         minus[argnum][i] -= h
         out[i] = (float(fun(*plus)) - float(fun(*minus))) / (2 * h)
     return out
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MB (Linux's /proc/self/status; 0 where there is none)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -7,16 +7,9 @@ import sys
 import pytest
 
 from pipeline.memory import release_free_memory
+from tests.helpers import resident_mb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's (Linux)")
-
-
-def _resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def test_free_memory_inside_the_heap_goes_back_and_the_memory_in_use_stays():
@@ -25,8 +18,8 @@ def test_free_memory_inside_the_heap_goes_back_and_the_memory_in_use_stays():
     blocks = [bytes(1000) for _ in range(300_000)]
     kept = blocks[::100]
     del blocks
-    before = _resident_mb()
+    before = resident_mb()
     assert release_free_memory()
-    after = _resident_mb()
+    after = resident_mb()
     assert before - after > 150, (before, after)
     assert all(len(block) == 1000 and not any(block) for block in kept)
