@@ -28,9 +28,9 @@ GPU unless ``--allow-cpu``:
 - ``events max_train_events epochs models node_buckets budget_s jax_cache``: what runs
   (``jax_cache``: ``cold`` when ``OUT/cache/jax`` was empty before the job, else ``warm``).
 - ``wall_s``: the whole ``muontrack run`` process (Prefect server, simulation, training, evaluation, report).
-- ``train_s train_events train_events_per_s``: every run's training epochs (``metrics.parquet``'s train rows:
-  compilations included); ``train_steady_events_per_s``: the same over the epochs after the first (``nan`` with
-  one epoch).
+- ``train_s train_events train_events_per_s``: every run's trained epochs (``metrics.parquet``'s train rows:
+  compilations included; not the warm-up epochs e2e and e2e_paper take from baseline's run);
+  ``train_steady_events_per_s``: the same over the epochs after the first (``nan`` with one epoch).
 - ``eval_events eval_events_per_s``: the trained networks' predictions of the test split (the evaluate step's
   ``predict MODEL, ...: N events, T s`` lines: reading, packing, compilations, forward, clustering, fit, tables);
   ``classical_events_per_s``: the classical reconstruction's, alike.
@@ -213,7 +213,8 @@ def _last_error(log_path: Path) -> str:
 
 
 def training_figures(runs: list[Path]) -> dict[str, float]:
-    """Events and seconds of every run's training epochs (metrics.parquet's train rows), all and after the first."""
+    """Events and seconds of every run's trained epochs (metrics.parquet's train rows, but the epochs a warm start
+    took), all and after the first."""
     import polars as pl
 
     from pipeline.batches import split_summary
@@ -228,7 +229,10 @@ def training_figures(runs: list[Path]) -> dict[str, float]:
             n_train[data] = split_summary(open_dataset(data), "train")[0]
         cap = config["train_config"].get("max_train_events") or n_train[data]
         per_epoch = min(n_train[data], cap)
-        rows = pl.read_parquet(run / "metrics.parquet").filter(pl.col("split") == "train").sort("epoch")
+        # the epochs a warm start took from baseline's run were not trained here (model.train, "Warm start")
+        taken = (config.get("warm_start") or {}).get("epochs", 0)
+        rows = pl.read_parquet(run / "metrics.parquet").filter(pl.col("split") == "train", pl.col("epoch") > taken)
+        rows = rows.sort("epoch")
         seconds = rows["seconds"].to_list()
         totals["train_s"] += sum(seconds)
         totals["train_events"] += per_epoch * len(seconds)

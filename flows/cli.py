@@ -178,6 +178,14 @@ def train(
             "and --estimator override the file's).",
         ),
     ] = None,
+    warm_start: Annotated[
+        Path | None,
+        typer.Option(
+            "--warm-start",
+            help="e2e, e2e_paper: the run folder of a baseline trained with the same configs, seed and dataset; "
+            "its lambda = 0 warm-up epochs, which this model would repeat bit for bit, are taken from it (read only).",
+        ),
+    ] = None,
 ) -> None:
     """Train a tracker on a dataset; RUN/training_curves.png is redrawn after every epoch."""
     overrides = _training_overrides(config, preset.value) if config is not None else None
@@ -194,6 +202,7 @@ def train(
         progress=True,
         estimator=estimator.value if estimator else None,
         overrides=overrides,
+        warm_start=warm_start,
     )
     typer.echo(f"trained {model.value} -> {out} ({summary})")
 

@@ -22,6 +22,7 @@ from flows.server import ensure_prefect_api
 from pipeline.config import SimConfig
 from pipeline.errors import ConfigError, MuontrackError
 from pipeline.locks import exclusive_writer
+from pipeline.registry import get_model
 from simulation.shards import code_version as simulation_code_version
 
 
@@ -157,9 +158,16 @@ def simulate_on_dask(
 
 @flow(name="train", flow_run_name=_train_run_name, log_prints=True)
 def train_flow(
-    data: str, model: str, out: str, preset: str = "cpu", seed: int = 0, overrides: dict | None = None
+    data: str,
+    model: str,
+    out: str,
+    preset: str = "cpu",
+    seed: int = 0,
+    overrides: dict | None = None,
+    warm_start: str | None = None,
 ) -> str:
-    """Train one model on a dataset; ``overrides``: the model and train sections of a config file. The flow reads
+    """Train one model on a dataset; ``overrides``: the model and train sections of a config file; ``warm_start``:
+    the run folder of the model whose warm-up epochs this one repeats (model.train, "Warm start"). The flow reads
     the dataset's manifest for the task's cache key (pipeline.dataset.read_manifest); the training opens the
     dataset (model.train.train_run)."""
     from pipeline.dataset import read_manifest
@@ -167,7 +175,7 @@ def train_flow(
     dataset_hash = commands.dataset_key(read_manifest(data))
     refresh = not _run_complete(Path(out))
     return tasks.train_model.with_options(refresh_cache=refresh)(
-        data, model, out, preset, seed, dataset_hash, overrides
+        data, model, out, preset, seed, dataset_hash, overrides, warm_start
     )
 
 
@@ -288,17 +296,13 @@ def end_to_end(
     data_key = f"{config.config_hash()}-n{job.events}-s{seed}-c{simulation_code_version().rsplit('+', 1)[-1]}"
     data = str(root / "data" / data_key)
     simulate_flow(data, job.events, seed, config.to_json())
-    runs = [
-        train_flow(
-            data,
-            model,
-            str(root / "runs" / commands.run_folder_name(model, label, data_key)),
-            job.train_preset,
-            seed,
-            training,
-        )
-        for model in job.models
-    ]
+    folders = {model: str(root / "runs" / commands.run_folder_name(model, label, data_key)) for model in job.models}
+    runs = []
+    for model in job.models:
+        # a model whose warm-up repeats another's starts from that run when the job trained it first
+        donor = get_model(model).warm_up_from
+        warm_start = folders[donor] if donor in folders and job.models.index(donor) < job.models.index(model) else None
+        runs.append(train_flow(data, model, folders[model], job.train_preset, seed, training, warm_start))
     report = root / "reports" / f"{label}-{data_key}"
     summary = evaluate_flow(data, runs, str(report))
     return {"report": str(report / REPORT_NAME), "summary": summary}

@@ -85,9 +85,11 @@ def train_model(
     seed: int,
     dataset_hash: str,  # noqa: ARG001 (keys the cache)
     overrides: dict | None = None,
+    warm_start: str | None = None,
 ) -> str:
     """Train one model into ``out`` (returned); ``dataset_hash`` (config hash + seed + events) keys the cache,
-    with the other inputs (``overrides``: a config file's model and train sections, model.train.train_run).
+    with the other inputs (``overrides``: a config file's model and train sections; ``warm_start``: the run whose
+    warm-up epochs this model repeats; model.train.train_run).
 
     Logs one line per finished epoch (losses, val sigma68, seconds) to the task run's log and redraws
     RUN/training_curves.png (flows.commands.write_training_curves); between them, the compilation of each step shape
@@ -109,6 +111,7 @@ def train_model(
             on_epoch=lambda info: heartbeat.beat(format_epoch(info)),
             overrides=overrides,
             on_message=heartbeat.beat,
+            warm_start=warm_start,
         )
     return out
 

@@ -128,6 +128,47 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def warm_start_epochs(donor: Path, config: dict[str, Any]) -> tuple[int, str]:
+    """How many of its first epochs the run of ``config`` takes from the run folder ``donor`` (model.train, "Warm
+    start"), and why none when none: its lambda = 0 warm-up epochs (``lambda_warmup_epochs``, at most its
+    ``epochs``) when ``donor`` holds a run of the model it starts from (pipeline.registry ModelSpec.warm_up_from)
+    with the same model and train configs (but the epochs and the checkpoints kept), dataset, seed and training
+    code, and keeps a checkpoint and the metrics of each of those epochs. Reads only."""
+    from pipeline import registry
+
+    spec = registry.get_model(config["model"])
+    train = config["train_config"]
+    wanted = min(int(train["lambda_warmup_epochs"]), int(train["epochs"]))
+    if spec.warm_up_from is None or wanted < 1:
+        return 0, f"{spec.name} has no warm-up epochs that another model's run repeats"
+    try:
+        theirs = read_run_config(donor)
+    except RunError as err:
+        return 0, str(err)
+    if theirs.get("model") != spec.warm_up_from:
+        return 0, f"{donor} holds a run of {theirs.get('model')}, not of {spec.warm_up_from}"
+    mine, other = run_identity(config), run_identity(theirs)
+    differing = []
+    for key in ("model_config", "train_config", "dataset", "seed", "code_version"):
+        if isinstance(mine[key], dict) and isinstance(other[key], dict):
+            fields = sorted(set(mine[key]) | set(other[key]))
+            differing += [
+                f"{key}.{f}" for f in fields if f != "keep_checkpoints" and mine[key].get(f) != other[key].get(f)
+            ]
+        elif mine[key] != other[key]:
+            differing.append(key)
+    if differing:
+        return 0, f"{donor} was trained with another {', '.join(differing)}"
+    epochs = set(range(1, wanted + 1))
+    with _quiet_absl(), checkpoint_manager(donor, writer=False) as manager:
+        missing = sorted(epochs - {int(step) for step in manager.all_steps()})
+    rows = read_metrics(donor).filter(pl.col("split") == "train")["epoch"].to_list()
+    missing = sorted(set(missing) | (epochs - set(rows)))
+    if missing:
+        return 0, f"{donor} keeps no checkpoint or metrics of epoch {', '.join(map(str, missing))}"
+    return wanted, ""
+
+
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """RUN/config.json, checked to be a muontrack run; RunError otherwise."""
     path = run_dir / CONFIG_NAME
@@ -243,12 +284,21 @@ def _quiet_absl() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def checkpoint_manager(run_dir: Path, keep: int | None = None, *, writer: bool = True) -> ocp.CheckpointManager:
-    """The run's Orbax manager. Only the writer, which holds the run's lock (pipeline.locks), creates the folder
-    and deletes unfinished (``*.orbax-checkpoint-tmp``) checkpoints; a reader (``writer=False``: evaluate, the
-    resume check) opens it read-only, since such a folder may be the checkpoint a running ``train`` is saving."""
+def checkpoint_manager(
+    run_dir: Path, keep: int | None = None, *, writer: bool = True, preserve: tuple[int, ...] = ()
+) -> ocp.CheckpointManager:
+    """The run's Orbax manager: the newest ``keep`` checkpoints (all with None) and those of the epochs in
+    ``preserve`` (a warm-up other runs start from: model.train, "Warm start"). Only the writer, which holds the
+    run's lock (pipeline.locks), creates the folder and deletes unfinished (``*.orbax-checkpoint-tmp``) checkpoints;
+    a reader (``writer=False``: evaluate, the resume check) opens it read-only, since such a folder may be the
+    checkpoint a running ``train`` is saving."""
+    policy = None
+    if keep is not None and preserve:
+        managers = ocp.checkpoint_managers
+        policy = managers.AnyPreservationPolicy([managers.LatestN(keep), managers.CustomSteps(preserve)])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        max_to_keep=None if policy is not None else keep,
+        preservation_policy=policy,
         create=writer,
         enable_async_checkpointing=False,
         cleanup_tmp_directories=writer,

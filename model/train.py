@@ -12,6 +12,17 @@ in four parts: the configs resolved (:func:`resolve_configs`), the run opened or
 per epoch the train steps (:func:`_train_epoch`), the validation (:func:`_validate`) and the epoch's files written
 (:func:`_record_epoch`). Nothing here touches JAX's global configuration: the persistent compilation cache is
 turned on by the entry points (pipeline.cache.enable_compilation_cache).
+
+Warm start: with lambda = 0 the pT term passes exactly no gradient (its per-event gradient is finite, capped, times
+0), so e2e's and e2e_paper's warm-up epochs compute baseline's BCE steps from the same seed, batches and keys: the
+same weights and optimiser state, bit for bit (tests/test_warm_start.py). Given the run folder of such a baseline
+(``TrainRequest.warm_start``, pipeline.registry ModelSpec.warm_up_from), those epochs are taken from its
+checkpoints instead of trained again, when its model and train configs (but the epochs and checkpoints kept),
+dataset, seed and training code are this run's (model.run_folder.warm_start_epochs); otherwise the run trains them
+itself and says why. Each taken epoch is then validated and recorded as a trained one (:func:`_warm_start_epoch`):
+its val row and checkpoints are what training it would give; its train row is baseline's, with baseline's
+``pt_loss`` monitor where the chains are the same and null where they are not. config.json records
+``warm_start``; a baseline run keeps its warm-up's checkpoints beyond ``keep_checkpoints``.
 """
 
 from __future__ import annotations
@@ -38,10 +49,12 @@ from model.run_folder import (
     prepare_run_dir,
     prune_best,
     read_metrics,
+    read_run_config,
     restore_checkpoint,
     run_config,
     save_best,
     save_checkpoint,
+    warm_start_epochs,
     write_metrics,
     write_run_config,
 )
@@ -56,6 +69,7 @@ from model.steps import (
     step_key,
     train_step,
 )
+from pipeline import registry
 from pipeline.atomic import remove_temporaries
 from pipeline.batches import BatchStats, Geometry, iter_batches, split_summary
 from pipeline.dataset import Dataset, open_dataset
@@ -201,7 +215,9 @@ class TrainRequest:
     epochs and ``estimator`` the gradient estimator (the ``assignment`` model's); :func:`resolve_configs` applies
     them.
     ``seed`` fixes everything random (model.steps). With ``resume`` an interrupted (or finished, for more epochs)
-    run of the same configuration continues from its newest checkpoint.
+    run of the same configuration continues from its newest checkpoint. ``warm_start``: the run folder of the
+    model whose warm-up epochs this one repeats (pipeline.registry ModelSpec.warm_up_from; module docstring, "Warm
+    start"): those epochs are taken from it when its configs match, and trained here when they do not.
     """
 
     data: Path
@@ -213,10 +229,13 @@ class TrainRequest:
     resume: bool = False
     estimator: str | None = None
     overrides: Mapping[str, Any] | None = None
+    warm_start: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out", Path(self.out))
+        if self.warm_start is not None:
+            object.__setattr__(self, "warm_start", Path(self.warm_start))
 
 
 def train_run(
@@ -232,6 +251,7 @@ def train_run(
     estimator: str | None = None,
     overrides: dict | None = None,
     on_message: MessageCallback | None = None,
+    warm_start: str | Path | None = None,
 ) -> str:
     """Train ``model`` (baseline, e2e, e2e_paper, assignment, ...) on the train split of ``data`` into ``out``:
     :func:`train` of the :class:`TrainRequest` of these arguments.
@@ -240,7 +260,8 @@ def train_run(
     ``overrides`` (a config file's ``model`` and ``train`` sections, model.hyperparameters.configure) change the
     preset's values; ``epochs`` overrides the epochs, ``estimator`` the gradient estimator (the ``assignment``
     model's). With ``resume`` an interrupted (or finished, for more epochs) run of the same configuration continues
-    from its newest checkpoint, giving the same result as an uninterrupted run. Returns a one-line summary.
+    from its newest checkpoint, giving the same result as an uninterrupted run. ``warm_start``: the run folder of
+    the model whose warm-up epochs this one repeats (:class:`TrainRequest`). Returns a one-line summary.
 
     ``progress`` shows a progress bar and prints one line per epoch (:func:`format_epoch`). ``on_epoch``, if
     given, is called after each epoch's metrics and checkpoint are written with a dict of that epoch's
@@ -268,6 +289,7 @@ def train_run(
         resume=resume,
         estimator=estimator,
         overrides=overrides,
+        warm_start=warm_start,
     )
     return train(request, progress=progress, on_epoch=on_epoch, on_message=on_message)
 
@@ -291,8 +313,9 @@ def train(
         done = _prepare_folder(request.out, config, request.resume)
         if done >= train_config.epochs:
             return f"already trained: {done} epochs (asked for {train_config.epochs}); nothing to do"
-        run = _open_run(request, dataset, config, model_config, train_config, done)
-        return _train_epochs(run, objective, progress, on_epoch, on_message)
+        warm_epochs, why_not = (0, "") if request.warm_start is None else warm_start_epochs(request.warm_start, config)
+        run = _open_run(request, dataset, config, model_config, train_config, done, warm_epochs)
+        return _train_epochs(run, objective, progress, on_epoch, on_message, why_not)
 
 
 def resolve_configs(request: TrainRequest) -> tuple[ModelConfig, TrainConfig]:
@@ -337,6 +360,8 @@ class _Run:
     manager: Any
     best_manager: Any
     events_per_epoch: int
+    #: epochs 1 .. this taken from ``request.warm_start``'s run instead of trained (those after ``done``)
+    warm_epochs: int = 0
 
     @property
     def out(self) -> Path:
@@ -354,11 +379,13 @@ def _open_run(
     model_config: ModelConfig,
     train_config: TrainConfig,
     done: int,
+    warm_epochs: int = 0,
 ) -> _Run:
     """Open the run folder ``request.out`` (checked by :func:`_prepare_folder`, ``done`` epochs in it): a new run
     writes its config.json and starts from a fresh state; a resumed one restores the epoch-``done`` checkpoint,
     repairs ``best_checkpoint/`` (:func:`_repair_best`) and then rewrites its config.json. RunError when the
-    dataset has no train events."""
+    dataset has no train events. ``warm_epochs``: the first epochs taken from ``request.warm_start``'s run
+    (recorded in config.json's ``warm_start``); a run other models start from keeps its warm-up's checkpoints."""
     out = request.out
     geometry = Geometry.from_detector(dataset.config.detector)
     n_train, _ = split_summary(dataset, "train")
@@ -373,6 +400,8 @@ def _open_run(
     # (not part of the identity: a run may go on on other devices). A new run writes it first (a folder without
     # it is no run); a resumed one only once its checkpoint restored (a failed resume leaves the folder as it was)
     session_config = {**config, "devices": parallel.describe()}
+    if warm_epochs > done:
+        session_config["warm_start"] = {"run": str(request.warm_start.resolve()), "epochs": warm_epochs}
     if not done:
         out.mkdir(parents=True, exist_ok=True)
         write_run_config(out, session_config)
@@ -384,7 +413,8 @@ def _open_run(
         geometry=geometry,
         objective=request.model,
     )
-    manager = checkpoint_manager(out, keep=train_config.keep_checkpoints)
+    warm_up = range(1, train_config.lambda_warmup_epochs + 1) if request.model in registry.WARM_UP_DONORS else ()
+    manager = checkpoint_manager(out, keep=train_config.keep_checkpoints, preserve=tuple(warm_up))
     best_manager = best_checkpoint_manager(out)
     if done:
         state = restore_checkpoint(manager, state, done)
@@ -404,6 +434,7 @@ def _open_run(
         manager=manager,
         best_manager=best_manager,
         events_per_epoch=events_per_epoch,
+        warm_epochs=warm_epochs,
     )
 
 
@@ -439,8 +470,10 @@ def _train_epochs(
     progress: bool,
     on_epoch: EpochCallback | None,
     on_message: MessageCallback | None,
+    why_not_warm: str = "",
 ) -> str:
-    """Epochs ``run.done + 1`` .. ``run.epochs``: each trained, validated and recorded; the one-line summary."""
+    """Epochs ``run.done + 1`` .. ``run.epochs``: each trained (or taken from the warm start's run), validated and
+    recorded; the one-line summary. ``why_not_warm``: why a requested warm start was refused (a line of progress)."""
     model, epochs = run.request.model, run.epochs
     stats = BatchStats()
     start = time.perf_counter()
@@ -457,10 +490,15 @@ def _train_epochs(
         )
         compilations = _Compilations(model, display.note)
         display.note(_devices_line(model, run.parallel, run.train_config.batch_size))
+        if why_not_warm and run.done < epochs:
+            display.note(f"{model}: training its own warm-up: {why_not_warm}")
         for epoch in range(run.done + 1, epochs + 1):
             lam = objective.lam(epoch, run.train_config)
             bar.update(display.task, description=f"{model} epoch {epoch}/{epochs}")
-            state, train_row = _train_epoch(run, state, epoch, lam, display, compilations, stats)
+            if epoch <= run.warm_epochs:
+                state, train_row = _warm_start_epoch(run, state, epoch, objective, display)
+            else:
+                state, train_row = _train_epoch(run, state, epoch, lam, display, compilations, stats)
             val_row, val_means, val_sigma = _validate(run, state, epoch, lam, compilations)
             run.rows += [train_row, val_row]
             _record_epoch(run, state, epoch)
@@ -555,6 +593,27 @@ def _train_epoch(
     # the rate of the epoch's last step (the schedule is read at the count before that step)
     learning_rate = float(learning_rate_schedule(train_config)(step - 1))
     return state, _metrics_row(epoch, step, "train", sums.means(), lam, train_seconds, learning_rate=learning_rate)
+
+
+def _warm_start_epoch(
+    run: _Run, state: TrainState, epoch: int, objective: Objective, display: _Display
+) -> tuple[TrainState, dict[str, Any]]:
+    """Epoch ``epoch`` taken from the warm start's run instead of trained (module docstring, "Warm start"): the
+    state of its checkpoint and its ``train`` metrics row, whose ``pt_loss`` (a monitor, computed outside the
+    gradient there) is kept where that run's chain is this model's and null where it is another chain's;
+    ``seconds`` is the time taken here."""
+    start = time.perf_counter()
+    donor = run.request.warm_start
+    with checkpoint_manager(donor, writer=False) as manager:
+        state = run.parallel.state(restore_checkpoint(manager, state, epoch))
+    donor_model = read_run_config(donor)["model"]
+    row = read_metrics(donor).filter((pl.col("epoch") == epoch) & (pl.col("split") == "train")).to_dicts()[0]
+    if get_objective(donor_model).chain != objective.chain:
+        row["pt_loss"] = None
+    row["seconds"] = time.perf_counter() - start
+    display.note(f"{run.request.model} epoch {epoch}/{run.epochs}: taken from {donor_model}'s run {donor}")
+    display.bar.update(display.task, advance=run.events_per_epoch)
+    return state, row
 
 
 def _validate(

@@ -29,6 +29,12 @@ class ModelSpec:
     in_cpu_job: bool = True
     #: trained by the ``test`` job by default (the smoke run the tests make; the others add it with --model)
     in_test_job: bool = True
+    #: the model whose run this one's lambda = 0 warm-up epochs repeat bit for bit (same network, same BCE
+    #: gradient: the pT term's is exactly 0 there), given the same configs, seed and dataset: a job that trains both
+    #: starts this one from that run's warm-up checkpoints instead of training them again (model.train, "Warm
+    #: start"). Only where tests/test_warm_start.py finds the epochs identical: share_e2e's parameters differ from
+    #: share_baseline's in their last bits already in epoch 1, so it trains its own
+    warm_up_from: str | None = None
 
 
 #: every model, trained ones in training order (the order of ``--model`` choices and of a job's runs)
@@ -38,8 +44,8 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("classical", rows=("classical",), trained=False),
     # the factorised baseline is one network reported with both reconstruction chains
     ModelSpec("baseline", rows=("baseline", "baseline_paper")),
-    ModelSpec("e2e", rows=("e2e",)),
-    ModelSpec("e2e_paper", rows=("e2e_paper",)),
+    ModelSpec("e2e", rows=("e2e",), warm_up_from="baseline"),
+    ModelSpec("e2e_paper", rows=("e2e_paper",), warm_up_from="baseline"),
     # the cpu job leaves it out to stay near ten minutes
     ModelSpec("assignment", rows=("assignment",), in_cpu_job=False),
     # the network's output is the muon's share of each strip's charge (model.objectives): trained on the share
@@ -96,7 +102,16 @@ def get_model(name: str) -> ModelSpec:
     raise KeyError(name)
 
 
+#: the models other models start their warm-up from (ModelSpec.warm_up_from): their runs keep the checkpoints of
+#: their warm-up epochs
+WARM_UP_DONORS: tuple[str, ...] = tuple(sorted({spec.warm_up_from for spec in MODELS if spec.warm_up_from}))
+
+
 def _check() -> None:
+    donors = {spec.warm_up_from for spec in MODELS if spec.warm_up_from}
+    trained = {spec.name for spec in MODELS if spec.trained}
+    if not donors <= trained:
+        raise AssertionError(f"warm_up_from must name trained models, got {sorted(donors - trained)}")
     rows = [row for spec in MODELS for row in spec.rows]
     if sorted(rows) != sorted(REPORT_ROWS) or len(set(rows)) != len(rows):
         raise AssertionError(f"REPORT_ROWS {REPORT_ROWS} must list each model's rows once, got {rows}")
