@@ -54,6 +54,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
@@ -70,7 +71,7 @@ from pipeline.schema import STATUS_DEGENERATE, STATUS_NONFINITE, STATUS_OK, STAT
 
 #: circle fits known to :func:`fit_track` (``method=``)
 FIT_METHODS = ("kasa", "hyper")
-#: Newton steps for the Hyper multiplier eta (unrolled; monotone and quadratic from eta = 0, see _hyper_eta)
+#: Newton steps for the Hyper multiplier eta (a fori_loop; monotone and quadratic from eta = 0, see _hyper_eta)
 HYPER_NEWTON_STEPS = 4
 #: eta is kept in [0, HYPER_MAX_ETA_FRACTION * S_bb(0)]: below the pole of the centre at the smallest moment
 HYPER_MAX_ETA_FRACTION = 0.99
@@ -174,15 +175,15 @@ def _hyper_eta(m: _Moments, kasa: _Centre, a: Array, b: Array, zc: Array, wn: Ar
     polynomial of the generalised eigenproblem up to a constant, which has no pole and, in every case we
     measured (float64, noise from 0.1 mm to 10 times the sagitta), is convex on [0, root]: from eta = 0 the
     iterates rise monotonically to the root, to machine precision within 3 steps. A fixed number of
-    unrolled steps is jit-friendly and differentiable (the unrolled derivative converges to the implicit
+    steps is jit-friendly and differentiable (the derivative through the steps converges to the implicit
     one). eta stays in [0, HYPER_MAX_ETA_FRACTION * S_bb(0)], below the pole, so that degenerate inputs stay
     finite (the bound only binds on arcs whose sagitta is lost in the noise); exact circles have f(0) = 0,
     i.e. eta = 0 and Hyper == Kasa (up to the rounding of the residuals).
     """
     eta_max = HYPER_MAX_ETA_FRACTION * kasa.s_bb
-    eta = jnp.zeros_like(m.z_mean)
-    centre = kasa
-    for _ in range(HYPER_NEWTON_STEPS):
+
+    def newton_step(_, carry):
+        eta, centre = carry
         res = zc - 2 * centre.centre_a * a - 2 * centre.centre_b * b
         c2 = centre.centre_a * centre.centre_a + centre.centre_b * centre.centre_b
         f = _wmean(wn, res * res) - 4 * eta * (c2 + m.z_mean + eta)
@@ -191,7 +192,11 @@ def _hyper_eta(m: _Moments, kasa: _Centre, a: Array, b: Array, zc: Array, wn: Ar
         det = centre.caa * centre.s_bb
         trace = m.caa + m.cbb - 2 * eta
         eta = jnp.clip(eta + _safe_div(f * det, slope * det + f * trace), 0, eta_max)
-        centre = _shifted_centre(m, eta, tiny, big)
+        return eta, _shifted_centre(m, eta, tiny, big)
+
+    # a loop, not Python-unrolled steps: its body is traced and compiled once (the gradient of the robust chain,
+    # which runs this fit in every reweighting step, compiled in about half the time)
+    eta, _ = jax.lax.fori_loop(0, HYPER_NEWTON_STEPS, newton_step, (jnp.zeros_like(m.z_mean), kasa))
     return eta
 
 
@@ -344,11 +349,12 @@ def _crossings_x(sol: _CircleSolution, y_planes: Array) -> Array:
         num = a * a - 2 * a * sol.centre_a - sol.z_shifted
         return num * t / (1 + _safe_sqrt(1 - num * t * t))
 
-    b = jnp.zeros_like(v)
-    for _ in range(CROSSING_STEPS):
+    def crossing_step(_, b):
         # a_raw = a + offset_a and b_raw = b + offset_b are the coordinates before the last centring
         a = (v + (b + sol.offset_b) * sol.along_x) * inv_along_y - sol.offset_a
-        b = near_offset(a)
+        return near_offset(a)
+
+    b = jax.lax.fori_loop(0, CROSSING_STEPS, crossing_step, jnp.zeros_like(v))
     # x = origin_x + scale (a_raw along_x + b_raw along_y) with a_raw = (v + b_raw along_x) / along_y
     return sol.origin_x + sol.scale * (v * sol.along_x + b + sol.offset_b) * inv_along_y
 
