@@ -8,17 +8,30 @@ from __future__ import annotations
 import numba as nb
 
 
-def jit(parallel: bool = False, inline: bool = False):
+def jit(parallel: bool = False, inline: bool = False, refcounts: bool = True):
     """``njit`` compiled once per signature and cached on disk; ``error_model="numpy"`` so a division by zero
     gives inf/NaN instead of raising (inside a ``prange`` loop too). ``inline``: Numba inlines the function
     into its callers, for small helpers on a hot path that take NamedTuples of arrays (as real calls, the
-    simulation's per-crossing helpers cost ~15 % of its run time)."""
+    simulation's per-crossing helpers cost ~15 % of its run time).
+
+    ``refcounts=False`` compiles the function without Numba's reference counting (its NRT), for the kernels
+    run once per event or per crossing that only read and write arrays their caller owns. With the counting,
+    each array argument, NamedTuple field read and slice costs an atomic increment and decrement of the
+    array's count (``NRT_incref``/``NRT_decref`` were ~20 % of the simulation's samples). Without it the
+    function cannot allocate (a compile error), and it must neither return an array nor store one anywhere
+    that outlives the call: nothing would count that reference. Its inlined helpers follow its setting."""
+    options = {"_nrt": False} if not refcounts else {}
     return nb.njit(
-        cache=True, nogil=True, error_model="numpy", parallel=parallel, inline="always" if inline else "never"
+        cache=True,
+        nogil=True,
+        error_model="numpy",
+        parallel=parallel,
+        inline="always" if inline else "never",
+        **options,
     )
 
 
-@jit()
+@jit(refcounts=False)
 def argsort_small(keys, n, order):
     """Stable insertion argsort of ``keys[:n]`` into ``order[:n]``. Meant for the few dozen keys of one event
     that arrive sorted or in nearly sorted runs, where it is linear and beats np.argsort several times over."""

@@ -65,6 +65,8 @@ class Sources(NamedTuple):
     offset: np.ndarray
     #: charge per strip of every source, back to back
     deposit: np.ndarray
+    #: scratch of :func:`digitise_sources`: the sources' indices in key order
+    order: np.ndarray
 
 
 #: particle id of background noise sources (noise strips and clusters of the background config)
@@ -104,8 +106,8 @@ class HitColumns(NamedTuple):
 @jit()
 def new_sources(capacity):
     """Uninitialised :class:`Sources` for up to ``capacity`` sources and strip deposits."""
-    columns = np.empty((4, capacity), dtype=np.int64)
-    return Sources(columns[0], columns[1], columns[2], columns[3], np.empty(capacity, dtype=np.float64))
+    columns = np.empty((5, capacity), dtype=np.int64)
+    return Sources(columns[0], columns[1], columns[2], columns[3], np.empty(capacity, dtype=np.float64), columns[4])
 
 
 @jit()
@@ -201,7 +203,7 @@ def share_with_neighbours(values, n, fraction):
         previous = current
 
 
-@jit()
+@jit(refcounts=False)
 def digitise_sources(sources, n_sources, n_strips, threshold_charge, noise_sigma, crosstalk, state, sums, hits):
     """Sum the charge of the first ``n_sources`` :class:`Sources` per (layer, strip), apply the cross-talk
     ``crosstalk`` and Gaussian electronic noise of width ``noise_sigma`` (drawn from the generator ``state``
@@ -218,13 +220,9 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, noise_sigma
     Sources are visited in key order, so every run of overlapping windows is a contiguous strip range that
     is accumulated densely and flushed when the next source starts past its end: no hashing, one small sort.
     """
-    # Every array is taken out of its NamedTuple once, here: reading a field inside a loop (or unpacking
-    # a tuple in a helper called per run) costs an atomic incref and decref of each array per pass (Numba's
-    # NRT_incref / NRT_decref were ~20 % of the simulation's run time).
-    key_of, length_of, particle_of, offset_of, deposit = sources
+    key_of, length_of, particle_of, offset_of, deposit, order = sources
     total, muon, noise, best_charge, best_track, tail = sums
     hit_layer, hit_strip, hit_charge, hit_charge_muon, hit_is_signal, hit_particle = hits
-    order = np.empty(n_sources, dtype=np.int64)
     argsort_small(key_of, n_sources, order)
     n_hits = 0
     run_start = 0

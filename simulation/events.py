@@ -32,6 +32,8 @@ from simulation.digitisation import (
     NOISE_ID,
     NOISE_TAIL_ID,
     HitColumns,
+    Sources,
+    StripSums,
     add_source,
     cluster_strip_charges,
     digitise_sources,
@@ -42,7 +44,7 @@ from simulation.physics import curvature, propagate_track
 from simulation.rng import (
     event_seed_kernel,
     rng_exponential,
-    rng_gamma,
+    rng_gamma_with_constants,
     rng_integer,
     rng_normal,
     rng_normal_tail,
@@ -75,6 +77,9 @@ class KernelParams(NamedTuple):
     charge_mean: float
     #: gamma shape 1 / charge_rms**2 of the total cluster charge; 0 means a constant charge
     charge_shape: float
+    #: simulation.rng.gamma_constants(charge_shape), computed once instead of per crossing
+    charge_gamma_d: float
+    charge_gamma_c: float
     threshold_charge: float
     #: electronic noise sigma of a strip [charge units]; 0 without electronic noise
     noise_sigma: float
@@ -130,7 +135,7 @@ class HitTable(NamedTuple):
 # ---- pass 1: bounds ------------------------------------------------------------------------------------
 
 
-@jit()
+@jit(refcounts=False)
 def _draw_counts(state, params, n_layers, counts):
     """The first draws of every event: the background multiplicities per layer into ``counts`` (int64
     ``[3, n_layers]``: noise strips, noise clusters, electronic-noise tail strips; the last drawn only with
@@ -148,7 +153,7 @@ def _draw_counts(state, params, n_layers, counts):
     return n_extra
 
 
-@jit()
+@jit(refcounts=False)
 def _deposit_bound(params, n_layers, n_extra, counts):
     """Upper bound on the strip deposits of an event (every crossing with a full window), hence on its hits."""
     window = 2 * params.half_window + 1
@@ -160,6 +165,15 @@ def _deposit_bound(params, n_layers, n_extra, counts):
     return n_crossings * window + n_single_strips
 
 
+@jit(refcounts=False)
+def _bound_events(seed, first_event_id, lo, hi, params, n_layers, state, counts, bounds):
+    """:func:`event_deposit_bounds` of events ``lo .. hi - 1`` into ``bounds`` (scratch: ``state``, ``counts``)."""
+    for i in range(lo, hi):
+        state[0] = event_seed_kernel(seed, first_event_id + i)
+        n_extra = _draw_counts(state, params, n_layers, counts)
+        bounds[i] = _deposit_bound(params, n_layers, n_extra, counts)
+
+
 @jit(parallel=True)
 def event_deposit_bounds(seed, first_event_id, n_events, params, n_layers):
     """Pass 1: per-event upper bound on the number of strip deposits (hence hits), shape ``(n_events,)``."""
@@ -169,10 +183,7 @@ def event_deposit_bounds(seed, first_event_id, n_events, params, n_layers):
         lo, hi = chunk_bounds(chunk, _EVENTS_PER_CHUNK, n_events)
         state = np.empty(1, dtype=np.uint64)
         counts = np.empty((3, n_layers), dtype=np.int64)
-        for i in range(lo, hi):
-            state[0] = event_seed_kernel(seed, first_event_id + i)
-            n_extra = _draw_counts(state, params, n_layers, counts)
-            bounds[i] = _deposit_bound(params, n_layers, n_extra, counts)
+        _bound_events(seed, first_event_id, lo, hi, params, n_layers, state, counts, bounds)
     return bounds
 
 
@@ -184,7 +195,8 @@ def _total_charge(state, params):
     """Total charge of one crossing: charge_mean * Gamma(k) / k, k = 1 / charge_rms**2 (mean charge_mean)."""
     if params.charge_shape <= 0.0:
         return params.charge_mean
-    return params.charge_mean * rng_gamma(state, params.charge_shape) / params.charge_shape
+    draw = rng_gamma_with_constants(state, params.charge_shape, params.charge_gamma_d, params.charge_gamma_c)
+    return params.charge_mean * draw / params.charge_shape
 
 
 @jit(inline=True)
@@ -217,7 +229,7 @@ def _add_crossings(state, params, x_cross, first_layer, last_layer, particle, so
     return n_src, n_dep
 
 
-@jit()
+@jit(refcounts=False)
 def _simulate_muon(state, params, layer_y, event, truth, muon_x):
     """Draw the muon (pT, charge, x0, theta0, scattering kicks), write its truth to row ``event`` of
     ``truth`` and its crossings (NaN where it cannot reach a layer) to ``muon_x``."""
@@ -230,7 +242,7 @@ def _simulate_muon(state, params, layer_y, event, truth, muon_x):
     propagate_track(
         x0, theta0, kappa, pt, layer_y, 0, n_layers, params.x_min, params.x_max, params.x_over_x0, state, muon_x
     )
-    x_true = truth.x_true  # a field read once, not per layer (each read is an atomic incref and decref)
+    x_true = truth.x_true
     for layer in range(n_layers):
         x = muon_x[layer]
         x_true[event, layer] = x if params.x_min <= x <= params.x_max else np.nan
@@ -240,7 +252,7 @@ def _simulate_muon(state, params, layer_y, event, truth, muon_x):
     truth.theta0[event] = theta0
 
 
-@jit()
+@jit(refcounts=False)
 def _simulate_extra_track(state, params, layer_y, particle, muon_x, extra_x, sources, n_src, n_dep):
     """One low-momentum track starting near the muon (see the module doc), with its clusters."""
     n_layers = layer_y.shape[0]
@@ -261,11 +273,11 @@ def _simulate_extra_track(state, params, layer_y, particle, muon_x, extra_x, sou
     return _add_crossings(state, params, extra_x, first, last, particle, sources, n_src, n_dep)
 
 
-@jit()
+@jit(refcounts=False)
 def _simulate_noise(state, params, counts, sources, n_src, n_dep):
     """Per layer the noise clusters (normal charge sharing), then the isolated strips above threshold, then
     the electronic-noise tail strips (``counts``: see :func:`_draw_counts`)."""
-    deposit = sources.deposit  # a field read once, not per strip (each read is an atomic incref and decref)
+    deposit = sources.deposit
     for layer in range(counts.shape[1]):
         for _ in range(counts[1, layer]):
             x = params.x_min + (params.x_max - params.x_min) * rng_uniform(state)
@@ -283,7 +295,7 @@ def _simulate_noise(state, params, counts, sources, n_src, n_dep):
     return n_src, n_dep
 
 
-@jit()
+@jit(refcounts=False)
 def _simulate_sources(state, params, layer_y, event, truth, counts, muon_x, extra_x, sources):
     """All charge sources of one event, drawn in the documented order (see :func:`simulate_events_kernel`);
     writes the muon's truth to row ``event`` of ``truth`` and returns the number of sources. Scratch:
@@ -298,9 +310,10 @@ def _simulate_sources(state, params, layer_y, event, truth, counts, muon_x, extr
     return n_src
 
 
-@jit()
+@jit(inline=True)
 def _hit_slot(columns, start, stop):
-    """Rows ``start:stop`` of every column of ``columns`` (:class:`HitColumns`)."""
+    """Rows ``start:stop`` of every column of ``columns`` (:class:`HitColumns`); inlined, so that views made
+    without reference counts never reach a caller that counts them."""
     return HitColumns(
         columns.layer[start:stop],
         columns.strip[start:stop],
@@ -311,17 +324,45 @@ def _hit_slot(columns, start, stop):
     )
 
 
+class EventScratch(NamedTuple):
+    """Scratch arrays of one event, shared by the events of a chunk (see :func:`_simulate_sources`)."""
+
+    #: the event's generator (simulation.rng), uint64 [1]
+    state: np.ndarray
+    #: background multiplicities, int64 [3, n_layers] (:func:`_draw_counts`)
+    counts: np.ndarray
+    #: crossings of the muon and of one extra track, float64 [n_layers]
+    muon_x: np.ndarray
+    extra_x: np.ndarray
+    sources: Sources
+    sums: StripSums
+
+
+@jit()
+def _new_event_scratch(n_layers, capacity):
+    """Uninitialised :class:`EventScratch` for events of up to ``capacity`` strip deposits."""
+    return EventScratch(
+        np.empty(1, dtype=np.uint64),
+        np.empty((3, n_layers), dtype=np.int64),
+        np.empty(n_layers, dtype=np.float64),
+        np.empty(n_layers, dtype=np.float64),
+        new_sources(capacity),
+        new_strip_sums(capacity),
+    )
+
+
 @jit()
 def _simulate_chunk(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth):
     """Events ``lo .. hi - 1`` of :func:`simulate_events_kernel`, sharing one set of scratch arrays."""
-    n_layers = layer_y.shape[0]
-    capacity = largest_span(deposit_offsets, lo, hi, 0)
-    state = np.empty(1, dtype=np.uint64)
-    counts = np.empty((3, n_layers), dtype=np.int64)
-    sources = new_sources(capacity)
-    sums = new_strip_sums(capacity)
-    muon_x = np.empty(n_layers, dtype=np.float64)
-    extra_x = np.empty(n_layers, dtype=np.float64)
+    scratch = _new_event_scratch(layer_y.shape[0], largest_span(deposit_offsets, lo, hi, 0))
+    _simulate_events(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth, scratch)
+
+
+@jit(refcounts=False)
+def _simulate_events(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth, scratch):
+    """The event loop of :func:`_simulate_chunk`, on its scratch (:class:`EventScratch`). It and every kernel
+    it calls are compiled without reference counts: they would count each array argument of every call."""
+    state, counts, muon_x, extra_x, sources, sums = scratch
     for i in range(lo, hi):
         state[0] = event_seed_kernel(seed, first_event_id + i)
         n_src = _simulate_sources(state, params, layer_y, i, truth, counts, muon_x, extra_x, sources)
@@ -361,26 +402,55 @@ def simulate_events_kernel(seed, first_event_id, n_events, params, layer_y, depo
 # ---- pass 3: compaction --------------------------------------------------------------------------------
 
 
-@jit()
+@jit(inline=True)
+def _table_rows(table, start, stop):
+    """Rows ``start:stop`` of every column of ``table`` (:class:`HitTable`); inlined, like :func:`_hit_slot`."""
+    return HitTable(
+        table.event_id[start:stop],
+        table.hit_id[start:stop],
+        table.layer[start:stop],
+        table.strip[start:stop],
+        table.x[start:stop],
+        table.y[start:stop],
+        table.charge[start:stop],
+        table.charge_muon[start:stop],
+        table.is_signal[start:stop],
+        table.particle_id[start:stop],
+    )
+
+
+@jit(refcounts=False)
 def _copy_event_hits(slots, src, out, dst, n, event_id, layer_y, x_min, pitch):
     """Copy the ``n`` hits of one event from row ``src`` of ``slots`` to row ``dst`` of ``out``."""
-    # the columns are unpacked once: a NamedTuple field read inside the loop costs an atomic incref and
-    # decref of the array per row (Numba's NRT_incref/NRT_decref were ~20 % of the run time)
-    slot_layer, slot_strip, slot_charge, slot_charge_muon, slot_is_signal, slot_particle_id = slots
-    event_ids, hit_ids, layers, strips, xs, ys, charges, charges_muon, is_signal, particle_ids = out
+    # views of the event's rows, indexed from 0: the compiler then knows the indices are never negative and
+    # drops Numba's wraparound of negative indices (a third of this loop's instructions)
+    slot_layer, slot_strip, slot_charge, slot_charge_muon, slot_is_signal, slot_particle_id = _hit_slot(
+        slots, src, src + n
+    )
+    event_ids, hit_ids, layers, strips, xs, ys, charges, charges_muon, is_signal, particle_ids = _table_rows(
+        out, dst, dst + n
+    )
     for j in range(n):
-        lay = slot_layer[src + j]
-        s = slot_strip[src + j]
-        event_ids[dst + j] = event_id
-        hit_ids[dst + j] = j
-        layers[dst + j] = lay
-        strips[dst + j] = s
-        xs[dst + j] = x_min + (s + 0.5) * pitch
-        ys[dst + j] = layer_y[lay]
-        charges[dst + j] = slot_charge[src + j]
-        charges_muon[dst + j] = slot_charge_muon[src + j]
-        is_signal[dst + j] = slot_is_signal[src + j]
-        particle_ids[dst + j] = slot_particle_id[src + j]
+        lay = slot_layer[j]
+        s = slot_strip[j]
+        event_ids[j] = event_id
+        hit_ids[j] = j
+        layers[j] = lay
+        strips[j] = s
+        xs[j] = x_min + (s + 0.5) * pitch
+        ys[j] = layer_y[lay]
+        charges[j] = slot_charge[j]
+        charges_muon[j] = slot_charge_muon[j]
+        is_signal[j] = slot_is_signal[j]
+        particle_ids[j] = slot_particle_id[j]
+
+
+@jit(refcounts=False)
+def _copy_chunk_hits(lo, hi, first_event_id, deposit_offsets, hit_offsets, layer_y, x_min, pitch, slots, out):
+    """:func:`compact_hits_kernel` of events ``lo .. hi - 1``."""
+    for i in range(lo, hi):
+        n = hit_offsets[i + 1] - hit_offsets[i]
+        _copy_event_hits(slots, deposit_offsets[i], out, hit_offsets[i], n, first_event_id + i, layer_y, x_min, pitch)
 
 
 @jit(parallel=True)
@@ -389,8 +459,9 @@ def compact_hits_kernel(first_event_id, deposit_offsets, hit_offsets, layer_y, x
     dense :class:`HitTable` ``out`` at ``hit_offsets``, filling event id, hit id (index within the event),
     strip centre x and layer y [mm]."""
     n_events = hit_offsets.shape[0] - 1
-    for i in nb.prange(n_events):
+    n_chunks = (n_events + _EVENTS_PER_CHUNK - 1) // _EVENTS_PER_CHUNK
+    for chunk in nb.prange(n_chunks):
         # the copy is a function of its own on purpose: Numba 0.68's parfor lowering drops a store to a
         # NamedTuple's array (``out.x[j] = ...``) written directly in a prange body; inside a call it works
-        n = hit_offsets[i + 1] - hit_offsets[i]
-        _copy_event_hits(slots, deposit_offsets[i], out, hit_offsets[i], n, first_event_id + i, layer_y, x_min, pitch)
+        lo, hi = chunk_bounds(chunk, _EVENTS_PER_CHUNK, n_events)
+        _copy_chunk_hits(lo, hi, first_event_id, deposit_offsets, hit_offsets, layer_y, x_min, pitch, slots, out)

@@ -33,7 +33,7 @@ from simulation.events import (
     event_deposit_bounds,
     simulate_events_kernel,
 )
-from simulation.rng import event_seed_kernel
+from simulation.rng import event_seed_kernel, gamma_constants
 
 _UINT64_LIMIT = 2**64
 #: events simulated per block (scratch memory ~ 4 kB per event)
@@ -101,6 +101,8 @@ def noise_tail_probability(detector: DetectorConfig) -> float:
 def kernel_params(config: SimConfig) -> KernelParams:
     """The numbers the event kernels need, as plain floats and ints (stable Numba types)."""
     det, muon, bkg = config.detector, config.muon, config.background
+    charge_shape = float(1.0 / det.charge_rms**2) if det.charge_rms > 0 else 0.0
+    gamma_d, gamma_c = gamma_constants(charge_shape)
     return KernelParams(
         x_min=float(det.x_min),
         x_max=float(det.x_max),
@@ -109,7 +111,9 @@ def kernel_params(config: SimConfig) -> KernelParams:
         charge_sigma=float(det.charge_sigma),
         half_window=int(charge_half_window(det.charge_sigma, det.pitch)),
         charge_mean=float(det.charge_mean),
-        charge_shape=float(1.0 / det.charge_rms**2) if det.charge_rms > 0 else 0.0,
+        charge_shape=charge_shape,
+        charge_gamma_d=float(gamma_d),
+        charge_gamma_c=float(gamma_c),
         threshold_charge=float(det.threshold * det.charge_mean),
         noise_sigma=float(det.electronic_noise * det.charge_mean),
         crosstalk=float(det.crosstalk),

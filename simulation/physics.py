@@ -62,18 +62,30 @@ def step_to_plane(x, theta, kappa, dy):
 def highland_sigma(p, mass, x_over_x0):
     """RMS plane-projected scattering angle [rad] (Highland formula, PDG 2024 eq. 34.16) of a singly charged
     particle of momentum ``p`` [GeV] and ``mass`` [GeV] through ``x_over_x0`` radiation lengths."""
+    scale, beta_squared = highland_constants(p, mass)
+    return highland_sigma_with_constants(scale, beta_squared, x_over_x0)
+
+
+@jit()
+def highland_constants(p, mass):
+    """The factors of :func:`highland_sigma` that depend only on the track: ``(HIGHLAND_SCALE / (beta p),
+    beta**2)``, computed once per track."""
+    beta = p / math.sqrt(p * p + mass * mass)
+    return HIGHLAND_SCALE / (beta * p), beta * beta
+
+
+@jit()
+def highland_sigma_with_constants(scale, beta_squared, x_over_x0):
+    """:func:`highland_sigma` with ``(scale, beta_squared) = highland_constants(p, mass)`` (same value)."""
     if x_over_x0 <= 0.0:
         return 0.0
-    beta = p / math.sqrt(p * p + mass * mass)
-    return (
-        HIGHLAND_SCALE / (beta * p) * math.sqrt(x_over_x0) * (1.0 + HIGHLAND_LOG * math.log(x_over_x0 / (beta * beta)))
-    )
+    return scale * math.sqrt(x_over_x0) * (1.0 + HIGHLAND_LOG * math.log(x_over_x0 / beta_squared))
 
 
 # ---- array kernels -------------------------------------------------------------------------------------
 
 
-@jit()
+@jit(refcounts=False)
 def propagate_track(
     x_start, theta_start, kappa, momentum, layer_y, first_layer, last_layer, x_min, x_max, x_over_x0, state, x_out
 ):
@@ -90,6 +102,7 @@ def propagate_track(
     x = x_start
     theta = theta_start
     n_reached = 0
+    scale, beta_squared = highland_constants(momentum, MUON_MASS)
     for layer in range(first_layer, last_layer):
         if layer > first_layer:
             x, theta, reached = step_to_plane(x, theta, kappa, layer_y[layer] - layer_y[layer - 1])
@@ -99,7 +112,7 @@ def propagate_track(
         n_reached += 1
         if x_over_x0 > 0.0 and x_min <= x <= x_max:
             path = x_over_x0 / max(math.cos(theta), COS_FLOOR)
-            theta += highland_sigma(momentum, MUON_MASS, path) * rng_normal(state)
+            theta += highland_sigma_with_constants(scale, beta_squared, path) * rng_normal(state)
     return n_reached
 
 

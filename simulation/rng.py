@@ -88,15 +88,29 @@ def rng_exponential(state):
     return -math.log(1.0 - rng_uniform(state))
 
 
+@jit()
+def gamma_constants(shape):
+    """``(d, c)`` of Marsaglia and Tsang's method for Gamma(``shape``): ``d = shape' - 1/3`` and
+    ``c = 1 / sqrt(9 d)``, with ``shape' = shape + 1`` for ``shape < 1`` (see :func:`rng_gamma`)."""
+    if shape < 1.0:
+        shape += 1.0
+    d = shape - 1.0 / 3.0
+    return d, 1.0 / math.sqrt(9.0 * d)
+
+
 @jit(inline=True)
 def rng_gamma(state, shape):
     """Gamma(shape, scale 1) by Marsaglia and Tsang (2000); shape < 1 via Gamma(shape + 1) * U**(1/shape)."""
+    d, c = gamma_constants(shape)
+    return rng_gamma_with_constants(state, shape, d, c)
+
+
+@jit(inline=True)
+def rng_gamma_with_constants(state, shape, d, c):
+    """:func:`rng_gamma` with ``(d, c) = gamma_constants(shape)`` computed once by the caller (same draws)."""
     boost = 1.0
     if shape < 1.0:
         boost = (1.0 - rng_uniform(state)) ** (1.0 / shape)
-        shape += 1.0
-    d = shape - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
     while True:
         x = rng_normal(state)
         v = 1.0 + c * x
@@ -110,7 +124,7 @@ def rng_gamma(state, shape):
             return d * v * boost
 
 
-@jit()
+@jit(refcounts=False)
 def rng_poisson(state, lam):
     """Poisson(lam): multiplication method for lam < 10, Hormann's PTRS transformed rejection above."""
     return rng_poisson_with_limit(state, lam, math.exp(-lam))

@@ -242,6 +242,7 @@ def _digitise(sources, n_strips, threshold, noise_sigma=0.0, crosstalk=0.0, stat
             particle=np.array(particles, dtype=np.int64),
             offset=offsets.astype(np.int64),
             deposit=np.concatenate(charges),
+            order=np.empty(len(sources), dtype=np.int64),
         ),
         len(sources),
         n_strips,
