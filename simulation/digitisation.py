@@ -203,6 +203,64 @@ def share_with_neighbours(values, n, fraction):
         previous = current
 
 
+@jit(inline=True)
+def _fire_strip(total, muon, noise, best_charge, best_track, tail, threshold_charge, noise_sigma, state, hits, n_hits):
+    """One strip of :func:`digitise_sources` from its sums (one value of each :class:`StripSums` column): draw
+    its electronic noise, and append it to ``hits`` at row ``n_hits`` with layer and strip left to the caller
+    when it fires. Returns whether it fired."""
+    # a tail source is its strip's noise; elsewhere the noise is drawn here (no draw without noise)
+    electronic = tail
+    if electronic == 0.0 and noise_sigma > 0.0:
+        electronic = noise_sigma * rng_normal(state)
+    measured = total + electronic
+    if not measured > threshold_charge:
+        return False
+    hits.charge[n_hits] = measured
+    hits.charge_muon[n_hits] = muon
+    hits.is_signal[n_hits] = muon > 0.5 * measured
+    # ties go to the lower id, so noise (-1) wins a tie and a cell without tracks is noise
+    noise_charge = noise + max(electronic, 0.0)
+    hits.particle_id[n_hits] = NOISE_ID if noise_charge >= best_charge else best_track
+    return True
+
+
+@jit(inline=True)
+def _fire_lone_source(
+    source, layer, first_strip, particle, sources, threshold_charge, noise_sigma, state, hits, n_hits
+):
+    """:func:`digitise_sources` of a source that overlaps no other, without cross-talk: the strips straight
+    from its deposits, with the sums a run of this source alone would hold (the same additions to 0, so the
+    same bits). Returns the new number of hits."""
+    offset = sources.offset[source]
+    for t in range(sources.length[source]):
+        charge = sources.deposit[offset + t]
+        total = 0.0
+        muon = 0.0
+        noise = 0.0
+        best_charge = -1.0
+        best_track = 0
+        tail = 0.0
+        if particle == NOISE_TAIL_ID:
+            tail += charge
+        elif particle < 0:
+            total += charge
+            noise += charge
+        else:
+            total += charge
+            if particle == 0:
+                muon += charge
+            if charge > best_charge or (charge == best_charge and particle < best_track):
+                best_charge = charge
+                best_track = particle
+        if _fire_strip(
+            total, muon, noise, best_charge, best_track, tail, threshold_charge, noise_sigma, state, hits, n_hits
+        ):
+            hits.layer[n_hits] = layer
+            hits.strip[n_hits] = first_strip + t
+            n_hits += 1
+    return n_hits
+
+
 @jit(refcounts=False)
 def digitise_sources(sources, n_sources, n_strips, threshold_charge, noise_sigma, crosstalk, state, sums, hits):
     """Sum the charge of the first ``n_sources`` :class:`Sources` per (layer, strip), apply the cross-talk
@@ -219,10 +277,12 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, noise_sigma
 
     Sources are visited in key order, so every run of overlapping windows is a contiguous strip range that
     is accumulated densely and flushed when the next source starts past its end: no hashing, one small sort.
+    A source that overlaps no other (most of them) is digitised straight from its deposits when there is no
+    cross-talk.
     """
     key_of, length_of, particle_of, offset_of, deposit, order = sources
     total, muon, noise, best_charge, best_track, tail = sums
-    hit_layer, hit_strip, hit_charge, hit_charge_muon, hit_is_signal, hit_particle = hits
+    hit_layer, hit_strip = hits.layer, hits.strip
     argsort_small(key_of, n_sources, order)
     n_hits = 0
     run_start = 0
@@ -233,32 +293,50 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, noise_sigma
         key = key_of[s] if j < n_sources else run_end
         if key >= run_end:  # windows never straddle layers, so this also starts a new run on a new layer
             # flush the run of overlapping windows so far: its fired strips, in strip order
-            layer = run_start // n_strips  # a run never straddles layers: one integer division per run
-            first_strip = run_start - layer * n_strips
             n_cells = run_end - run_start
-            if crosstalk > 0.0:
-                share_with_neighbours(total, n_cells, crosstalk)
-                share_with_neighbours(muon, n_cells, crosstalk)
-            for cell in range(n_cells):
-                # a tail source is its strip's noise; elsewhere the noise is drawn here (no draw without noise)
-                electronic = tail[cell]
-                if electronic == 0.0 and noise_sigma > 0.0:
-                    electronic = noise_sigma * rng_normal(state)
-                measured = total[cell] + electronic
-                if measured > threshold_charge:
-                    hit_layer[n_hits] = layer
-                    hit_strip[n_hits] = first_strip + cell
-                    hit_charge[n_hits] = measured
-                    hit_charge_muon[n_hits] = muon[cell]
-                    hit_is_signal[n_hits] = muon[cell] > 0.5 * measured
-                    # ties go to the lower id, so noise (-1) wins a tie and a cell without tracks is noise
-                    noise_charge = noise[cell] + max(electronic, 0.0)
-                    hit_particle[n_hits] = NOISE_ID if noise_charge >= best_charge[cell] else best_track[cell]
-                    n_hits += 1
+            if n_cells > 0:
+                layer = run_start // n_strips  # a run never straddles layers: one integer division per run
+                first_strip = run_start - layer * n_strips
+                if crosstalk > 0.0:
+                    share_with_neighbours(total, n_cells, crosstalk)
+                    share_with_neighbours(muon, n_cells, crosstalk)
+                for cell in range(n_cells):
+                    fired = _fire_strip(
+                        total[cell],
+                        muon[cell],
+                        noise[cell],
+                        best_charge[cell],
+                        best_track[cell],
+                        tail[cell],
+                        threshold_charge,
+                        noise_sigma,
+                        state,
+                        hits,
+                        n_hits,
+                    )
+                    if fired:
+                        hit_layer[n_hits] = layer
+                        hit_strip[n_hits] = first_strip + cell
+                        n_hits += 1
             if j == n_sources:
                 break
             run_start = key
             run_end = key
+            if crosstalk == 0.0 and (j + 1 == n_sources or key_of[order[j + 1]] >= key + length_of[s]):
+                layer = key // n_strips
+                n_hits = _fire_lone_source(
+                    s,
+                    layer,
+                    key - layer * n_strips,
+                    particle_of[s],
+                    sources,
+                    threshold_charge,
+                    noise_sigma,
+                    state,
+                    hits,
+                    n_hits,
+                )
+                continue
         while run_end < key + length_of[s]:
             cell = run_end - run_start
             total[cell] = 0.0
