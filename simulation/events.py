@@ -311,21 +311,41 @@ def _simulate_sources(state, params, layer_y, event, truth, counts, muon_x, extr
 
 
 @jit(inline=True)
-def _hit_slot(columns, start, stop):
-    """Rows ``start:stop`` of every column of ``columns`` (:class:`HitColumns`); inlined, so that views made
-    without reference counts never reach a caller that counts them."""
+def _hit_columns(table, start, stop):
+    """Rows ``start:stop`` of the columns of ``table`` (:class:`HitTable`) that the digitisation writes, as
+    :class:`HitColumns`; inlined, so that views made without reference counts never reach a caller that
+    counts them."""
     return HitColumns(
-        columns.layer[start:stop],
-        columns.strip[start:stop],
-        columns.charge[start:stop],
-        columns.charge_muon[start:stop],
-        columns.is_signal[start:stop],
-        columns.particle_id[start:stop],
+        table.layer[start:stop],
+        table.strip[start:stop],
+        table.charge[start:stop],
+        table.charge_muon[start:stop],
+        table.is_signal[start:stop],
+        table.particle_id[start:stop],
     )
 
 
+@jit(refcounts=False)
+def _fill_event_columns(table, start, n, event_id, layer_y, x_min, pitch):
+    """The columns of the ``n`` hits at row ``start`` of ``table`` (:class:`HitTable`) that follow from the
+    others: event id, hit id (index within the event), strip centre x and layer y [mm]."""
+    # views indexed from 0: the compiler then knows the indices are never negative and drops Numba's
+    # wraparound of negative indices
+    event_ids = table.event_id[start : start + n]
+    hit_ids = table.hit_id[start : start + n]
+    layers = table.layer[start : start + n]
+    strips = table.strip[start : start + n]
+    xs = table.x[start : start + n]
+    ys = table.y[start : start + n]
+    for j in range(n):
+        event_ids[j] = event_id
+        hit_ids[j] = j
+        xs[j] = x_min + (strips[j] + 0.5) * pitch
+        ys[j] = layer_y[layers[j]]
+
+
 class EventScratch(NamedTuple):
-    """Scratch arrays of one event, shared by the events of a chunk (see :func:`_simulate_sources`)."""
+    """Scratch arrays of one event, shared by the events of a part (see :func:`_simulate_sources`)."""
 
     #: the event's generator (simulation.rng), uint64 [1]
     state: np.ndarray
@@ -352,22 +372,26 @@ def _new_event_scratch(n_layers, capacity):
 
 
 @jit()
-def _simulate_chunk(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth):
-    """Events ``lo .. hi - 1`` of :func:`simulate_events_kernel`, sharing one set of scratch arrays."""
+def _simulate_part(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, hits, n_hits, truth):
+    """Events ``lo .. hi - 1`` of :func:`simulate_events_kernel`, sharing one set of scratch arrays; returns
+    their number of hits."""
     scratch = _new_event_scratch(layer_y.shape[0], largest_span(deposit_offsets, lo, hi, 0))
-    _simulate_events(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth, scratch)
+    return _simulate_events(
+        seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, hits, n_hits, truth, scratch
+    )
 
 
 @jit(refcounts=False)
-def _simulate_events(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth, scratch):
-    """The event loop of :func:`_simulate_chunk`, on its scratch (:class:`EventScratch`). It and every kernel
+def _simulate_events(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, hits, n_hits, truth, scratch):
+    """The event loop of :func:`_simulate_part`, on its scratch (:class:`EventScratch`). It and every kernel
     it calls are compiled without reference counts: they would count each array argument of every call."""
     state, counts, muon_x, extra_x, sources, sums = scratch
+    row = deposit_offsets[lo]
     for i in range(lo, hi):
         state[0] = event_seed_kernel(seed, first_event_id + i)
         n_src = _simulate_sources(state, params, layer_y, i, truth, counts, muon_x, extra_x, sources)
-        hits = _hit_slot(slots, deposit_offsets[i], deposit_offsets[i + 1])
-        n_hits[i] = digitise_sources(
+        # the rows so far never pass the bounds so far, so the event's bound fits below the next one's rows
+        n = digitise_sources(
             sources,
             n_src,
             params.n_strips,
@@ -376,92 +400,35 @@ def _simulate_events(seed, first_event_id, lo, hi, params, layer_y, deposit_offs
             params.crosstalk,
             state,
             sums,
-            hits,
+            _hit_columns(hits, row, row + deposit_offsets[i + 1] - deposit_offsets[i]),
         )
+        _fill_event_columns(hits, row, n, first_event_id + i, layer_y, params.x_min, params.pitch)
+        n_hits[i] = n
+        row += n
+    return row - deposit_offsets[lo]
 
 
 @jit(parallel=True)
-def simulate_events_kernel(seed, first_event_id, n_events, params, layer_y, deposit_offsets, slots, n_hits, truth):
-    """Pass 2: simulate every event; its hits go to rows ``deposit_offsets[i]:`` of ``slots``
-    (:class:`HitColumns`, room for the pass-1 bound) and their number to ``n_hits[i]``; the muon truth to
-    ``truth`` (:class:`MuonTruth`; ``x_true`` NaN off the active width or where the muon cannot reach the layer).
+def simulate_events_kernel(
+    seed, first_event_id, params, layer_y, deposit_offsets, part_edges, hits, n_hits, truth, part_hits
+):
+    """Pass 2: simulate every event into ``hits`` (:class:`HitTable`, room for the pass-1 bounds
+    ``deposit_offsets``), its number of hits into ``n_hits[i]`` and the muon truth into ``truth``
+    (:class:`MuonTruth`; ``x_true`` NaN off the active width or where the muon cannot reach the layer).
+
+    The events are cut into parts at ``part_edges``, one per thread; each part writes the hits of its events
+    back to back from the bound offset of its first event, ``deposit_offsets[part_edges[p]]``, and their
+    number to ``part_hits[p]``: the parts are dense, the caller closes the gaps between them.
 
     Random draws of one event, in order: background multiplicities; muon pT, charge, x0, theta0, its
     scattering kicks, its crossing charges; per extra track its layers, pT, charge, angle, start, kicks and
     charges; per layer the noise clusters, the noise strips, then the electronic-noise tail strips; last, the
     electronic noise of every strip inside a charge window, in (layer, strip) order.
     """
-    n_chunks = (n_events + _EVENTS_PER_CHUNK - 1) // _EVENTS_PER_CHUNK
-    for chunk in nb.prange(n_chunks):
-        # the chunk's work is a function of its own: Numba's parfor lowering handles the NamedTuple arguments
-        # poorly (stores to their arrays are lost, see compact_hits_kernel, and loops run ~1.7x slower)
-        lo, hi = chunk_bounds(chunk, _EVENTS_PER_CHUNK, n_events)
-        _simulate_chunk(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, slots, n_hits, truth)
-
-
-# ---- pass 3: compaction --------------------------------------------------------------------------------
-
-
-@jit(inline=True)
-def _table_rows(table, start, stop):
-    """Rows ``start:stop`` of every column of ``table`` (:class:`HitTable`); inlined, like :func:`_hit_slot`."""
-    return HitTable(
-        table.event_id[start:stop],
-        table.hit_id[start:stop],
-        table.layer[start:stop],
-        table.strip[start:stop],
-        table.x[start:stop],
-        table.y[start:stop],
-        table.charge[start:stop],
-        table.charge_muon[start:stop],
-        table.is_signal[start:stop],
-        table.particle_id[start:stop],
-    )
-
-
-@jit(refcounts=False)
-def _copy_event_hits(slots, src, out, dst, n, event_id, layer_y, x_min, pitch):
-    """Copy the ``n`` hits of one event from row ``src`` of ``slots`` to row ``dst`` of ``out``."""
-    # views of the event's rows, indexed from 0: the compiler then knows the indices are never negative and
-    # drops Numba's wraparound of negative indices (a third of this loop's instructions)
-    slot_layer, slot_strip, slot_charge, slot_charge_muon, slot_is_signal, slot_particle_id = _hit_slot(
-        slots, src, src + n
-    )
-    event_ids, hit_ids, layers, strips, xs, ys, charges, charges_muon, is_signal, particle_ids = _table_rows(
-        out, dst, dst + n
-    )
-    for j in range(n):
-        lay = slot_layer[j]
-        s = slot_strip[j]
-        event_ids[j] = event_id
-        hit_ids[j] = j
-        layers[j] = lay
-        strips[j] = s
-        xs[j] = x_min + (s + 0.5) * pitch
-        ys[j] = layer_y[lay]
-        charges[j] = slot_charge[j]
-        charges_muon[j] = slot_charge_muon[j]
-        is_signal[j] = slot_is_signal[j]
-        particle_ids[j] = slot_particle_id[j]
-
-
-@jit(refcounts=False)
-def _copy_chunk_hits(lo, hi, first_event_id, deposit_offsets, hit_offsets, layer_y, x_min, pitch, slots, out):
-    """:func:`compact_hits_kernel` of events ``lo .. hi - 1``."""
-    for i in range(lo, hi):
-        n = hit_offsets[i + 1] - hit_offsets[i]
-        _copy_event_hits(slots, deposit_offsets[i], out, hit_offsets[i], n, first_event_id + i, layer_y, x_min, pitch)
-
-
-@jit(parallel=True)
-def compact_hits_kernel(first_event_id, deposit_offsets, hit_offsets, layer_y, x_min, pitch, slots, out):
-    """Pass 3: copy each event's hits from its bound-sized slot of ``slots`` (:class:`HitColumns`) to the
-    dense :class:`HitTable` ``out`` at ``hit_offsets``, filling event id, hit id (index within the event),
-    strip centre x and layer y [mm]."""
-    n_events = hit_offsets.shape[0] - 1
-    n_chunks = (n_events + _EVENTS_PER_CHUNK - 1) // _EVENTS_PER_CHUNK
-    for chunk in nb.prange(n_chunks):
-        # the copy is a function of its own on purpose: Numba 0.68's parfor lowering drops a store to a
-        # NamedTuple's array (``out.x[j] = ...``) written directly in a prange body; inside a call it works
-        lo, hi = chunk_bounds(chunk, _EVENTS_PER_CHUNK, n_events)
-        _copy_chunk_hits(lo, hi, first_event_id, deposit_offsets, hit_offsets, layer_y, x_min, pitch, slots, out)
+    for part in nb.prange(part_edges.shape[0] - 1):
+        # the part's work is a function of its own: Numba's parfor lowering handles the NamedTuple arguments
+        # poorly (stores to their arrays are lost, and loops run ~1.7x slower)
+        lo, hi = part_edges[part], part_edges[part + 1]
+        part_hits[part] = _simulate_part(
+            seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, hits, n_hits, truth
+        )

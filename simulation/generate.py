@@ -20,24 +20,22 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from pipeline.config import DetectorConfig, SimConfig
 from pipeline.errors import ConfigError
-from simulation.digitisation import HitColumns, charge_half_window
+from simulation.digitisation import charge_half_window
 from simulation.events import (
     HitTable,
     KernelParams,
     MuonTruth,
-    compact_hits_kernel,
     event_deposit_bounds,
     simulate_events_kernel,
 )
 from simulation.rng import event_seed_kernel, gamma_constants
 
 _UINT64_LIMIT = 2**64
-#: events simulated per block (scratch memory ~ 4 kB per event)
-_BLOCK_EVENTS = 2048
 _INT64_LIMIT = 2**63
 
 #: column name -> dtype of the hits table (pipeline.schema.HITS_SCHEMA)
@@ -211,47 +209,38 @@ def generate_events(
     )
     n_hits = _new_array(buffers, "n_hits", n_events, EVENT_DTYPES["n_hits"])
 
-    # Pass 1 bounds every event's hits. The hit columns are allocated for that bound but only the dense
-    # prefix is written (untouched pages of a large np.empty are never backed by memory) and returned as
-    # views. Pass 2 runs in blocks of events that reuse one small scratch buffer, so its pages are touched once.
+    # Pass 1 bounds every event's hits. The hit columns are allocated for the sum of the bounds, but each
+    # thread of pass 2 writes its part of the events densely from the bound offset of the part's first event
+    # (untouched pages of a large np.empty are never backed by memory), and the parts are then moved down
+    # to close the gaps: one part (one Numba thread) moves nothing.
     bounds = event_deposit_bounds(seed_u64, np.int64(first_event_id), np.int64(n_events), params, n_layers)
-    block_starts = range(0, n_events, _BLOCK_EVENTS)
-    capacity = max((int(bounds[b : b + _BLOCK_EVENTS].sum()) for b in block_starts), default=0)
-    slots = HitColumns(
-        *(_new_array(buffers, "slot_" + name, capacity, HIT_DTYPES[name]) for name in HitColumns._fields)
-    )
-    n_bound = int(bounds.sum())
+    deposit_offsets = np.zeros(n_events + 1, dtype=np.int64)
+    np.cumsum(bounds, out=deposit_offsets[1:])
+    n_bound = int(deposit_offsets[-1])
     hits = HitTable(*(_new_array(buffers, name, n_bound, HIT_DTYPES[name]) for name in HitTable._fields))
+    n_parts = max(1, min(numba.get_num_threads(), n_events))
+    part_edges = np.array([part * n_events // n_parts for part in range(n_parts + 1)], dtype=np.int64)
+    part_hits = np.zeros(n_parts, dtype=np.int64)
+    simulate_events_kernel(
+        seed_u64,
+        np.int64(first_event_id),
+        params,
+        layer_y,
+        deposit_offsets,
+        part_edges,
+        hits,
+        n_hits,
+        truth,
+        part_hits,
+    )
     total_hits = 0
-    for start in block_starts:
-        stop = min(start + _BLOCK_EVENTS, n_events)
-        block_first = np.int64(first_event_id + start)
-        deposit_offsets = np.zeros(stop - start + 1, dtype=np.int64)
-        np.cumsum(bounds[start:stop], out=deposit_offsets[1:])
-        simulate_events_kernel(
-            seed_u64,
-            block_first,
-            np.int64(stop - start),
-            params,
-            layer_y,
-            deposit_offsets,
-            slots,
-            n_hits[start:stop],
-            MuonTruth(*(column[start:stop] for column in truth)),
-        )
-        hit_offsets = np.full(stop - start + 1, total_hits, dtype=np.int64)
-        hit_offsets[1:] += np.cumsum(n_hits[start:stop])
-        compact_hits_kernel(
-            block_first,
-            deposit_offsets,
-            hit_offsets,
-            layer_y,
-            params.x_min,
-            params.pitch,
-            slots,
-            hits,
-        )
-        total_hits = int(hit_offsets[-1])
+    for part in range(n_parts):
+        start, count = int(deposit_offsets[part_edges[part]]), int(part_hits[part])
+        if start != total_hits:
+            for column in hits:
+                # the part moves down (start > total_hits); NumPy copies overlapping ranges correctly
+                column[total_hits : total_hits + count] = column[start : start + count]
+        total_hits += count
     hits = {name: column[:total_hits] for name, column in zip(HitTable._fields, hits, strict=True)}
     events = {
         "event_id": np.arange(first_event_id, first_event_id + n_events, dtype=np.int64),
