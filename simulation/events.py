@@ -165,26 +165,39 @@ def _deposit_bound(params, n_layers, n_extra, counts):
     return n_crossings * window + n_single_strips
 
 
+class FirstDraws(NamedTuple):
+    """What pass 1 draws first for every event (:func:`_draw_counts`), kept for pass 2, which resumes each
+    event's generator where pass 1 left it instead of drawing it all again."""
+
+    #: the state of the event's generator after these draws, uint64 ``[n_events]``
+    state: np.ndarray
+    #: number of extra tracks, int64 ``[n_events]``
+    n_extra: np.ndarray
+    #: background multiplicities, int64 ``[n_events, 3, n_layers]``
+    counts: np.ndarray
+
+
 @jit(refcounts=False)
-def _bound_events(seed, first_event_id, lo, hi, params, n_layers, state, counts, bounds):
-    """:func:`event_deposit_bounds` of events ``lo .. hi - 1`` into ``bounds`` (scratch: ``state``, ``counts``)."""
+def _bound_events(seed, first_event_id, lo, hi, params, n_layers, state, bounds, draws):
+    """:func:`event_deposit_bounds` of events ``lo .. hi - 1`` (scratch: ``state``)."""
     for i in range(lo, hi):
         state[0] = event_seed_kernel(seed, first_event_id + i)
+        counts = draws.counts[i]
         n_extra = _draw_counts(state, params, n_layers, counts)
         bounds[i] = _deposit_bound(params, n_layers, n_extra, counts)
+        draws.state[i] = state[0]
+        draws.n_extra[i] = n_extra
 
 
 @jit(parallel=True)
-def event_deposit_bounds(seed, first_event_id, n_events, params, n_layers):
-    """Pass 1: per-event upper bound on the number of strip deposits (hence hits), shape ``(n_events,)``."""
-    bounds = np.empty(n_events, dtype=np.int64)
+def event_deposit_bounds(seed, first_event_id, n_events, params, n_layers, bounds, draws):
+    """Pass 1: per-event upper bound on the number of strip deposits (hence hits) into ``bounds`` (int64
+    ``[n_events]``), and the draws it took into ``draws`` (:class:`FirstDraws`)."""
     n_chunks = (n_events + _EVENTS_PER_CHUNK - 1) // _EVENTS_PER_CHUNK
     for chunk in nb.prange(n_chunks):
         lo, hi = chunk_bounds(chunk, _EVENTS_PER_CHUNK, n_events)
         state = np.empty(1, dtype=np.uint64)
-        counts = np.empty((3, n_layers), dtype=np.int64)
-        _bound_events(seed, first_event_id, lo, hi, params, n_layers, state, counts, bounds)
-    return bounds
+        _bound_events(seed, first_event_id, lo, hi, params, n_layers, state, bounds, draws)
 
 
 # ---- pass 2: one event ---------------------------------------------------------------------------------
@@ -296,12 +309,12 @@ def _simulate_noise(state, params, counts, sources, n_src, n_dep):
 
 
 @jit(refcounts=False)
-def _simulate_sources(state, params, layer_y, event, truth, counts, muon_x, extra_x, sources):
-    """All charge sources of one event, drawn in the documented order (see :func:`simulate_events_kernel`);
-    writes the muon's truth to row ``event`` of ``truth`` and returns the number of sources. Scratch:
-    ``counts`` (int64 ``[3, n_layers]``: :func:`_draw_counts`), ``muon_x`` and ``extra_x``
-    (float64 ``[n_layers]``: crossings), ``sources`` (:class:`~simulation.digitisation.Sources`)."""
-    n_extra = _draw_counts(state, params, layer_y.shape[0], counts)
+def _simulate_sources(state, params, layer_y, event, truth, n_extra, counts, muon_x, extra_x, sources):
+    """All charge sources of one event, drawn in the documented order (see :func:`simulate_events_kernel`)
+    after its first draws (``n_extra`` and ``counts``: :func:`_draw_counts`, with ``state`` where they left
+    it); writes the muon's truth to row ``event`` of ``truth`` and returns the number of sources. Scratch:
+    ``muon_x`` and ``extra_x`` (float64 ``[n_layers]``: crossings), ``sources``
+    (:class:`~simulation.digitisation.Sources`)."""
     _simulate_muon(state, params, layer_y, event, truth, muon_x)
     n_src, n_dep = _add_crossings(state, params, muon_x, 0, layer_y.shape[0], MUON_ID, sources, 0, 0)
     for particle in range(MUON_ID + 1, MUON_ID + 1 + n_extra):
@@ -349,8 +362,6 @@ class EventScratch(NamedTuple):
 
     #: the event's generator (simulation.rng), uint64 [1]
     state: np.ndarray
-    #: background multiplicities, int64 [3, n_layers] (:func:`_draw_counts`)
-    counts: np.ndarray
     #: crossings of the muon and of one extra track, float64 [n_layers]
     muon_x: np.ndarray
     extra_x: np.ndarray
@@ -363,7 +374,6 @@ def _new_event_scratch(n_layers, capacity):
     """Uninitialised :class:`EventScratch` for events of up to ``capacity`` strip deposits."""
     return EventScratch(
         np.empty(1, dtype=np.uint64),
-        np.empty((3, n_layers), dtype=np.int64),
         np.empty(n_layers, dtype=np.float64),
         np.empty(n_layers, dtype=np.float64),
         new_sources(capacity),
@@ -372,24 +382,26 @@ def _new_event_scratch(n_layers, capacity):
 
 
 @jit()
-def _simulate_part(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, hits, n_hits, truth):
+def _simulate_part(first_event_id, lo, hi, params, layer_y, deposit_offsets, draws, hits, n_hits, truth):
     """Events ``lo .. hi - 1`` of :func:`simulate_events_kernel`, sharing one set of scratch arrays; returns
     their number of hits."""
     scratch = _new_event_scratch(layer_y.shape[0], largest_span(deposit_offsets, lo, hi, 0))
     return _simulate_events(
-        seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, hits, n_hits, truth, scratch
+        first_event_id, lo, hi, params, layer_y, deposit_offsets, draws, hits, n_hits, truth, scratch
     )
 
 
 @jit(refcounts=False)
-def _simulate_events(seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, hits, n_hits, truth, scratch):
+def _simulate_events(first_event_id, lo, hi, params, layer_y, deposit_offsets, draws, hits, n_hits, truth, scratch):
     """The event loop of :func:`_simulate_part`, on its scratch (:class:`EventScratch`). It and every kernel
     it calls are compiled without reference counts: they would count each array argument of every call."""
-    state, counts, muon_x, extra_x, sources, sums = scratch
+    state, muon_x, extra_x, sources, sums = scratch
     row = deposit_offsets[lo]
     for i in range(lo, hi):
-        state[0] = event_seed_kernel(seed, first_event_id + i)
-        n_src = _simulate_sources(state, params, layer_y, i, truth, counts, muon_x, extra_x, sources)
+        state[0] = draws.state[i]
+        n_src = _simulate_sources(
+            state, params, layer_y, i, truth, draws.n_extra[i], draws.counts[i], muon_x, extra_x, sources
+        )
         # the rows so far never pass the bounds so far, so the event's bound fits below the next one's rows
         n = digitise_sources(
             sources,
@@ -410,11 +422,12 @@ def _simulate_events(seed, first_event_id, lo, hi, params, layer_y, deposit_offs
 
 @jit(parallel=True)
 def simulate_events_kernel(
-    seed, first_event_id, params, layer_y, deposit_offsets, part_edges, hits, n_hits, truth, part_hits
+    first_event_id, params, layer_y, deposit_offsets, draws, part_edges, hits, n_hits, truth, part_hits
 ):
-    """Pass 2: simulate every event into ``hits`` (:class:`HitTable`, room for the pass-1 bounds
-    ``deposit_offsets``), its number of hits into ``n_hits[i]`` and the muon truth into ``truth``
-    (:class:`MuonTruth`; ``x_true`` NaN off the active width or where the muon cannot reach the layer).
+    """Pass 2: simulate every event from its first draws (:class:`FirstDraws`, pass 1) into ``hits``
+    (:class:`HitTable`, room for the pass-1 bounds ``deposit_offsets``), its number of hits into
+    ``n_hits[i]`` and the muon truth into ``truth`` (:class:`MuonTruth`; ``x_true`` NaN off the active width
+    or where the muon cannot reach the layer).
 
     The events are cut into parts at ``part_edges``, one per thread; each part writes the hits of its events
     back to back from the bound offset of its first event, ``deposit_offsets[part_edges[p]]``, and their
@@ -430,5 +443,5 @@ def simulate_events_kernel(
         # poorly (stores to their arrays are lost, and loops run ~1.7x slower)
         lo, hi = part_edges[part], part_edges[part + 1]
         part_hits[part] = _simulate_part(
-            seed, first_event_id, lo, hi, params, layer_y, deposit_offsets, hits, n_hits, truth
+            first_event_id, lo, hi, params, layer_y, deposit_offsets, draws, hits, n_hits, truth
         )

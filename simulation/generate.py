@@ -27,6 +27,7 @@ from pipeline.config import DetectorConfig, SimConfig
 from pipeline.errors import ConfigError
 from simulation.digitisation import charge_half_window
 from simulation.events import (
+    FirstDraws,
     HitTable,
     KernelParams,
     MuonTruth,
@@ -213,20 +214,29 @@ def generate_events(
     # thread of pass 2 writes its part of the events densely from the bound offset of the part's first event
     # (untouched pages of a large np.empty are never backed by memory), and the parts are then moved down
     # to close the gaps: one part (one Numba thread) moves nothing.
-    bounds = event_deposit_bounds(seed_u64, np.int64(first_event_id), np.int64(n_events), params, n_layers)
+    draws = FirstDraws(
+        state=_new_array(buffers, "draws_state", n_events, np.dtype(np.uint64)),
+        n_extra=_new_array(buffers, "draws_n_extra", n_events, np.dtype(np.int64)),
+        counts=_new_array(buffers, "draws_counts", n_events * 3 * n_layers, np.dtype(np.int64)).reshape(
+            n_events, 3, n_layers
+        ),
+    )
     deposit_offsets = np.zeros(n_events + 1, dtype=np.int64)
-    np.cumsum(bounds, out=deposit_offsets[1:])
+    event_deposit_bounds(
+        seed_u64, np.int64(first_event_id), np.int64(n_events), params, n_layers, deposit_offsets[1:], draws
+    )
+    np.cumsum(deposit_offsets, out=deposit_offsets)
     n_bound = int(deposit_offsets[-1])
     hits = HitTable(*(_new_array(buffers, name, n_bound, HIT_DTYPES[name]) for name in HitTable._fields))
     n_parts = max(1, min(numba.get_num_threads(), n_events))
     part_edges = np.array([part * n_events // n_parts for part in range(n_parts + 1)], dtype=np.int64)
     part_hits = np.zeros(n_parts, dtype=np.int64)
     simulate_events_kernel(
-        seed_u64,
         np.int64(first_event_id),
         params,
         layer_y,
         deposit_offsets,
+        draws,
         part_edges,
         hits,
         n_hits,
