@@ -64,7 +64,10 @@ def simulate_shard(
     config = SimConfig.from_dict(json.loads(config_json))
     what = f"simulating shard {shard_index}: {n_events} events from event {first_event_id}"
     with Heartbeat(_run_logger().info, what):
-        return shards.simulate_shard(Path(out), config, seed, shard_index, first_event_id, n_events)
+        # a worker's threads run shard after shard: each reuses its arrays (simulation.shards.thread_buffers)
+        return shards.simulate_shard(
+            Path(out), config, seed, shard_index, first_event_id, n_events, buffers=shards.thread_buffers()
+        )
 
 
 @task(name="finalize-dataset", cache_key_fn=_cache_key, persist_result=True, retries=2, retry_delay_seconds=2)

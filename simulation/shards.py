@@ -102,6 +102,22 @@ def simulate_shard(
     )
 
 
+_THREAD_LOCAL = threading.local()
+
+
+def thread_buffers() -> ShardBuffers:
+    """The calling thread's :class:`simulation.generate.ShardBuffers`, made on its first call: for callers that
+    run shard after shard on long-lived threads they do not own (the task threads of a Dask worker), so that
+    each shard reuses the arrays of the thread's previous shard instead of touching fresh memory (the first
+    touch of a shard's columns costs about as much CPU as simulating it). Held as long as the thread lives."""
+    from simulation.generate import ShardBuffers
+
+    buffers = getattr(_THREAD_LOCAL, "buffers", None)
+    if buffers is None:
+        buffers = _THREAD_LOCAL.buffers = ShardBuffers()
+    return buffers
+
+
 def finalize_dataset(
     dataset_dir: str | Path, config: SimConfig, seed: int, shard_entries: list[dict[str, Any]]
 ) -> dict[str, Any]:

@@ -78,6 +78,20 @@ def test_reused_buffers_give_the_same_rows_as_fresh_arrays() -> None:
     assert np.shares_memory(hits["charge"], buffers.take("charge", 1, np.dtype(np.float32)))
 
 
+def test_each_thread_keeps_its_own_shard_buffers() -> None:
+    """A Dask worker's task thread reuses its buffers from shard to shard; two threads never share them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from simulation.shards import thread_buffers
+
+    mine = thread_buffers()
+    assert thread_buffers() is mine
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        other = pool.submit(thread_buffers).result()
+    assert isinstance(other, ShardBuffers)
+    assert other is not mine
+
+
 def test_shards_are_written_with_the_documented_encodings(tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     simulate_dataset(out, n_events=300, seed=1, config=SimConfig())
