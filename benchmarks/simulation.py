@@ -44,7 +44,7 @@ sim_s with several workers):
         parquet_s=.. parquet_cpu_s=.. fsync_s=.. sha256_s=.. rename_manifest_s=.. other_s=..
 
 interpreter_s: ``python -c pass``; imports_s: importing the `simulate` command's modules; numba_load_s: the
-first kernel call (Numba's on-disk cache load); kernels_s: ``generate_events`` (the three Numba passes);
+first kernel call (Numba's on-disk cache load); kernels_s: ``generate_events`` (the Numba passes);
 arrow_s: Arrow tables and their checks; parquet_s: ``pq.write_table`` (encode, compress, write to the page
 cache); fsync_s, sha256_s: flushing and hashing the shard files; rename_manifest_s: the staging record,
 manifest and renames; other_s: sim_s minus the wall time of the stages on the critical path's thread.

@@ -1,4 +1,4 @@
-"""Event kernels of the toy strip detector: the three passes that :mod:`simulation.generate` drives.
+"""Event kernels of the toy strip detector: the two passes that :mod:`simulation.generate` drives.
 
 An event is a muon (see :mod:`simulation.physics`) plus background, digitised by
 :mod:`simulation.digitisation`, with every random number drawn from the event's own generator
@@ -118,7 +118,7 @@ class MuonTruth(NamedTuple):
 
 
 class HitTable(NamedTuple):
-    """The dense hit columns of pass 3 (``pipeline.schema.HITS_SCHEMA``, in its order)."""
+    """The hit columns that pass 2 writes (``pipeline.schema.HITS_SCHEMA``, in its order)."""
 
     event_id: np.ndarray
     hit_id: np.ndarray
