@@ -204,24 +204,30 @@ def share_with_neighbours(values, n, fraction):
 
 
 @jit(inline=True)
-def _fire_strip(total, muon, noise, best_charge, best_track, tail, threshold_charge, noise_sigma, state, hits, n_hits):
+def _fire_strip(
+    total, muon, noise, best_charge, best_track, tail, layer, strip, threshold_charge, noise_sigma, state, hits, n_hits
+):
     """One strip of :func:`digitise_sources` from its sums (one value of each :class:`StripSums` column): draw
-    its electronic noise, and append it to ``hits`` at row ``n_hits`` with layer and strip left to the caller
-    when it fires. Returns whether it fired."""
+    its electronic noise, and append it to ``hits`` at row ``n_hits`` when it fires. Returns the new number
+    of hits."""
     # a tail source is its strip's noise; elsewhere the noise is drawn here (no draw without noise)
     electronic = tail
     if electronic == 0.0 and noise_sigma > 0.0:
         electronic = noise_sigma * rng_normal(state)
     measured = total + electronic
     if not measured > threshold_charge:
-        return False
-    hits.charge[n_hits] = measured
-    hits.charge_muon[n_hits] = muon
-    hits.is_signal[n_hits] = muon > 0.5 * measured
+        return n_hits
+    # an unsigned row: Numba then leaves out its wraparound of negative indices on each of the six stores
+    row = np.uint64(n_hits)
+    hits.layer[row] = layer
+    hits.strip[row] = strip
+    hits.charge[row] = measured
+    hits.charge_muon[row] = muon
+    hits.is_signal[row] = muon > 0.5 * measured
     # ties go to the lower id, so noise (-1) wins a tie and a cell without tracks is noise
     noise_charge = noise + max(electronic, 0.0)
-    hits.particle_id[n_hits] = NOISE_ID if noise_charge >= best_charge else best_track
-    return True
+    hits.particle_id[row] = NOISE_ID if noise_charge >= best_charge else best_track
+    return n_hits + 1
 
 
 @jit(inline=True)
@@ -252,12 +258,21 @@ def _fire_lone_source(
             if charge > best_charge or (charge == best_charge and particle < best_track):
                 best_charge = charge
                 best_track = particle
-        if _fire_strip(
-            total, muon, noise, best_charge, best_track, tail, threshold_charge, noise_sigma, state, hits, n_hits
-        ):
-            hits.layer[n_hits] = layer
-            hits.strip[n_hits] = first_strip + t
-            n_hits += 1
+        n_hits = _fire_strip(
+            total,
+            muon,
+            noise,
+            best_charge,
+            best_track,
+            tail,
+            layer,
+            first_strip + t,
+            threshold_charge,
+            noise_sigma,
+            state,
+            hits,
+            n_hits,
+        )
     return n_hits
 
 
@@ -282,7 +297,6 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, noise_sigma
     """
     key_of, length_of, particle_of, offset_of, deposit, order = sources
     total, muon, noise, best_charge, best_track, tail = sums
-    hit_layer, hit_strip = hits.layer, hits.strip
     argsort_small(key_of, n_sources, order)
     n_hits = 0
     run_start = 0
@@ -301,23 +315,21 @@ def digitise_sources(sources, n_sources, n_strips, threshold_charge, noise_sigma
                     share_with_neighbours(total, n_cells, crosstalk)
                     share_with_neighbours(muon, n_cells, crosstalk)
                 for cell in range(n_cells):
-                    fired = _fire_strip(
+                    n_hits = _fire_strip(
                         total[cell],
                         muon[cell],
                         noise[cell],
                         best_charge[cell],
                         best_track[cell],
                         tail[cell],
+                        layer,
+                        first_strip + cell,
                         threshold_charge,
                         noise_sigma,
                         state,
                         hits,
                         n_hits,
                     )
-                    if fired:
-                        hit_layer[n_hits] = layer
-                        hit_strip[n_hits] = first_strip + cell
-                        n_hits += 1
             if j == n_sources:
                 break
             run_start = key
