@@ -402,6 +402,9 @@ def _open_run(
     session_config = {**config, "devices": parallel.describe()}
     if warm_epochs > done:
         session_config["warm_start"] = {"run": str(request.warm_start.resolve()), "epochs": warm_epochs}
+    elif done and "warm_start" in (previous := read_run_config(out)):
+        # a resumed run keeps the record of the epochs it took
+        session_config["warm_start"] = previous["warm_start"]
     if not done:
         out.mkdir(parents=True, exist_ok=True)
         write_run_config(out, session_config)

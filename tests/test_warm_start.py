@@ -93,6 +93,17 @@ def test_a_warm_start_ends_where_training_straight_ends(straight_and_warm, donor
         assert warm_up_pt_loss is None
 
 
+@pytest.mark.slow
+def test_a_resumed_warm_start_keeps_its_record(tiny_dataset, straight_and_warm, tmp_path):
+    _, warm, _ = straight_and_warm["e2e"]
+    resumed = shutil.copytree(warm, tmp_path / "resumed")
+    record = json.loads((warm / "config.json").read_text())["warm_start"]
+    train_run(tiny_dataset, "e2e", resumed, preset="test", epochs=3, seed=SEED, resume=True)
+    config = json.loads((resumed / "config.json").read_text())
+    assert config["checkpoints"]["last"]["epoch"] == 3
+    assert config["warm_start"] == record
+
+
 def _copy_with_config(run: Path, to: Path, **changes) -> Path:
     shutil.copytree(run, to)
     config = json.loads((to / "config.json").read_text())
