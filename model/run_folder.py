@@ -161,9 +161,9 @@ def warm_start_epochs(donor: Path, config: dict[str, Any]) -> tuple[int, str]:
         return 0, f"{donor} was trained with another {', '.join(differing)}"
     epochs = set(range(1, wanted + 1))
     with _quiet_absl(), checkpoint_manager(donor, writer=False) as manager:
-        missing = sorted(epochs - {int(step) for step in manager.all_steps()})
-    rows = read_metrics(donor).filter(pl.col("split") == "train")["epoch"].to_list()
-    missing = sorted(set(missing) | (epochs - set(rows)))
+        kept = {int(step) for step in manager.all_steps()}
+    recorded = set(read_metrics(donor).filter(pl.col("split") == "train")["epoch"].to_list())
+    missing = sorted(epochs - (kept & recorded))
     if missing:
         return 0, f"{donor} keeps no checkpoint or metrics of epoch {', '.join(map(str, missing))}"
     return wanted, ""

@@ -609,7 +609,8 @@ def _warm_start_epoch(
     donor = run.request.warm_start
     with checkpoint_manager(donor, writer=False) as manager:
         state = run.parallel.state(restore_checkpoint(manager, state, epoch))
-    donor_model = read_run_config(donor)["model"]
+    # the model warm_start_epochs found in that run
+    donor_model = registry.get_model(run.request.model).warm_up_from
     row = read_metrics(donor).filter((pl.col("epoch") == epoch) & (pl.col("split") == "train")).to_dicts()[0]
     if get_objective(donor_model).chain != objective.chain:
         row["pt_loss"] = None
